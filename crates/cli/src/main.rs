@@ -1,0 +1,155 @@
+//! The `splitos` command: runs the Split-OS servers and shows their state.
+
+mod status;
+
+use clap::{Parser, Subcommand};
+use splitos_m2m::WaitPolicy;
+use splitos_tcp_server::{AccessPolicy, Rule, ServerConfig, TcpServer};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    name = "splitos",
+    version,
+    about = "Split-OS: network and file services split out of the application's path",
+    long_about = "Split-OS runs TCP/IP processing in a TCP server on its own cores; applications \
+                  reach it through shared-memory rings with no system call on the fast path.\n\n\
+                  Logging goes to stderr; set RUST_LOG (e.g. RUST_LOG=debug) for more."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the TCP server: it owns the sockets of the applications that connect to it and
+    /// drives the kernel TCP stack with io_uring on its own threads.
+    TcpServer(TcpServerArgs),
+    /// Show the TCP server's applications, connections, traffic and thread load (read from its
+    /// statistics file; the server is not disturbed).
+    Status(StatusArgs),
+}
+
+#[derive(clap::Args)]
+struct TcpServerArgs {
+    /// Unix socket applications connect to [default: $SPLITOS_SOCKET, else
+    /// $XDG_RUNTIME_DIR/splitos/tcp.sock, else /tmp/splitos-<uid>/tcp.sock].
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Event-loop threads; applications' sessions are spread across them.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// CPUs to pin the event-loop threads to, e.g. "1" or "2,3" (default: not pinned).
+    #[arg(long, value_delimiter = ',')]
+    cpus: Vec<usize>,
+    /// How idle threads wait: poll (spin, lowest latency, burns a core), adaptive (spin
+    /// ~30 µs then sleep), block (sleep at once).
+    #[arg(long, default_value = "adaptive")]
+    wait: WaitPolicy,
+    /// Who may listen on which ports, as UID:LOW-HIGH or *:LOW-HIGH (repeatable). Default:
+    /// this user anywhere, everyone else on ports 1024 and up.
+    #[arg(long = "allow", value_name = "RULE")]
+    allow: Vec<Rule>,
+    /// Permission bits of the socket, in octal (0600: only this user's applications).
+    #[arg(long, default_value = "600", value_parser = parse_mode)]
+    socket_mode: u32,
+    /// Seconds a dead application's persistent listeners stay open for its successor.
+    #[arg(long, default_value_t = 30)]
+    persist_grace: u64,
+    /// Most applications connected at once.
+    #[arg(long, default_value_t = 1024)]
+    max_sessions: usize,
+    /// Most connections per application.
+    #[arg(long, default_value_t = 65536)]
+    max_conns: u32,
+}
+
+#[derive(clap::Args)]
+struct StatusArgs {
+    /// Socket of the TCP server to look at (default as for tcp-server).
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Print JSON instead of tables.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s, 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| format!("{s:?} is not an octal permission mode like 600 or 660"))
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let r = match cli.command {
+        Command::TcpServer(a) => run_tcp_server(a),
+        Command::Status(a) => status::run(
+            a.socket
+                .unwrap_or_else(splitos_tcp_server::default_socket_path),
+            a.json,
+        ),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("splitos: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Sets the returned flag on SIGINT or SIGTERM.
+fn stop_on_signals() -> Result<Arc<AtomicBool>, String> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, stop.clone())
+            .map_err(|e| format!("cannot install a signal handler: {e}"))?;
+    }
+    Ok(stop)
+}
+
+fn run_tcp_server(a: TcpServerArgs) -> Result<(), String> {
+    let mut config = ServerConfig {
+        threads: a.threads,
+        cpus: a.cpus,
+        wait: a.wait,
+        socket_mode: a.socket_mode,
+        persist_grace: Duration::from_secs(a.persist_grace),
+        max_sessions: a.max_sessions,
+        max_conns_per_session: a.max_conns,
+        ..ServerConfig::default()
+    };
+    if let Some(s) = a.socket {
+        config.socket = s;
+    }
+    if !a.allow.is_empty() {
+        config.access = AccessPolicy { rules: a.allow };
+    }
+    let stop = stop_on_signals()?;
+    let socket = config.socket.clone();
+    let server = TcpServer::start(config).map_err(|e| e.to_string())?;
+    eprintln!(
+        "splitos tcp-server: listening for applications on {} (Ctrl-C to stop)",
+        socket.display()
+    );
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("splitos tcp-server: shutting down");
+    server.shutdown();
+    Ok(())
+}

@@ -1,0 +1,93 @@
+//! `splitos status`: the TCP server's statistics file as tables or JSON.
+
+use splitos_tcp_server::stats;
+use std::path::PathBuf;
+
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+pub fn run(socket: PathBuf, json: bool) -> Result<(), String> {
+    let snap = stats::read(&socket).map_err(|e| e.to_string())?;
+    if json {
+        let s = serde_json::to_string_pretty(&snap).map_err(|e| e.to_string())?;
+        println!("{s}");
+        return Ok(());
+    }
+    println!(
+        "TCP server pid {} — socket {}",
+        snap.server_pid,
+        socket.display()
+    );
+    println!();
+    println!(
+        "{:>6} {:>8} {:>8} {:>9} {:>12} {:>12} {:>10}",
+        "thread", "sessions", "conns", "listeners", "bytes in", "bytes out", "busy"
+    );
+    for w in &snap.workers {
+        println!(
+            "{:>6} {:>8} {:>8} {:>9} {:>12} {:>12} {:>9.1}s",
+            w.worker,
+            w.sessions,
+            w.connections,
+            w.listeners,
+            bytes(w.bytes_in),
+            bytes(w.bytes_out),
+            w.busy_ms as f64 / 1000.0
+        );
+    }
+    println!();
+    if snap.sessions.is_empty() {
+        println!("no applications connected");
+        return Ok(());
+    }
+    println!(
+        "{:>8} {:>6} {:>6} {:<20} {:>6} {:>9} {:>12} {:>12} {:>14} {:>7}",
+        "pid",
+        "uid",
+        "thread",
+        "name",
+        "conns",
+        "listeners",
+        "bytes in",
+        "bytes out",
+        "event ring",
+        "queued"
+    );
+    for s in &snap.sessions {
+        let ring = if s.event_ring_size > 0 {
+            format!(
+                "{:.0}% of {}",
+                100.0 * s.event_ring_used as f64 / s.event_ring_size as f64,
+                bytes(s.event_ring_size)
+            )
+        } else {
+            "-".into()
+        };
+        println!(
+            "{:>8} {:>6} {:>6} {:<20} {:>6} {:>9} {:>12} {:>12} {:>14} {:>7}",
+            s.pid,
+            s.uid,
+            s.worker,
+            if s.name.is_empty() { "-" } else { &s.name },
+            s.connections,
+            s.listeners,
+            bytes(s.bytes_in),
+            bytes(s.bytes_out),
+            ring,
+            s.events_queued
+        );
+    }
+    Ok(())
+}

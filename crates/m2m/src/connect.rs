@@ -1,0 +1,390 @@
+//! Setting channels up: a listener on a Unix socket path, `Channel::connect`, and the handshake.
+//!
+//! The accepting side creates the region (so it alone decides how much memory a client costs,
+//! within [`ListenerConfig`] limits) and sends the memfd and both doorbells with SCM_RIGHTS. The
+//! kernel tells it who the client is (SO_PEERCRED) before any memory is spent, so a server can
+//! refuse by uid. The socket stays open for the channel's life as the peer-death signal.
+//!
+//! Wire format (little-endian, fixed size):
+//! ```text
+//! hello  (client → server, 64 B): magic "SPOSHELO" | version u32 | 0 u32 |
+//!                                 ring_bytes u64 | buf_size u64 | buf_count u64 | 0 (24 B)
+//! reply  (server → client, 128 B): magic "SPOSWELC" | version u32 | status u32 |
+//!                                 ring_bytes u64 | buf_size u64 | buf_count u64 |
+//!                                 region_size u64 | 0 (16 B) | reason, UTF-8, NUL-padded (64 B)
+//!        with fds [region memfd, acceptor doorbell, connector doorbell] when status = 0
+//! ```
+
+use crate::layout::{self, Params};
+use crate::region::Region;
+use crate::sys::{self, PeerCredentials};
+use crate::{Channel, ChannelConfig, Error, WaitPolicy};
+use rustix::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::io;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+const HELLO_MAGIC: u64 = u64::from_le_bytes(*b"SPOSHELO");
+const REPLY_MAGIC: u64 = u64::from_le_bytes(*b"SPOSWELC");
+const HELLO_BYTES: usize = 64;
+const REPLY_BYTES: usize = 128;
+
+const STATUS_OK: u32 = 0;
+const STATUS_VERSION: u32 = 1;
+const STATUS_REFUSED: u32 = 2;
+
+/// Limits and settings of the accepting side.
+#[derive(Clone, Debug)]
+pub struct ListenerConfig {
+    /// Permission bits of the socket file. The default lets only the owner connect.
+    pub mode: u32,
+    pub max_ring_bytes: usize,
+    pub max_buf_size: usize,
+    pub max_buf_count: usize,
+    /// How long a connecting client may take to say hello.
+    pub handshake_timeout: Duration,
+    /// Wait policy of the channels this listener establishes.
+    pub wait: WaitPolicy,
+}
+
+impl Default for ListenerConfig {
+    fn default() -> Self {
+        ListenerConfig {
+            mode: 0o600,
+            max_ring_bytes: 4 << 20,
+            max_buf_size: 1 << 20,
+            max_buf_count: 256,
+            handshake_timeout: Duration::from_secs(2),
+            wait: WaitPolicy::default(),
+        }
+    }
+}
+
+fn put(buf: &mut [u8], at: usize, v: u64) {
+    buf[at..at + 8].copy_from_slice(&v.to_le_bytes());
+}
+
+fn get(buf: &[u8], at: usize) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&buf[at..at + 8]);
+    u64::from_le_bytes(b)
+}
+
+fn version_word(status: u32) -> u64 {
+    layout::VERSION as u64 | ((status as u64) << 32)
+}
+
+/// Rounds a requested size to a power of two within `[min, max]`.
+fn clamp_pow2(req: u64, min: u64, max: u64) -> u64 {
+    let max = if max.is_power_of_two() {
+        max
+    } else {
+        max.next_power_of_two() / 2
+    };
+    req.max(min)
+        .checked_next_power_of_two()
+        .unwrap_or(max)
+        .clamp(min, max.max(min))
+}
+
+/// A Unix-socket listener that hands out channels.
+#[derive(Debug)]
+pub struct Listener {
+    inner: UnixListener,
+    path: PathBuf,
+    config: ListenerConfig,
+}
+
+impl Listener {
+    /// Binds `path`. A stale socket file left by a dead server is replaced; a live one is not.
+    pub fn bind(path: impl AsRef<Path>, config: ListenerConfig) -> Result<Listener, Error> {
+        let path = path.as_ref().to_path_buf();
+        if let Ok(meta) = std::fs::symlink_metadata(&path) {
+            if !meta.file_type().is_socket() {
+                return Err(Error::io(
+                    "binding the channel socket",
+                    io::Error::new(
+                        io::ErrorKind::AlreadyExists,
+                        format!("{} exists and is not a socket", path.display()),
+                    ),
+                ));
+            }
+            match UnixStream::connect(&path) {
+                Ok(_) => {
+                    return Err(Error::io(
+                        "binding the channel socket",
+                        io::Error::new(
+                            io::ErrorKind::AddrInUse,
+                            format!("another server is listening on {}", path.display()),
+                        ),
+                    ))
+                }
+                Err(_) => {
+                    std::fs::remove_file(&path)
+                        .map_err(|e| Error::io("removing a stale socket file", e))?;
+                }
+            }
+        }
+        let inner =
+            UnixListener::bind(&path).map_err(|e| Error::io("binding the channel socket", e))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(config.mode))
+            .map_err(|e| Error::io("setting the channel socket's permissions", e))?;
+        Ok(Listener {
+            inner,
+            path,
+            config,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Waits for the next client. Only a failure of the listener itself is an error here; a
+    /// misbehaving client surfaces later, from [`Incoming::establish`].
+    pub fn accept(&self) -> Result<Incoming, Error> {
+        loop {
+            let (stream, _) = match self.inner.accept() {
+                Ok(s) => s,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(Error::io("accepting a channel", e)),
+            };
+            // A client that vanished between connect and accept has no credentials: skip it.
+            let Ok(peer) = sys::peer_credentials(&stream) else {
+                continue;
+            };
+            return Ok(Incoming {
+                stream,
+                peer,
+                config: self.config.clone(),
+            });
+        }
+    }
+
+    /// Makes `accept` return `WouldBlock` errors instead of waiting, for event loops.
+    pub fn set_nonblocking(&self, nonblocking: bool) -> Result<(), Error> {
+        self.inner
+            .set_nonblocking(nonblocking)
+            .map_err(|e| Error::io("setting the listener non-blocking", e))
+    }
+}
+
+impl AsFd for Listener {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.inner.as_fd()
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// A client that has connected but has no channel yet.
+#[derive(Debug)]
+pub struct Incoming {
+    stream: UnixStream,
+    peer: PeerCredentials,
+    config: ListenerConfig,
+}
+
+impl Incoming {
+    /// Who is connecting, as the kernel reports it.
+    pub fn peer(&self) -> PeerCredentials {
+        self.peer
+    }
+
+    /// Refuses the client with a reason it will see in its error.
+    pub fn reject(self, reason: &str) -> Result<(), Error> {
+        self.stream
+            .set_write_timeout(Some(self.config.handshake_timeout))
+            .map_err(|e| Error::io("refusing a channel", e))?;
+        let reply = reply(STATUS_REFUSED, None, reason);
+        sys::send_with_fds(self.stream.as_fd(), &reply, &[])
+            .map_err(|e| Error::io("refusing a channel", e))
+    }
+
+    /// Reads the client's hello, creates the region within this listener's limits, and sends
+    /// it over.
+    pub fn establish(self) -> Result<Channel, Error> {
+        let c = &self.config;
+        self.stream
+            .set_read_timeout(Some(c.handshake_timeout))
+            .and_then(|_| self.stream.set_write_timeout(Some(c.handshake_timeout)))
+            .map_err(|e| Error::io("configuring the channel socket", e))?;
+        let mut hello = [0u8; HELLO_BYTES];
+        let fds = sys::recv_with_fds(self.stream.as_fd(), &mut hello).map_err(|e| {
+            if e.kind() == io::ErrorKind::WouldBlock {
+                Error::Handshake("client sent no hello in time".into())
+            } else {
+                Error::Handshake(format!("reading the client's hello: {e}"))
+            }
+        })?;
+        if !fds.is_empty() {
+            return Err(Error::Handshake(
+                "client sent file descriptors in its hello".into(),
+            ));
+        }
+        if get(&hello, 0) != HELLO_MAGIC {
+            return Err(Error::Handshake("client hello has the wrong magic".into()));
+        }
+        let version = get(&hello, 8) as u32;
+        if version != layout::VERSION {
+            let why = format!(
+                "client speaks m2m version {version}, this server speaks {}",
+                layout::VERSION
+            );
+            let _ =
+                sys::send_with_fds(self.stream.as_fd(), &reply(STATUS_VERSION, None, &why), &[]);
+            return Err(Error::Handshake(why));
+        }
+        let params = Params {
+            ring_bytes: clamp_pow2(
+                get(&hello, 16),
+                layout::MIN_RING_BYTES,
+                (c.max_ring_bytes as u64).min(layout::MAX_RING_BYTES),
+            ),
+            buf_size: clamp_pow2(
+                get(&hello, 24),
+                layout::MIN_BUF_SIZE,
+                (c.max_buf_size as u64).min(layout::MAX_BUF_SIZE),
+            ),
+            buf_count: get(&hello, 32)
+                .clamp(1, (c.max_buf_count as u64).min(layout::MAX_BUF_COUNT)),
+        };
+        let (region, memfd) = Region::create(params)?;
+        let bell_mine = sys::new_eventfd().map_err(|e| Error::io("creating a doorbell", e))?;
+        let bell_theirs = sys::new_eventfd().map_err(|e| Error::io("creating a doorbell", e))?;
+        let ok = reply(STATUS_OK, Some((params, region.len() as u64)), "");
+        sys::send_with_fds(
+            self.stream.as_fd(),
+            &ok,
+            &[memfd.as_fd(), bell_mine.as_fd(), bell_theirs.as_fd()],
+        )
+        .map_err(|e| Error::Handshake(format!("sending the region to the client: {e}")))?;
+        let peer_bell = bell_theirs;
+        Channel::assemble(
+            Arc::new(region),
+            0,
+            bell_mine,
+            peer_bell,
+            self.stream.into(),
+            c.wait,
+        )
+    }
+}
+
+fn reply(status: u32, params: Option<(Params, u64)>, reason: &str) -> [u8; REPLY_BYTES] {
+    let mut r = [0u8; REPLY_BYTES];
+    put(&mut r, 0, REPLY_MAGIC);
+    put(&mut r, 8, version_word(status));
+    if let Some((p, size)) = params {
+        put(&mut r, 16, p.ring_bytes);
+        put(&mut r, 24, p.buf_size);
+        put(&mut r, 32, p.buf_count);
+        put(&mut r, 40, size);
+    }
+    let mut n = reason.len().min(64);
+    while !reason.is_char_boundary(n) {
+        n -= 1;
+    }
+    r[64..64 + n].copy_from_slice(&reason.as_bytes()[..n]);
+    r
+}
+
+impl Channel {
+    /// Connects to a [`Listener`] at `path`, asking for `config`'s sizes (the server may grant
+    /// smaller ones).
+    pub fn connect(path: impl AsRef<Path>, config: ChannelConfig) -> Result<Channel, Error> {
+        let path = path.as_ref();
+        let stream = UnixStream::connect(path).map_err(|e| Error::Io {
+            context: "connecting to the channel socket",
+            source: io::Error::new(e.kind(), format!("{}: {e}", path.display())),
+        })?;
+        let timeout = Some(Duration::from_secs(5));
+        stream
+            .set_read_timeout(timeout)
+            .and_then(|_| stream.set_write_timeout(timeout))
+            .map_err(|e| Error::io("configuring the channel socket", e))?;
+        let p = config.params();
+        let mut hello = [0u8; HELLO_BYTES];
+        put(&mut hello, 0, HELLO_MAGIC);
+        put(&mut hello, 8, layout::VERSION as u64);
+        put(&mut hello, 16, p.ring_bytes);
+        put(&mut hello, 24, p.buf_size);
+        put(&mut hello, 32, p.buf_count);
+        // A server that refuses may answer and close before reading our hello, so a failed send
+        // is reported only if there is no reply to explain it.
+        let sent = sys::send_with_fds(stream.as_fd(), &hello, &[]);
+        let mut r = [0u8; REPLY_BYTES];
+        let fds = match (sys::recv_with_fds(stream.as_fd(), &mut r), sent) {
+            (Ok(fds), _) => fds,
+            (Err(_), Err(e)) => return Err(Error::Handshake(format!("sending hello: {e}"))),
+            (Err(e), Ok(())) => {
+                return Err(Error::Handshake(format!("reading the server's reply: {e}")))
+            }
+        };
+        if get(&r, 0) != REPLY_MAGIC {
+            return Err(Error::Handshake("server reply has the wrong magic".into()));
+        }
+        let word = get(&r, 8);
+        let (version, status) = (word as u32, (word >> 32) as u32);
+        let reason = String::from_utf8_lossy(&r[64..])
+            .trim_end_matches('\0')
+            .to_string();
+        match status {
+            STATUS_OK if version == layout::VERSION => {}
+            STATUS_OK => {
+                return Err(Error::Handshake(format!(
+                    "server speaks m2m version {version}, we speak {}",
+                    layout::VERSION
+                )))
+            }
+            STATUS_VERSION | STATUS_REFUSED => return Err(Error::Rejected(reason)),
+            other => {
+                return Err(Error::Handshake(format!(
+                    "server replied with status {other}"
+                )))
+            }
+        }
+        let granted = Params {
+            ring_bytes: get(&r, 16),
+            buf_size: get(&r, 24),
+            buf_count: get(&r, 32),
+        };
+        let [memfd, bell_theirs, bell_mine]: [OwnedFd; 3] = fds
+            .try_into()
+            .map_err(|_| Error::Handshake("server sent the wrong number of descriptors".into()))?;
+        let region = Region::open(memfd, granted)?;
+        if region.len() as u64 != get(&r, 40) {
+            return Err(Error::Handshake(
+                "server's region size disagrees with its reply".into(),
+            ));
+        }
+        Channel::assemble(
+            Arc::new(region),
+            1,
+            bell_mine,
+            bell_theirs,
+            stream.into(),
+            config.wait,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clamp_rounds_into_range() {
+        assert_eq!(clamp_pow2(0, 4096, 1 << 20), 4096);
+        assert_eq!(clamp_pow2(5000, 4096, 1 << 20), 8192);
+        assert_eq!(clamp_pow2(u64::MAX, 4096, 1 << 20), 1 << 20);
+        assert_eq!(clamp_pow2(1 << 30, 4096, 3 << 20), 2 << 20);
+    }
+}

@@ -1,0 +1,555 @@
+//! The messages applications and the TCP server exchange over an m2m channel.
+//!
+//! One channel is one *session*. The application sends [`Request`]s, the server answers with
+//! [`Event`]s. Sockets are named by [`Handle`]s that the server issues per session; a handle
+//! carries a generation, so a handle that was closed (or never issued) is rejected rather than
+//! reaching someone else's socket.
+//!
+//! Flow control is credit-based, per connection, in both directions:
+//! - send: the application may have at most [`SEND_WINDOW`] bytes handed to the server and not
+//!   yet confirmed by an [`Event::Sent`]; the server refuses more.
+//! - receive: the server delivers at most [`RECV_WINDOW`] bytes that the application has not
+//!   acknowledged with [`Request::Consumed`]; past that it stops reading the socket, so the
+//!   kernel's receive window closes and back-pressure reaches the remote peer.
+//!
+//! Payloads travel inline in the ring (`Send`/`Data` records) or, when large, in m2m buffers
+//! whose metadata is a [`BufferMeta`]. Encoding is fixed little-endian; decoding checks every
+//! length and never panics on any input (see the property tests).
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+
+pub const VERSION: u16 = 1;
+
+/// Bytes an application may have in flight to the server per connection.
+pub const SEND_WINDOW: u32 = 1 << 20;
+/// Bytes the server delivers per connection before the application acknowledges them.
+pub const RECV_WINDOW: u32 = 1 << 20;
+/// Longest application name in a [`Request::Hello`].
+pub const MAX_NAME: usize = 64;
+
+/// A socket, as named within one session: slot index and generation.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct Handle(pub u64);
+
+impl Handle {
+    pub fn new(index: u32, generation: u32) -> Handle {
+        Handle(index as u64 | (generation as u64) << 32)
+    }
+    pub fn index(self) -> u32 {
+        self.0 as u32
+    }
+    pub fn generation(self) -> u32 {
+        (self.0 >> 32) as u32
+    }
+}
+
+/// Options of [`Request::Listen`].
+pub mod listen_flags {
+    /// SO_REUSEADDR.
+    pub const REUSE_ADDR: u32 = 1;
+    /// SO_REUSEPORT: several sessions share the port; the kernel spreads connections.
+    pub const REUSE_PORT: u32 = 2;
+    /// Keep the listening socket open for a grace period if the session dies, so a restarted
+    /// application that listens on the same address takes it over with no refused connection.
+    pub const PERSISTENT: u32 = 4;
+    pub const ALL: u32 = REUSE_ADDR | REUSE_PORT | PERSISTENT;
+}
+
+/// Socket options of [`Request::SetOption`].
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum SockOpt {
+    NoDelay(bool),
+    KeepAlive(bool),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Request<'a> {
+    /// Optional first message: who this session is (shown by `splitos status`).
+    Hello {
+        version: u16,
+        name: &'a [u8],
+    },
+    Listen {
+        req: u32,
+        addr: SocketAddr,
+        backlog: u32,
+        flags: u32,
+    },
+    Connect {
+        req: u32,
+        addr: SocketAddr,
+    },
+    /// Bytes to send on a connection, inline.
+    Send {
+        handle: Handle,
+        data: &'a [u8],
+    },
+    /// Shut down the write side once queued bytes are sent.
+    ShutdownWrite {
+        handle: Handle,
+    },
+    /// Close once queued bytes are sent; the server answers with [`Event::Closed`].
+    Close {
+        handle: Handle,
+    },
+    SetOption {
+        req: u32,
+        handle: Handle,
+        opt: SockOpt,
+    },
+    /// The application has read `bytes` more bytes of this connection.
+    Consumed {
+        handle: Handle,
+        bytes: u32,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Event<'a> {
+    /// A request succeeded. `handle` is the new socket for Listen/Connect, else the request's.
+    Done {
+        req: u32,
+        handle: Handle,
+        local: SocketAddr,
+        peer: SocketAddr,
+    },
+    /// A request failed with this errno.
+    Failed { req: u32, errno: i32 },
+    Accepted {
+        listener: Handle,
+        conn: Handle,
+        local: SocketAddr,
+        peer: SocketAddr,
+    },
+    /// Bytes received on a connection, inline.
+    Data { handle: Handle, data: &'a [u8] },
+    /// The peer shut down its write side.
+    Eof { handle: Handle },
+    /// `bytes` more bytes of this connection were accepted by the kernel (send credit back).
+    Sent { handle: Handle, bytes: u32 },
+    /// The connection failed (e.g. ECONNRESET); no more data will come.
+    Error { handle: Handle, errno: i32 },
+    /// The handle is retired: its close finished, or the server closed it.
+    Closed { handle: Handle },
+    /// The server could not make sense of a request (it is dropped); `errno` says why.
+    ProtocolError { op: u8, errno: i32 },
+}
+
+/// What an m2m buffer carries, in the buffer's metadata.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum BufferMeta {
+    /// Application → server: send the buffer's bytes on this connection.
+    Send(Handle),
+    /// Server → application: bytes received on this connection.
+    Data(Handle),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("message truncated")]
+    Truncated,
+    #[error("unknown operation {0}")]
+    UnknownOp(u8),
+    #[error("trailing bytes after the message")]
+    Trailing,
+    #[error("invalid socket address")]
+    BadAddress,
+    #[error("invalid field value")]
+    BadValue,
+}
+
+impl DecodeError {
+    /// The errno a server reports for a request that failed to decode.
+    pub fn errno(self) -> i32 {
+        match self {
+            DecodeError::UnknownOp(_) => 95, // EOPNOTSUPP
+            _ => 22,                         // EINVAL
+        }
+    }
+}
+
+mod op {
+    pub const HELLO: u8 = 1;
+    pub const LISTEN: u8 = 2;
+    pub const CONNECT: u8 = 3;
+    pub const SEND: u8 = 4;
+    pub const SHUTDOWN_WRITE: u8 = 5;
+    pub const CLOSE: u8 = 6;
+    pub const SET_OPTION: u8 = 7;
+    pub const CONSUMED: u8 = 8;
+
+    pub const DONE: u8 = 64;
+    pub const FAILED: u8 = 65;
+    pub const ACCEPTED: u8 = 66;
+    pub const DATA: u8 = 67;
+    pub const EOF: u8 = 68;
+    pub const SENT: u8 = 69;
+    pub const ERROR: u8 = 70;
+    pub const CLOSED: u8 = 71;
+    pub const PROTOCOL_ERROR: u8 = 72;
+
+    pub const META_SEND: u8 = 128;
+    pub const META_DATA: u8 = 129;
+}
+
+const ADDR_BYTES: usize = 28;
+
+/// Appends fixed-size little-endian fields.
+struct Writer<'a>(&'a mut Vec<u8>);
+
+impl Writer<'_> {
+    fn u8(&mut self, v: u8) -> &mut Self {
+        self.0.push(v);
+        self
+    }
+    fn u16(&mut self, v: u16) -> &mut Self {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    fn u32(&mut self, v: u32) -> &mut Self {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    fn i32(&mut self, v: i32) -> &mut Self {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    fn handle(&mut self, h: Handle) -> &mut Self {
+        self.0.extend_from_slice(&h.0.to_le_bytes());
+        self
+    }
+    fn bytes(&mut self, b: &[u8]) -> &mut Self {
+        self.0.extend_from_slice(b);
+        self
+    }
+    /// family u8 (4/6/0) | pad u8 | port u16 | ip 16 B | v6 flowinfo u32 | v6 scope u32
+    fn addr(&mut self, a: SocketAddr) -> &mut Self {
+        let mut b = [0u8; ADDR_BYTES];
+        b[2..4].copy_from_slice(&a.port().to_le_bytes());
+        match a {
+            SocketAddr::V4(v4) => {
+                b[0] = 4;
+                b[4..8].copy_from_slice(&v4.ip().octets());
+            }
+            SocketAddr::V6(v6) => {
+                b[0] = 6;
+                b[4..20].copy_from_slice(&v6.ip().octets());
+                b[20..24].copy_from_slice(&v6.flowinfo().to_le_bytes());
+                b[24..28].copy_from_slice(&v6.scope_id().to_le_bytes());
+            }
+        }
+        self.bytes(&b)
+    }
+}
+
+/// Reads fixed-size fields, failing with `Truncated` instead of panicking.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
+        let (head, rest) = self
+            .0
+            .split_first_chunk::<N>()
+            .ok_or(DecodeError::Truncated)?;
+        self.0 = rest;
+        Ok(*head)
+    }
+    fn u8(&mut self) -> Result<u8, DecodeError> {
+        Ok(self.take::<1>()?[0])
+    }
+    fn u16(&mut self) -> Result<u16, DecodeError> {
+        Ok(u16::from_le_bytes(self.take()?))
+    }
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        Ok(u32::from_le_bytes(self.take()?))
+    }
+    fn i32(&mut self) -> Result<i32, DecodeError> {
+        Ok(i32::from_le_bytes(self.take()?))
+    }
+    fn handle(&mut self) -> Result<Handle, DecodeError> {
+        Ok(Handle(u64::from_le_bytes(self.take()?)))
+    }
+    fn rest(&mut self) -> &'a [u8] {
+        std::mem::take(&mut self.0)
+    }
+    fn addr(&mut self) -> Result<SocketAddr, DecodeError> {
+        let b: [u8; ADDR_BYTES] = self.take()?;
+        let port = u16::from_le_bytes([b[2], b[3]]);
+        let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        match b[0] {
+            4 => Ok(SocketAddr::V4(SocketAddrV4::new(
+                Ipv4Addr::new(b[4], b[5], b[6], b[7]),
+                port,
+            ))),
+            6 => {
+                let mut ip = [0u8; 16];
+                ip.copy_from_slice(&b[4..20]);
+                Ok(SocketAddr::V6(SocketAddrV6::new(
+                    Ipv6Addr::from(ip),
+                    port,
+                    u32_at(20),
+                    u32_at(24),
+                )))
+            }
+            _ => Err(DecodeError::BadAddress),
+        }
+    }
+    fn end(&self) -> Result<(), DecodeError> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(DecodeError::Trailing)
+        }
+    }
+}
+
+/// The address reported when there is none (e.g. `peer` of a listener).
+pub const NO_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0);
+
+impl<'a> Request<'a> {
+    /// Appends the encoding to `out` (which the caller typically reuses).
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let mut w = Writer(out);
+        match *self {
+            Request::Hello { version, name } => {
+                w.u8(op::HELLO).u16(version).bytes(name);
+            }
+            Request::Listen {
+                req,
+                addr,
+                backlog,
+                flags,
+            } => {
+                w.u8(op::LISTEN).u32(req).u32(backlog).u32(flags).addr(addr);
+            }
+            Request::Connect { req, addr } => {
+                w.u8(op::CONNECT).u32(req).addr(addr);
+            }
+            Request::Send { handle, data } => {
+                w.u8(op::SEND).handle(handle).bytes(data);
+            }
+            Request::ShutdownWrite { handle } => {
+                w.u8(op::SHUTDOWN_WRITE).handle(handle);
+            }
+            Request::Close { handle } => {
+                w.u8(op::CLOSE).handle(handle);
+            }
+            Request::SetOption { req, handle, opt } => {
+                let (code, on) = match opt {
+                    SockOpt::NoDelay(on) => (1, on),
+                    SockOpt::KeepAlive(on) => (2, on),
+                };
+                w.u8(op::SET_OPTION)
+                    .u32(req)
+                    .handle(handle)
+                    .u8(code)
+                    .u8(on as u8);
+            }
+            Request::Consumed { handle, bytes } => {
+                w.u8(op::CONSUMED).handle(handle).u32(bytes);
+            }
+        }
+    }
+
+    /// Bytes of header in front of the payload of an inline `Send`.
+    pub const SEND_HEADER: usize = 9;
+
+    pub fn decode(bytes: &'a [u8]) -> Result<Request<'a>, DecodeError> {
+        let mut r = Reader(bytes);
+        let op = r.u8()?;
+        let req = match op {
+            op::HELLO => {
+                let version = r.u16()?;
+                let name = r.rest();
+                if name.len() > MAX_NAME {
+                    return Err(DecodeError::BadValue);
+                }
+                Request::Hello { version, name }
+            }
+            op::LISTEN => {
+                let req = r.u32()?;
+                let backlog = r.u32()?;
+                let flags = r.u32()?;
+                if flags & !listen_flags::ALL != 0 {
+                    return Err(DecodeError::BadValue);
+                }
+                Request::Listen {
+                    req,
+                    backlog,
+                    flags,
+                    addr: r.addr()?,
+                }
+            }
+            op::CONNECT => Request::Connect {
+                req: r.u32()?,
+                addr: r.addr()?,
+            },
+            op::SEND => Request::Send {
+                handle: r.handle()?,
+                data: r.rest(),
+            },
+            op::SHUTDOWN_WRITE => Request::ShutdownWrite {
+                handle: r.handle()?,
+            },
+            op::CLOSE => Request::Close {
+                handle: r.handle()?,
+            },
+            op::SET_OPTION => {
+                let req = r.u32()?;
+                let handle = r.handle()?;
+                let code = r.u8()?;
+                let on = match r.u8()? {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(DecodeError::BadValue),
+                };
+                let opt = match code {
+                    1 => SockOpt::NoDelay(on),
+                    2 => SockOpt::KeepAlive(on),
+                    _ => return Err(DecodeError::BadValue),
+                };
+                Request::SetOption { req, handle, opt }
+            }
+            op::CONSUMED => Request::Consumed {
+                handle: r.handle()?,
+                bytes: r.u32()?,
+            },
+            other => return Err(DecodeError::UnknownOp(other)),
+        };
+        r.end()?;
+        Ok(req)
+    }
+}
+
+impl<'a> Event<'a> {
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let mut w = Writer(out);
+        match *self {
+            Event::Done {
+                req,
+                handle,
+                local,
+                peer,
+            } => {
+                w.u8(op::DONE)
+                    .u32(req)
+                    .handle(handle)
+                    .addr(local)
+                    .addr(peer);
+            }
+            Event::Failed { req, errno } => {
+                w.u8(op::FAILED).u32(req).i32(errno);
+            }
+            Event::Accepted {
+                listener,
+                conn,
+                local,
+                peer,
+            } => {
+                w.u8(op::ACCEPTED)
+                    .handle(listener)
+                    .handle(conn)
+                    .addr(local)
+                    .addr(peer);
+            }
+            Event::Data { handle, data } => {
+                w.u8(op::DATA).handle(handle).bytes(data);
+            }
+            Event::Eof { handle } => {
+                w.u8(op::EOF).handle(handle);
+            }
+            Event::Sent { handle, bytes } => {
+                w.u8(op::SENT).handle(handle).u32(bytes);
+            }
+            Event::Error { handle, errno } => {
+                w.u8(op::ERROR).handle(handle).i32(errno);
+            }
+            Event::Closed { handle } => {
+                w.u8(op::CLOSED).handle(handle);
+            }
+            Event::ProtocolError { op: o, errno } => {
+                w.u8(op::PROTOCOL_ERROR).u8(o).i32(errno);
+            }
+        }
+    }
+
+    /// Bytes of header in front of the payload of an inline `Data`.
+    pub const DATA_HEADER: usize = 9;
+
+    pub fn decode(bytes: &'a [u8]) -> Result<Event<'a>, DecodeError> {
+        let mut r = Reader(bytes);
+        let ev = match r.u8()? {
+            op::DONE => Event::Done {
+                req: r.u32()?,
+                handle: r.handle()?,
+                local: r.addr()?,
+                peer: r.addr()?,
+            },
+            op::FAILED => Event::Failed {
+                req: r.u32()?,
+                errno: r.i32()?,
+            },
+            op::ACCEPTED => Event::Accepted {
+                listener: r.handle()?,
+                conn: r.handle()?,
+                local: r.addr()?,
+                peer: r.addr()?,
+            },
+            op::DATA => Event::Data {
+                handle: r.handle()?,
+                data: r.rest(),
+            },
+            op::EOF => Event::Eof {
+                handle: r.handle()?,
+            },
+            op::SENT => Event::Sent {
+                handle: r.handle()?,
+                bytes: r.u32()?,
+            },
+            op::ERROR => Event::Error {
+                handle: r.handle()?,
+                errno: r.i32()?,
+            },
+            op::CLOSED => Event::Closed {
+                handle: r.handle()?,
+            },
+            op::PROTOCOL_ERROR => Event::ProtocolError {
+                op: r.u8()?,
+                errno: r.i32()?,
+            },
+            other => return Err(DecodeError::UnknownOp(other)),
+        };
+        r.end()?;
+        Ok(ev)
+    }
+}
+
+impl BufferMeta {
+    pub const BYTES: usize = 9;
+
+    pub fn encode(&self) -> [u8; Self::BYTES] {
+        let (o, h) = match *self {
+            BufferMeta::Send(h) => (op::META_SEND, h),
+            BufferMeta::Data(h) => (op::META_DATA, h),
+        };
+        let mut b = [0u8; Self::BYTES];
+        b[0] = o;
+        b[1..].copy_from_slice(&h.0.to_le_bytes());
+        b
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<BufferMeta, DecodeError> {
+        let mut r = Reader(bytes);
+        let o = r.u8()?;
+        let h = r.handle()?;
+        r.end()?;
+        match o {
+            op::META_SEND => Ok(BufferMeta::Send(h)),
+            op::META_DATA => Ok(BufferMeta::Data(h)),
+            other => Err(DecodeError::UnknownOp(other)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

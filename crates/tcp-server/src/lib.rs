@@ -1,0 +1,385 @@
+//! The Split-OS TCP server: it owns every network socket of its applications and does all
+//! protocol work on its own threads, driving the kernel TCP stack through io_uring. Applications
+//! reach it over m2m channels (one per session) and never make a network system call.
+//!
+//! Threads: one *control* thread accepts channels on the Unix socket (handshakes run on short
+//! helper threads, so a slow client cannot stall the others) and hands each new session to a
+//! *worker* (`worker.rs`), round-robin. Each worker owns an io_uring, its sessions and all their
+//! sockets; nothing on the data path is shared between threads.
+//!
+//! Run it as a daemon (`splitos tcp-server`) or embedded in an application process with
+//! [`TcpServer::start`]; both use the same code.
+
+mod access;
+mod persist;
+pub mod stats;
+mod uring;
+mod worker;
+
+pub use access::{AccessPolicy, Rule};
+
+use rustix::fd::{AsFd, OwnedFd};
+use splitos_m2m::{Channel, Listener, ListenerConfig, WaitPolicy};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Sender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// Where applications find the server when nothing else is said: `$SPLITOS_SOCKET`, else
+/// `$XDG_RUNTIME_DIR/splitos/tcp.sock`, else `/tmp/splitos-<uid>/tcp.sock`.
+pub fn default_socket_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("SPLITOS_SOCKET") {
+        return PathBuf::from(p);
+    }
+    if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR") {
+        return PathBuf::from(d).join("splitos").join("tcp.sock");
+    }
+    PathBuf::from(format!(
+        "/tmp/splitos-{}/tcp.sock",
+        rustix::process::getuid().as_raw()
+    ))
+}
+
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// Unix socket applications connect to.
+    pub socket: PathBuf,
+    /// Permission bits of that socket (0600: only this user's applications).
+    pub socket_mode: u32,
+    /// Event-loop threads.
+    pub threads: usize,
+    /// CPUs to pin the event-loop threads to, one each in turn (empty: no pinning).
+    pub cpus: Vec<usize>,
+    /// How idle event loops wait: `Poll` spins (lowest latency, a core each), `Block` sleeps.
+    pub wait: WaitPolicy,
+    pub access: AccessPolicy,
+    /// How long a dead application's persistent listeners stay open for its successor.
+    pub persist_grace: Duration,
+    pub max_sessions: usize,
+    pub max_conns_per_session: u32,
+    pub max_listeners_per_session: u32,
+    /// Receive buffers provided to the kernel per session (taken from its m2m pool).
+    pub recv_buffers: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            socket: default_socket_path(),
+            socket_mode: 0o600,
+            threads: 1,
+            cpus: Vec::new(),
+            wait: WaitPolicy::adaptive(),
+            access: AccessPolicy::default_for(rustix::process::getuid().as_raw()),
+            persist_grace: Duration::from_secs(30),
+            max_sessions: 1024,
+            max_conns_per_session: 65536,
+            max_listeners_per_session: 256,
+            recv_buffers: 64,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("cannot create the socket directory {path}: {source}")]
+    SocketDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Channel(#[from] splitos_m2m::Error),
+    #[error("{context}: {source}")]
+    Io {
+        context: &'static str,
+        source: std::io::Error,
+    },
+}
+
+pub(crate) struct Shared {
+    pub config: ServerConfig,
+    pub registry: persist::Registry,
+    pub shutdown: AtomicBool,
+    pub stats: Option<stats::StatsWriter>,
+    /// Live sessions across all workers, for `max_sessions`.
+    pub sessions: AtomicUsize,
+}
+
+struct WorkerHandle {
+    inbox: Sender<worker::NewSession>,
+    wake: Arc<OwnedFd>,
+    thread: JoinHandle<()>,
+}
+
+/// A running server. Dropping it shuts it down.
+pub struct TcpServer {
+    shared: Arc<Shared>,
+    control: Option<JoinHandle<()>>,
+    workers: Vec<WorkerHandle>,
+    socket: PathBuf,
+}
+
+pub(crate) fn drain_eventfd(fd: &OwnedFd) {
+    let mut b = [0u8; 8];
+    let _ = rustix::io::read(fd, &mut b);
+}
+
+fn ring_eventfd(fd: &OwnedFd) {
+    let _ = rustix::io::write(fd, &1u64.to_ne_bytes());
+}
+
+impl TcpServer {
+    /// Binds the control socket, starts the worker threads, and returns once applications can
+    /// connect.
+    pub fn start(config: ServerConfig) -> Result<TcpServer, ServerError> {
+        if config.threads == 0 || config.threads > stats::MAX_WORKERS {
+            return Err(ServerError::Config(format!(
+                "threads must be 1..={}, got {}",
+                stats::MAX_WORKERS,
+                config.threads
+            )));
+        }
+        if config.recv_buffers == 0 || config.recv_buffers > 4096 {
+            return Err(ServerError::Config("recv_buffers must be 1..=4096".into()));
+        }
+        let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if let Some(bad) = config.cpus.iter().find(|&&c| c >= ncpu.max(1024)) {
+            return Err(ServerError::Config(format!("cpu {bad} does not exist")));
+        }
+        if let Some(dir) = config.socket.parent() {
+            if !dir.as_os_str().is_empty() && !dir.exists() {
+                std::fs::create_dir_all(dir).map_err(|source| ServerError::SocketDir {
+                    path: dir.to_path_buf(),
+                    source,
+                })?;
+                use std::os::unix::fs::PermissionsExt;
+                let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+            }
+        }
+        let listener = Listener::bind(
+            &config.socket,
+            ListenerConfig {
+                mode: config.socket_mode,
+                max_ring_bytes: 4 << 20,
+                max_buf_size: 1 << 20,
+                max_buf_count: 1024,
+                handshake_timeout: Duration::from_secs(2),
+                wait: WaitPolicy::Poll,
+            },
+        )?;
+        listener.set_nonblocking(true)?;
+        let stats = match stats::StatsWriter::create(&config.socket, config.threads) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!("statistics disabled: cannot create the stats file: {e}");
+                None
+            }
+        };
+        let shared = Arc::new(Shared {
+            config: config.clone(),
+            registry: persist::Registry::default(),
+            shutdown: AtomicBool::new(false),
+            stats,
+            sessions: AtomicUsize::new(0),
+        });
+        let mut workers: Vec<WorkerHandle> = Vec::new();
+        for id in 0..config.threads {
+            let (tx, rx) = mpsc::channel();
+            let wake = rustix::event::eventfd(
+                0,
+                rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
+            )
+            .map_err(|e| ServerError::Io {
+                context: "creating a wake-up eventfd",
+                source: e.into(),
+            })?;
+            let wake = Arc::new(wake);
+            let worker_wake = wake
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|e| ServerError::Io {
+                    context: "duplicating an eventfd",
+                    source: e,
+                })?;
+            let cpu = (!config.cpus.is_empty()).then(|| config.cpus[id % config.cpus.len()]);
+            // The io_uring is created on its own thread: it is set up single-issuer, which
+            // binds it to the creating thread.
+            let (ready_tx, ready_rx) = mpsc::channel();
+            let worker_shared = shared.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("splitos-tcp-{id}"))
+                .spawn(move || {
+                    if let Some(cpu) = cpu {
+                        let mut set = rustix::thread::CpuSet::new();
+                        set.set(cpu);
+                        if let Err(e) = rustix::thread::sched_setaffinity(None, &set) {
+                            tracing::warn!(cpu, "cannot pin worker: {e}");
+                        }
+                    }
+                    match worker::Worker::new(id, worker_shared, rx, worker_wake) {
+                        Ok(mut w) => {
+                            let _ = ready_tx.send(Ok(()));
+                            w.run();
+                        }
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                        }
+                    }
+                })
+                .map_err(|e| ServerError::Io {
+                    context: "starting a worker thread",
+                    source: e,
+                })?;
+            match ready_rx.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    let _ = thread.join();
+                    shared.shutdown.store(true, Ordering::Release);
+                    for w in &workers {
+                        ring_eventfd(&w.wake);
+                    }
+                    return Err(ServerError::Io {
+                        context: "creating an io_uring (is it disabled? see /proc/sys/kernel/io_uring_disabled)",
+                        source: e,
+                    });
+                }
+                Err(_) => {
+                    return Err(ServerError::Config(
+                        "a worker thread died while starting".into(),
+                    ))
+                }
+            }
+            workers.push(WorkerHandle {
+                inbox: tx,
+                wake,
+                thread,
+            });
+        }
+        let routes: Vec<(Sender<worker::NewSession>, Arc<OwnedFd>)> = workers
+            .iter()
+            .map(|w| (w.inbox.clone(), w.wake.clone()))
+            .collect();
+        let ctl_shared = shared.clone();
+        let control = std::thread::Builder::new()
+            .name("splitos-tcp-ctl".into())
+            .spawn(move || control_loop(listener, routes, ctl_shared))
+            .map_err(|e| ServerError::Io {
+                context: "starting the control thread",
+                source: e,
+            })?;
+        tracing::info!(socket = %config.socket.display(), threads = config.threads, wait = %config.wait, "TCP server running");
+        Ok(TcpServer {
+            shared,
+            control: Some(control),
+            workers,
+            socket: config.socket,
+        })
+    }
+
+    pub fn socket_path(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Persistent listeners currently parked (waiting for their application to come back).
+    pub fn parked_listeners(&self) -> usize {
+        self.shared.registry.len()
+    }
+
+    /// Stops accepting sessions, closes every socket, and joins the threads.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        self.shared.shutdown.store(true, Ordering::Release);
+        for w in &self.workers {
+            ring_eventfd(&w.wake);
+        }
+        if let Some(c) = self.control.take() {
+            let _ = c.join();
+        }
+        for w in self.workers.drain(..) {
+            let _ = w.thread.join();
+        }
+    }
+}
+
+impl Drop for TcpServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Concurrent handshakes; more clients wait in the socket's backlog.
+const MAX_HANDSHAKES: usize = 32;
+
+fn control_loop(
+    listener: Listener,
+    routes: Vec<(Sender<worker::NewSession>, Arc<OwnedFd>)>,
+    shared: Arc<Shared>,
+) {
+    let next = Arc::new(AtomicUsize::new(0));
+    let handshakes = Arc::new(AtomicUsize::new(0));
+    let routes = Arc::new(routes);
+    while !shared.shutdown.load(Ordering::Acquire) {
+        let mut fds = [rustix::event::PollFd::new(
+            &listener,
+            rustix::event::PollFlags::IN,
+        )];
+        let ts = rustix::time::Timespec {
+            tv_sec: 0,
+            tv_nsec: 100_000_000,
+        };
+        let _ = rustix::event::poll(&mut fds, Some(&ts));
+        if handshakes.load(Ordering::Acquire) >= MAX_HANDSHAKES {
+            std::thread::sleep(Duration::from_millis(5));
+            continue;
+        }
+        let incoming = match listener.accept() {
+            Ok(i) => i,
+            Err(splitos_m2m::Error::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::WouldBlock =>
+            {
+                continue
+            }
+            Err(e) => {
+                tracing::warn!("accepting an application failed: {e}");
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        };
+        let peer = incoming.peer();
+        if shared.sessions.load(Ordering::Acquire) >= shared.config.max_sessions {
+            let _ = incoming.reject("the TCP server has its maximum number of sessions");
+            continue;
+        }
+        handshakes.fetch_add(1, Ordering::AcqRel);
+        let (routes, next, in_progress) = (routes.clone(), next.clone(), handshakes.clone());
+        let spawned = std::thread::Builder::new()
+            .name("splitos-tcp-hs".into())
+            .spawn(move || {
+                let r = incoming.establish();
+                in_progress.fetch_sub(1, Ordering::AcqRel);
+                let chan: Channel = match r {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::info!(pid = peer.pid, "handshake with an application failed: {e}");
+                        return;
+                    }
+                };
+                let i = next.fetch_add(1, Ordering::Relaxed) % routes.len();
+                let (tx, wake) = &routes[i];
+                if tx.send(worker::NewSession { chan, peer }).is_ok() {
+                    ring_eventfd(wake);
+                }
+            });
+        if let Err(e) = spawned {
+            handshakes.fetch_sub(1, Ordering::AcqRel);
+            tracing::warn!("cannot start a handshake thread: {e}");
+        }
+    }
+}

@@ -1,0 +1,284 @@
+//! The io_uring seam: the ring, the operations we submit, and provided-buffer rings.
+//!
+//! Every `unsafe` that io_uring needs lives here, each with the invariant the caller keeps. The
+//! key one: memory handed to the kernel (a provided buffer, a send's bytes) must stay mapped
+//! and unchanged until the operation's final completion is reaped. The worker guarantees that by
+//! owning the `TxBuffer`/`RxBuffer` behind each pointer until then, and by never dropping a
+//! session's memory while it has operations in flight.
+
+use io_uring::{cqueue, opcode, squeue, types, IoUring};
+use rustix::fd::{AsRawFd, BorrowedFd};
+use std::io;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::Duration;
+
+/// What a completion is for. Packed into the top byte of `user_data`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Op {
+    Accept = 1,
+    Recv = 2,
+    Send = 3,
+    ConnectPoll = 4,
+    Cancel = 5,
+    SessionPoll = 6,
+    Wake = 7,
+}
+
+/// `user_data` layout: op (8 bits) | session slot (24 bits) | socket slot (32 bits).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tag {
+    pub op: Op,
+    pub session: u32,
+    pub socket: u32,
+}
+
+impl Tag {
+    pub fn encode(self) -> u64 {
+        ((self.op as u64) << 56) | ((self.session as u64 & 0xff_ffff) << 32) | self.socket as u64
+    }
+
+    pub fn decode(v: u64) -> Option<Tag> {
+        let op = match (v >> 56) as u8 {
+            1 => Op::Accept,
+            2 => Op::Recv,
+            3 => Op::Send,
+            4 => Op::ConnectPoll,
+            5 => Op::Cancel,
+            6 => Op::SessionPoll,
+            7 => Op::Wake,
+            _ => return None,
+        };
+        Some(Tag {
+            op,
+            session: ((v >> 32) & 0xff_ffff) as u32,
+            socket: v as u32,
+        })
+    }
+}
+
+pub struct Completion {
+    pub tag: Option<Tag>,
+    pub result: i32,
+    pub more: bool,
+    pub buffer: Option<u16>,
+}
+
+pub struct Ring {
+    ring: IoUring,
+}
+
+const POLLIN: u32 = 0x1;
+const POLLOUT: u32 = 0x4;
+const MSG_NOSIGNAL: i32 = 0x4000;
+
+impl Ring {
+    pub fn new(entries: u32) -> io::Result<Ring> {
+        let ring = IoUring::builder()
+            .setup_cqsize(entries * 4)
+            .setup_single_issuer()
+            .build(entries)?;
+        Ok(Ring { ring })
+    }
+
+    fn push(&mut self, e: squeue::Entry) -> io::Result<()> {
+        loop {
+            // SAFETY (for every caller): the entries built below reference only fds and memory
+            // that the caller keeps valid until the completion is reaped (module comment).
+            let pushed = unsafe { self.ring.submission().push(&e) };
+            if pushed.is_ok() {
+                return Ok(());
+            }
+            // Submission queue full: hand what we have to the kernel and retry.
+            self.ring.submit()?;
+        }
+    }
+
+    pub fn accept_multi(&mut self, fd: BorrowedFd<'_>, tag: Tag) -> io::Result<()> {
+        let e = opcode::AcceptMulti::new(types::Fd(fd.as_raw_fd()))
+            .flags(rustix::net::SocketFlags::CLOEXEC.bits() as i32)
+            .build()
+            .user_data(tag.encode());
+        self.push(e)
+    }
+
+    pub fn recv_multi(&mut self, fd: BorrowedFd<'_>, group: u16, tag: Tag) -> io::Result<()> {
+        let e = opcode::RecvMulti::new(types::Fd(fd.as_raw_fd()), group)
+            .build()
+            .user_data(tag.encode());
+        self.push(e)
+    }
+
+    /// # Safety
+    /// `ptr..ptr+len` must stay mapped and unchanged until this operation's completion is reaped.
+    pub unsafe fn send(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        ptr: *const u8,
+        len: u32,
+        tag: Tag,
+    ) -> io::Result<()> {
+        let e = opcode::Send::new(types::Fd(fd.as_raw_fd()), ptr, len)
+            .flags(MSG_NOSIGNAL)
+            .build()
+            .user_data(tag.encode());
+        self.push(e)
+    }
+
+    pub fn poll_writable(&mut self, fd: BorrowedFd<'_>, tag: Tag) -> io::Result<()> {
+        let e = opcode::PollAdd::new(types::Fd(fd.as_raw_fd()), POLLOUT)
+            .build()
+            .user_data(tag.encode());
+        self.push(e)
+    }
+
+    pub fn poll_readable_multi(&mut self, fd: BorrowedFd<'_>, tag: Tag) -> io::Result<()> {
+        let e = opcode::PollAdd::new(types::Fd(fd.as_raw_fd()), POLLIN)
+            .multi(true)
+            .build()
+            .user_data(tag.encode());
+        self.push(e)
+    }
+
+    /// Cancels the operation tagged `target`; the cancel's own completion is tagged `tag`.
+    pub fn cancel(&mut self, target: Tag, tag: Tag) -> io::Result<()> {
+        let e = opcode::AsyncCancel::new(target.encode())
+            .build()
+            .user_data(tag.encode());
+        self.push(e)
+    }
+
+    /// Submits queued entries without waiting.
+    pub fn submit(&mut self) -> io::Result<()> {
+        match self.ring.submit() {
+            Ok(_) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::BUSY.raw_os_error()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Submits and sleeps until at least one completion or `timeout`.
+    pub fn submit_and_wait(&mut self, timeout: Duration) -> io::Result<()> {
+        let ts = types::Timespec::from(timeout);
+        let args = types::SubmitArgs::new().timespec(&ts);
+        match self.ring.submitter().submit_with_args(1, &args) {
+            Ok(_) => Ok(()),
+            Err(e)
+                if e.raw_os_error() == Some(rustix::io::Errno::TIME.raw_os_error())
+                    || e.raw_os_error() == Some(rustix::io::Errno::BUSY.raw_os_error())
+                    || e.kind() == io::ErrorKind::Interrupted =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Takes up to `max` completions.
+    pub fn reap(&mut self, out: &mut Vec<Completion>, max: usize) {
+        let cq = self.ring.completion();
+        for cqe in cq.take(max) {
+            let flags = cqe.flags();
+            out.push(Completion {
+                tag: Tag::decode(cqe.user_data()),
+                result: cqe.result(),
+                more: cqueue::more(flags),
+                buffer: cqueue::buffer_select(flags),
+            });
+        }
+    }
+
+    pub fn register_buf_ring(&mut self, ring: &BufRing) -> io::Result<()> {
+        // SAFETY: the ring memory is owned by `ring` (page-aligned anonymous mapping of
+        // `entries` slots), and the worker unregisters it before dropping it.
+        unsafe {
+            self.ring.submitter().register_buf_ring_with_flags(
+                ring.map.as_ptr() as u64,
+                ring.entries,
+                ring.group,
+                0,
+            )
+        }
+    }
+
+    pub fn unregister_buf_ring(&mut self, group: u16) -> io::Result<()> {
+        self.ring.submitter().unregister_buf_ring(group)
+    }
+}
+
+/// A provided-buffer ring: the kernel picks a buffer from it for each multishot receive
+/// completion. Buffers are the session's m2m pool slots, so received bytes land directly in
+/// memory the application can read.
+pub struct BufRing {
+    map: memmap2::MmapMut,
+    entries: u16,
+    group: u16,
+    tail: u16,
+}
+
+const ENTRY_BYTES: usize = 16;
+
+impl BufRing {
+    pub fn new(group: u16, min_entries: usize) -> io::Result<BufRing> {
+        let entries = min_entries.next_power_of_two().clamp(1, 32768);
+        let map = memmap2::MmapMut::map_anon(entries * ENTRY_BYTES)?;
+        Ok(BufRing {
+            map,
+            entries: entries as u16,
+            group,
+            tail: 0,
+        })
+    }
+
+    pub fn group(&self) -> u16 {
+        self.group
+    }
+
+    /// Queues a buffer; it becomes visible to the kernel at the next [`BufRing::publish`].
+    ///
+    /// # Safety
+    /// `addr..addr+len` must stay mapped and unused by anyone else until the kernel hands the
+    /// buffer back in a completion (or the ring is unregistered).
+    pub unsafe fn push(&mut self, addr: *mut u8, len: u32, bid: u16) {
+        let slot = (self.tail & (self.entries - 1)) as usize;
+        let base = self.map.as_mut_ptr();
+        // SAFETY: `slot < entries`, so the 16-byte entry lies inside the mapping, which is
+        // page-aligned; the fields are written at their natural alignment. The `resv` field
+        // (offset 14) is not touched: in entry 0 it is the shared tail.
+        unsafe {
+            let e = base.add(slot * ENTRY_BYTES);
+            e.cast::<u64>().write(addr as u64);
+            e.add(8).cast::<u32>().write(len);
+            e.add(12).cast::<u16>().write(bid);
+        }
+        self.tail = self.tail.wrapping_add(1);
+    }
+
+    /// Makes pushed buffers visible to the kernel.
+    pub fn publish(&mut self) {
+        // SAFETY: offset 14 is entry 0's `resv`, the ring tail, 2-byte aligned inside the
+        // mapping; the kernel reads it concurrently, hence the atomic release store that also
+        // orders the entry writes before it.
+        let tail = unsafe { AtomicU16::from_ptr(self.map.as_mut_ptr().add(14).cast()) };
+        tail.store(self.tail, Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tags_round_trip() {
+        for op in [Op::Accept, Op::Recv, Op::Send, Op::Cancel, Op::Wake] {
+            let t = Tag {
+                op,
+                session: 0xab_cdef,
+                socket: u32::MAX,
+            };
+            assert_eq!(Tag::decode(t.encode()), Some(t));
+        }
+        assert_eq!(Tag::decode(0), None);
+    }
+}

@@ -14,7 +14,10 @@ const T: Duration = Duration::from_secs(10);
 
 /// The server removes its socket and statistics files when it stops.
 fn socket_path(tag: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("splitos-srv-test-{}-{tag}.sock", std::process::id()))
+    std::env::temp_dir().join(format!(
+        "splitos-srv-test-{}-{tag}.sock",
+        std::process::id()
+    ))
 }
 
 fn server(tag: &str) -> TcpServer {

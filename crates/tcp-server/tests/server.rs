@@ -21,6 +21,10 @@ fn socket_path(tag: &str) -> PathBuf {
 }
 
 fn server(tag: &str) -> TcpServer {
+    server_with(tag, WaitPolicy::Block)
+}
+
+fn server_with(tag: &str, wait: WaitPolicy) -> TcpServer {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
@@ -28,7 +32,7 @@ fn server(tag: &str) -> TcpServer {
     TcpServer::start(ServerConfig {
         socket: socket_path(tag),
         threads: 2,
-        wait: WaitPolicy::Block,
+        wait,
         persist_grace: Duration::from_secs(5),
         ..ServerConfig::default()
     })
@@ -163,7 +167,17 @@ impl RawApp {
 
 #[test]
 fn echo_through_the_server_with_a_kernel_client() {
-    let srv = server("echo");
+    echo_with(server("echo"));
+}
+
+/// In poll mode the workers never sleep, so completions must be collected without a blocking
+/// wait (deferred task work is run by every submit).
+#[test]
+fn echo_with_polling_workers() {
+    echo_with(server_with("echo-poll", WaitPolicy::Poll));
+}
+
+fn echo_with(srv: TcpServer) {
     let mut app = RawApp::connect(srv.socket_path());
     app.send(Request::Hello {
         version: splitos_tcp_proto::VERSION,

@@ -1,0 +1,277 @@
+//! The `echo` suite: 64-byte request/response over N keep-alive connections, against the
+//! Split-OS TCP server with an application, a plain epoll (mio) server, a tokio server and a
+//! single-process io_uring server, all in one run. Each server runs in processes of its own and
+//! the load comes from another process, so server CPU time can be read from /proc and reported
+//! as requests per server CPU-second.
+
+pub mod client;
+pub mod servers;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Options {
+    pub quick: bool,
+    pub conns: usize,
+    pub wait: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct CaseResult {
+    pub name: &'static str,
+    pub req_per_s: f64,
+    pub req_per_cpu_s: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub cpu_s: f64,
+}
+
+/// CPU seconds (user + system, all threads) a process has used so far.
+fn cpu_seconds(pid: u32) -> Result<f64, String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map_err(|e| format!("reading /proc/{pid}/stat: {e}"))?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .ok_or("malformed /proc stat")?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        f.get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .ok_or("malformed /proc stat")
+    };
+    let hz = rustix::param::clock_ticks_per_second() as f64;
+    Ok((ticks(11)? + ticks(12)?) as f64 / hz)
+}
+
+struct ServerProc {
+    child: Child,
+}
+
+impl Drop for ServerProc {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn(args: &[&str]) -> Result<(ServerProc, BufReader<ChildStdout>), String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut child = Command::new(exe)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("spawning {args:?}: {e}"))?;
+    let out = child.stdout.take().ok_or("no stdout")?;
+    Ok((ServerProc { child }, BufReader::new(out)))
+}
+
+fn wait_line(out: &mut BufReader<ChildStdout>, prefix: &str) -> Result<String, String> {
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if out.read_line(&mut line).map_err(|e| e.to_string())? == 0 {
+            return Err(format!("server exited before printing {prefix}"));
+        }
+        if let Some(rest) = line.trim().strip_prefix(prefix) {
+            return Ok(rest.trim().to_string());
+        }
+    }
+}
+
+fn run_case(
+    name: &'static str,
+    opts: &Options,
+    tmp: &std::path::Path,
+) -> Result<CaseResult, String> {
+    let mut procs = Vec::new();
+    let addr: SocketAddr = if name == "split" {
+        let sock = tmp.join("tcp.sock");
+        let sock_s = sock.to_string_lossy().to_string();
+        let (p, mut out) = spawn(&[
+            "echo-server",
+            "--kind",
+            "split-tcp",
+            "--socket",
+            &sock_s,
+            "--wait",
+            &opts.wait,
+        ])?;
+        procs.push(p);
+        wait_line(&mut out, "READY")?;
+        let (p, mut out) = spawn(&[
+            "echo-server",
+            "--kind",
+            "split-app",
+            "--socket",
+            &sock_s,
+            "--wait",
+            &opts.wait,
+        ])?;
+        procs.push(p);
+        wait_line(&mut out, "LISTENING")?
+            .parse()
+            .map_err(|e| format!("bad address: {e}"))?
+    } else {
+        let (p, mut out) = spawn(&["echo-server", "--kind", name])?;
+        procs.push(p);
+        wait_line(&mut out, "LISTENING")?
+            .parse()
+            .map_err(|e| format!("bad address: {e}"))?
+    };
+    let (warmup, duration) = if opts.quick {
+        (Duration::from_millis(500), Duration::from_secs(2))
+    } else {
+        (Duration::from_secs(1), Duration::from_secs(8))
+    };
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let client = Command::new(exe)
+        .args([
+            "echo-client",
+            "--addr",
+            &addr.to_string(),
+            "--conns",
+            &opts.conns.to_string(),
+            "--warmup-ms",
+            &warmup.as_millis().to_string(),
+            "--duration-ms",
+            &duration.as_millis().to_string(),
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("spawning the client: {e}"))?;
+    std::thread::sleep(warmup);
+    let pids: Vec<u32> = procs.iter().map(|p| p.child.id()).collect();
+    let cpu0: f64 = pids
+        .iter()
+        .map(|&p| cpu_seconds(p))
+        .sum::<Result<f64, String>>()?;
+    let output = client.wait_with_output().map_err(|e| e.to_string())?;
+    let cpu1: f64 = pids
+        .iter()
+        .map(|&p| cpu_seconds(p))
+        .sum::<Result<f64, String>>()?;
+    if !output.status.success() {
+        return Err(format!("client failed: {}", output.status));
+    }
+    let text = String::from_utf8_lossy(&output.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("RESULT"))
+        .ok_or("client printed no result")?;
+    let v: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let [requests, elapsed_s, p50, p99] = v[..] else {
+        return Err(format!("malformed client result {line:?}"));
+    };
+    let cpu = (cpu1 - cpu0).max(1e-9);
+    drop(procs);
+    Ok(CaseResult {
+        name,
+        req_per_s: requests / elapsed_s,
+        req_per_cpu_s: requests / cpu,
+        p50_us: p50,
+        p99_us: p99,
+        cpu_s: cpu,
+    })
+}
+
+/// Runs every case; a failed case is reported and skipped.
+pub fn run(opts: &Options) -> Vec<CaseResult> {
+    let tmp = std::env::temp_dir().join(format!("splitos-bench-echo-{}", std::process::id()));
+    let _ = std::fs::create_dir_all(&tmp);
+    let mut results = Vec::new();
+    for name in ["split", "epoll", "tokio", "io_uring"] {
+        eprint!("echo: {name} ... ");
+        let _ = std::io::stderr().flush();
+        match run_case(name, opts, &tmp) {
+            Ok(r) => {
+                eprintln!(
+                    "{:.0} req/s, {:.0} req/CPU-s, p99 {:.1} µs",
+                    r.req_per_s, r.req_per_cpu_s, r.p99_us
+                );
+                results.push(r);
+            }
+            Err(e) => eprintln!("FAILED: {e}"),
+        }
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+    results
+}
+
+pub fn client_main(
+    addr: SocketAddr,
+    conns: usize,
+    warmup_ms: u64,
+    duration_ms: u64,
+) -> Result<(), String> {
+    let r = client::run(
+        addr,
+        conns,
+        Duration::from_millis(warmup_ms),
+        Duration::from_millis(duration_ms),
+    )
+    .map_err(|e| format!("client: {e}"))?;
+    println!(
+        "RESULT {} {} {} {}",
+        r.requests,
+        r.elapsed.as_secs_f64(),
+        r.p50_us,
+        r.p99_us
+    );
+    Ok(())
+}
+
+pub fn server_main(kind: &str, socket: Option<PathBuf>, wait: &str) -> Result<(), String> {
+    let stop = servers::stop_flag();
+    let wait: splitos_m2m::WaitPolicy = wait.parse()?;
+    let r = match (kind, socket) {
+        ("epoll", _) => servers::epoll(stop),
+        ("tokio", _) => servers::tokio(stop),
+        ("io_uring", _) => servers::io_uring(stop),
+        ("split-tcp", Some(s)) => servers::split_tcp_server(stop, &s, wait),
+        ("split-app", Some(s)) => servers::split_app(stop, &s, wait),
+        (k, _) => return Err(format!("unknown server kind {k:?} (or missing --socket)")),
+    };
+    r.map_err(|e| format!("{kind} server: {e}"))
+}
+
+/// Runs the suite and turns it into a report with ratios against epoll and the targets.
+pub fn report(opts: &Options) -> crate::report::Report {
+    let mut r = crate::report::Report::new("echo");
+    for c in run(opts) {
+        r.add(c.name, "req_per_s", c.req_per_s);
+        r.add(c.name, "req_per_cpu_s", c.req_per_cpu_s);
+        r.add(c.name, "p50_us", c.p50_us);
+        r.add(c.name, "p99_us", c.p99_us);
+        r.add(c.name, "server_cpu_s", c.cpu_s);
+    }
+    for name in ["split", "tokio", "io_uring"] {
+        for m in ["req_per_s", "req_per_cpu_s", "p99_us"] {
+            r.ratio(m, name, "epoll");
+        }
+    }
+    r.target("req_per_cpu_s", "split", "epoll", 1.3, false);
+    r.target("req_per_s", "split", "epoll", 1.0, false);
+    r.note(format!(
+        "{} connections, 64-byte messages, client in its own process; Split-OS wait policy: {}; server CPU = utime+stime of the server processes (TCP server + application for split)",
+        opts.conns, opts.wait
+    ));
+    r
+}

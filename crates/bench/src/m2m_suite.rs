@@ -1,0 +1,712 @@
+//! The `m2m` suite: one-way latency and throughput of memory-to-memory channels against the
+//! physical floor (a cache-line ping-pong), the kernel's IPC (Unix socket, pipe, eventfd) and
+//! iceoryx2, between two processes pinned to different cores.
+//!
+//! The peer is this executable re-run as `m2m-peer`. It connects back over a Unix socket (the
+//! control socket), over which the parent also passes fds, and which doubles as the data path of
+//! the Unix-socket cases. Every loop on both sides has a deadline, and the peer exits when the
+//! parent goes away.
+
+use crate::proc::{online_cpus, percentile, pin, recv_fds, send_fds};
+use crate::report::Report;
+use rustix::fd::{AsFd, OwnedFd};
+use splitos_m2m::{Channel, ChannelConfig, Listener, ListenerConfig, Message, WaitPolicy};
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+const MSG: usize = 64;
+const BIG: usize = 64 << 10;
+/// No single case may take longer than this, on either side.
+const CASE_DEADLINE: Duration = Duration::from_secs(60);
+
+pub struct Options {
+    pub quick: bool,
+}
+
+struct Plan {
+    spin_iters: usize,
+    block_iters: usize,
+    rounds: usize,
+    throughput: Duration,
+}
+
+impl Plan {
+    fn new(quick: bool) -> Plan {
+        if quick {
+            Plan {
+                spin_iters: 20_000,
+                block_iters: 4_000,
+                rounds: 3,
+                throughput: Duration::from_millis(700),
+            }
+        } else {
+            Plan {
+                spin_iters: 200_000,
+                block_iters: 30_000,
+                rounds: 5,
+                throughput: Duration::from_secs(3),
+            }
+        }
+    }
+}
+
+fn deadline_passed(start: Instant) -> bool {
+    start.elapsed() > CASE_DEADLINE
+}
+
+/// A running peer process and the control connection to it.
+struct Peer {
+    child: Child,
+    ctl: UnixStream,
+    dir: PathBuf,
+}
+
+impl Peer {
+    fn spawn(case: &str, iters: usize) -> Result<Peer, String> {
+        let dir =
+            std::env::temp_dir().join(format!("splitos-bench-m2m-{}-{case}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        let ctl_path = dir.join("ctl.sock");
+        let listener =
+            UnixListener::bind(&ctl_path).map_err(|e| format!("binding control socket: {e}"))?;
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let child = Command::new(exe)
+            .args(["m2m-peer", "--case", case, "--dir"])
+            .arg(&dir)
+            .args(["--iters", &iters.to_string()])
+            .spawn()
+            .map_err(|e| format!("spawning the peer: {e}"))?;
+        listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+        let start = Instant::now();
+        let ctl = loop {
+            match listener.accept() {
+                Ok((s, _)) => break s,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if start.elapsed() > Duration::from_secs(10) {
+                        return Err("peer did not connect within 10 s".into());
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Err(e) => return Err(format!("accepting the peer: {e}")),
+            }
+        };
+        ctl.set_nonblocking(false).map_err(|e| e.to_string())?;
+        ctl.set_read_timeout(Some(CASE_DEADLINE))
+            .map_err(|e| e.to_string())?;
+        Ok(Peer { child, ctl, dir })
+    }
+
+    fn m2m_path(&self) -> PathBuf {
+        self.dir.join("m2m.sock")
+    }
+
+    /// Waits for the peer's one-byte "ready".
+    fn ready(&mut self) -> Result<(), String> {
+        let mut b = [0u8; 1];
+        self.ctl
+            .read_exact(&mut b)
+            .map_err(|e| format!("peer not ready: {e}"))
+    }
+
+    fn finish(mut self) -> Result<(), String> {
+        let _ = self.ctl.shutdown(std::net::Shutdown::Both);
+        let start = Instant::now();
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(st)) if st.success() => return Ok(()),
+                Ok(Some(st)) => return Err(format!("peer exited with {st}")),
+                Ok(None) if start.elapsed() > Duration::from_secs(10) => {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    return Err("peer did not exit; killed it".into());
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(5)),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Round-trip samples in ns → (median one-way, p99 one-way).
+fn one_way(mut samples: Vec<u64>) -> (f64, f64) {
+    // The first tenth warms caches and branch predictors.
+    let skip = samples.len() / 10;
+    samples.drain(..skip);
+    samples.sort_unstable();
+    (
+        percentile(&samples, 0.5) / 2.0,
+        percentile(&samples, 0.99) / 2.0,
+    )
+}
+
+fn timed(iters: usize, mut rt: impl FnMut(u64) -> Result<(), String>) -> Result<Vec<u64>, String> {
+    let mut v = Vec::with_capacity(iters);
+    for i in 0..iters {
+        let t = Instant::now();
+        rt(i as u64 + 1)?;
+        v.push(t.elapsed().as_nanos() as u64);
+    }
+    Ok(v)
+}
+
+fn shared_lines(fd: &OwnedFd) -> Result<memmap2::MmapRaw, String> {
+    memmap2::MmapOptions::new()
+        .len(4096)
+        .map_raw(fd)
+        .map_err(|e| format!("mapping: {e}"))
+}
+
+fn line(map: &memmap2::MmapRaw, off: usize) -> &AtomicU64 {
+    assert!(off % 128 == 0 && off + 8 <= map.len());
+    // SAFETY: the offset is 8-aligned and inside the 4 KiB shared mapping (asserted), which
+    // outlives the returned reference (tied to `map`); both processes only access it atomically.
+    unsafe { AtomicU64::from_ptr(map.as_mut_ptr().add(off).cast()) }
+}
+
+fn spin_until(a: &AtomicU64, v: u64, start: Instant) -> Result<(), String> {
+    let mut n = 0u32;
+    while a.load(Ordering::Acquire) != v {
+        n = n.wrapping_add(1);
+        if n % (1 << 20) == 0 && deadline_passed(start) {
+            return Err("peer stopped answering".into());
+        }
+        std::hint::spin_loop();
+    }
+    Ok(())
+}
+
+fn latency_case(case: &str, iters: usize) -> Result<Vec<u64>, String> {
+    let mut peer = Peer::spawn(case, iters)?;
+    let start = Instant::now();
+    let samples = match case {
+        "cacheline" => {
+            let fd = rustix::fs::memfd_create("splitos-bench", rustix::fs::MemfdFlags::CLOEXEC)
+                .map_err(|e| e.to_string())?;
+            rustix::fs::ftruncate(&fd, 4096).map_err(|e| e.to_string())?;
+            let map = shared_lines(&fd)?;
+            send_fds(peer.ctl.as_fd(), &[fd.as_fd()])?;
+            let (a, b) = (line(&map, 0), line(&map, 128));
+            timed(iters, |i| {
+                a.store(i, Ordering::Release);
+                spin_until(b, i, start)
+            })?
+        }
+        "unix_socket" => {
+            peer.ready()?;
+            let mut s = peer.ctl.try_clone().map_err(|e| e.to_string())?;
+            let mut buf = [7u8; MSG];
+            timed(iters, |_| {
+                s.write_all(&buf).map_err(|e| e.to_string())?;
+                s.read_exact(&mut buf).map_err(|e| e.to_string())
+            })?
+        }
+        "pipe" => {
+            let (p2c_r, p2c_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+                .map_err(|e| e.to_string())?;
+            let (c2p_r, c2p_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+                .map_err(|e| e.to_string())?;
+            send_fds(peer.ctl.as_fd(), &[p2c_r.as_fd(), c2p_w.as_fd()])?;
+            drop((p2c_r, c2p_w));
+            let mut w = std::fs::File::from(p2c_w);
+            let mut r = std::fs::File::from(c2p_r);
+            let mut buf = [7u8; MSG];
+            timed(iters, |_| {
+                w.write_all(&buf).map_err(|e| e.to_string())?;
+                r.read_exact(&mut buf).map_err(|e| e.to_string())
+            })?
+        }
+        "eventfd" => {
+            let flags = rustix::event::EventfdFlags::CLOEXEC;
+            let a = rustix::event::eventfd(0, flags).map_err(|e| e.to_string())?;
+            let b = rustix::event::eventfd(0, flags).map_err(|e| e.to_string())?;
+            send_fds(peer.ctl.as_fd(), &[a.as_fd(), b.as_fd()])?;
+            let mut v = [0u8; 8];
+            timed(iters, |_| {
+                rustix::io::write(&a, &1u64.to_ne_bytes()).map_err(|e| e.to_string())?;
+                rustix::io::read(&b, &mut v).map_err(|e| e.to_string())?;
+                Ok(())
+            })?
+        }
+        "iceoryx2" => iceoryx2_parent(&mut peer, iters)?,
+        m2m => {
+            let policy = policy_of(m2m)?;
+            let listener = Listener::bind(peer.m2m_path(), ListenerConfig::default())
+                .map_err(|e| e.to_string())?;
+            peer.ctl.write_all(b"L").map_err(|e| e.to_string())?;
+            let mut ch = listener
+                .accept()
+                .and_then(|i| i.establish())
+                .map_err(|e| e.to_string())?;
+            ch.set_wait_policy(policy);
+            let msg = [7u8; MSG];
+            timed(iters, |_| {
+                ch.send(&msg).map_err(|e| e.to_string())?;
+                match ch.recv().map_err(|e| e.to_string())? {
+                    Message::Inline(b) if b.len() == MSG => Ok(()),
+                    _ => Err("wrong reply".into()),
+                }
+            })?
+        }
+    };
+    peer.finish()?;
+    Ok(samples)
+}
+
+fn policy_of(case: &str) -> Result<WaitPolicy, String> {
+    match case {
+        "m2m_poll" => Ok(WaitPolicy::Poll),
+        "m2m_adaptive" => Ok(WaitPolicy::adaptive()),
+        "m2m_block" => Ok(WaitPolicy::Block),
+        other => Err(format!("unknown case {other}")),
+    }
+}
+
+fn ice_names(parent_pid: u32) -> (String, String) {
+    (
+        format!("splitos-bench/{parent_pid}/ping"),
+        format!("splitos-bench/{parent_pid}/pong"),
+    )
+}
+
+type IceResult<T> = Result<T, String>;
+
+fn ice<T, E: std::fmt::Debug>(r: Result<T, E>) -> IceResult<T> {
+    r.map_err(|e| format!("iceoryx2: {e:?}"))
+}
+
+fn iceoryx2_parent(peer: &mut Peer, iters: usize) -> Result<Vec<u64>, String> {
+    use iceoryx2::prelude::*;
+    let (ping, pong) = ice_names(std::process::id());
+    let node = ice(NodeBuilder::new().create::<ipc::Service>())?;
+    let ping_svc = ice(node
+        .service_builder(&ice(ping.as_str().try_into())?)
+        .publish_subscribe::<[u8; MSG]>()
+        .open_or_create())?;
+    let pong_svc = ice(node
+        .service_builder(&ice(pong.as_str().try_into())?)
+        .publish_subscribe::<[u8; MSG]>()
+        .open_or_create())?;
+    let publisher = ice(ping_svc.publisher_builder().create())?;
+    let subscriber = ice(pong_svc.subscriber_builder().create())?;
+    peer.ctl.write_all(b"G").map_err(|e| e.to_string())?;
+    peer.ready()?;
+    let start = Instant::now();
+    let mut payload = [7u8; MSG];
+    timed(iters, |i| {
+        payload[..8].copy_from_slice(&i.to_le_bytes());
+        let sample = ice(publisher.loan_uninit())?;
+        ice(sample.write_payload(payload).send())?;
+        let mut n = 0u32;
+        loop {
+            if let Some(s) = ice(subscriber.receive())? {
+                if s.payload()[..8] == i.to_le_bytes() {
+                    return Ok(());
+                }
+            }
+            n = n.wrapping_add(1);
+            if n % (1 << 16) == 0 && deadline_passed(start) {
+                return Err("iceoryx2 peer stopped answering".into());
+            }
+        }
+    })
+}
+
+fn iceoryx2_peer(ctl: &mut UnixStream, iters: usize) -> Result<(), String> {
+    use iceoryx2::prelude::*;
+    let mut go = [0u8; 1];
+    ctl.read_exact(&mut go).map_err(|e| e.to_string())?;
+    let parent = rustix::process::getppid().map_or(0, |p| p.as_raw_nonzero().get() as u32);
+    let (ping, pong) = ice_names(parent);
+    let node = ice(NodeBuilder::new().create::<ipc::Service>())?;
+    let ping_svc = ice(node
+        .service_builder(&ice(ping.as_str().try_into())?)
+        .publish_subscribe::<[u8; MSG]>()
+        .open_or_create())?;
+    let pong_svc = ice(node
+        .service_builder(&ice(pong.as_str().try_into())?)
+        .publish_subscribe::<[u8; MSG]>()
+        .open_or_create())?;
+    let subscriber = ice(ping_svc.subscriber_builder().create())?;
+    let publisher = ice(pong_svc.publisher_builder().create())?;
+    ctl.write_all(b"R").map_err(|e| e.to_string())?;
+    let start = Instant::now();
+    let mut done = 0;
+    let mut n = 0u32;
+    while done < iters {
+        if let Some(s) = ice(subscriber.receive())? {
+            let p = *s.payload();
+            drop(s);
+            let out = ice(publisher.loan_uninit())?;
+            ice(out.write_payload(p).send())?;
+            done += 1;
+        }
+        n = n.wrapping_add(1);
+        if n % (1 << 16) == 0 && deadline_passed(start) {
+            return Err("iceoryx2 parent stopped".into());
+        }
+    }
+    Ok(())
+}
+
+// ---- throughput ----
+
+fn record(seq: u64, len: usize) -> Vec<u8> {
+    let mut v = vec![(seq % 251) as u8; len];
+    v[..8].copy_from_slice(&seq.to_le_bytes());
+    v
+}
+
+fn seq_of(b: &[u8]) -> u64 {
+    let mut s = [0u8; 8];
+    s.copy_from_slice(&b[..8]);
+    u64::from_le_bytes(s)
+}
+
+/// Returns messages (or bytes) per second received by the parent.
+fn throughput_case(case: &str, dur: Duration) -> Result<f64, String> {
+    let mut peer = Peer::spawn(case, 0)?;
+    let mut expected = 0u64;
+    let check = |got: u64, expected: &mut u64| -> Result<(), String> {
+        if got != *expected {
+            return Err(format!("{case}: got message {got}, expected {}", *expected));
+        }
+        *expected += 1;
+        Ok(())
+    };
+    let rate = match case {
+        "m2m_64B" | "m2m_64KiB" => {
+            let listener = Listener::bind(peer.m2m_path(), ListenerConfig::default())
+                .map_err(|e| e.to_string())?;
+            peer.ctl.write_all(b"L").map_err(|e| e.to_string())?;
+            let mut ch = listener
+                .accept()
+                .and_then(|i| i.establish())
+                .map_err(|e| e.to_string())?;
+            ch.set_wait_policy(WaitPolicy::Poll);
+            let mut local = vec![0u8; BIG];
+            let mut err = None;
+            let start = Instant::now();
+            while start.elapsed() < dur {
+                let n = ch
+                    .recv_batch(usize::MAX, |m| {
+                        let got = match m {
+                            Message::Inline(b) => seq_of(b),
+                            Message::Buffer(rx) => {
+                                rx.copy_to(&mut local);
+                                seq_of(&local)
+                            }
+                        };
+                        if let Err(e) = check(got, &mut expected) {
+                            err.get_or_insert(e);
+                        }
+                    })
+                    .map_err(|e| e.to_string())?;
+                if n == 0 {
+                    ch.wait_readable(Some(Duration::from_millis(10)))
+                        .map_err(|e| e.to_string())?;
+                }
+            }
+            let secs = start.elapsed().as_secs_f64();
+            if let Some(e) = err {
+                return Err(e);
+            }
+            let unit = if case == "m2m_64B" { 1.0 } else { BIG as f64 };
+            expected as f64 * unit / secs
+        }
+        "unix_socket_64B" | "unix_socket_64KiB" => {
+            peer.ready()?;
+            let mut s = peer.ctl.try_clone().map_err(|e| e.to_string())?;
+            let rec = if case == "unix_socket_64B" { MSG } else { BIG };
+            let mut buf = vec![0u8; BIG.max(rec)];
+            let start = Instant::now();
+            if rec == MSG {
+                let mut carry = 0usize;
+                while start.elapsed() < dur {
+                    let n = s.read(&mut buf[carry..]).map_err(|e| e.to_string())?;
+                    if n == 0 {
+                        return Err("peer closed".into());
+                    }
+                    let have = carry + n;
+                    let whole = have / MSG * MSG;
+                    for r in buf[..whole].chunks(MSG) {
+                        check(seq_of(r), &mut expected)?;
+                    }
+                    buf.copy_within(whole..have, 0);
+                    carry = have - whole;
+                }
+            } else {
+                while start.elapsed() < dur {
+                    s.read_exact(&mut buf[..BIG]).map_err(|e| e.to_string())?;
+                    check(seq_of(&buf), &mut expected)?;
+                }
+            }
+            let secs = start.elapsed().as_secs_f64();
+            let unit = if rec == MSG { 1.0 } else { BIG as f64 };
+            expected as f64 * unit / secs
+        }
+        other => return Err(format!("unknown case {other}")),
+    };
+    drop(peer.ctl.shutdown(std::net::Shutdown::Both));
+    let _ = peer.finish();
+    Ok(rate)
+}
+
+// ---- the peer process ----
+
+pub fn peer_main(case: &str, dir: &Path, iters: usize) -> Result<(), String> {
+    iceoryx2::prelude::set_log_level(iceoryx2::prelude::LogLevel::Error);
+    if online_cpus() >= 2 {
+        pin(1);
+    }
+    let mut ctl =
+        UnixStream::connect(dir.join("ctl.sock")).map_err(|e| format!("peer: connecting: {e}"))?;
+    ctl.set_read_timeout(Some(CASE_DEADLINE))
+        .map_err(|e| e.to_string())?;
+    let start = Instant::now();
+    match case {
+        "cacheline" => {
+            let fds = recv_fds(ctl.as_fd())?;
+            let fd = fds.first().ok_or("no memfd")?;
+            let map = shared_lines(fd)?;
+            let (a, b) = (line(&map, 0), line(&map, 128));
+            for i in 1..=iters as u64 {
+                spin_until(a, i, start)?;
+                b.store(i, Ordering::Release);
+            }
+        }
+        "unix_socket" => {
+            ctl.write_all(b"R").map_err(|e| e.to_string())?;
+            let mut buf = [0u8; MSG];
+            for _ in 0..iters {
+                ctl.read_exact(&mut buf).map_err(|e| e.to_string())?;
+                ctl.write_all(&buf).map_err(|e| e.to_string())?;
+            }
+        }
+        "pipe" => {
+            let mut fds = recv_fds(ctl.as_fd())?.into_iter();
+            let (Some(r), Some(w)) = (fds.next(), fds.next()) else {
+                return Err("expected two pipe ends".into());
+            };
+            let (mut r, mut w) = (std::fs::File::from(r), std::fs::File::from(w));
+            let mut buf = [0u8; MSG];
+            for _ in 0..iters {
+                r.read_exact(&mut buf).map_err(|e| e.to_string())?;
+                w.write_all(&buf).map_err(|e| e.to_string())?;
+            }
+        }
+        "eventfd" => {
+            let mut fds = recv_fds(ctl.as_fd())?.into_iter();
+            let (Some(a), Some(b)) = (fds.next(), fds.next()) else {
+                return Err("expected two eventfds".into());
+            };
+            let mut v = [0u8; 8];
+            for _ in 0..iters {
+                rustix::io::read(&a, &mut v).map_err(|e| e.to_string())?;
+                rustix::io::write(&b, &1u64.to_ne_bytes()).map_err(|e| e.to_string())?;
+            }
+        }
+        "iceoryx2" => iceoryx2_peer(&mut ctl, iters)?,
+        "m2m_poll" | "m2m_adaptive" | "m2m_block" => {
+            let mut go = [0u8; 1];
+            ctl.read_exact(&mut go).map_err(|e| e.to_string())?;
+            let config = ChannelConfig {
+                wait: policy_of(case)?,
+                ..ChannelConfig::default()
+            };
+            let mut ch =
+                Channel::connect(dir.join("m2m.sock"), config).map_err(|e| e.to_string())?;
+            let mut buf = [0u8; MSG];
+            for _ in 0..iters {
+                match ch.recv().map_err(|e| e.to_string())? {
+                    Message::Inline(b) if b.len() == MSG => buf.copy_from_slice(b),
+                    _ => return Err("unexpected message".into()),
+                }
+                ch.send(&buf).map_err(|e| e.to_string())?;
+            }
+        }
+        "m2m_64B" | "m2m_64KiB" => {
+            let mut go = [0u8; 1];
+            ctl.read_exact(&mut go).map_err(|e| e.to_string())?;
+            let config = ChannelConfig {
+                wait: WaitPolicy::Poll,
+                ..ChannelConfig::default()
+            };
+            let mut ch =
+                Channel::connect(dir.join("m2m.sock"), config).map_err(|e| e.to_string())?;
+            let mut seq = 0u64;
+            let mut msg = record(0, if case == "m2m_64B" { MSG } else { BIG });
+            // Until the parent hangs up (PeerGone) or the deadline.
+            while !deadline_passed(start) {
+                let r: Result<(), splitos_m2m::Error> = if case == "m2m_64B" {
+                    let mut batch = ch.send_batch();
+                    let mut pushed = 0;
+                    loop {
+                        msg[..8].copy_from_slice(&seq.to_le_bytes());
+                        match batch.try_push(&msg) {
+                            Ok(true) => {
+                                seq += 1;
+                                pushed += 1;
+                            }
+                            Ok(false) => break,
+                            Err(e) => return peer_end(e),
+                        }
+                    }
+                    drop(batch);
+                    if pushed == 0 {
+                        ch.wait_writable(MSG, Some(Duration::from_millis(100)))
+                            .map(|_| ())
+                    } else {
+                        Ok(())
+                    }
+                } else {
+                    match ch.alloc_buffer_wait(Some(Duration::from_millis(100))) {
+                        Ok(Some(mut b)) => {
+                            msg[..8].copy_from_slice(&seq.to_le_bytes());
+                            b.write(0, &msg)
+                                .and_then(|_| ch.send_buffer(b, BIG))
+                                .map(|_| seq += 1)
+                        }
+                        Ok(None) => Ok(()),
+                        Err(e) => Err(e),
+                    }
+                };
+                if let Err(e) = r {
+                    return peer_end(e);
+                }
+            }
+        }
+        "unix_socket_64B" | "unix_socket_64KiB" => {
+            ctl.write_all(b"R").map_err(|e| e.to_string())?;
+            let len = if case == "unix_socket_64B" { MSG } else { BIG };
+            let mut msg = record(0, len);
+            let mut seq = 0u64;
+            while !deadline_passed(start) {
+                msg[..8].copy_from_slice(&seq.to_le_bytes());
+                // One write(2) per message: what a message-at-a-time user of a socket pays.
+                if ctl.write_all(&msg).is_err() {
+                    return Ok(()); // the parent hung up: done
+                }
+                seq += 1;
+            }
+        }
+        other => return Err(format!("unknown case {other}")),
+    }
+    Ok(())
+}
+
+/// The parent hanging up ends a throughput case normally.
+fn peer_end(e: splitos_m2m::Error) -> Result<(), String> {
+    match e {
+        splitos_m2m::Error::PeerGone => Ok(()),
+        other => Err(other.to_string()),
+    }
+}
+
+// ---- the suite ----
+
+pub fn run(opts: &Options) -> Report {
+    let plan = Plan::new(opts.quick);
+    let mut report = Report::new("m2m");
+    iceoryx2::prelude::set_log_level(iceoryx2::prelude::LogLevel::Error);
+    let pinned = online_cpus() >= 2 && pin(0);
+    if !pinned {
+        report.note("fewer than 2 CPUs: the two processes are not pinned");
+    } else {
+        report.note("parent pinned to CPU 0, peer to CPU 1");
+    }
+    // Spin cases are interleaved over several rounds so that a change in where the hypervisor
+    // places the two vCPUs affects every case alike; samples are pooled per case.
+    let spin_cases = ["cacheline", "m2m_poll", "m2m_adaptive", "iceoryx2"];
+    let block_cases = ["m2m_block", "unix_socket", "pipe", "eventfd"];
+    let mut pooled: Vec<(&str, Vec<u64>)> = Vec::new();
+    for round in 0..plan.rounds {
+        for case in spin_cases.iter().chain(block_cases.iter()) {
+            let is_block = block_cases.contains(case);
+            if is_block && round > 0 {
+                continue; // kernel wake-ups dominate these; one round is plenty
+            }
+            let iters = if is_block {
+                plan.block_iters
+            } else {
+                plan.spin_iters / plan.rounds
+            };
+            eprint!("m2m: {case} (round {}) ... ", round + 1);
+            match latency_case(case, iters) {
+                Ok(s) => {
+                    let (med, _) = one_way(s.clone());
+                    eprintln!("{med:.0} ns one-way");
+                    match pooled.iter_mut().find(|(n, _)| n == case) {
+                        Some((_, v)) => v.extend(s),
+                        None => pooled.push((case, s)),
+                    }
+                }
+                Err(e) => {
+                    eprintln!("FAILED: {e}");
+                    report.note(format!("{case} failed: {e}"));
+                }
+            }
+        }
+    }
+    for (case, s) in pooled {
+        let (med, p99) = one_way(s);
+        report.add(case, "one_way_ns", med);
+        report.add(case, "one_way_p99_ns", p99);
+    }
+    for case in [
+        "m2m_64B",
+        "unix_socket_64B",
+        "m2m_64KiB",
+        "unix_socket_64KiB",
+    ] {
+        eprint!("m2m: {case} ... ");
+        match throughput_case(case, plan.throughput) {
+            Ok(rate) => {
+                let metric = if case.ends_with("64B") {
+                    "msgs_per_s"
+                } else {
+                    "bytes_per_s"
+                };
+                eprintln!("{rate:.0} {metric}");
+                report.add(case, metric, rate);
+            }
+            Err(e) => {
+                eprintln!("FAILED: {e}");
+                report.note(format!("{case} failed: {e}"));
+            }
+        }
+    }
+    for name in [
+        "m2m_poll",
+        "m2m_adaptive",
+        "m2m_block",
+        "unix_socket",
+        "pipe",
+        "eventfd",
+        "iceoryx2",
+    ] {
+        report.ratio("one_way_ns", name, "cacheline");
+    }
+    report.ratio("one_way_ns", "m2m_poll", "iceoryx2");
+    report.ratio("one_way_ns", "m2m_adaptive", "m2m_poll");
+    report.ratio("msgs_per_s", "m2m_64B", "unix_socket_64B");
+    report.ratio("bytes_per_s", "m2m_64KiB", "unix_socket_64KiB");
+    report.target("one_way_ns", "m2m_poll", "cacheline", 1.5, true);
+    report.target("one_way_ns", "m2m_poll", "iceoryx2", 1.0, true);
+    report.target("one_way_ns", "m2m_adaptive", "m2m_poll", 1.5, true);
+    report.target("msgs_per_s", "m2m_64B", "unix_socket_64B", 20.0, false);
+    report.target("bytes_per_s", "m2m_64KiB", "unix_socket_64KiB", 3.0, false);
+    report
+}

@@ -1,0 +1,53 @@
+//! The Split-OS application library.
+//!
+//! Applications use [`net::TcpListener`] and [`net::TcpStream`] as they would `std::net`'s; the
+//! sockets live in the Split-OS TCP server, which does all protocol work on its own cores and
+//! talks to this process through shared memory, so reads and writes make no system call.
+//!
+//! Which server: the process's default [`Session`] connects to `$SPLITOS_SOCKET`, else to
+//! `$XDG_RUNTIME_DIR/splitos/tcp.sock`, else `/tmp/splitos-<uid>/tcp.sock` (where
+//! `splitos tcp-server` listens by default). With `SPLITOS_EMBEDDED=1`, or after
+//! [`embedded::start`], the server instead runs as threads inside this process — same code,
+//! same shared-memory path, no daemon needed.
+
+pub mod embedded;
+pub mod net;
+mod session;
+
+pub use session::{Session, SessionOptions};
+pub use splitos_m2m::WaitPolicy;
+
+use std::io;
+use std::sync::{Mutex, OnceLock};
+
+static DEFAULT: OnceLock<Mutex<Option<Session>>> = OnceLock::new();
+
+/// The process-wide session, created on first use.
+pub fn default_session() -> io::Result<Session> {
+    let cell = DEFAULT.get_or_init(|| Mutex::new(None));
+    let mut slot = cell
+        .lock()
+        .map_err(|_| io::Error::other("default session lock poisoned"))?;
+    if let Some(s) = slot.as_ref() {
+        return Ok(s.clone());
+    }
+    let s = if std::env::var_os("SPLITOS_EMBEDDED").is_some_and(|v| v == "1") {
+        embedded::start(embedded::Options::default())?.session()?
+    } else {
+        Session::connect(
+            splitos_tcp_server::default_socket_path(),
+            SessionOptions::default(),
+        )?
+    };
+    *slot = Some(s.clone());
+    Ok(s)
+}
+
+/// Makes `session` the default for `TcpListener::bind`/`TcpStream::connect`.
+pub fn set_default_session(session: Session) -> io::Result<()> {
+    let cell = DEFAULT.get_or_init(|| Mutex::new(None));
+    *cell
+        .lock()
+        .map_err(|_| io::Error::other("default session lock poisoned"))? = Some(session);
+    Ok(())
+}

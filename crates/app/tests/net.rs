@@ -1,0 +1,139 @@
+//! The library against real kernel clients: Rust std::net, curl and Python's socket module.
+
+use splitos::net::{TcpListener, TcpStream};
+use std::io::{Read, Write};
+use std::net::Shutdown;
+use std::time::Duration;
+
+fn session() -> splitos::Session {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    splitos::embedded::start(splitos::embedded::Options {
+        threads: 2,
+        wait: splitos::WaitPolicy::adaptive(),
+    })
+    .and_then(|e| e.session())
+    .expect("embedded server")
+}
+
+/// Echoes one connection until EOF, then shuts down writing.
+fn echo_conn(mut s: TcpStream) {
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if s.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = s.shutdown(Shutdown::Write);
+}
+
+fn echo_server(conns: usize) -> std::net::SocketAddr {
+    let l = TcpListener::bind_with(&session(), "127.0.0.1:0", Default::default()).unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for _ in 0..conns {
+            let Ok((s, _)) = l.accept() else { return };
+            std::thread::spawn(move || echo_conn(s));
+        }
+    });
+    addr
+}
+
+#[test]
+fn echo_with_a_std_client() {
+    let addr = echo_server(1);
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let msg: Vec<u8> = (0..200_000u32).map(|i| (i * 13) as u8).collect();
+    c.write_all(&msg).unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    let mut got = Vec::new();
+    c.read_to_end(&mut got).unwrap();
+    assert_eq!(got.len(), msg.len());
+    assert!(got == msg, "echo differs");
+}
+
+#[test]
+fn echo_with_python() {
+    let addr = echo_server(1);
+    let script = format!(
+        "import socket\ns=socket.create_connection(('127.0.0.1',{}),timeout=10)\nmsg=bytes(i%251 for i in range(300000))\ns.sendall(msg)\ns.shutdown(socket.SHUT_WR)\ngot=b''\nwhile True:\n    d=s.recv(65536)\n    if not d: break\n    got+=d\nassert got==msg, (len(got), len(msg))\nprint('ok', len(got))\n",
+        addr.port()
+    );
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(&script)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "python: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok 300000");
+}
+
+#[test]
+fn echo_with_curl() {
+    let addr = echo_server(1);
+    let mut child = std::process::Command::new("curl")
+        // curl's telnet mode never half-closes, so it ends at --max-time (exit 28) after
+        // printing the echo; the content is what is checked.
+        .args([
+            "-s",
+            "--max-time",
+            "2",
+            &format!("telnet://127.0.0.1:{}", addr.port()),
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"split-os says hello\n").unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "split-os says hello\n"
+    );
+}
+
+#[test]
+fn outbound_connect_and_errors() {
+    let s = session();
+    let target = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = target.local_addr().unwrap();
+    let mut c = TcpStream::connect_with(&s, addr).unwrap();
+    assert_eq!(c.peer_addr().unwrap(), addr);
+    let (mut t, from) = target.accept().unwrap();
+    assert_eq!(from, c.local_addr().unwrap());
+    c.write_all(b"ping").unwrap();
+    let mut b = [0u8; 4];
+    t.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"ping");
+    t.write_all(b"pong").unwrap();
+    c.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"pong");
+    c.set_nodelay(true).unwrap();
+    c.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+    let err = c.read(&mut b).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+    drop(t);
+    assert_eq!(c.read(&mut b).unwrap(), 0, "EOF after the peer closed");
+    drop(target);
+    let err = TcpStream::connect_with(&s, addr).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
+    let l = TcpListener::bind_with(&s, "127.0.0.1:0", Default::default()).unwrap();
+    let err = TcpListener::bind_with(&s, l.local_addr().unwrap(), Default::default())
+        .err()
+        .unwrap();
+    assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
+}

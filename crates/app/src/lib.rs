@@ -13,6 +13,8 @@
 pub mod embedded;
 pub mod net;
 mod session;
+#[cfg(feature = "tokio")]
+pub mod tokio;
 
 pub use session::{Session, SessionOptions};
 pub use splitos_m2m::WaitPolicy;

@@ -48,9 +48,9 @@ impl Default for ListenOptions {
 }
 
 pub struct TcpListener {
-    session: Session,
-    handle: Handle,
-    local: SocketAddr,
+    pub(crate) session: Session,
+    pub(crate) handle: Handle,
+    pub(crate) local: SocketAddr,
 }
 
 impl TcpListener {
@@ -135,11 +135,11 @@ impl Drop for TcpListener {
     }
 }
 
-struct StreamInner {
-    session: Session,
-    handle: Handle,
-    local: SocketAddr,
-    peer: SocketAddr,
+pub(crate) struct StreamInner {
+    pub(crate) session: Session,
+    pub(crate) handle: Handle,
+    pub(crate) local: SocketAddr,
+    pub(crate) peer: SocketAddr,
     read_timeout: Mutex<Option<Duration>>,
     write_timeout: Mutex<Option<Duration>>,
 }
@@ -161,7 +161,7 @@ impl Drop for StreamInner {
 /// A TCP connection owned by the Split-OS TCP server.
 #[derive(Clone)]
 pub struct TcpStream {
-    inner: Arc<StreamInner>,
+    pub(crate) inner: Arc<StreamInner>,
 }
 
 impl std::fmt::Debug for TcpStream {
@@ -178,7 +178,12 @@ fn deadline(t: &Mutex<Option<Duration>>) -> Option<Instant> {
 }
 
 impl TcpStream {
-    fn new(session: Session, handle: Handle, local: SocketAddr, peer: SocketAddr) -> TcpStream {
+    pub(crate) fn new(
+        session: Session,
+        handle: Handle,
+        local: SocketAddr,
+        peer: SocketAddr,
+    ) -> TcpStream {
         TcpStream {
             inner: Arc::new(StreamInner {
                 session,
@@ -288,21 +293,9 @@ impl TcpStream {
         }
         let h = self.inner.handle;
         let dl = deadline(&self.inner.read_timeout);
-        self.inner.session.wait_until(WaitKey::Socket(h), dl, |st| {
-            let Some(c) = st.conns.get(&h) else {
-                return Err(io::Error::from(io::ErrorKind::NotConnected));
-            };
-            if !c.rx.is_empty() {
-                return st.read_into(h, buf).map(Some);
-            }
-            if let Some(errno) = c.error {
-                return Err(io::Error::from_raw_os_error(errno));
-            }
-            if c.eof {
-                return Ok(Some(0));
-            }
-            Ok(None)
-        })
+        self.inner
+            .session
+            .wait_until(WaitKey::Socket(h), dl, |st| try_read(st, h, buf))
     }
 
     fn write_impl(&self, buf: &[u8]) -> io::Result<usize> {
@@ -311,45 +304,75 @@ impl TcpStream {
         }
         let h = self.inner.handle;
         let dl = deadline(&self.inner.write_timeout);
-        self.inner.session.wait_until(WaitKey::Socket(h), dl, |st| {
-            let max_inline = st.chan.max_message_len() - Request::SEND_HEADER;
-            let Some(c) = st.conns.get(&h) else {
-                return Err(io::Error::from(io::ErrorKind::NotConnected));
-            };
-            if let Some(errno) = c.error {
-                return Err(io::Error::from_raw_os_error(errno));
-            }
-            let room = SEND_WINDOW as u64 - c.unconfirmed.min(SEND_WINDOW as u64);
-            if room == 0 {
-                return Ok(None);
-            }
-            let mut n = buf.len().min(room as usize);
-            if n >= BUFFER_WRITE_MIN {
-                let alloc = st.chan.alloc_buffer().map_err(|e| st.fail(e))?;
-                if let Some(mut b) = alloc {
-                    n = n.min(b.capacity());
-                    b.write(0, &buf[..n]).map_err(|e| st.fail(e))?;
-                    let meta = BufferMeta::Send(h).encode();
-                    st.chan
-                        .send_buffer_with(b, n, &meta)
-                        .map_err(|e| st.fail(e))?;
-                    if let Some(c) = st.conns.get_mut(&h) {
-                        c.unconfirmed += n as u64;
-                    }
-                    return Ok(Some(n));
-                }
-            }
-            n = n.min(max_inline);
-            st.request(Request::Send {
-                handle: h,
-                data: &buf[..n],
-            })?;
+        self.inner
+            .session
+            .wait_until(WaitKey::Socket(h), dl, |st| try_write(st, h, buf))
+    }
+}
+
+/// Hands as much of `buf` to the server as the send window allows; `None` if it is full.
+pub(crate) fn try_write(
+    st: &mut crate::session::State,
+    h: Handle,
+    buf: &[u8],
+) -> io::Result<Option<usize>> {
+    let max_inline = st.chan.max_message_len() - Request::SEND_HEADER;
+    let Some(c) = st.conns.get(&h) else {
+        return Err(io::Error::from(io::ErrorKind::NotConnected));
+    };
+    if let Some(errno) = c.error {
+        return Err(io::Error::from_raw_os_error(errno));
+    }
+    let room = SEND_WINDOW as u64 - c.unconfirmed.min(SEND_WINDOW as u64);
+    if room == 0 {
+        return Ok(None);
+    }
+    let mut n = buf.len().min(room as usize);
+    if n >= BUFFER_WRITE_MIN {
+        let alloc = st.chan.alloc_buffer().map_err(|e| st.fail(e))?;
+        if let Some(mut b) = alloc {
+            n = n.min(b.capacity());
+            b.write(0, &buf[..n]).map_err(|e| st.fail(e))?;
+            let meta = BufferMeta::Send(h).encode();
+            st.chan
+                .send_buffer_with(b, n, &meta)
+                .map_err(|e| st.fail(e))?;
             if let Some(c) = st.conns.get_mut(&h) {
                 c.unconfirmed += n as u64;
             }
-            Ok(Some(n))
-        })
+            return Ok(Some(n));
+        }
     }
+    n = n.min(max_inline);
+    st.request(Request::Send {
+        handle: h,
+        data: &buf[..n],
+    })?;
+    if let Some(c) = st.conns.get_mut(&h) {
+        c.unconfirmed += n as u64;
+    }
+    Ok(Some(n))
+}
+
+/// Takes received bytes of `h` if there are any; `Some(0)` at EOF; `None` if nothing yet.
+pub(crate) fn try_read(
+    st: &mut crate::session::State,
+    h: Handle,
+    buf: &mut [u8],
+) -> io::Result<Option<usize>> {
+    let Some(c) = st.conns.get(&h) else {
+        return Err(io::Error::from(io::ErrorKind::NotConnected));
+    };
+    if !c.rx.is_empty() {
+        return st.read_into(h, buf).map(Some);
+    }
+    if let Some(errno) = c.error {
+        return Err(io::Error::from_raw_os_error(errno));
+    }
+    if c.eof {
+        return Ok(Some(0));
+    }
+    Ok(None)
 }
 
 impl Read for TcpStream {

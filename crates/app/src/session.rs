@@ -109,6 +109,11 @@ pub(crate) struct State {
     leader: bool,
     /// Condition variables of what threads are waiting for, notified when the pump touches it.
     waiting: HashMap<WaitKey, (Arc<Condvar>, usize)>,
+    /// Tasks of the tokio flavour waiting for a key; woken like the condition variables.
+    pub(crate) wakers: HashMap<WaitKey, Vec<std::task::Waker>>,
+    /// Whether the tokio driver task of this session is running.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) driver: bool,
     touched: Vec<WaitKey>,
 }
 
@@ -119,7 +124,8 @@ pub(crate) enum WaitKey {
     Reply(u32),
 }
 
-pub(crate) struct Shared {
+#[doc(hidden)]
+pub struct Shared {
     state: Mutex<State>,
     wait_fd: OwnedFd,
     policy: WaitPolicy,
@@ -179,6 +185,8 @@ impl Session {
             out: Vec::with_capacity(256),
             leader: false,
             waiting: HashMap::new(),
+            wakers: HashMap::new(),
+            driver: false,
             touched: Vec::new(),
         };
         let mut name = options.name.into_bytes();
@@ -194,6 +202,41 @@ impl Session {
                 policy: options.wait,
             }),
         })
+    }
+
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) fn weak(&self) -> std::sync::Weak<Shared> {
+        Arc::downgrade(&self.shared)
+    }
+
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) fn from_shared(shared: Arc<Shared>) -> Session {
+        Session { shared }
+    }
+
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) fn dup_wait_fd(&self) -> io::Result<OwnedFd> {
+        use std::os::fd::AsFd;
+        self.shared.wait_fd.as_fd().try_clone_to_owned()
+    }
+
+    /// Sends a request with a fresh id without waiting; the reply is taken with
+    /// [`State::take_reply`].
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) fn start_call(
+        &self,
+        creates: Creates,
+        make: impl FnOnce(u32) -> Request<'static>,
+    ) -> io::Result<u32> {
+        let mut st = self.lock()?;
+        st.next_req = st.next_req.wrapping_add(1);
+        let req = st.next_req;
+        st.pending.insert(req, creates);
+        if let Err(e) = st.request(make(req)) {
+            st.pending.remove(&req);
+            return Err(e);
+        }
+        Ok(req)
     }
 
     pub(crate) fn lock(&self) -> io::Result<MutexGuard<'_, State>> {
@@ -317,17 +360,47 @@ impl Session {
 }
 
 impl State {
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) fn take_reply(
+        &mut self,
+        req: u32,
+    ) -> Option<io::Result<(Handle, SocketAddr, SocketAddr)>> {
+        self.replies.remove(&req).map(|r| match r {
+            Reply::Done(h, l, p) => Ok((h, l, p)),
+            Reply::Failed(errno) => Err(io::Error::from_raw_os_error(errno)),
+        })
+    }
+
     fn touch(&mut self, key: WaitKey) {
-        if !self.waiting.is_empty() {
+        if !self.waiting.is_empty() || !self.wakers.is_empty() {
             self.touched.push(key);
         }
     }
 
-    fn notify_touched(&mut self) {
-        for key in self.touched.drain(..) {
+    pub(crate) fn notify_touched(&mut self) {
+        for key in std::mem::take(&mut self.touched) {
             if let Some((cv, _)) = self.waiting.get(&key) {
                 cv.notify_all();
             }
+            if let Some(ws) = self.wakers.remove(&key) {
+                ws.into_iter().for_each(|w| w.wake());
+            }
+        }
+    }
+
+    /// Wakes every waiting task (the session failed: they must see the error).
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) fn wake_all_tasks(&mut self) {
+        for (_, ws) in self.wakers.drain() {
+            ws.into_iter().for_each(|w| w.wake());
+        }
+    }
+
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) fn register_waker(&mut self, key: WaitKey, w: &std::task::Waker) {
+        let v = self.wakers.entry(key).or_default();
+        if !v.iter().any(|x| x.will_wake(w)) {
+            v.push(w.clone());
         }
     }
 
@@ -369,29 +442,29 @@ impl State {
         self.check_alive()?;
         let mut total = 0;
         loop {
-            let mut datas: Vec<(Handle, Chunk)> = Vec::new();
-            let mut other: Vec<OwnedEvent> = Vec::new();
+            // In arrival order: data for a connection may follow its Accepted in one batch.
+            let mut items: Vec<Item> = Vec::new();
             let n = self
                 .chan
                 .recv_batch(256, |m| match m {
                     Message::Inline(b) => match Event::decode(b) {
                         Ok(Event::Data { handle, data }) => {
-                            datas.push((handle, Chunk::Bytes(data.to_vec(), 0)))
+                            items.push(Item::Data(handle, Chunk::Bytes(data.to_vec(), 0)))
                         }
-                        Ok(ev) => other.extend(OwnedEvent::of(ev)),
+                        Ok(ev) => items.extend(OwnedEvent::of(ev).map(Item::Event)),
                         Err(e) => tracing::warn!("undecodable event from the TCP server: {e}"),
                     },
                     Message::Buffer(rx) => match BufferMeta::decode(rx.meta()) {
-                        Ok(BufferMeta::Data(h)) => datas.push((h, Chunk::Buf(rx, 0))),
+                        Ok(BufferMeta::Data(h)) => items.push(Item::Data(h, Chunk::Buf(rx, 0))),
                         _ => tracing::warn!("buffer without a data header from the TCP server"),
                     },
                 })
                 .map_err(|e| self.fail(e))?;
-            for (h, chunk) in datas {
-                self.deliver(h, chunk);
-            }
-            for ev in other {
-                self.apply(ev)?;
+            for item in items {
+                match item {
+                    Item::Data(h, chunk) => self.deliver(h, chunk),
+                    Item::Event(ev) => self.apply(ev)?,
+                }
             }
             total += n;
             if n < 256 {
@@ -514,6 +587,11 @@ impl State {
         }
         Ok(n)
     }
+}
+
+enum Item {
+    Data(Handle, Chunk),
+    Event(OwnedEvent),
 }
 
 /// An event with its borrowed parts copied, so it outlives the ring record.

@@ -508,15 +508,26 @@ fn kill_9_of_an_application_releases_everything() {
             c.read_exact(&mut b).unwrap();
             assert_eq!(&b, b"ping");
         }
+        // Kill it mid-transfer: every connection has 64 KiB on its way through the server.
+        let chunk = vec![5u8; 64 << 10];
+        for c in &mut conns {
+            c.set_write_timeout(Some(T)).unwrap();
+            c.write_all(&chunk).unwrap();
+        }
         child.kill().unwrap();
         child.wait().unwrap();
-        // Every connection of the dead application is closed by the server.
+        // Every connection of the dead application is closed by the server (after whatever
+        // echo was already on its way).
         for c in &mut conns {
-            let mut b = [0u8; 1];
-            assert!(
-                matches!(c.read(&mut b), Ok(0) | Err(_)),
-                "connection left open"
-            );
+            let mut b = vec![0u8; 64 << 10];
+            let mut drained = 0usize;
+            loop {
+                match c.read(&mut b) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => drained += n,
+                }
+                assert!(drained <= 64 << 10, "more bytes than were sent");
+            }
         }
         // Its listening port is released (nothing accepts there any more).
         let deadline = Instant::now() + T;

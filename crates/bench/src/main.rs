@@ -70,6 +70,13 @@ enum Suite {
         wait: String,
     },
     #[command(hide = true)]
+    EchoIdle {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long)]
+        conns: usize,
+    },
+    #[command(hide = true)]
     EchoClient {
         #[arg(long)]
         addr: SocketAddr,
@@ -111,6 +118,7 @@ fn main() -> ExitCode {
         }
         Suite::M2mPeer { case, dir, iters } => m2m_suite::peer_main(&case, &dir, iters),
         Suite::EchoServer { kind, socket, wait } => echo::server_main(&kind, socket, &wait),
+        Suite::EchoIdle { addr, conns } => echo::idle_client_main(addr, conns),
         Suite::EchoClient {
             addr,
             conns,

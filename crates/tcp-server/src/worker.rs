@@ -106,6 +106,8 @@ enum Recv {
 
 struct Conn {
     sendq: VecDeque<Chunk>,
+    /// Bytes sent by the kernel and not yet reported with `Sent`.
+    unreported: u64,
     /// Bytes accepted from the application and not yet confirmed with `Sent`.
     unsent: u64,
     send_inflight: bool,
@@ -162,6 +164,8 @@ pub(crate) struct Worker {
     ev: Vec<u8>,
     starved: Vec<u32>,
     accept_retry: Vec<u32>,
+    /// Emptied send buffers kept for reuse, so small sends do not allocate.
+    spare: Vec<Vec<u8>>,
     next_housekeeping: Instant,
     pub(crate) busy: Duration,
 }
@@ -206,6 +210,7 @@ impl Worker {
             ev: Vec::with_capacity(8 << 10),
             starved: Vec::new(),
             accept_retry: Vec::new(),
+            spare: Vec::new(),
             next_housekeeping: Instant::now(),
             busy: Duration::ZERO,
         })
@@ -909,6 +914,7 @@ impl Worker {
             self.bad_handle(si, handle);
             return;
         };
+        let mut spare = self.spare.pop();
         let Some(c) = self.conn_mut(slot) else {
             self.bad_handle(si, handle);
             return;
@@ -934,10 +940,14 @@ impl Worker {
             Some(Chunk::Inline { data: tail, .. }) if !busy_front && tail.len() < 64 << 10 => {
                 tail.extend_from_slice(data)
             }
-            _ => c.sendq.push_back(Chunk::Inline {
-                data: data.to_vec(),
-                off: 0,
-            }),
+            _ => {
+                let mut v = spare.take().unwrap_or_default();
+                v.extend_from_slice(data);
+                c.sendq.push_back(Chunk::Inline { data: v, off: 0 });
+            }
+        }
+        if let Some(v) = spare {
+            self.spare.push(v);
         }
         self.start_send(slot);
     }
@@ -1041,8 +1051,8 @@ impl Worker {
             return;
         }
         let mut n = res as usize;
-        let sent = n as u32;
-        c.unsent = c.unsent.saturating_sub(n as u64);
+        let sent = n as u64;
+        c.unsent = c.unsent.saturating_sub(sent);
         while n > 0 {
             let Some(front) = c.sendq.front_mut() else {
                 break;
@@ -1053,19 +1063,29 @@ impl Worker {
             }
             n -= take;
             if front.remaining() == 0 {
-                c.sendq.pop_front();
+                if let Some(Chunk::Inline { data, .. }) = c.sendq.pop_front() {
+                    recycle(&mut self.spare, data);
+                }
             }
         }
+        // Send credit goes back in quarter-window steps, not per send: the application needs
+        // it only before its window fills, and a Sent per small write would double the events.
+        c.unreported += sent;
+        let report = if c.unreported >= SEND_WINDOW as u64 / 4 {
+            Some(std::mem::take(&mut c.unreported))
+        } else {
+            None
+        };
         if let Some(s) = self.session(si) {
-            s.bytes_out += sent as u64;
+            s.bytes_out += sent;
         }
-        if !closing && sent > 0 {
+        if let (false, Some(bytes)) = (closing, report) {
             let handle = self.handle(slot);
             self.emit(
                 si,
                 Event::Sent {
                     handle,
-                    bytes: sent,
+                    bytes: bytes as u32,
                 },
             );
         }
@@ -1691,9 +1711,18 @@ impl Worker {
     }
 }
 
+/// Keeps an emptied send buffer for reuse (a bounded number, of bounded size).
+fn recycle(spare: &mut Vec<Vec<u8>>, mut v: Vec<u8>) {
+    if spare.len() < 1024 && v.capacity() <= 64 << 10 {
+        v.clear();
+        spare.push(v);
+    }
+}
+
 fn new_conn() -> Conn {
     Conn {
         sendq: VecDeque::new(),
+        unreported: 0,
         unsent: 0,
         send_inflight: false,
         recv: Recv::Idle,

@@ -181,7 +181,10 @@ fn run_case(
         return Err(format!("malformed client result {line:?}"));
     };
     let cpu = (cpu1 - cpu0).max(1e-9);
-    drop(procs);
+    // Applications before the server they use, so none sees its server vanish.
+    while let Some(p) = procs.pop() {
+        drop(p);
+    }
     Ok(CaseResult {
         name,
         req_per_s: requests / elapsed_s,
@@ -190,6 +193,78 @@ fn run_case(
         p99_us: p99,
         cpu_s: cpu,
     })
+}
+
+/// Resident memory of a process, from /proc.
+fn rss_bytes(pid: u32) -> Result<u64, String> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| e.to_string())?;
+    s.lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .ok_or_else(|| "no VmRSS".to_string())
+}
+
+/// Raises the open-file limit to its hard maximum (idle-connection runs need many fds).
+pub fn raise_fd_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut l = getrlimit(Resource::Nofile);
+    l.current = l.maximum;
+    let _ = setrlimit(Resource::Nofile, l);
+}
+
+/// Memory the Split-OS TCP server holds per idle connection: its RSS with `n` idle
+/// connections open, minus its RSS before, over `n`.
+fn idle_memory(opts: &Options, tmp: &std::path::Path, n: usize) -> Result<f64, String> {
+    let sock = tmp.join("idle.sock");
+    let sock_s = sock.to_string_lossy().to_string();
+    let (tcp, mut out) = spawn(&[
+        "echo-server",
+        "--kind",
+        "split-tcp",
+        "--socket",
+        &sock_s,
+        "--wait",
+        &opts.wait,
+    ])?;
+    wait_line(&mut out, "READY")?;
+    let (app, mut out) = spawn(&[
+        "echo-server",
+        "--kind",
+        "split-app",
+        "--socket",
+        &sock_s,
+        "--wait",
+        &opts.wait,
+    ])?;
+    let addr = wait_line(&mut out, "LISTENING")?;
+    std::thread::sleep(Duration::from_millis(300));
+    let before = rss_bytes(tcp.child.id())?;
+    let (client, mut out) = spawn(&["echo-idle", "--addr", &addr, "--conns", &n.to_string()])?;
+    wait_line(&mut out, "OPEN")?;
+    std::thread::sleep(Duration::from_millis(500));
+    let after = rss_bytes(tcp.child.id())?;
+    drop(client);
+    drop(app);
+    drop(tcp);
+    Ok(after.saturating_sub(before) as f64 / n as f64)
+}
+
+/// Opens `n` connections, says OPEN, and holds them until stdin closes.
+pub fn idle_client_main(addr: SocketAddr, n: usize) -> Result<(), String> {
+    raise_fd_limit();
+    let mut conns = Vec::with_capacity(n);
+    for i in 0..n {
+        conns.push(std::net::TcpStream::connect(addr).map_err(|e| format!("connection {i}: {e}"))?);
+    }
+    println!("OPEN");
+    let _ = std::io::stdout().flush();
+    let stop = servers::stop_flag();
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
 }
 
 /// Runs every case; a failed case is reported and skipped.
@@ -239,6 +314,7 @@ pub fn client_main(
 }
 
 pub fn server_main(kind: &str, socket: Option<PathBuf>, wait: &str) -> Result<(), String> {
+    raise_fd_limit();
     let stop = servers::stop_flag();
     let wait: splitos_m2m::WaitPolicy = wait.parse()?;
     let r = match (kind, socket) {
@@ -267,6 +343,22 @@ pub fn report(opts: &Options) -> crate::report::Report {
             r.ratio(m, name, "epoll");
         }
     }
+    let n = if opts.quick { 2_000 } else { 10_000 };
+    let tmp = std::env::temp_dir().join(format!("splitos-bench-idle-{}", std::process::id()));
+    let _ = std::fs::create_dir_all(&tmp);
+    eprint!("echo: TCP server memory with {n} idle connections ... ");
+    match idle_memory(opts, &tmp, n) {
+        Ok(b) => {
+            eprintln!("{b:.0} bytes per connection");
+            r.add("split", "idle_conn_bytes", b);
+            r.note(format!("idle_conn_bytes: TCP server RSS growth with {n} idle connections, per connection (kernel socket memory not included)"));
+        }
+        Err(e) => {
+            eprintln!("FAILED: {e}");
+            r.note(format!("idle memory failed: {e}"));
+        }
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
     r.target("req_per_cpu_s", "split", "epoll", 1.3, false);
     r.target("req_per_s", "split", "epoll", 1.0, false);
     r.note(format!(

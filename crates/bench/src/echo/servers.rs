@@ -320,11 +320,17 @@ pub fn split_app(
     }
     .encode(&mut out);
     chan.send(&out).map_err(err)?;
-    // (handle, bytes) to echo, collected while draining, sent after.
-    let mut replies: Vec<(Handle, Vec<u8>)> = Vec::new();
-    let mut closes: Vec<Handle> = Vec::new();
+    // Replies are encoded into one arena while the events are drained, then published in
+    // ring-sized batches: one wake-up check per batch, no allocation per request.
+    let mut reqs: Vec<u8> = Vec::with_capacity(1 << 20);
+    let mut spans: Vec<(usize, usize)> = Vec::new();
     let mut unacked: HashMap<Handle, u32> = HashMap::new();
     const ACK_EVERY: u32 = 64 << 10;
+    let push = |reqs: &mut Vec<u8>, spans: &mut Vec<(usize, usize)>, r: Request<'_>| {
+        let start = reqs.len();
+        r.encode(reqs);
+        spans.push((start, reqs.len()));
+    };
     while !stop.load(Ordering::Relaxed) {
         if !chan
             .wait_readable(Some(Duration::from_millis(100)))
@@ -333,60 +339,85 @@ pub fn split_app(
             continue;
         }
         let mut failure = None;
-        chan.recv_batch(1024, |m| match m {
-            Message::Inline(b) => match Event::decode(b) {
-                Ok(Event::Done { local, .. }) => {
-                    if local.port() != 0 {
-                        announce(local);
+        reqs.clear();
+        spans.clear();
+        chan.recv_batch(1024, |m| {
+            let (h, data): (Handle, &[u8]);
+            let copied;
+            match m {
+                Message::Inline(b) => match Event::decode(b) {
+                    Ok(Event::Data { handle, data: d }) => {
+                        for part in d.chunks(32 << 10) {
+                            push(&mut reqs, &mut spans, Request::Send { handle, data: part });
+                        }
+                        h = handle;
+                        data = d;
                     }
+                    Ok(Event::Done { local, .. }) => {
+                        if local.port() != 0 {
+                            announce(local);
+                        }
+                        return;
+                    }
+                    Ok(Event::Eof { handle }) => {
+                        unacked.remove(&handle);
+                        push(&mut reqs, &mut spans, Request::Close { handle });
+                        return;
+                    }
+                    Ok(Event::Failed { errno, .. }) => {
+                        failure = Some(io::Error::from_raw_os_error(errno));
+                        return;
+                    }
+                    Ok(_) => return,
+                    Err(e) => {
+                        failure = Some(io::Error::other(e.to_string()));
+                        return;
+                    }
+                },
+                Message::Buffer(rx) => {
+                    let Ok(BufferMeta::Data(handle)) = BufferMeta::decode(rx.meta()) else {
+                        return;
+                    };
+                    copied = rx.to_vec();
+                    for part in copied.chunks(32 << 10) {
+                        push(&mut reqs, &mut spans, Request::Send { handle, data: part });
+                    }
+                    h = handle;
+                    data = &copied;
                 }
-                Ok(Event::Data { handle, data }) => replies.push((handle, data.to_vec())),
-                Ok(Event::Eof { handle }) => closes.push(handle),
-                Ok(Event::Failed { errno, .. }) => {
-                    failure = Some(io::Error::from_raw_os_error(errno))
-                }
-                Ok(_) => {}
-                Err(e) => failure = Some(io::Error::other(e.to_string())),
-            },
-            Message::Buffer(rx) => {
-                if let Ok(BufferMeta::Data(h)) = BufferMeta::decode(rx.meta()) {
-                    replies.push((h, rx.to_vec()));
-                }
+            }
+            let u = unacked.entry(h).or_insert(0);
+            *u += data.len() as u32;
+            if *u >= ACK_EVERY {
+                push(
+                    &mut reqs,
+                    &mut spans,
+                    Request::Consumed {
+                        handle: h,
+                        bytes: *u,
+                    },
+                );
+                *u = 0;
             }
         })
         .map_err(err)?;
         if let Some(e) = failure {
             return Err(e);
         }
-        for (h, data) in replies.drain(..) {
-            let n = data.len() as u32;
-            for part in data.chunks(32 << 10) {
-                out.clear();
-                Request::Send {
-                    handle: h,
-                    data: part,
+        let mut next = 0;
+        while next < spans.len() {
+            let mut batch = chan.send_batch();
+            while let Some(&(a, b)) = spans.get(next) {
+                if !batch.try_push(&reqs[a..b]).map_err(err)? {
+                    break;
                 }
-                .encode(&mut out);
-                chan.send(&out).map_err(err)?;
+                next += 1;
             }
-            let u = unacked.entry(h).or_insert(0);
-            *u += n;
-            if *u >= ACK_EVERY {
-                out.clear();
-                Request::Consumed {
-                    handle: h,
-                    bytes: *u,
-                }
-                .encode(&mut out);
-                chan.send(&out).map_err(err)?;
-                *u = 0;
+            drop(batch);
+            if let Some(&(a, b)) = spans.get(next) {
+                chan.wait_writable(b - a, Some(Duration::from_secs(1)))
+                    .map_err(err)?;
             }
-        }
-        for h in closes.drain(..) {
-            unacked.remove(&h);
-            out.clear();
-            Request::Close { handle: h }.encode(&mut out);
-            chan.send(&out).map_err(err)?;
         }
     }
     Ok(())

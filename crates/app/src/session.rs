@@ -222,7 +222,6 @@ impl Session {
 
     /// Sends a request with a fresh id without waiting; the reply is taken with
     /// [`State::take_reply`].
-    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
     pub(crate) fn start_call(
         &self,
         creates: Creates,
@@ -252,21 +251,10 @@ impl Session {
         creates: Creates,
         make: impl FnOnce(u32) -> Request<'static>,
     ) -> io::Result<(Handle, SocketAddr, SocketAddr)> {
-        let req = {
-            let mut st = self.lock()?;
-            st.next_req = st.next_req.wrapping_add(1);
-            let req = st.next_req;
-            st.pending.insert(req, creates);
-            if let Err(e) = st.request(make(req)) {
-                st.pending.remove(&req);
-                return Err(e);
-            }
-            req
-        };
-        match self.wait_until(WaitKey::Reply(req), None, |st| Ok(st.replies.remove(&req)))? {
-            Reply::Done(h, local, peer) => Ok((h, local, peer)),
-            Reply::Failed(errno) => Err(io::Error::from_raw_os_error(errno)),
-        }
+        let req = self.start_call(creates, make)?;
+        self.wait_until(WaitKey::Reply(req), None, |st| {
+            st.take_reply(req).transpose()
+        })
     }
 
     /// Runs `f` on the drained state until it yields a value, waiting per the wait policy.
@@ -360,7 +348,6 @@ impl Session {
 }
 
 impl State {
-    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
     pub(crate) fn take_reply(
         &mut self,
         req: u32,

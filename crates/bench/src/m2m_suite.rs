@@ -287,20 +287,32 @@ fn ice<T, E: std::fmt::Debug>(r: Result<T, E>) -> IceResult<T> {
     r.map_err(|e| format!("iceoryx2: {e:?}"))
 }
 
-fn iceoryx2_parent(peer: &mut Peer, iters: usize) -> Result<Vec<u64>, String> {
+type IcePorts = (
+    iceoryx2::node::Node<iceoryx2::service::ipc::Service>,
+    iceoryx2::port::publisher::Publisher<iceoryx2::service::ipc::Service, [u8; MSG], ()>,
+    iceoryx2::port::subscriber::Subscriber<iceoryx2::service::ipc::Service, [u8; MSG], ()>,
+);
+
+/// The node and the two ports of one side: the parent publishes on "ping" and subscribes to
+/// "pong", the peer the other way round.
+fn ice_ports(parent_pid: u32, parent: bool) -> IceResult<IcePorts> {
     use iceoryx2::prelude::*;
-    let (ping, pong) = ice_names(std::process::id());
+    let (ping, pong) = ice_names(parent_pid);
+    let (out, inn) = if parent { (ping, pong) } else { (pong, ping) };
     let node = ice(NodeBuilder::new().create::<ipc::Service>())?;
-    let ping_svc = ice(node
-        .service_builder(&ice(ping.as_str().try_into())?)
-        .publish_subscribe::<[u8; MSG]>()
-        .open_or_create())?;
-    let pong_svc = ice(node
-        .service_builder(&ice(pong.as_str().try_into())?)
-        .publish_subscribe::<[u8; MSG]>()
-        .open_or_create())?;
-    let publisher = ice(ping_svc.publisher_builder().create())?;
-    let subscriber = ice(pong_svc.subscriber_builder().create())?;
+    let service = |name: &str| {
+        ice(node
+            .service_builder(&ice(name.try_into())?)
+            .publish_subscribe::<[u8; MSG]>()
+            .open_or_create())
+    };
+    let publisher = ice(service(&out)?.publisher_builder().create())?;
+    let subscriber = ice(service(&inn)?.subscriber_builder().create())?;
+    Ok((node, publisher, subscriber))
+}
+
+fn iceoryx2_parent(peer: &mut Peer, iters: usize) -> Result<Vec<u64>, String> {
+    let (_node, publisher, subscriber) = ice_ports(std::process::id(), true)?;
     peer.ctl.write_all(b"G").map_err(|e| e.to_string())?;
     peer.ready()?;
     let start = Instant::now();
@@ -325,22 +337,10 @@ fn iceoryx2_parent(peer: &mut Peer, iters: usize) -> Result<Vec<u64>, String> {
 }
 
 fn iceoryx2_peer(ctl: &mut UnixStream, iters: usize) -> Result<(), String> {
-    use iceoryx2::prelude::*;
     let mut go = [0u8; 1];
     ctl.read_exact(&mut go).map_err(|e| e.to_string())?;
     let parent = rustix::process::getppid().map_or(0, |p| p.as_raw_nonzero().get() as u32);
-    let (ping, pong) = ice_names(parent);
-    let node = ice(NodeBuilder::new().create::<ipc::Service>())?;
-    let ping_svc = ice(node
-        .service_builder(&ice(ping.as_str().try_into())?)
-        .publish_subscribe::<[u8; MSG]>()
-        .open_or_create())?;
-    let pong_svc = ice(node
-        .service_builder(&ice(pong.as_str().try_into())?)
-        .publish_subscribe::<[u8; MSG]>()
-        .open_or_create())?;
-    let subscriber = ice(ping_svc.subscriber_builder().create())?;
-    let publisher = ice(pong_svc.publisher_builder().create())?;
+    let (_node, publisher, subscriber) = ice_ports(parent, false)?;
     ctl.write_all(b"R").map_err(|e| e.to_string())?;
     let start = Instant::now();
     let mut done = 0;

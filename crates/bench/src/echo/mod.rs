@@ -92,6 +92,32 @@ fn wait_line(out: &mut BufReader<ChildStdout>, prefix: &str) -> Result<String, S
     }
 }
 
+/// Starts the Split-OS pair: the TCP server process, then the echo application on it.
+fn spawn_split(
+    opts: &Options,
+    sock: &std::path::Path,
+) -> Result<(ServerProc, ServerProc, SocketAddr), String> {
+    let sock_s = sock.to_string_lossy().to_string();
+    let args = |kind| {
+        [
+            "echo-server",
+            "--kind",
+            kind,
+            "--socket",
+            &sock_s,
+            "--wait",
+            &opts.wait,
+        ]
+    };
+    let (tcp, mut out) = spawn(&args("split-tcp"))?;
+    wait_line(&mut out, "READY")?;
+    let (app, mut out) = spawn(&args("split-app"))?;
+    let addr = wait_line(&mut out, "LISTENING")?
+        .parse()
+        .map_err(|e| format!("bad address: {e}"))?;
+    Ok((tcp, app, addr))
+}
+
 fn run_case(
     name: &'static str,
     opts: &Options,
@@ -99,32 +125,10 @@ fn run_case(
 ) -> Result<CaseResult, String> {
     let mut procs = Vec::new();
     let addr: SocketAddr = if name == "split" {
-        let sock = tmp.join("tcp.sock");
-        let sock_s = sock.to_string_lossy().to_string();
-        let (p, mut out) = spawn(&[
-            "echo-server",
-            "--kind",
-            "split-tcp",
-            "--socket",
-            &sock_s,
-            "--wait",
-            &opts.wait,
-        ])?;
-        procs.push(p);
-        wait_line(&mut out, "READY")?;
-        let (p, mut out) = spawn(&[
-            "echo-server",
-            "--kind",
-            "split-app",
-            "--socket",
-            &sock_s,
-            "--wait",
-            &opts.wait,
-        ])?;
-        procs.push(p);
-        wait_line(&mut out, "LISTENING")?
-            .parse()
-            .map_err(|e| format!("bad address: {e}"))?
+        let (tcp, app, addr) = spawn_split(opts, &tmp.join("tcp.sock"))?;
+        procs.push(tcp);
+        procs.push(app);
+        addr
     } else {
         let (p, mut out) = spawn(&["echo-server", "--kind", name])?;
         procs.push(p);
@@ -217,28 +221,8 @@ pub fn raise_fd_limit() {
 /// Memory the Split-OS TCP server holds per idle connection: its RSS with `n` idle
 /// connections open, minus its RSS before, over `n`.
 fn idle_memory(opts: &Options, tmp: &std::path::Path, n: usize) -> Result<f64, String> {
-    let sock = tmp.join("idle.sock");
-    let sock_s = sock.to_string_lossy().to_string();
-    let (tcp, mut out) = spawn(&[
-        "echo-server",
-        "--kind",
-        "split-tcp",
-        "--socket",
-        &sock_s,
-        "--wait",
-        &opts.wait,
-    ])?;
-    wait_line(&mut out, "READY")?;
-    let (app, mut out) = spawn(&[
-        "echo-server",
-        "--kind",
-        "split-app",
-        "--socket",
-        &sock_s,
-        "--wait",
-        &opts.wait,
-    ])?;
-    let addr = wait_line(&mut out, "LISTENING")?;
+    let (tcp, app, addr) = spawn_split(opts, &tmp.join("idle.sock"))?;
+    let addr = addr.to_string();
     std::thread::sleep(Duration::from_millis(300));
     let before = rss_bytes(tcp.child.id())?;
     let (client, mut out) = spawn(&["echo-idle", "--addr", &addr, "--conns", &n.to_string()])?;

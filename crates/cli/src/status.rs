@@ -1,6 +1,8 @@
 //! `splitos status`: the TCP server's statistics file as tables or JSON.
 
 use splitos_tcp_server::stats;
+use std::fmt::Write as _;
+use std::io::Write as _;
 use std::path::PathBuf;
 
 fn bytes(n: u64) -> String {
@@ -19,24 +21,36 @@ fn bytes(n: u64) -> String {
 }
 
 pub fn run(socket: PathBuf, json: bool) -> Result<(), String> {
-    let snap = stats::read(&socket).map_err(|e| e.to_string())?;
+    let text = render(&socket, json)?;
+    // A reader that went away (`splitos status | head`) is not an error.
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(format!("writing: {e}")),
+        _ => Ok(()),
+    }
+}
+
+fn render(socket: &std::path::Path, json: bool) -> Result<String, String> {
+    let snap = stats::read(socket).map_err(|e| e.to_string())?;
+    let mut o = String::new();
     if json {
         let s = serde_json::to_string_pretty(&snap).map_err(|e| e.to_string())?;
-        println!("{s}");
-        return Ok(());
+        return Ok(s + "\n");
     }
-    println!(
+    let _ = writeln!(
+        o,
         "TCP server pid {} — socket {}",
         snap.server_pid,
         socket.display()
     );
-    println!();
-    println!(
+    let _ = writeln!(o);
+    let _ = writeln!(
+        o,
         "{:>6} {:>8} {:>8} {:>9} {:>12} {:>12} {:>10}",
         "thread", "sessions", "conns", "listeners", "bytes in", "bytes out", "busy"
     );
     for w in &snap.workers {
-        println!(
+        let _ = writeln!(
+            o,
             "{:>6} {:>8} {:>8} {:>9} {:>12} {:>12} {:>9.1}s",
             w.worker,
             w.sessions,
@@ -47,12 +61,13 @@ pub fn run(socket: PathBuf, json: bool) -> Result<(), String> {
             w.busy_ms as f64 / 1000.0
         );
     }
-    println!();
+    let _ = writeln!(o);
     if snap.sessions.is_empty() {
-        println!("no applications connected");
-        return Ok(());
+        let _ = writeln!(o, "no applications connected");
+        return Ok(o);
     }
-    println!(
+    let _ = writeln!(
+        o,
         "{:>8} {:>6} {:>6} {:<20} {:>6} {:>9} {:>12} {:>12} {:>14} {:>7}",
         "pid",
         "uid",
@@ -75,7 +90,8 @@ pub fn run(socket: PathBuf, json: bool) -> Result<(), String> {
         } else {
             "-".into()
         };
-        println!(
+        let _ = writeln!(
+            o,
             "{:>8} {:>6} {:>6} {:<20} {:>6} {:>9} {:>12} {:>12} {:>14} {:>7}",
             s.pid,
             s.uid,
@@ -89,5 +105,5 @@ pub fn run(socket: PathBuf, json: bool) -> Result<(), String> {
             s.events_queued
         );
     }
-    Ok(())
+    Ok(o)
 }

@@ -540,6 +540,7 @@ impl Channel {
                 if self.ready(what)? {
                     return Ok(true);
                 }
+                std::hint::spin_loop();
             }
         }
         // Give back consumed space first: the peer may be blocked on it while we block on it.

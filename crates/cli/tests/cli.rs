@@ -1,0 +1,102 @@
+//! The `splitos` command as a user runs it: a daemon, `status` against it, clean shutdown on
+//! SIGTERM, and clear errors.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_splitos");
+
+#[test]
+fn daemon_status_and_clean_shutdown() {
+    let sock = std::env::temp_dir().join(format!("splitos-cli-test-{}.sock", std::process::id()));
+    let mut daemon = Command::new(BIN)
+        .args([
+            "tcp-server",
+            "--threads",
+            "2",
+            "--wait",
+            "block",
+            "--socket",
+        ])
+        .arg(&sock)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let out = loop {
+        let out = Command::new(BIN)
+            .args(["status", "--json", "--socket"])
+            .arg(&sock)
+            .output()
+            .unwrap();
+        if out.status.success() {
+            break out;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "status never worked: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["server_pid"].as_u64(), Some(daemon.id() as u64));
+    assert_eq!(v["workers"].as_array().map(|a| a.len()), Some(2));
+    let table = Command::new(BIN)
+        .args(["status", "--socket"])
+        .arg(&sock)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(text.contains("no applications connected"), "{text}");
+
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(daemon.id() as i32).unwrap(),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = daemon.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "daemon ignored SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "daemon exit: {status}");
+    assert!(!sock.exists(), "socket left behind");
+}
+
+#[test]
+fn errors_say_what_to_do() {
+    let out = Command::new(BIN)
+        .args(["status", "--socket", "/nonexistent/tcp.sock"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is the TCP server running"), "{err}");
+    let out = Command::new(BIN)
+        .args(["tcp-server", "--wait", "sometimes"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("poll, adaptive or block"));
+    let out = Command::new(BIN)
+        .args(["tcp-server", "--socket-mode", "999"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let out = Command::new(BIN)
+        .args([
+            "tcp-server",
+            "--threads",
+            "0",
+            "--socket",
+            "/tmp/x-splitos-never.sock",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("threads must be"));
+}

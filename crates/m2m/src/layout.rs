@@ -42,35 +42,79 @@ pub const PAGE: usize = 4096;
 /// Spacing of independently written control words: two cache lines.
 pub const LINE: usize = 128;
 
-/// Offsets inside the region header page.
+/// The region header, as it lies at offset 0. Never referenced in place (the peer may change
+/// it): the constants below are its field offsets, which is what the code uses.
+#[repr(C)]
+pub struct RegionHeader {
+    pub magic: u64,
+    /// Low half: [`VERSION`]; high half: the header size ([`PAGE`]).
+    pub version_and_header_size: u64,
+    pub region_size: u64,
+    pub ring_bytes: u64,
+    pub buf_size: u64,
+    pub buf_count: u64,
+    pub return_ring_bytes: u64,
+    _reserved: [u64; 25],
+    /// One line per side: that side's state (its `closed` word first).
+    pub side_state: [CacheLine; 2],
+}
+
+/// One independently written 8-byte word, alone on a 128-byte line pair.
+#[repr(C, align(128))]
+pub struct CacheLine {
+    pub word: u64,
+    _pad: [u8; LINE - 8],
+}
+
+/// Offsets inside the region header page, derived from [`RegionHeader`].
 pub mod header {
-    pub const MAGIC: usize = 0; // u64
-    pub const VERSION: usize = 8; // u32
-    pub const HEADER_SIZE: usize = 12; // u32, = PAGE
-    pub const REGION_SIZE: usize = 16; // u64
-    pub const RING_BYTES: usize = 24; // u64
-    pub const BUF_SIZE: usize = 32; // u64
-    pub const BUF_COUNT: usize = 40; // u64
-    pub const RETURN_RING_BYTES: usize = 48; // u64
+    use super::RegionHeader;
+    use core::mem::offset_of;
+    pub const MAGIC: usize = offset_of!(RegionHeader, magic);
+    pub const VERSION: usize = offset_of!(RegionHeader, version_and_header_size);
+    pub const REGION_SIZE: usize = offset_of!(RegionHeader, region_size);
+    pub const RING_BYTES: usize = offset_of!(RegionHeader, ring_bytes);
+    pub const BUF_SIZE: usize = offset_of!(RegionHeader, buf_size);
+    pub const BUF_COUNT: usize = offset_of!(RegionHeader, buf_count);
+    pub const RETURN_RING_BYTES: usize = offset_of!(RegionHeader, return_ring_bytes);
     /// Per-side state line: `side_state(side) + CLOSED` is a u64 that side sets when it leaves.
     pub const fn side_state(side: usize) -> usize {
-        super::LINE * (2 + side)
+        offset_of!(RegionHeader, side_state) + side * super::LINE
     }
     pub const CLOSED: usize = 0;
 }
 
-/// Offsets inside a ring control block.
-pub mod ring_ctl {
-    use super::LINE;
-    /// Stream position up to which the consumer has finished reading (u64, consumer writes).
-    pub const HEAD: usize = 0;
-    /// Non-zero while the consumer is (about to be) asleep waiting for data (consumer writes,
+/// A ring's control block: each word written by one side only, each on its own line pair.
+#[repr(C)]
+pub struct RingControl {
+    /// Stream position up to which the consumer has finished reading (consumer writes).
+    pub head: CacheLine,
+    /// Non-zero while the consumer is (about to be) asleep waiting for data (consumer sets,
     /// producer clears when it rings the doorbell).
-    pub const CONSUMER_WAITING: usize = LINE;
+    pub consumer_waiting: CacheLine,
     /// Non-zero while the producer is (about to be) asleep waiting for space.
-    pub const PRODUCER_WAITING: usize = 2 * LINE;
-    pub const SIZE: usize = 4 * LINE;
+    pub producer_waiting: CacheLine,
+    _spare: CacheLine,
 }
+
+/// Offsets inside a ring control block, derived from [`RingControl`].
+pub mod ring_ctl {
+    use super::RingControl;
+    use core::mem::offset_of;
+    pub const HEAD: usize = offset_of!(RingControl, head);
+    pub const CONSUMER_WAITING: usize = offset_of!(RingControl, consumer_waiting);
+    pub const PRODUCER_WAITING: usize = offset_of!(RingControl, producer_waiting);
+    pub const SIZE: usize = core::mem::size_of::<RingControl>();
+}
+
+// The contract in numbers: changing any of these changes bytes in shared memory (bump VERSION).
+const _: () = {
+    assert!(core::mem::size_of::<RegionHeader>() <= PAGE);
+    assert!(header::side_state(0) == 256 && header::side_state(1) == 384);
+    assert!(header::RETURN_RING_BYTES == 48);
+    assert!(ring_ctl::HEAD == 0 && ring_ctl::CONSUMER_WAITING == 128);
+    assert!(ring_ctl::PRODUCER_WAITING == 256 && ring_ctl::SIZE == 512);
+};
 
 /// Ring record header encoding.
 pub mod record {

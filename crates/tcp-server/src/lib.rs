@@ -166,7 +166,8 @@ impl TcpServer {
                 mode: config.socket_mode,
                 max_ring_bytes: 4 << 20,
                 max_buf_size: 1 << 20,
-                max_buf_count: 1024,
+                // 256 x 1 MiB per direction at most: a session cannot make the server map more.
+                max_buf_count: 256,
                 handshake_timeout: Duration::from_secs(2),
                 wait: WaitPolicy::Poll,
             },

@@ -799,6 +799,22 @@ impl Worker {
     }
 
     fn connect(&mut self, si: u32, req: u32, addr: SocketAddr) {
+        // Outbound connections count against the same per-session limit as accepted ones,
+        // from the moment they are started.
+        let max = self.shared.config.max_conns_per_session;
+        let Some(s) = self.live_session(si) else {
+            return;
+        };
+        if s.conns >= max {
+            self.emit(
+                si,
+                Event::Failed {
+                    req,
+                    errno: Errno::MFILE.raw_os_error(),
+                },
+            );
+            return;
+        }
         let family = if addr.is_ipv4() {
             AddressFamily::INET
         } else {
@@ -836,6 +852,9 @@ impl Worker {
             }
         }
         let slot = self.alloc_socket(si, fd, Kind::Connecting { req });
+        if let Some(s) = self.session(si) {
+            s.conns += 1;
+        }
         let tag = Tag {
             op: Op::ConnectPoll,
             session: si,
@@ -879,9 +898,6 @@ impl Worker {
                 let local = sock_addr(rnet::getsockname(&sock.fd));
                 let peer = peer_addr(&sock.fd);
                 sock.kind = Kind::Conn(Box::new(new_conn()));
-                if let Some(s) = self.session(si) {
-                    s.conns += 1;
-                }
                 let handle = self.handle(slot);
                 self.emit(
                     si,
@@ -1463,7 +1479,7 @@ impl Worker {
         self.sockets[slot as usize].generation =
             self.sockets[slot as usize].generation.wrapping_add(1);
         self.free_sockets.push(slot);
-        let was_conn = matches!(sock.kind, Kind::Conn(_));
+        let was_conn = matches!(sock.kind, Kind::Conn(_) | Kind::Connecting { .. });
         // A socket whose connect failed never had a handle the application saw.
         let issued = !matches!(sock.kind, Kind::Connecting { .. });
         if let Kind::Listener(l) = sock.kind {

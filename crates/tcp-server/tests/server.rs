@@ -645,3 +645,23 @@ fn access_policy_refuses_privileged_ports_to_other_users() {
     );
     let _ = NO_ADDR;
 }
+
+#[test]
+fn connection_limit_covers_outbound_connects() {
+    let srv = TcpServer::start(ServerConfig {
+        socket: socket_path("limit"),
+        wait: WaitPolicy::Block,
+        max_conns_per_session: 2,
+        ..ServerConfig::default()
+    })
+    .unwrap();
+    let target = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = target.local_addr().unwrap();
+    let mut app = RawApp::connect(srv.socket_path());
+    for req in 1..=2 {
+        app.send(Request::Connect { req, addr });
+        assert!(matches!(app.event(), Ev::Done(r, ..) if r == req));
+    }
+    app.send(Request::Connect { req: 3, addr });
+    assert_eq!(app.event(), Ev::Failed(3, 24), "third connection allowed");
+}

@@ -1,6 +1,10 @@
 //! The tokio flavour: an async echo and an axum router over Split-OS, driven by kernel clients.
 #![cfg(feature = "axum")]
 
+mod common;
+
+use common::session;
+
 use std::io::{Read, Write};
 use std::time::Duration;
 
@@ -11,18 +15,13 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-fn session() -> splitos::Session {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-    splitos::embedded::start(splitos::embedded::Options::default())
-        .and_then(|e| e.session())
-        .unwrap()
-}
-
-#[test]
-fn axum_router_answers_many_requests() {
+/// A Split-OS listener on an ephemeral port, bound on a fresh runtime (which the caller moves
+/// to the server thread).
+fn listen() -> (
+    tokio::runtime::Runtime,
+    splitos::tokio::TcpListener,
+    std::net::SocketAddr,
+) {
     let s = session();
     let rt = runtime();
     let listener = rt
@@ -33,6 +32,12 @@ fn axum_router_answers_many_requests() {
         ))
         .unwrap();
     let addr = listener.local_addr().unwrap();
+    (rt, listener, addr)
+}
+
+#[test]
+fn axum_router_answers_many_requests() {
+    let (rt, listener, addr) = listen();
     let app =
         axum::Router::new().route(
             "/hello/{name}",
@@ -69,16 +74,7 @@ fn axum_router_answers_many_requests() {
 #[test]
 fn async_echo_with_many_connections() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let s = session();
-    let rt = runtime();
-    let listener = rt
-        .block_on(splitos::tokio::TcpListener::bind_with(
-            &s,
-            "127.0.0.1:0",
-            Default::default(),
-        ))
-        .unwrap();
-    let addr = listener.local_addr().unwrap();
+    let (rt, listener, addr) = listen();
     std::thread::spawn(move || {
         rt.block_on(async move {
             loop {

@@ -1,6 +1,9 @@
 //! The echo example binary itself (embedded mode), checked with Rust std::net, curl and
 //! Python's socket module.
 
+mod common;
+
+use common::{curl_telnet, python_echo_check};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr};
 use std::process::{Child, Command, Stdio};
@@ -56,33 +59,10 @@ fn echo_example_serves_std_curl_and_python_clients() {
         got.len()
     );
 
-    let mut curl = Command::new("curl")
-        .args(["-s", "--max-time", "2", &format!("telnet://{addr}")])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    curl.stdin
-        .take()
-        .unwrap()
-        .write_all(b"hello from curl\n")
-        .unwrap();
-    let out = curl.wait_with_output().unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello from curl\n");
+    assert_eq!(
+        curl_telnet(addr.port(), b"hello from curl\n"),
+        "hello from curl\n"
+    );
 
-    let script = format!(
-        "import socket\ns=socket.create_connection(('127.0.0.1',{}),timeout=10)\nmsg=bytes(i%253 for i in range(500000))\ns.sendall(msg)\ns.shutdown(socket.SHUT_WR)\ngot=b''\nwhile True:\n    d=s.recv(65536)\n    if not d: break\n    got+=d\nassert got==msg, (len(got), len(msg))\nprint('ok')\n",
-        addr.port()
-    );
-    let out = Command::new("python3")
-        .arg("-c")
-        .arg(&script)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "python: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
+    python_echo_check(addr.port(), 500_000);
 }

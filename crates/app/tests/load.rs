@@ -1,19 +1,13 @@
 //! Many connections, big transfers and a slow reader, through the library and the embedded
 //! TCP server, against kernel clients. Every loop is bounded in count and time.
 
+mod common;
+
+use common::session;
 use splitos::net::TcpListener;
 use std::io::{Read, Write};
 use std::net::Shutdown;
 use std::time::{Duration, Instant};
-
-fn session() -> splitos::Session {
-    splitos::embedded::start(splitos::embedded::Options {
-        threads: 2,
-        wait: splitos::WaitPolicy::adaptive(),
-    })
-    .and_then(|e| e.session())
-    .expect("embedded server")
-}
 
 fn rss_bytes() -> u64 {
     let s = std::fs::read_to_string("/proc/self/status").unwrap();

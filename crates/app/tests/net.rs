@@ -1,38 +1,12 @@
 //! The library against real kernel clients: Rust std::net, curl and Python's socket module.
 
+mod common;
+
+use common::{curl_telnet, echo_conn, python_echo_check, session};
 use splitos::net::{TcpListener, TcpStream};
 use std::io::{Read, Write};
 use std::net::Shutdown;
 use std::time::Duration;
-
-fn session() -> splitos::Session {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-    splitos::embedded::start(splitos::embedded::Options {
-        threads: 2,
-        wait: splitos::WaitPolicy::adaptive(),
-    })
-    .and_then(|e| e.session())
-    .expect("embedded server")
-}
-
-/// Echoes one connection until EOF, then shuts down writing.
-fn echo_conn(mut s: TcpStream) {
-    let mut buf = vec![0u8; 64 << 10];
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                if s.write_all(&buf[..n]).is_err() {
-                    break;
-                }
-            }
-        }
-    }
-    let _ = s.shutdown(Shutdown::Write);
-}
 
 fn echo_server(conns: usize) -> std::net::SocketAddr {
     let l = TcpListener::bind_with(&session(), "127.0.0.1:0", Default::default()).unwrap();
@@ -63,45 +37,14 @@ fn echo_with_a_std_client() {
 #[test]
 fn echo_with_python() {
     let addr = echo_server(1);
-    let script = format!(
-        "import socket\ns=socket.create_connection(('127.0.0.1',{}),timeout=10)\nmsg=bytes(i%251 for i in range(300000))\ns.sendall(msg)\ns.shutdown(socket.SHUT_WR)\ngot=b''\nwhile True:\n    d=s.recv(65536)\n    if not d: break\n    got+=d\nassert got==msg, (len(got), len(msg))\nprint('ok', len(got))\n",
-        addr.port()
-    );
-    let out = std::process::Command::new("python3")
-        .arg("-c")
-        .arg(&script)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "python: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok 300000");
+    python_echo_check(addr.port(), 300_000);
 }
 
 #[test]
 fn echo_with_curl() {
     let addr = echo_server(1);
-    let mut child = std::process::Command::new("curl")
-        // curl's telnet mode never half-closes, so it ends at --max-time (exit 28) after
-        // printing the echo; the content is what is checked.
-        .args([
-            "-s",
-            "--max-time",
-            "2",
-            &format!("telnet://127.0.0.1:{}", addr.port()),
-        ])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    stdin.write_all(b"split-os says hello\n").unwrap();
-    drop(stdin);
-    let out = child.wait_with_output().unwrap();
     assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
+        curl_telnet(addr.port(), b"split-os says hello\n"),
         "split-os says hello\n"
     );
 }

@@ -1,0 +1,161 @@
+//! Path safety: nothing outside the root is ever opened.
+//!
+//! Two layers. [`normalize`] rejects what is malformed or suspicious on its face (NUL bytes,
+//! absolute paths, `..` segments, over-long paths) and collapses `.` and repeated slashes, so
+//! the cache has one key per file. [`Root::open`] then opens the result with `openat2(2)` and
+//! `RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS`, so the kernel itself refuses any resolution —
+//! through symlinks included — that would leave the root, and `O_NONBLOCK` keeps a FIFO from
+//! blocking the open. Only regular files are served; directories are reported as such (an HTTP
+//! layer maps them to `index.html` or a redirect), everything else is refused.
+//! Percent-decoding is the HTTP layer's job and happens before [`normalize`].
+
+use rustix::fd::{AsFd, OwnedFd};
+use rustix::fs::{fstat, openat2, FileType, Mode, OFlags, ResolveFlags, Stat};
+use rustix::io::Errno;
+use std::path::Path;
+
+/// Longest path accepted, in bytes (PATH_MAX).
+pub const MAX_PATH: usize = 4096;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PathError {
+    #[error("the path contains a NUL byte")]
+    Nul,
+    #[error("the path is absolute; paths are relative to the served root")]
+    Absolute,
+    #[error("the path contains '..', which could leave the served root")]
+    ParentSegment,
+    #[error("the path is longer than {MAX_PATH} bytes")]
+    TooLong,
+    #[error("the path names nothing (it is empty)")]
+    Empty,
+}
+
+/// Checks a requested path and puts it in canonical form: segments joined by single slashes,
+/// without `.` segments. A trailing slash is kept (it asks for a directory).
+pub fn normalize(request: &str) -> Result<String, PathError> {
+    if request.len() > MAX_PATH {
+        return Err(PathError::TooLong);
+    }
+    if request.contains('\0') {
+        return Err(PathError::Nul);
+    }
+    if request.starts_with('/') {
+        return Err(PathError::Absolute);
+    }
+    let mut out = String::with_capacity(request.len());
+    for seg in request.split('/') {
+        match seg {
+            "" | "." => continue,
+            ".." => return Err(PathError::ParentSegment),
+            s => {
+                if !out.is_empty() {
+                    out.push('/');
+                }
+                out.push_str(s);
+            }
+        }
+    }
+    if out.is_empty() {
+        return Err(PathError::Empty);
+    }
+    if request.ends_with('/') {
+        out.push('/');
+    }
+    Ok(out)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    Path(#[from] PathError),
+    #[error("no such file")]
+    NotFound,
+    #[error("the path leaves the served root (through a symlink or a mount)")]
+    Escapes,
+    #[error("the path is a directory")]
+    Directory,
+    #[error("the path is not a regular file (device, FIFO or socket); refused")]
+    Special,
+    #[error("permission denied")]
+    Denied,
+    #[error("opening the file failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A directory whose contents may be served, and nothing outside it.
+pub struct Root {
+    dir: OwnedFd,
+}
+
+/// An opened regular file beneath the root.
+pub struct Opened {
+    pub fd: OwnedFd,
+    pub stat: Stat,
+    /// The canonical relative path (the cache key).
+    pub path: String,
+}
+
+impl Root {
+    pub fn open_dir(path: &Path) -> Result<Root, OpenError> {
+        let dir = rustix::fs::open(
+            path,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| match e {
+            Errno::NOENT => OpenError::NotFound,
+            Errno::NOTDIR => OpenError::Special,
+            e => OpenError::Io(e.into()),
+        })?;
+        Ok(Root { dir })
+    }
+
+    /// Opens `request` (already percent-decoded) beneath the root.
+    pub fn open(&self, request: &str) -> Result<Opened, OpenError> {
+        let path = normalize(request)?;
+        let fd = openat2(
+            self.dir.as_fd(),
+            path.trim_end_matches('/'),
+            OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NONBLOCK | OFlags::NOCTTY,
+            Mode::empty(),
+            ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS,
+        )
+        .map_err(|e| match e {
+            Errno::NOENT | Errno::NOTDIR => OpenError::NotFound,
+            Errno::XDEV | Errno::LOOP => OpenError::Escapes,
+            Errno::ACCESS | Errno::PERM => OpenError::Denied,
+            e => OpenError::Io(e.into()),
+        })?;
+        let stat = fstat(&fd).map_err(|e| OpenError::Io(e.into()))?;
+        match FileType::from_raw_mode(stat.st_mode) {
+            FileType::RegularFile => Ok(Opened { fd, stat, path }),
+            FileType::Directory => Err(OpenError::Directory),
+            _ => Err(OpenError::Special),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalizes_and_rejects() {
+        assert_eq!(normalize("a/./b//c.html").unwrap(), "a/b/c.html");
+        assert_eq!(normalize("docs/").unwrap(), "docs/");
+        assert_eq!(normalize("./index.html").unwrap(), "index.html");
+        for (bad, err) in [
+            ("../etc/passwd", PathError::ParentSegment),
+            ("a/../../b", PathError::ParentSegment),
+            ("a/..", PathError::ParentSegment),
+            ("/etc/passwd", PathError::Absolute),
+            ("a\0b", PathError::Nul),
+            ("", PathError::Empty),
+            ("./", PathError::Empty),
+        ] {
+            assert_eq!(normalize(bad), Err(err), "{bad:?}");
+        }
+        assert_eq!(normalize(&"a/".repeat(3000)), Err(PathError::TooLong));
+    }
+}

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::session;
+use common::{echo_conn, session};
 use splitos::net::TcpListener;
 use std::io::{Read, Write};
 use std::net::Shutdown;
@@ -42,23 +42,11 @@ fn two_thousand_concurrent_connections() {
     let server = std::thread::spawn(move || {
         let mut handlers = Vec::new();
         for _ in 0..CONNS {
-            let (mut s, _) = l.accept().unwrap();
+            let (s, _) = l.accept().unwrap();
             handlers.push(
                 std::thread::Builder::new()
                     .stack_size(64 << 10)
-                    .spawn(move || {
-                        let mut buf = vec![0u8; 16 << 10];
-                        loop {
-                            match s.read(&mut buf) {
-                                Ok(0) | Err(_) => break,
-                                Ok(n) => {
-                                    if s.write_all(&buf[..n]).is_err() {
-                                        break;
-                                    }
-                                }
-                            }
-                        }
-                    })
+                    .spawn(move || echo_conn(s))
                     .unwrap(),
             );
         }

@@ -459,7 +459,8 @@ impl Channel {
 
     /// Receives one message, waiting according to the wait policy.
     pub fn recv(&mut self) -> Result<Message<'_>, Error> {
-        while !self.has_message()? {
+        // Without a deadline, `wait` returns only once a message is there.
+        if !self.has_message()? {
             self.wait(WaitFor::Message, None)?;
         }
         self.try_recv()?

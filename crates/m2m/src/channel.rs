@@ -14,10 +14,20 @@ use crate::shm_ring::ShmRing;
 use crate::sys::{self, SocketState};
 use crate::{Error, WaitPolicy};
 use rustix::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::collections::VecDeque;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// Magic of a descriptor message on the setup socket: "M2FD".
+const FD_MAGIC: u32 = u32::from_le_bytes(*b"M2FD");
+/// Bytes of a descriptor message: magic u32 | fd count u32 | tag u64, little-endian.
+const FD_MESSAGE: usize = 16;
+/// Descriptors one message may carry.
+pub const MAX_FDS_PER_MESSAGE: usize = 4;
+/// Descriptor messages a channel end holds for its user before the peer counts as flooding it.
+const MAX_FD_INBOX: usize = 256;
 
 /// How often, at most, a busy channel asks the kernel whether the peer is still there.
 const LIVENESS_INTERVAL_MS: u64 = 10;
@@ -104,6 +114,8 @@ pub struct Channel {
     scratch: Vec<u8>,
     failed: Option<Failure>,
     next_liveness_check: u64,
+    /// Descriptor messages received on the setup socket and not yet taken.
+    fd_inbox: VecDeque<(u64, Vec<OwnedFd>)>,
 }
 
 impl std::fmt::Debug for Channel {
@@ -175,6 +187,7 @@ impl Channel {
             scratch: vec![0; l.max_message as usize],
             failed: None,
             next_liveness_check: 0,
+            fd_inbox: VecDeque::new(),
         })
     }
 
@@ -252,9 +265,7 @@ impl Channel {
             match sys::socket_state(self.socket.as_fd()) {
                 SocketState::Open => {}
                 SocketState::Closed => return Err(self.fail(Failure::PeerGone)),
-                SocketState::UnexpectedData => {
-                    return Err(self.fail(Failure::Corrupt("unexpected bytes on the setup socket")))
-                }
+                SocketState::Data => self.pull_fd_messages()?,
             }
         }
         Ok(())
@@ -278,6 +289,80 @@ impl Channel {
             return Err(Error::MessageTooLarge { len, max });
         }
         Ok(())
+    }
+
+    // ---- file descriptors ----
+
+    /// Sends file descriptors to the peer with a caller-chosen tag (e.g. which file they are).
+    /// They travel over the setup socket, not the rings: this is a system call, meant for
+    /// setting things up (sharing a memfd once), not for every message.
+    pub fn send_fds(&mut self, tag: u64, fds: &[BorrowedFd<'_>]) -> Result<(), Error> {
+        if fds.is_empty() || fds.len() > MAX_FDS_PER_MESSAGE {
+            return Err(Error::Config(format!(
+                "a descriptor message carries 1 to {MAX_FDS_PER_MESSAGE} descriptors, not {}",
+                fds.len()
+            )));
+        }
+        self.check_peer()?;
+        let mut m = [0u8; FD_MESSAGE];
+        m[..4].copy_from_slice(&FD_MAGIC.to_le_bytes());
+        m[4..8].copy_from_slice(&(fds.len() as u32).to_le_bytes());
+        m[8..].copy_from_slice(&tag.to_le_bytes());
+        sys::send_with_fds(self.socket.as_fd(), &m, fds).map_err(|e| match e.kind() {
+            std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset => {
+                self.fail(Failure::PeerGone)
+            }
+            _ => Error::io("sending descriptors", e),
+        })
+    }
+
+    /// Takes the next descriptor message the peer sent, if one has arrived. Never blocks.
+    pub fn try_recv_fds(&mut self) -> Result<Option<(u64, Vec<OwnedFd>)>, Error> {
+        if let Some(m) = self.fd_inbox.pop_front() {
+            return Ok(Some(m));
+        }
+        if let Some(f) = self.failed {
+            return Err(f.into());
+        }
+        match sys::socket_state(self.socket.as_fd()) {
+            SocketState::Data => self.pull_fd_messages()?,
+            SocketState::Closed => return Err(self.fail(Failure::PeerGone)),
+            SocketState::Open => {}
+        }
+        Ok(self.fd_inbox.pop_front())
+    }
+
+    /// Reads every waiting descriptor message into the inbox, validating each. Keeping the
+    /// socket drained is also what stops it from waking sleepers over and over.
+    fn pull_fd_messages(&mut self) -> Result<(), Error> {
+        loop {
+            let mut m = [0u8; FD_MESSAGE];
+            let fds = match sys::recv_with_fds_flags(
+                self.socket.as_fd(),
+                &mut m,
+                rustix::net::RecvFlags::DONTWAIT,
+            ) {
+                Ok(fds) => fds,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    return Err(self.fail(Failure::PeerGone))
+                }
+                Err(_) => {
+                    return Err(self.fail(Failure::Corrupt("malformed message on the setup socket")))
+                }
+            };
+            let magic = u32::from_le_bytes([m[0], m[1], m[2], m[3]]);
+            let count = u32::from_le_bytes([m[4], m[5], m[6], m[7]]) as usize;
+            if magic != FD_MAGIC || count != fds.len() || fds.is_empty() {
+                return Err(self.fail(Failure::Corrupt("malformed descriptor message")));
+            }
+            if self.fd_inbox.len() >= MAX_FD_INBOX {
+                return Err(self.fail(Failure::Corrupt("too many unclaimed descriptor messages")));
+            }
+            let mut tag = [0u8; 8];
+            tag.copy_from_slice(&m[8..]);
+            self.fd_inbox.push_back((u64::from_le_bytes(tag), fds));
+        }
     }
 
     // ---- sending ----

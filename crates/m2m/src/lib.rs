@@ -46,7 +46,7 @@ mod async_channel;
 #[cfg(feature = "tokio")]
 pub use async_channel::AsyncChannel;
 
-pub use channel::{Channel, ChannelConfig, Message, SendBatch};
+pub use channel::{Channel, ChannelConfig, Message, SendBatch, MAX_FDS_PER_MESSAGE};
 pub use connect::{Incoming, Listener, ListenerConfig};
 pub use error::Error;
 pub use pool::{RxBuffer, TxBuffer};

@@ -91,15 +91,15 @@ pub fn wait_on(set: BorrowedFd<'_>, timeout: Duration) -> io::Result<()> {
 pub enum SocketState {
     Open,
     Closed,
-    /// The peer wrote bytes, which the protocol does not allow after the handshake.
-    UnexpectedData,
+    /// The peer wrote bytes (after the handshake: descriptor messages) waiting to be read.
+    Data,
 }
 
 pub fn socket_state(sock: BorrowedFd<'_>) -> SocketState {
     let mut b = [MaybeUninit::<u8>::uninit(); 1];
     match recv(sock, &mut b[..], RecvFlags::PEEK | RecvFlags::DONTWAIT) {
         Ok((_, 0)) => SocketState::Closed,
-        Ok(_) => SocketState::UnexpectedData,
+        Ok(_) => SocketState::Data,
         Err(Errno::AGAIN) | Err(Errno::INTR) => SocketState::Open,
         Err(_) => SocketState::Closed,
     }
@@ -124,6 +124,15 @@ pub fn send_with_fds(sock: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>])
 
 /// Receives one message of exactly `buf.len()` bytes and up to 4 fds. Fewer bytes is an error.
 pub fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Vec<OwnedFd>> {
+    recv_with_fds_flags(sock, buf, RecvFlags::empty())
+}
+
+/// [`recv_with_fds`] with extra flags (e.g. `DONTWAIT`: `WouldBlock` when nothing is there).
+pub fn recv_with_fds_flags(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+    flags: RecvFlags,
+) -> io::Result<Vec<OwnedFd>> {
     let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(4))];
     let mut anc = RecvAncillaryBuffer::new(&mut space);
     let want = buf.len();
@@ -132,7 +141,7 @@ pub fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Vec<Own
             sock,
             &mut [IoSliceMut::new(buf)],
             &mut anc,
-            RecvFlags::CMSG_CLOEXEC,
+            RecvFlags::CMSG_CLOEXEC | flags,
         ) {
             Err(Errno::INTR) => continue,
             other => break other?,

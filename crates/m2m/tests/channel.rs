@@ -275,3 +275,32 @@ fn buffer_metadata_travels_with_the_descriptor() {
         "refused send leaked a record"
     );
 }
+
+#[test]
+fn file_descriptors_travel_with_a_tag() {
+    use std::os::fd::AsFd;
+    let (mut a, mut b) = Channel::pair(config(WaitPolicy::Block)).unwrap();
+    let memfd = rustix::fs::memfd_create("fd-test", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+    rustix::io::pwrite(&memfd, b"shared bytes", 0).unwrap();
+    a.send_fds(7, &[memfd.as_fd()]).unwrap();
+    a.send(b"after the fd").unwrap();
+    // A blocking receive is not disturbed by the descriptor message waiting on the socket.
+    let m = b
+        .recv_timeout(Duration::from_secs(5))
+        .unwrap()
+        .expect("message");
+    assert_eq!(inline(m), b"after the fd");
+    let (tag, fds) = b.try_recv_fds().unwrap().expect("descriptors");
+    assert_eq!(tag, 7);
+    assert_eq!(fds.len(), 1);
+    let mut got = [0u8; 12];
+    rustix::io::pread(&fds[0], &mut got, 0).unwrap();
+    assert_eq!(&got, b"shared bytes");
+    assert!(b.try_recv_fds().unwrap().is_none());
+    assert!(matches!(a.send_fds(1, &[]), Err(Error::Config(_))));
+    let five = [memfd.as_fd(); 5];
+    assert!(matches!(a.send_fds(1, &five), Err(Error::Config(_))));
+    // Still a healthy channel both ways.
+    b.send(b"ok").unwrap();
+    assert_eq!(inline(a.recv().unwrap()), b"ok");
+}

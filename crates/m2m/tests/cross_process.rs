@@ -574,3 +574,41 @@ fn a_live_socket_is_not_stolen_but_a_stale_one_is_replaced() {
     Listener::bind(&stale, ListenerConfig::default()).unwrap();
     let _ = std::fs::remove_file(&path);
 }
+
+#[test]
+fn junk_on_the_setup_socket_ends_only_that_channel() {
+    use rustix::net::{recvmsg, RecvAncillaryBuffer, RecvFlags};
+    use std::io::IoSliceMut;
+    use std::mem::MaybeUninit;
+    let path = temp_socket("junk");
+    let listener = Listener::bind(&path, ListenerConfig::default()).unwrap();
+    let mut sock = UnixStream::connect(&path).unwrap();
+    let mut hello = [0u8; 64];
+    hello[..8].copy_from_slice(b"SPOSHELO");
+    hello[8..12].copy_from_slice(&layout::VERSION.to_le_bytes());
+    hello[16..24].copy_from_slice(&(16u64 << 10).to_le_bytes());
+    hello[24..32].copy_from_slice(&4096u64.to_le_bytes());
+    hello[32..40].copy_from_slice(&4u64.to_le_bytes());
+    std::io::Write::write_all(&mut sock, &hello).unwrap();
+    let mut ch = listener.accept().unwrap().establish().unwrap();
+    let mut reply = [0u8; 128];
+    let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(3))];
+    let mut anc = RecvAncillaryBuffer::new(&mut space);
+    recvmsg(
+        &sock,
+        &mut [IoSliceMut::new(&mut reply)],
+        &mut anc,
+        RecvFlags::empty(),
+    )
+    .unwrap();
+    // Sixteen bytes that are not a descriptor message, and no descriptors.
+    std::io::Write::write_all(&mut sock, &[0xAB; 16]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let err = loop {
+        match ch.recv_timeout(Duration::from_millis(20)) {
+            Err(e) => break e,
+            Ok(_) => assert!(Instant::now() < deadline, "junk never noticed"),
+        }
+    };
+    assert!(matches!(err, Error::Corrupt(_)), "{err}");
+}

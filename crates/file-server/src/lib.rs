@@ -8,5 +8,6 @@
 //! - [`segment`]: a file's bytes copied into a memfd that is then sealed against every change,
 //!   so any number of processes can map it and no reader can ever see torn or changing bytes.
 
+pub mod directory;
 pub mod path;
 pub mod segment;

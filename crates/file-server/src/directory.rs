@@ -1,0 +1,422 @@
+//! The shared directory: a hash table in shared memory that the file server publishes and
+//! readers search without sending a message.
+//!
+//! One writer (the file server), any number of readers in other processes, which map the region
+//! read-only and treat it as untrusted input. Each slot is a small record under a sequence
+//! counter: the writer makes the counter odd, writes the fields, makes it even again; a reader
+//! copies the fields between two reads of an even, unchanged counter, so it never returns a torn
+//! entry (it retries a bounded number of times, then reports a miss). Every field is read with an
+//! atomic load — no Rust reference into the region — and the bytes an entry points to live in
+//! their own sealed segment, so an entry is replaced, never edited in a way a reader could see
+//! half of.
+//!
+//! A key (path and chunk number) lives in one of `PROBE` slots from its hash; a lookup checks all
+//! of them, so removal needs no tombstones. An entry that finds no free slot is simply not
+//! published: readers miss and ask the server, which still has it.
+
+use memmap2::{MmapOptions, MmapRaw};
+use rustix::fd::{AsFd, BorrowedFd, OwnedFd};
+use rustix::fs::{
+    fcntl_add_seals, fcntl_get_seals, fstat, ftruncate, memfd_create, MemfdFlags, SealFlags,
+};
+use std::sync::atomic::{fence, AtomicU64, Ordering};
+
+const MAGIC: u64 = u64::from_le_bytes(*b"SPOSFDIR");
+const VERSION: u64 = 1;
+const HEADER: usize = 4096;
+pub const SLOT: usize = 256;
+/// Slots a key may occupy, counted from its hash.
+pub const PROBE: usize = 8;
+/// Longest path a slot holds; longer paths are served, just never from the directory.
+pub const MAX_KEY_PATH: usize = 192;
+const RETRIES: usize = 64;
+
+// Slot layout (u64 words).
+const W_SEQ: usize = 0;
+const W_ID: usize = 1;
+const W_HASH: usize = 2;
+const W_FILE_SIZE: usize = 3;
+const W_CHUNK: usize = 4; // chunk index (low 32) | chunk length (high 32)
+const W_MTIME: usize = 5;
+const W_INO: usize = 6;
+const W_PATH_LEN: usize = 7;
+const W_PATH: usize = 8; // MAX_KEY_PATH bytes = 24 words
+const SLOT_WORDS: usize = W_PATH + MAX_KEY_PATH / 8;
+const _: () = assert!(SLOT_WORDS * 8 <= SLOT);
+
+/// What a directory entry says about one chunk of one file version.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    /// The segment holding the bytes (nonzero).
+    pub id: u64,
+    pub path: String,
+    pub chunk: u32,
+    pub chunk_len: u32,
+    pub file_size: u64,
+    pub mtime_ns: i64,
+    pub ino: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DirectoryError {
+    #[error("the directory region is malformed: {0}")]
+    Malformed(&'static str),
+    #[error("{context}: {source}")]
+    Io {
+        context: &'static str,
+        source: std::io::Error,
+    },
+}
+
+fn io(context: &'static str) -> impl Fn(rustix::io::Errno) -> DirectoryError {
+    move |e| DirectoryError::Io {
+        context,
+        source: e.into(),
+    }
+}
+
+/// Hash of a key. It is part of the shared-memory contract — the writer and readers may be
+/// different builds — so it is a fixed function (FNV-1a), not std's unspecified hasher.
+pub fn key_hash(path: &str, chunk: u32) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in path.bytes().chain(chunk.to_le_bytes()) {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+struct Map {
+    map: MmapRaw,
+    slots: usize,
+}
+
+impl Map {
+    fn word(&self, off: usize) -> &AtomicU64 {
+        assert!(
+            off % 8 == 0 && off + 8 <= self.map.len(),
+            "directory offset out of range"
+        );
+        // SAFETY: 8-aligned and inside the mapping (checked); every access to the region's
+        // words, by the writer and by readers, is atomic.
+        unsafe { AtomicU64::from_ptr(self.map.as_mut_ptr().add(off).cast()) }
+    }
+
+    fn slot_word(&self, slot: usize, w: usize) -> &AtomicU64 {
+        self.word(HEADER + slot * SLOT + w * 8)
+    }
+}
+
+/// The file server's side.
+pub struct DirectoryWriter {
+    map: Map,
+    fd: OwnedFd,
+    /// Private copy of what each slot holds, so the writer never reads shared memory back.
+    owners: Vec<Option<(u64, String, u32)>>,
+}
+
+impl DirectoryWriter {
+    /// Creates a directory of `slots` slots (rounded up to a power of two).
+    pub fn create(slots: usize) -> Result<DirectoryWriter, DirectoryError> {
+        let slots = slots.next_power_of_two().clamp(PROBE, 1 << 20);
+        let len = HEADER + slots * SLOT;
+        let fd = memfd_create(
+            "splitos-directory",
+            MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
+        )
+        .map_err(io("creating the directory"))?;
+        ftruncate(&fd, len as u64).map_err(io("sizing the directory"))?;
+        fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL)
+            .map_err(io("sealing the directory"))?;
+        let map = MmapOptions::new()
+            .len(len)
+            .map_raw(&fd)
+            .map_err(|e| DirectoryError::Io {
+                context: "mapping the directory",
+                source: e,
+            })?;
+        let m = Map { map, slots };
+        m.word(8).store(VERSION, Ordering::Relaxed);
+        m.word(16).store(slots as u64, Ordering::Relaxed);
+        m.word(0).store(MAGIC, Ordering::Release);
+        Ok(DirectoryWriter {
+            map: m,
+            fd,
+            owners: vec![None; slots],
+        })
+    }
+
+    /// The region, to hand to readers.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    fn write_slot(&mut self, slot: usize, e: Option<&Entry>) {
+        let m = &self.map;
+        let seq = m.slot_word(slot, W_SEQ);
+        let s = seq.load(Ordering::Relaxed);
+        seq.store(s.wrapping_add(1) | 1, Ordering::Relaxed);
+        fence(Ordering::Release);
+        match e {
+            None => m.slot_word(slot, W_ID).store(0, Ordering::Relaxed),
+            Some(e) => {
+                let path = e.path.as_bytes();
+                m.slot_word(slot, W_ID).store(e.id, Ordering::Relaxed);
+                m.slot_word(slot, W_HASH)
+                    .store(key_hash(&e.path, e.chunk), Ordering::Relaxed);
+                m.slot_word(slot, W_FILE_SIZE)
+                    .store(e.file_size, Ordering::Relaxed);
+                m.slot_word(slot, W_CHUNK).store(
+                    e.chunk as u64 | (e.chunk_len as u64) << 32,
+                    Ordering::Relaxed,
+                );
+                m.slot_word(slot, W_MTIME)
+                    .store(e.mtime_ns as u64, Ordering::Relaxed);
+                m.slot_word(slot, W_INO).store(e.ino, Ordering::Relaxed);
+                m.slot_word(slot, W_PATH_LEN)
+                    .store(path.len() as u64, Ordering::Relaxed);
+                for (i, chunk) in path.chunks(8).enumerate() {
+                    let mut w = [0u8; 8];
+                    w[..chunk.len()].copy_from_slice(chunk);
+                    m.slot_word(slot, W_PATH + i)
+                        .store(u64::from_le_bytes(w), Ordering::Relaxed);
+                }
+            }
+        }
+        seq.store((s | 1).wrapping_add(1), Ordering::Release);
+    }
+
+    /// Publishes `e` (replacing any entry for the same key). Returns false if it could not be
+    /// placed (path too long, or every probe slot taken by other keys).
+    pub fn publish(&mut self, e: &Entry) -> bool {
+        if e.id == 0 || e.path.len() > MAX_KEY_PATH {
+            return false;
+        }
+        let start = key_hash(&e.path, e.chunk) as usize;
+        let mask = self.map.slots - 1;
+        let mut free = None;
+        for i in 0..PROBE {
+            let slot = (start + i) & mask;
+            match &self.owners[slot] {
+                Some((_, p, c)) if *p == e.path && *c == e.chunk => {
+                    free = Some(slot);
+                    break;
+                }
+                None if free.is_none() => free = Some(slot),
+                _ => {}
+            }
+        }
+        let Some(slot) = free else { return false };
+        self.write_slot(slot, Some(e));
+        self.owners[slot] = Some((e.id, e.path.clone(), e.chunk));
+        true
+    }
+
+    /// Removes the entry for `path`/`chunk`, if published.
+    pub fn remove(&mut self, path: &str, chunk: u32) {
+        let start = key_hash(path, chunk) as usize;
+        let mask = self.map.slots - 1;
+        for i in 0..PROBE {
+            let slot = (start + i) & mask;
+            if matches!(&self.owners[slot], Some((_, p, c)) if p == path && *c == chunk) {
+                self.write_slot(slot, None);
+                self.owners[slot] = None;
+                return;
+            }
+        }
+    }
+}
+
+/// A reader's view: maps a region received from the file server, read-only.
+pub struct DirectoryReader {
+    map: Map,
+}
+
+impl DirectoryReader {
+    pub fn open(fd: OwnedFd) -> Result<DirectoryReader, DirectoryError> {
+        let seals = fcntl_get_seals(&fd).map_err(io("reading directory seals"))?;
+        if !seals.contains(SealFlags::SHRINK | SealFlags::GROW) {
+            return Err(DirectoryError::Malformed("not size-sealed"));
+        }
+        let len = fstat(&fd).map_err(io("reading directory size"))?.st_size as usize;
+        if len < HEADER + PROBE * SLOT {
+            return Err(DirectoryError::Malformed("too small"));
+        }
+        let map = MmapOptions::new()
+            .len(len)
+            .map_raw_read_only(&fd)
+            .map_err(|e| DirectoryError::Io {
+                context: "mapping the directory",
+                source: e,
+            })?;
+        let probe = Map { map, slots: 0 };
+        if probe.word(0).load(Ordering::Acquire) != MAGIC
+            || probe.word(8).load(Ordering::Relaxed) != VERSION
+        {
+            return Err(DirectoryError::Malformed("wrong magic or version"));
+        }
+        let slots = probe.word(16).load(Ordering::Relaxed) as usize;
+        if !slots.is_power_of_two() || slots < PROBE || HEADER + slots.saturating_mul(SLOT) != len {
+            return Err(DirectoryError::Malformed(
+                "slot count disagrees with the size",
+            ));
+        }
+        Ok(DirectoryReader {
+            map: Map {
+                map: probe.map,
+                slots,
+            },
+        })
+    }
+
+    /// Copies slot `slot` consistently; `None` if empty, unreadable (writer mid-update for too
+    /// long) or malformed.
+    fn read_slot(&self, slot: usize) -> Option<Entry> {
+        let m = &self.map;
+        for _ in 0..RETRIES {
+            let s1 = m.slot_word(slot, W_SEQ).load(Ordering::Acquire);
+            if s1 % 2 == 1 {
+                std::hint::spin_loop();
+                continue;
+            }
+            let id = m.slot_word(slot, W_ID).load(Ordering::Relaxed);
+            let file_size = m.slot_word(slot, W_FILE_SIZE).load(Ordering::Relaxed);
+            let chunk = m.slot_word(slot, W_CHUNK).load(Ordering::Relaxed);
+            let mtime = m.slot_word(slot, W_MTIME).load(Ordering::Relaxed);
+            let ino = m.slot_word(slot, W_INO).load(Ordering::Relaxed);
+            let path_len = m.slot_word(slot, W_PATH_LEN).load(Ordering::Relaxed) as usize;
+            let mut path = [0u8; MAX_KEY_PATH];
+            for i in 0..MAX_KEY_PATH / 8 {
+                let w = m.slot_word(slot, W_PATH + i).load(Ordering::Relaxed);
+                path[i * 8..i * 8 + 8].copy_from_slice(&w.to_le_bytes());
+            }
+            fence(Ordering::Acquire);
+            if m.slot_word(slot, W_SEQ).load(Ordering::Relaxed) != s1 {
+                continue;
+            }
+            if id == 0 || path_len > MAX_KEY_PATH {
+                return None;
+            }
+            let path = String::from_utf8(path[..path_len].to_vec()).ok()?;
+            return Some(Entry {
+                id,
+                path,
+                chunk: chunk as u32,
+                chunk_len: (chunk >> 32) as u32,
+                file_size,
+                mtime_ns: mtime as i64,
+                ino,
+            });
+        }
+        None
+    }
+
+    /// Finds the entry for `path`/`chunk` without a message to the server.
+    pub fn lookup(&self, path: &str, chunk: u32) -> Option<Entry> {
+        let start = key_hash(path, chunk) as usize;
+        let mask = self.map.slots - 1;
+        (0..PROBE)
+            .filter_map(|i| self.read_slot((start + i) & mask))
+            .find(|e| e.path == path && e.chunk == chunk)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(id: u64, path: &str) -> Entry {
+        Entry {
+            id,
+            path: path.into(),
+            chunk: 0,
+            chunk_len: id as u32,
+            file_size: id * 3,
+            mtime_ns: id as i64 * 7,
+            ino: id * 11,
+        }
+    }
+
+    fn reader(w: &DirectoryWriter) -> DirectoryReader {
+        DirectoryReader::open(w.fd().try_clone_to_owned().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn publish_lookup_replace_remove() {
+        let mut w = DirectoryWriter::create(64).unwrap();
+        let r = reader(&w);
+        assert!(r.lookup("a.html", 0).is_none());
+        assert!(w.publish(&entry(5, "a.html")));
+        assert_eq!(r.lookup("a.html", 0), Some(entry(5, "a.html")));
+        assert!(r.lookup("a.html", 1).is_none());
+        assert!(w.publish(&entry(9, "a.html")));
+        assert_eq!(r.lookup("a.html", 0).unwrap().id, 9, "replaced in place");
+        w.remove("a.html", 0);
+        assert!(r.lookup("a.html", 0).is_none());
+        assert!(!w.publish(&entry(1, &"x".repeat(MAX_KEY_PATH + 1))));
+    }
+
+    #[test]
+    fn a_full_probe_window_declines_instead_of_evicting_others() {
+        let mut w = DirectoryWriter::create(8).unwrap();
+        let mut placed = 0;
+        for i in 1..=20u64 {
+            if w.publish(&entry(i, &format!("f{i}"))) {
+                placed += 1;
+            }
+        }
+        assert_eq!(placed, 8);
+        let r = reader(&w);
+        let found = (1..=20u64)
+            .filter(|i| r.lookup(&format!("f{i}"), 0).is_some())
+            .count();
+        assert_eq!(found, 8);
+    }
+
+    #[test]
+    fn readers_never_see_a_torn_entry() {
+        let mut w = DirectoryWriter::create(16).unwrap();
+        let r = reader(&w);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s2 = stop.clone();
+        let t = std::thread::spawn(move || {
+            let (mut seen, mut torn) = (0u64, 0u64);
+            while !s2.load(Ordering::Relaxed) {
+                if let Some(e) = r.lookup("hot.html", 0) {
+                    seen += 1;
+                    if e != entry(e.id, "hot.html") {
+                        torn += 1;
+                    }
+                }
+            }
+            (seen, torn)
+        });
+        for i in 1..200_000u64 {
+            w.publish(&entry(i, "hot.html"));
+            if i % 3 == 0 {
+                w.remove("hot.html", 0);
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        let (seen, torn) = t.join().unwrap();
+        assert_eq!(torn, 0, "{torn} torn entries out of {seen}");
+        assert!(seen > 0);
+    }
+
+    #[test]
+    fn malformed_regions_are_refused() {
+        let fd = memfd_create("x", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING).unwrap();
+        ftruncate(&fd, (HEADER + 8 * SLOT) as u64).unwrap();
+        assert!(
+            matches!(DirectoryReader::open(fd), Err(DirectoryError::Malformed(_))),
+            "unsealed"
+        );
+        let fd = memfd_create("x", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING).unwrap();
+        ftruncate(&fd, (HEADER + 8 * SLOT) as u64).unwrap();
+        fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW).unwrap();
+        assert!(
+            matches!(DirectoryReader::open(fd), Err(DirectoryError::Malformed(_))),
+            "no magic"
+        );
+    }
+}

@@ -8,6 +8,9 @@
 //! - [`segment`]: a file's bytes copied into a memfd that is then sealed against every change,
 //!   so any number of processes can map it and no reader can ever see torn or changing bytes.
 
+pub mod client;
 pub mod directory;
 pub mod path;
+pub mod proto;
 pub mod segment;
+pub mod server;

@@ -69,26 +69,37 @@ impl Version {
 pub struct Segment {
     fd: OwnedFd,
     map: Option<Mmap>,
+    /// The version of the whole file this segment was copied from.
     version: Version,
+    /// Bytes in this segment (the whole file, or one chunk of it).
+    len: u64,
 }
 
 impl Segment {
     /// Copies an opened file into a new sealed segment.
     pub fn load(file: &Opened) -> Result<Segment, SegmentError> {
+        Segment::load_range(file, 0, u64::MAX)
+    }
+
+    /// Copies up to `len` bytes from `offset` (one chunk of a large file) into a new sealed
+    /// segment. The segment records the version of the whole file it came from.
+    pub fn load_range(file: &Opened, offset: u64, len: u64) -> Result<Segment, SegmentError> {
         for _ in 0..MAX_ATTEMPTS {
             let before = Version::of(&fstat(&file.fd).map_err(io("reading file status"))?);
+            let seg_len = before.size.saturating_sub(offset).min(len);
             let fd = memfd_create(
                 "splitos-file",
                 MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
             )
             .map_err(io("creating shared memory"))?;
-            ftruncate(&fd, before.size).map_err(io("sizing shared memory"))?;
-            let mut buf = vec![0u8; (before.size as usize).clamp(1, 1 << 20)];
+            ftruncate(&fd, seg_len).map_err(io("sizing shared memory"))?;
+            let mut buf = vec![0u8; (seg_len as usize).clamp(1, 1 << 20)];
             let mut off = 0u64;
             let mut short = false;
-            while off < before.size {
-                let want = buf.len().min((before.size - off) as usize);
-                let n = pread(&file.fd, &mut buf[..want], off).map_err(io("reading the file"))?;
+            while off < seg_len {
+                let want = buf.len().min((seg_len - off) as usize);
+                let n = pread(&file.fd, &mut buf[..want], offset + off)
+                    .map_err(io("reading the file"))?;
                 if n == 0 {
                     short = true; // truncated under us
                     break;
@@ -105,34 +116,35 @@ impl Segment {
                 continue;
             }
             fcntl_add_seals(&fd, SEALS).map_err(io("sealing shared memory"))?;
-            return Segment::map(fd, before);
+            return Segment::map(fd, before, seg_len);
         }
         Err(SegmentError::Unstable)
     }
 
-    /// Maps a segment received from another process after checking that it is sealed.
-    pub fn from_received(fd: OwnedFd, version: Version) -> Result<Segment, SegmentError> {
+    /// Maps a segment of `len` bytes received from another process, after checking that it is
+    /// sealed and of that size.
+    pub fn from_received(fd: OwnedFd, version: Version, len: u64) -> Result<Segment, SegmentError> {
         let seals = fcntl_get_seals(&fd).map_err(io("reading seals"))?;
         let need = SealFlags::WRITE | SealFlags::SHRINK | SealFlags::GROW;
         if !seals.contains(need) {
             return Err(SegmentError::NotSealed);
         }
         let size = fstat(&fd).map_err(io("reading segment status"))?.st_size as u64;
-        if size != version.size {
+        if size != len {
             return Err(SegmentError::NotSealed);
         }
-        Segment::map(fd, version)
+        Segment::map(fd, version, len)
     }
 
-    fn map(fd: OwnedFd, version: Version) -> Result<Segment, SegmentError> {
-        let map = if version.size == 0 {
+    fn map(fd: OwnedFd, version: Version, len: u64) -> Result<Segment, SegmentError> {
+        let map = if len == 0 {
             None
         } else {
             // SAFETY: the memfd is sealed against writes, shrinking and growth (checked or set
             // by the callers), so the mapped bytes can never change or disappear while mapped:
             // the invariant `Mmap` requires.
             Some(
-                unsafe { MmapOptions::new().len(version.size as usize).map(&fd) }.map_err(|e| {
+                unsafe { MmapOptions::new().len(len as usize).map(&fd) }.map_err(|e| {
                     SegmentError::Io {
                         context: "mapping shared memory",
                         source: e,
@@ -140,7 +152,12 @@ impl Segment {
                 })?,
             )
         };
-        Ok(Segment { fd, map, version })
+        Ok(Segment {
+            fd,
+            map,
+            version,
+            len,
+        })
     }
 
     pub fn version(&self) -> Version {
@@ -148,11 +165,11 @@ impl Segment {
     }
 
     pub fn len(&self) -> u64 {
-        self.version.size
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.version.size == 0
+        self.len == 0
     }
 
     /// The bytes. Immutable for the life of the segment (see the module comment).

@@ -105,7 +105,7 @@ fn segments_hold_exact_sealed_content() {
         }
         // Another process's view (here: a duplicate fd) sees the same bytes.
         let dup = seg.fd().try_clone_to_owned().unwrap();
-        let other = Segment::from_received(dup, seg.version()).unwrap();
+        let other = Segment::from_received(dup, seg.version(), seg.len()).unwrap();
         assert!(other.bytes() == body.as_slice());
     }
 }
@@ -126,7 +126,7 @@ fn a_changed_file_is_a_new_version_and_unsealed_memory_is_refused() {
     let plain = rustix::fs::memfd_create("x", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
     rustix::fs::ftruncate(&plain, 3).unwrap();
     assert!(matches!(
-        Segment::from_received(plain, v1.version()),
+        Segment::from_received(plain, v1.version(), 3),
         Err(SegmentError::NotSealed)
     ));
 }

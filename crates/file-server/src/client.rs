@@ -1,0 +1,291 @@
+//! A reader of the file server: an application or the TCP server.
+//!
+//! A hit costs a lookup in the shared directory and no message: the entry names a segment the
+//! reader already maps. Otherwise the reader asks the server, which sends the segment's memfd
+//! and a reply; the reader checks the segment (sealed, of the announced size) before mapping it.
+//! A file made of several chunks is returned only if every chunk comes from the same version of
+//! the file, so a reader never stitches two versions together.
+
+use crate::directory::{DirectoryReader, Entry};
+use crate::path::{normalize, PathError};
+use crate::proto::{FailCode, Open, Reply, DIRECTORY_TAG};
+use crate::segment::{Segment, Version};
+use splitos_m2m::{Channel, ChannelConfig, Message, WaitPolicy};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Segments a reader keeps mapped; older ones are dropped (their memory goes when unused).
+const MAX_SEGMENTS: usize = 1024;
+/// How long a reader waits for the server to answer.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("no such file")]
+    NotFound,
+    #[error("the path leaves the served root")]
+    Escapes,
+    #[error("the path is a directory")]
+    Directory,
+    #[error("not a regular file")]
+    Special,
+    #[error("permission denied")]
+    Denied,
+    #[error("invalid path: {0}")]
+    BadPath(#[from] PathError),
+    #[error("the file server failed to read the file")]
+    ServerIo,
+    #[error("the file kept changing while it was being read")]
+    Unstable,
+    #[error("the file server has gone away")]
+    ServerGone,
+    #[error("the file server broke the protocol: {0}")]
+    Protocol(&'static str),
+    #[error(transparent)]
+    Channel(splitos_m2m::Error),
+}
+
+impl From<splitos_m2m::Error> for ClientError {
+    fn from(e: splitos_m2m::Error) -> ClientError {
+        match e {
+            splitos_m2m::Error::PeerGone => ClientError::ServerGone,
+            other => ClientError::Channel(other),
+        }
+    }
+}
+
+/// One version of a whole file, mapped. Cheap to clone; the bytes never change.
+#[derive(Clone)]
+pub struct FileView {
+    chunks: Vec<Arc<Segment>>,
+    chunk_size: u64,
+    version: Version,
+}
+
+impl FileView {
+    pub fn len(&self) -> u64 {
+        self.version.size
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.version.size == 0
+    }
+
+    pub fn version(&self) -> Version {
+        self.version
+    }
+
+    /// The segments, in order (for transmitting straight from shared memory).
+    pub fn chunks(&self) -> &[Arc<Segment>] {
+        &self.chunks
+    }
+
+    /// Copies bytes from `offset` on; returns how many.
+    pub fn read_at(&self, mut offset: u64, dst: &mut [u8]) -> usize {
+        let mut n = 0;
+        while n < dst.len() && offset < self.len() {
+            let i = (offset / self.chunk_size.max(1)) as usize;
+            let Some(seg) = self.chunks.get(i) else { break };
+            let within = (offset - i as u64 * self.chunk_size) as usize;
+            let bytes = seg.bytes();
+            if within >= bytes.len() {
+                break;
+            }
+            let take = (bytes.len() - within).min(dst.len() - n);
+            dst[n..n + take].copy_from_slice(&bytes[within..within + take]);
+            n += take;
+            offset += take as u64;
+        }
+        n
+    }
+
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut v = vec![0u8; self.len() as usize];
+        let n = self.read_at(0, &mut v);
+        v.truncate(n);
+        v
+    }
+}
+
+pub struct FileClient {
+    chan: Channel,
+    directory: DirectoryReader,
+    segments: HashMap<u64, Arc<Segment>>,
+    next_req: u32,
+    out: Vec<u8>,
+    /// Requests answered by the directory alone (no message), for observability and tests.
+    pub directory_hits: u64,
+}
+
+impl FileClient {
+    /// Connects to the file server at `socket` and maps its directory.
+    pub fn connect(socket: impl AsRef<Path>) -> Result<FileClient, ClientError> {
+        let mut chan = Channel::connect(
+            socket,
+            ChannelConfig {
+                ring_bytes: 64 << 10,
+                buf_size: 4096,
+                buf_count: 1,
+                wait: WaitPolicy::adaptive(),
+            },
+        )?;
+        let deadline = Instant::now() + REPLY_TIMEOUT;
+        let dir_fd = loop {
+            if let Some((tag, mut fds)) = chan.try_recv_fds()? {
+                if tag == DIRECTORY_TAG && fds.len() == 1 {
+                    break fds.remove(0);
+                }
+                return Err(ClientError::Protocol(
+                    "the first message was not the directory",
+                ));
+            }
+            if Instant::now() >= deadline {
+                return Err(ClientError::Protocol("no directory from the server"));
+            }
+            let mut fds = [rustix::event::PollFd::from_borrowed_fd(
+                chan.wait_fd(),
+                rustix::event::PollFlags::IN,
+            )];
+            let ts = rustix::time::Timespec {
+                tv_sec: 0,
+                tv_nsec: 10_000_000,
+            };
+            let _ = rustix::event::poll(&mut fds, Some(&ts));
+        };
+        let directory = DirectoryReader::open(dir_fd)
+            .map_err(|_| ClientError::Protocol("the directory region is malformed"))?;
+        Ok(FileClient {
+            chan,
+            directory,
+            segments: HashMap::new(),
+            next_req: 0,
+            out: Vec::new(),
+            directory_hits: 0,
+        })
+    }
+
+    /// Opens a whole file (one consistent version of it).
+    pub fn open(&mut self, path: &str) -> Result<FileView, ClientError> {
+        let path = normalize(path)?;
+        for _ in 0..3 {
+            let (first, e0) = self.chunk(&path, 0)?;
+            let chunk_size = if e0.file_size > e0.chunk_len as u64 {
+                e0.chunk_len as u64
+            } else {
+                e0.file_size.max(1)
+            };
+            let chunks = e0.file_size.div_ceil(chunk_size).max(1);
+            let mut view = vec![first];
+            let mut consistent = true;
+            for k in 1..chunks {
+                let (seg, e) = self.chunk(&path, k as u32)?;
+                if (e.file_size, e.mtime_ns, e.ino) != (e0.file_size, e0.mtime_ns, e0.ino) {
+                    consistent = false;
+                    break;
+                }
+                view.push(seg);
+            }
+            if consistent {
+                return Ok(FileView {
+                    chunks: view,
+                    chunk_size,
+                    version: Version {
+                        ino: e0.ino,
+                        size: e0.file_size,
+                        mtime_ns: e0.mtime_ns as i128,
+                    },
+                });
+            }
+        }
+        Err(ClientError::Unstable)
+    }
+
+    /// One chunk: from the directory if we map its segment already, else from the server.
+    fn chunk(&mut self, path: &str, chunk: u32) -> Result<(Arc<Segment>, Entry), ClientError> {
+        if let Some(e) = self.directory.lookup(path, chunk) {
+            if let Some(seg) = self.segments.get(&e.id) {
+                if seg.len() == e.chunk_len as u64 {
+                    self.directory_hits += 1;
+                    return Ok((seg.clone(), e));
+                }
+            }
+        }
+        self.next_req = self.next_req.wrapping_add(1);
+        let req = self.next_req;
+        self.out.clear();
+        Open { req, chunk, path }.encode(&mut self.out);
+        let out = std::mem::take(&mut self.out);
+        let sent = self.chan.send(&out);
+        self.out = out;
+        sent?;
+        let m = self
+            .chan
+            .recv_timeout(REPLY_TIMEOUT)?
+            .ok_or(ClientError::Protocol("no reply in time"))?;
+        let Message::Inline(b) = m else {
+            return Err(ClientError::Protocol("unexpected buffer"));
+        };
+        let reply = Reply::decode(b).ok_or(ClientError::Protocol("undecodable reply"))?;
+        match reply {
+            Reply::Failed { code, .. } => Err(match code {
+                FailCode::NotFound => ClientError::NotFound,
+                FailCode::Escapes => ClientError::Escapes,
+                FailCode::Directory => ClientError::Directory,
+                FailCode::Special => ClientError::Special,
+                FailCode::Denied => ClientError::Denied,
+                FailCode::BadPath => ClientError::BadPath(PathError::Empty),
+                FailCode::Io | FailCode::BadRequest => ClientError::ServerIo,
+            }),
+            Reply::Opened {
+                req: r,
+                id,
+                chunk_len,
+                file_size,
+                mtime_ns,
+                ino,
+                ..
+            } => {
+                if r != req || chunk_len > u32::MAX as u64 {
+                    return Err(ClientError::Protocol("reply does not match the request"));
+                }
+                let (tag, mut fds) = self
+                    .chan
+                    .try_recv_fds()?
+                    .ok_or(ClientError::Protocol("segment descriptor missing"))?;
+                if tag != id || fds.len() != 1 {
+                    return Err(ClientError::Protocol("segment descriptor mislabelled"));
+                }
+                let version = Version {
+                    ino,
+                    size: file_size,
+                    mtime_ns: mtime_ns as i128,
+                };
+                let seg =
+                    Segment::from_received(fds.remove(0), version, chunk_len).map_err(|_| {
+                        ClientError::Protocol("segment is not sealed or has the wrong size")
+                    })?;
+                let seg = Arc::new(seg);
+                if self.segments.len() >= MAX_SEGMENTS {
+                    if let Some(k) = self.segments.keys().next().copied() {
+                        self.segments.remove(&k);
+                    }
+                }
+                self.segments.insert(id, seg.clone());
+                Ok((
+                    seg,
+                    Entry {
+                        id,
+                        path: path.to_string(),
+                        chunk,
+                        chunk_len: chunk_len as u32,
+                        file_size,
+                        mtime_ns,
+                        ino,
+                    },
+                ))
+            }
+        }
+    }
+}

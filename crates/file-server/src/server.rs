@@ -1,0 +1,461 @@
+//! The file server: one thread that owns the cache, publishes the shared directory, and answers
+//! readers' misses over m2m channels.
+//!
+//! A file is cached as chunks (`chunk_size` bytes each; most files are one chunk), each in its
+//! own sealed segment. The cache keeps at most `cache_bytes` of segments and evicts with CLOCK
+//! (a chunk asked for again since the hand last passed is spared once). Evicting a chunk removes
+//! its directory entry and drops the server's mapping; readers that still map the segment keep
+//! the bytes alive — the kernel frees them when the last mapping goes, including when a reader
+//! dies holding it. Cached files are re-checked (size, modification time, inode) every
+//! `revalidate_every`, and changed or deleted ones are retired from the directory.
+
+use crate::directory::{DirectoryWriter, Entry};
+use crate::path::{OpenError, Root};
+use crate::proto::{FailCode, Open, Reply, DIRECTORY_TAG};
+use crate::segment::{Segment, Version};
+use rustix::fd::AsFd;
+use splitos_m2m::{Channel, Listener, ListenerConfig, Message, WaitPolicy};
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Debug)]
+pub struct FileServerConfig {
+    /// The directory whose files are served; nothing outside it ever is.
+    pub root: PathBuf,
+    /// Unix socket readers connect to.
+    pub socket: PathBuf,
+    /// Most bytes of file contents kept cached.
+    pub cache_bytes: u64,
+    /// Files are cached in chunks of this many bytes.
+    pub chunk_size: u64,
+    /// Slots in the shared directory.
+    pub directory_slots: usize,
+    pub max_sessions: usize,
+    /// How often cached files are checked for changes.
+    pub revalidate_every: Duration,
+}
+
+impl FileServerConfig {
+    pub fn new(root: PathBuf, socket: PathBuf) -> FileServerConfig {
+        FileServerConfig {
+            root,
+            socket,
+            cache_bytes: 256 << 20,
+            chunk_size: 4 << 20,
+            directory_slots: 16384,
+            max_sessions: 1024,
+            revalidate_every: Duration::from_millis(500),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot serve {path}: {source}")]
+    Root { path: PathBuf, source: OpenError },
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Channel(#[from] splitos_m2m::Error),
+    #[error(transparent)]
+    Directory(#[from] crate::directory::DirectoryError),
+    #[error("starting the server thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// Counters, readable while the server runs.
+#[derive(Default, Debug)]
+pub struct Stats {
+    pub requests: AtomicU64,
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
+    pub evictions: AtomicU64,
+    pub retired: AtomicU64,
+    pub cached_bytes: AtomicU64,
+}
+
+pub struct FileServer {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    stats: Arc<Stats>,
+}
+
+impl FileServer {
+    pub fn start(cfg: FileServerConfig) -> Result<FileServer, ServerError> {
+        if cfg.chunk_size < 4096 || cfg.chunk_size > (1 << 30) {
+            return Err(ServerError::Config(
+                "chunk size must be 4 KiB to 1 GiB".into(),
+            ));
+        }
+        let root = Root::open_dir(&cfg.root).map_err(|source| ServerError::Root {
+            path: cfg.root.clone(),
+            source,
+        })?;
+        let listener = Listener::bind(
+            &cfg.socket,
+            ListenerConfig {
+                max_ring_bytes: 64 << 10,
+                max_buf_size: 4096,
+                max_buf_count: 1,
+                handshake_timeout: Duration::from_millis(500),
+                wait: WaitPolicy::Block,
+                ..ListenerConfig::default()
+            },
+        )?;
+        listener.set_nonblocking(true)?;
+        let directory = DirectoryWriter::create(cfg.directory_slots)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stats = Arc::new(Stats::default());
+        let mut state = State {
+            cfg,
+            root,
+            listener,
+            directory,
+            sessions: Vec::new(),
+            cache: HashMap::new(),
+            clock: VecDeque::new(),
+            bytes: 0,
+            next_id: 1,
+            stats: stats.clone(),
+            out: Vec::new(),
+        };
+        let s2 = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("splitos-files".into())
+            .spawn(move || state.run(&s2))
+            .map_err(ServerError::Thread)?;
+        Ok(FileServer {
+            stop,
+            thread: Some(thread),
+            stats,
+        })
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    pub fn shutdown(mut self) {
+        self.stop_now();
+    }
+
+    fn stop_now(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for FileServer {
+    fn drop(&mut self) {
+        self.stop_now();
+    }
+}
+
+type Key = (String, u32);
+
+struct Cached {
+    id: u64,
+    segment: Segment,
+    referenced: bool,
+}
+
+struct State {
+    cfg: FileServerConfig,
+    root: Root,
+    listener: Listener,
+    directory: DirectoryWriter,
+    sessions: Vec<Channel>,
+    cache: HashMap<Key, Cached>,
+    clock: VecDeque<Key>,
+    bytes: u64,
+    next_id: u64,
+    stats: Arc<Stats>,
+    out: Vec<u8>,
+}
+
+fn fail_code(e: &OpenError) -> FailCode {
+    match e {
+        OpenError::Path(_) => FailCode::BadPath,
+        OpenError::NotFound => FailCode::NotFound,
+        OpenError::Escapes => FailCode::Escapes,
+        OpenError::Directory => FailCode::Directory,
+        OpenError::Special => FailCode::Special,
+        OpenError::Denied => FailCode::Denied,
+        OpenError::Io(_) => FailCode::Io,
+    }
+}
+
+impl State {
+    fn run(&mut self, stop: &AtomicBool) {
+        let mut next_check = Instant::now() + self.cfg.revalidate_every;
+        while !stop.load(Ordering::Acquire) {
+            let mut work = self.accept();
+            let mut i = 0;
+            while i < self.sessions.len() {
+                match self.serve(i) {
+                    Ok(n) => {
+                        work += n;
+                        i += 1;
+                    }
+                    Err(e) => {
+                        tracing::debug!("dropping a file server reader: {e}");
+                        self.sessions.swap_remove(i);
+                    }
+                }
+            }
+            if Instant::now() >= next_check {
+                self.revalidate();
+                next_check = Instant::now() + self.cfg.revalidate_every;
+            }
+            if work == 0 {
+                self.sleep(next_check);
+            }
+        }
+    }
+
+    fn sleep(&mut self, until: Instant) {
+        let mut armed = true;
+        for s in &mut self.sessions {
+            armed &= s.prepare_wait().unwrap_or(false);
+        }
+        if armed {
+            let mut fds: Vec<rustix::event::PollFd<'_>> =
+                Vec::with_capacity(self.sessions.len() + 1);
+            fds.push(rustix::event::PollFd::new(
+                &self.listener,
+                rustix::event::PollFlags::IN,
+            ));
+            for s in &self.sessions {
+                fds.push(rustix::event::PollFd::from_borrowed_fd(
+                    s.wait_fd(),
+                    rustix::event::PollFlags::IN,
+                ));
+            }
+            let t = until
+                .saturating_duration_since(Instant::now())
+                .min(Duration::from_millis(100));
+            let ts = rustix::time::Timespec {
+                tv_sec: t.as_secs() as i64,
+                tv_nsec: t.subsec_nanos() as _,
+            };
+            let _ = rustix::event::poll(&mut fds, Some(&ts));
+        }
+        for s in &mut self.sessions {
+            s.finish_wait();
+        }
+    }
+
+    fn accept(&mut self) -> usize {
+        let mut n = 0;
+        while let Ok(incoming) = self.listener.accept() {
+            n += 1;
+            if self.sessions.len() >= self.cfg.max_sessions {
+                let _ = incoming.reject("the file server has its maximum number of readers");
+                continue;
+            }
+            let Ok(mut chan) = incoming.establish() else {
+                continue;
+            };
+            if chan.send_fds(DIRECTORY_TAG, &[self.directory.fd()]).is_ok() {
+                self.sessions.push(chan);
+            }
+        }
+        n
+    }
+
+    fn serve(&mut self, i: usize) -> Result<usize, splitos_m2m::Error> {
+        let mut n = 0;
+        let mut req_buf = Vec::new();
+        while n < 64 {
+            req_buf.clear();
+            match self.sessions[i].try_recv()? {
+                None => break,
+                Some(Message::Inline(b)) => req_buf.extend_from_slice(b),
+                Some(Message::Buffer(_)) => {} // not part of the protocol: ignored (returned)
+            }
+            n += 1;
+            self.stats.requests.fetch_add(1, Ordering::Relaxed);
+            let reply = match Open::decode(&req_buf) {
+                None => Reply::Failed {
+                    req: 0,
+                    code: FailCode::BadRequest,
+                },
+                Some(open) => {
+                    let path = open.path.to_string();
+                    self.open(i, open.req, &path, open.chunk)?
+                }
+            };
+            self.out.clear();
+            reply.encode(&mut self.out);
+            let out = std::mem::take(&mut self.out);
+            let r = self.sessions[i].send(&out);
+            self.out = out;
+            r?;
+        }
+        Ok(n)
+    }
+
+    /// Serves chunk `chunk` of `path`: from the cache if its version is current, else loaded.
+    fn open(
+        &mut self,
+        session: usize,
+        req: u32,
+        path: &str,
+        chunk: u32,
+    ) -> Result<Reply, splitos_m2m::Error> {
+        let opened = match self.root.open(path) {
+            Ok(o) => o,
+            Err(e) => {
+                return Ok(Reply::Failed {
+                    req,
+                    code: fail_code(&e),
+                })
+            }
+        };
+        let version = Version::of(&opened.stat);
+        let cs = self.cfg.chunk_size;
+        let chunks = version.size.div_ceil(cs).max(1);
+        if chunk as u64 >= chunks {
+            return Ok(Reply::Failed {
+                req,
+                code: FailCode::BadRequest,
+            });
+        }
+        let key = (opened.path.clone(), chunk);
+        let current = self
+            .cache
+            .get(&key)
+            .is_some_and(|c| c.segment.version() == version);
+        if current {
+            self.stats.hits.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.stats.misses.fetch_add(1, Ordering::Relaxed);
+            let Ok(segment) = Segment::load_range(&opened, chunk as u64 * cs, cs) else {
+                return Ok(Reply::Failed {
+                    req,
+                    code: FailCode::Io,
+                });
+            };
+            if segment.len() > self.cfg.cache_bytes {
+                // Larger than the whole cache: served this once, never kept.
+                let id = self.next_id;
+                self.next_id += 1;
+                self.sessions[session].send_fds(id, &[segment.fd()])?;
+                return Ok(opened_reply(req, id, chunk, cs, &segment));
+            }
+            self.insert(key.clone(), segment);
+        }
+        let Some(c) = self.cache.get_mut(&key) else {
+            return Ok(Reply::Failed {
+                req,
+                code: FailCode::Io,
+            });
+        };
+        c.referenced = true;
+        let (id, reply) = (c.id, opened_reply(req, c.id, chunk, cs, &c.segment));
+        let fd = c
+            .segment
+            .fd()
+            .try_clone_to_owned()
+            .map_err(|e| splitos_m2m::Error::Io {
+                context: "duplicating a segment",
+                source: e,
+            })?;
+        self.sessions[session].send_fds(id, &[fd.as_fd()])?;
+        Ok(reply)
+    }
+
+    fn insert(&mut self, key: Key, segment: Segment) {
+        if let Some(old) = self.cache.remove(&key) {
+            self.bytes -= old.segment.len();
+            self.directory.remove(&key.0, key.1);
+        }
+        let len = segment.len();
+        while self.bytes + len > self.cfg.cache_bytes {
+            let Some(k) = self.clock.pop_front() else {
+                break;
+            };
+            match self.cache.get_mut(&k) {
+                Some(c) if c.referenced => {
+                    c.referenced = false;
+                    self.clock.push_back(k);
+                }
+                Some(_) => {
+                    if let Some(c) = self.cache.remove(&k) {
+                        self.bytes -= c.segment.len();
+                        self.directory.remove(&k.0, k.1);
+                        self.stats.evictions.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                None => {} // already replaced or retired
+            }
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let v = segment.version();
+        self.directory.publish(&Entry {
+            id,
+            path: key.0.clone(),
+            chunk: key.1,
+            chunk_len: len as u32,
+            file_size: v.size,
+            mtime_ns: v.mtime_ns as i64,
+            ino: v.ino,
+        });
+        self.bytes += len;
+        self.cache.insert(
+            key.clone(),
+            Cached {
+                id,
+                segment,
+                referenced: false,
+            },
+        );
+        self.clock.push_back(key);
+        self.publish_stats();
+    }
+
+    /// Retires cached chunks whose file changed or went away.
+    fn revalidate(&mut self) {
+        let keys: Vec<Key> = self.cache.keys().take(4096).cloned().collect();
+        for key in keys {
+            let fresh = self.root.open(&key.0).map(|o| Version::of(&o.stat)).ok();
+            let stale = self
+                .cache
+                .get(&key)
+                .is_some_and(|c| Some(c.segment.version()) != fresh);
+            if stale {
+                if let Some(c) = self.cache.remove(&key) {
+                    self.bytes -= c.segment.len();
+                }
+                self.directory.remove(&key.0, key.1);
+                self.stats.retired.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.publish_stats();
+    }
+
+    fn publish_stats(&self) {
+        self.stats.cached_bytes.store(self.bytes, Ordering::Relaxed);
+    }
+}
+
+fn opened_reply(req: u32, id: u64, chunk: u32, chunk_size: u64, s: &Segment) -> Reply {
+    let v = s.version();
+    Reply::Opened {
+        req,
+        id,
+        chunk,
+        chunk_len: s.len(),
+        chunk_size,
+        file_size: v.size,
+        mtime_ns: v.mtime_ns as i64,
+        ino: v.ino,
+    }
+}

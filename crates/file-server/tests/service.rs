@@ -1,0 +1,313 @@
+//! The file server with readers: directory hits without messages, one whole version under
+//! concurrent rewrites, eviction under pressure without freed memory, chunked files, path
+//! safety through the client, and a `kill -9`ed server.
+
+use splitos_file_server::client::{ClientError, FileClient};
+use splitos_file_server::server::{FileServer, FileServerConfig};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+struct Site(PathBuf);
+impl Drop for Site {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn site(tag: &str) -> (Site, PathBuf, PathBuf) {
+    let base = std::env::temp_dir().join(format!("splitos-fsvc-{}-{tag}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let root = base.join("root");
+    std::fs::create_dir_all(root.join("sub")).unwrap();
+    std::fs::write(root.join("index.html"), b"<h1>split</h1>").unwrap();
+    std::fs::write(base.join("secret"), b"never").unwrap();
+    std::os::unix::fs::symlink("../secret", root.join("escape")).unwrap();
+    let sock = base.join("files.sock");
+    (Site(base), root, sock)
+}
+
+fn start(root: &Path, sock: &Path, tune: impl FnOnce(&mut FileServerConfig)) -> FileServer {
+    let mut cfg = FileServerConfig::new(root.to_path_buf(), sock.to_path_buf());
+    tune(&mut cfg);
+    FileServer::start(cfg).unwrap()
+}
+
+#[test]
+fn second_open_is_a_directory_hit() {
+    let (_s, root, sock) = site("hit");
+    let srv = start(&root, &sock, |_| {});
+    let mut c = FileClient::connect(&sock).unwrap();
+    assert_eq!(c.open("index.html").unwrap().to_vec(), b"<h1>split</h1>");
+    let before = srv.stats().requests.load(Ordering::Relaxed);
+    for _ in 0..100 {
+        assert_eq!(
+            c.open("/./index.html".trim_start_matches('/'))
+                .unwrap()
+                .to_vec(),
+            b"<h1>split</h1>"
+        );
+    }
+    assert_eq!(
+        srv.stats().requests.load(Ordering::Relaxed),
+        before,
+        "hits sent messages"
+    );
+    assert_eq!(c.directory_hits, 100);
+    // A second reader learns the segment once, then hits too.
+    let mut c2 = FileClient::connect(&sock).unwrap();
+    c2.open("index.html").unwrap();
+    c2.open("index.html").unwrap();
+    assert_eq!(c2.directory_hits, 1);
+}
+
+#[test]
+fn paths_that_leave_the_root_are_refused() {
+    let (_s, root, sock) = site("paths");
+    let _srv = start(&root, &sock, |_| {});
+    let mut c = FileClient::connect(&sock).unwrap();
+    assert!(matches!(c.open("../secret"), Err(ClientError::BadPath(_))));
+    assert!(matches!(
+        c.open("/etc/passwd"),
+        Err(ClientError::BadPath(_))
+    ));
+    assert!(matches!(c.open("a\0b"), Err(ClientError::BadPath(_))));
+    assert!(matches!(c.open("escape"), Err(ClientError::Escapes)));
+    assert!(matches!(c.open("sub"), Err(ClientError::Directory)));
+    assert!(matches!(c.open("nope.html"), Err(ClientError::NotFound)));
+    assert_eq!(
+        c.open("index.html").unwrap().to_vec(),
+        b"<h1>split</h1>",
+        "session still fine"
+    );
+}
+
+#[test]
+fn readers_see_one_whole_version_while_a_writer_replaces_the_file() {
+    let (_s, root, sock) = site("versions");
+    let _srv = start(&root, &sock, |c| {
+        c.revalidate_every = Duration::from_millis(20)
+    });
+    let file = root.join("live.txt");
+    std::fs::write(&file, vec![0u8; 1000]).unwrap();
+    let writer_root = root.clone();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let s2 = stop.clone();
+    let writer = std::thread::spawn(move || {
+        let mut v = 1u32;
+        while !s2.load(Ordering::Relaxed) {
+            // Each version: every byte equal to the version, length varying with it.
+            let tmp = writer_root.join(".live.tmp");
+            let len = |v: u32| 1000 + ((v as u8) as usize % 7) * 100;
+            std::fs::write(&tmp, vec![v as u8; len(v)]).unwrap();
+            std::fs::rename(&tmp, writer_root.join("live.txt")).unwrap();
+            // Also rewrite in place, which a reader could catch half-done without the checks.
+            std::fs::write(
+                writer_root.join("live.txt"),
+                vec![(v + 1) as u8; len(v + 1)],
+            )
+            .unwrap();
+            v += 2;
+            std::thread::sleep(Duration::from_micros(300));
+        }
+        v
+    });
+    let readers: Vec<_> = (0..3)
+        .map(|_| {
+            let sock = sock.clone();
+            std::thread::spawn(move || {
+                let mut c = FileClient::connect(&sock).unwrap();
+                let (mut reads, mut versions) = (0, std::collections::HashSet::new());
+                let start = Instant::now();
+                while start.elapsed() < Duration::from_millis(1500) {
+                    match c.open("live.txt") {
+                        Ok(view) => {
+                            let bytes = view.to_vec();
+                            assert_eq!(bytes.len() as u64, view.len());
+                            // An in-place rewrite truncates first: empty is a real version.
+                            let Some(&first) = bytes.first() else {
+                                continue;
+                            };
+                            assert!(
+                                bytes.iter().all(|b| *b == first),
+                                "torn read: mixed versions"
+                            );
+                            assert_eq!(
+                                bytes.len(),
+                                1000 + (first as usize % 7) * 100,
+                                "length of another version"
+                            );
+                            versions.insert(first);
+                            reads += 1;
+                        }
+                        Err(ClientError::NotFound) | Err(ClientError::Unstable) => {} // mid-rename
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+                (reads, versions.len())
+            })
+        })
+        .collect();
+    for r in readers {
+        let (reads, versions) = r.join().unwrap();
+        assert!(reads > 50, "only {reads} reads");
+        assert!(
+            versions > 3,
+            "changes were not picked up ({versions} versions seen)"
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+}
+
+#[test]
+fn a_changed_file_is_retired_within_a_second() {
+    let (_s, root, sock) = site("retire");
+    let _srv = start(&root, &sock, |_| {});
+    let mut c = FileClient::connect(&sock).unwrap();
+    std::fs::write(root.join("a.txt"), b"old").unwrap();
+    assert_eq!(c.open("a.txt").unwrap().to_vec(), b"old");
+    std::fs::write(root.join("a.txt"), b"new!").unwrap();
+    let start = Instant::now();
+    loop {
+        if c.open("a.txt").unwrap().to_vec() == b"new!" {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "stale content after 1 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::fs::remove_file(root.join("a.txt")).unwrap();
+    let start = Instant::now();
+    while c.open("a.txt").is_ok() {
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "deleted file still served after 1 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn eviction_under_pressure_never_frees_what_a_reader_holds() {
+    let (_s, root, sock) = site("evict");
+    let srv = start(&root, &sock, |c| c.cache_bytes = 1 << 20);
+    for i in 0..40u8 {
+        std::fs::write(root.join(format!("f{i}.bin")), vec![i; 100 << 10]).unwrap();
+    }
+    let mut c = FileClient::connect(&sock).unwrap();
+    let mut held = Vec::new();
+    for round in 0..3 {
+        for i in 0..40u8 {
+            let v = c.open(&format!("f{i}.bin")).unwrap();
+            if round == 0 && i % 4 == 0 {
+                held.push((i, v));
+            }
+        }
+    }
+    assert!(
+        srv.stats().evictions.load(Ordering::Relaxed) > 0,
+        "nothing was evicted"
+    );
+    assert!(
+        srv.stats().cached_bytes.load(Ordering::Relaxed) <= 1 << 20,
+        "over budget"
+    );
+    for (i, v) in &held {
+        let bytes = v.to_vec();
+        assert_eq!(bytes.len(), 100 << 10);
+        assert!(
+            bytes.iter().all(|b| b == i),
+            "held file {i} changed after eviction"
+        );
+    }
+}
+
+#[test]
+fn large_files_come_in_chunks_of_one_version() {
+    let (_s, root, sock) = site("chunks");
+    let _srv = start(&root, &sock, |c| c.chunk_size = 64 << 10);
+    let body: Vec<u8> = (0..(300 << 10) + 5)
+        .map(|i: usize| (i * 7 % 251) as u8)
+        .collect();
+    std::fs::write(root.join("big.bin"), &body).unwrap();
+    let mut c = FileClient::connect(&sock).unwrap();
+    let v = c.open("big.bin").unwrap();
+    assert_eq!(v.chunks().len(), 5);
+    assert!(v.to_vec() == body);
+    // A read across a chunk boundary.
+    let mut buf = vec![0u8; 1000];
+    assert_eq!(v.read_at((64 << 10) - 500, &mut buf), 1000);
+    assert_eq!(&buf[..], &body[(64 << 10) - 500..(64 << 10) + 500]);
+    let mut tail = vec![0u8; 100];
+    assert_eq!(v.read_at(body.len() as u64 - 3, &mut tail), 3);
+}
+
+/// Runs a file server in a process of its own (this test binary, re-run) until killed.
+#[test]
+fn server_process_entry() {
+    let (Ok(root), Ok(sock)) = (std::env::var("FS_ROOT"), std::env::var("FS_SOCK")) else {
+        return;
+    };
+    let _srv = FileServer::start(FileServerConfig::new(root.into(), sock.into())).unwrap();
+    std::thread::sleep(Duration::from_secs(30));
+}
+
+fn spawn_server(root: &Path, sock: &Path) -> std::process::Child {
+    let child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["server_process_entry", "--exact", "--test-threads=1"])
+        .env("FS_ROOT", root)
+        .env("FS_SOCK", sock)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::os::unix::net::UnixStream::connect(sock).is_err() {
+        assert!(Instant::now() < deadline, "file server did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+#[test]
+fn killed_server_gives_a_clear_error_and_a_restarted_one_serves() {
+    let (_s, root, sock) = site("kill");
+    let mut server = spawn_server(&root, &sock);
+    let mut c = FileClient::connect(&sock).unwrap();
+    let view = c.open("index.html").unwrap();
+    server.kill().unwrap();
+    server.wait().unwrap();
+    let start = Instant::now();
+    // Hits on segments already mapped may still succeed; a miss must fail cleanly.
+    let err = c
+        .open("sub/../index.html")
+        .err()
+        .or_else(|| c.open("other.html").err())
+        .unwrap();
+    assert!(
+        matches!(err, ClientError::ServerGone | ClientError::BadPath(_)),
+        "{err}"
+    );
+    let err = match c.open("missing-file.html") {
+        Err(e) => e,
+        Ok(_) => panic!("a dead server answered"),
+    };
+    assert!(matches!(err, ClientError::ServerGone), "{err}");
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        start.elapsed()
+    );
+    assert_eq!(
+        view.to_vec(),
+        b"<h1>split</h1>",
+        "mapped bytes outlive the server"
+    );
+    let mut server = spawn_server(&root, &sock);
+    let mut c2 = FileClient::connect(&sock).unwrap();
+    assert_eq!(c2.open("index.html").unwrap().to_vec(), b"<h1>split</h1>");
+    server.kill().unwrap();
+    server.wait().unwrap();
+}

@@ -33,6 +33,77 @@ enum Command {
     /// Show the TCP server's applications, connections, traffic and thread load (read from its
     /// statistics file; the server is not disturbed).
     Status(StatusArgs),
+    /// Run the memory-mapped file server: it caches the files beneath ROOT in sealed shared
+    /// memory that readers map directly; nothing outside ROOT is ever served.
+    FileServer(FileServerArgs),
+}
+
+#[derive(clap::Args)]
+struct FileServerArgs {
+    /// The directory to serve.
+    #[arg(long)]
+    root: PathBuf,
+    /// Unix socket readers connect to [default: $XDG_RUNTIME_DIR/splitos/files.sock, else
+    /// /tmp/splitos-<uid>/files.sock].
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Most bytes of file contents kept in memory (suffixes K, M, G).
+    #[arg(long, default_value = "256M", value_parser = parse_bytes)]
+    cache_size: u64,
+    /// Files are cached in chunks of this size (suffixes K, M, G).
+    #[arg(long, default_value = "4M", value_parser = parse_bytes)]
+    chunk_size: u64,
+}
+
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mul) = match t.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&t[..i], 1u64 << 10),
+        Some((i, 'M' | 'm')) => (&t[..i], 1 << 20),
+        Some((i, 'G' | 'g')) => (&t[..i], 1 << 30),
+        _ => (t, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mul))
+        .ok_or_else(|| format!("{s:?} is not a size like 4096, 64K, 256M or 1G"))
+}
+
+fn default_files_socket() -> PathBuf {
+    if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR") {
+        return PathBuf::from(d).join("splitos").join("files.sock");
+    }
+    PathBuf::from(format!(
+        "/tmp/splitos-{}/files.sock",
+        rustix::process::getuid().as_raw()
+    ))
+}
+
+fn run_file_server(a: FileServerArgs) -> Result<(), String> {
+    let socket = a.socket.unwrap_or_else(default_files_socket);
+    if let Some(dir) = socket.parent() {
+        if !dir.as_os_str().is_empty() && !dir.exists() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        }
+    }
+    let mut cfg =
+        splitos_file_server::server::FileServerConfig::new(a.root.clone(), socket.clone());
+    cfg.cache_bytes = a.cache_size;
+    cfg.chunk_size = a.chunk_size;
+    let stop = stop_on_signals()?;
+    let server = splitos_file_server::server::FileServer::start(cfg).map_err(|e| e.to_string())?;
+    eprintln!(
+        "splitos file-server: serving {} on {} (Ctrl-C to stop)",
+        a.root.display(),
+        socket.display()
+    );
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("splitos file-server: shutting down");
+    server.shutdown();
+    Ok(())
 }
 
 #[derive(clap::Args)]
@@ -97,6 +168,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.command {
         Command::TcpServer(a) => run_tcp_server(a),
+        Command::FileServer(a) => run_file_server(a),
         Command::Status(a) => status::run(
             a.socket
                 .unwrap_or_else(splitos_tcp_server::default_socket_path),

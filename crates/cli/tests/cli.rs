@@ -100,3 +100,52 @@ fn errors_say_what_to_do() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("threads must be"));
 }
+
+#[test]
+fn file_server_serves_and_stops_cleanly() {
+    let base = std::env::temp_dir().join(format!("splitos-cli-fs-{}", std::process::id()));
+    let root = base.join("site");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(root.join("index.html"), b"hello from the file server").unwrap();
+    let sock = base.join("files.sock");
+    let mut daemon = Command::new(BIN)
+        .args(["file-server", "--cache-size", "8M", "--root"])
+        .arg(&root)
+        .arg("--socket")
+        .arg(&sock)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut client = loop {
+        match splitos_file_server::client::FileClient::connect(&sock) {
+            Ok(c) => break c,
+            Err(e) => assert!(Instant::now() < deadline, "file server never came up: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(
+        client.open("index.html").unwrap().to_vec(),
+        b"hello from the file server"
+    );
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(daemon.id() as i32).unwrap(),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    let status = daemon.wait().unwrap();
+    assert!(status.success());
+    let out = Command::new(BIN)
+        .args([
+            "file-server",
+            "--root",
+            "/nonexistent-splitos-root",
+            "--socket",
+        ])
+        .arg(base.join("x.sock"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot serve"));
+    let _ = std::fs::remove_dir_all(&base);
+}

@@ -111,6 +111,10 @@ pub(crate) struct State {
     waiting: HashMap<WaitKey, (Arc<Condvar>, usize)>,
     /// Tasks of the tokio flavour waiting for a key; woken like the condition variables.
     pub(crate) wakers: HashMap<WaitKey, Vec<std::task::Waker>>,
+    /// File segments passed to the server for `send_file`, by memfd inode: (tag, segment).
+    pub(crate) files: HashMap<u64, (u64, Arc<splitos_file_server::segment::Segment>)>,
+    pub(crate) file_order: VecDeque<u64>,
+    pub(crate) next_file_tag: u64,
     /// Whether the tokio driver task of this session is running.
     #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
     pub(crate) driver: bool,
@@ -186,6 +190,9 @@ impl Session {
             leader: false,
             waiting: HashMap::new(),
             wakers: HashMap::new(),
+            files: HashMap::new(),
+            file_order: VecDeque::new(),
+            next_file_tag: 1,
             driver: false,
             touched: Vec::new(),
         };

@@ -136,6 +136,18 @@ impl Segment {
         Segment::map(fd, version, len)
     }
 
+    /// Maps a sealed segment whose file version the receiver does not need to know (e.g. the
+    /// TCP server sending it on a connection): its size is taken from the memfd itself.
+    pub fn from_received_sealed(fd: OwnedFd) -> Result<Segment, SegmentError> {
+        let size = fstat(&fd).map_err(io("reading segment status"))?.st_size as u64;
+        let v = Version {
+            ino: 0,
+            size,
+            mtime_ns: 0,
+        };
+        Segment::from_received(fd, v, size)
+    }
+
     fn map(fd: OwnedFd, version: Version, len: u64) -> Result<Segment, SegmentError> {
         let map = if len == 0 {
             None

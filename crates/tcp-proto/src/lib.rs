@@ -102,6 +102,19 @@ pub enum Request<'a> {
         handle: Handle,
         bytes: u32,
     },
+    /// Send `len` bytes from `offset` of a sealed file segment straight from shared memory.
+    /// The segment's memfd was passed earlier as a descriptor message tagged `file`.
+    SendFile {
+        handle: Handle,
+        file: u64,
+        offset: u64,
+        len: u64,
+    },
+    /// The application will not name segment `file` again; the server drops its mapping once
+    /// queued sends from it are done.
+    ReleaseFile {
+        file: u64,
+    },
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -177,6 +190,8 @@ mod op {
     pub const CLOSE: u8 = 6;
     pub const SET_OPTION: u8 = 7;
     pub const CONSUMED: u8 = 8;
+    pub const SEND_FILE: u8 = 9;
+    pub const RELEASE_FILE: u8 = 10;
 
     pub const DONE: u8 = 64;
     pub const FAILED: u8 = 65;
@@ -203,6 +218,10 @@ impl Writer<'_> {
         self
     }
     fn u16(&mut self, v: u16) -> &mut Self {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    fn u64(&mut self, v: u64) -> &mut Self {
         self.0.extend_from_slice(&v.to_le_bytes());
         self
     }
@@ -259,6 +278,9 @@ impl<'a> Reader<'a> {
     }
     fn u16(&mut self) -> Result<u16, DecodeError> {
         Ok(u16::from_le_bytes(self.take()?))
+    }
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        Ok(u64::from_le_bytes(self.take()?))
     }
     fn u32(&mut self) -> Result<u32, DecodeError> {
         Ok(u32::from_le_bytes(self.take()?))
@@ -348,6 +370,21 @@ impl<'a> Request<'a> {
             Request::Consumed { handle, bytes } => {
                 w.u8(op::CONSUMED).handle(handle).u32(bytes);
             }
+            Request::SendFile {
+                handle,
+                file,
+                offset,
+                len,
+            } => {
+                w.u8(op::SEND_FILE)
+                    .handle(handle)
+                    .u64(file)
+                    .u64(offset)
+                    .u64(len);
+            }
+            Request::ReleaseFile { file } => {
+                w.u8(op::RELEASE_FILE).u64(file);
+            }
         }
     }
 
@@ -414,6 +451,13 @@ impl<'a> Request<'a> {
                 handle: r.handle()?,
                 bytes: r.u32()?,
             },
+            op::SEND_FILE => Request::SendFile {
+                handle: r.handle()?,
+                file: r.u64()?,
+                offset: r.u64()?,
+                len: r.u64()?,
+            },
+            op::RELEASE_FILE => Request::ReleaseFile { file: r.u64()? },
             other => return Err(DecodeError::UnknownOp(other)),
         };
         r.end()?;

@@ -19,7 +19,7 @@ proptest! {
     fn requests_round_trip(
         req in any::<u32>(), a in addr(), h in handle(), n in any::<u32>(),
         flags in 0..=listen_flags::ALL, data in proptest::collection::vec(any::<u8>(), 0..200),
-        on in any::<bool>(), pick in 0..9u8,
+        on in any::<bool>(), pick in 0..11u8, big in any::<u64>(),
     ) {
         let name = &data[..data.len().min(MAX_NAME)];
         let r = match pick {
@@ -31,6 +31,8 @@ proptest! {
             5 => Request::Close { handle: h },
             6 => Request::SetOption { req, handle: h, opt: SockOpt::NoDelay(on) },
             7 => Request::SetOption { req, handle: h, opt: SockOpt::KeepAlive(on) },
+            8 => Request::SendFile { handle: h, file: big, offset: big / 3, len: n as u64 },
+            9 => Request::ReleaseFile { file: big },
             _ => Request::Consumed { handle: h, bytes: n },
         };
         let mut buf = Vec::new();

@@ -23,13 +23,14 @@ use crate::Shared;
 use rustix::fd::{AsFd, FromRawFd, OwnedFd};
 use rustix::io::Errno;
 use rustix::net::{self as rnet, sockopt, AddressFamily, SocketFlags, SocketType};
+use splitos_file_server::segment::Segment;
 use splitos_m2m::{
     Channel, Error as M2mError, Message, PeerCredentials, RxBuffer, TxBuffer, WaitPolicy,
 };
 use splitos_tcp_proto::{
     listen_flags, BufferMeta, Event, Handle, Request, SockOpt, NO_ADDR, RECV_WINDOW, SEND_WINDOW,
 };
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::Receiver;
@@ -73,6 +74,8 @@ struct Session {
     free_bids: Vec<u16>,
     outbox: VecDeque<Out>,
     sockets: HashSet<u32>,
+    /// File segments the application passed for `SendFile`, by its tag.
+    files: HashMap<u64, Arc<Segment>>,
     /// Session-level operations in flight (the wait-fd poll).
     inflight: u32,
     dead: bool,
@@ -84,8 +87,21 @@ struct Session {
 }
 
 enum Chunk {
-    Inline { data: Vec<u8>, off: usize },
-    Buf { rx: RxBuffer, off: usize },
+    Inline {
+        data: Vec<u8>,
+        off: usize,
+    },
+    Buf {
+        rx: RxBuffer,
+        off: usize,
+    },
+    /// Bytes of a sealed file segment, sent straight from the shared mapping. They do not
+    /// count against the send window (nothing is buffered for them) and earn no `Sent` credit.
+    File {
+        seg: Arc<Segment>,
+        off: usize,
+        end: usize,
+    },
 }
 
 impl Chunk {
@@ -93,9 +109,17 @@ impl Chunk {
         match self {
             Chunk::Inline { data, off } => data.len() - off,
             Chunk::Buf { rx, off } => rx.len() - off,
+            Chunk::File { off, end, .. } => end - off,
         }
     }
+
+    fn counts_against_window(&self) -> bool {
+        !matches!(self, Chunk::File { .. })
+    }
 }
+
+/// File segments one session may have passed to the server at once.
+const MAX_FILES_PER_SESSION: usize = 4096;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Recv {
@@ -404,6 +428,7 @@ impl Worker {
             free_bids: (0..buf_count as u16).rev().collect(),
             outbox: VecDeque::new(),
             sockets: HashSet::new(),
+            files: HashMap::new(),
             inflight: 1,
             dead: false,
             violations: 0,
@@ -657,7 +682,95 @@ impl Worker {
                 c.unacked -= bytes as u64;
                 self.maybe_arm_recv(slot);
             }
+            Request::SendFile {
+                handle,
+                file,
+                offset,
+                len,
+            } => self.send_file(si, handle, file, offset, len),
+            Request::ReleaseFile { file } => {
+                if let Some(s) = self.live_session(si) {
+                    s.files.remove(&file);
+                }
+            }
         }
+    }
+
+    /// The segment the application tagged `file`, taking newly passed descriptors as needed
+    /// (they were sent before the request that names them, so they are already here).
+    fn file_segment(&mut self, si: u32, file: u64) -> Option<Arc<Segment>> {
+        loop {
+            let s = self.live_session(si)?;
+            if let Some(seg) = s.files.get(&file) {
+                return Some(seg.clone());
+            }
+            let (tag, mut fds) = match s.chan.try_recv_fds() {
+                Ok(Some(m)) => m,
+                Ok(None) => return None,
+                Err(e) => {
+                    self.session_failed(si, &e);
+                    return None;
+                }
+            };
+            if fds.len() != 1 || s.files.len() >= MAX_FILES_PER_SESSION {
+                return None;
+            }
+            // Only sealed segments are accepted: their bytes cannot change under a send.
+            match Segment::from_received_sealed(fds.remove(0)) {
+                Ok(seg) => {
+                    s.files.insert(tag, Arc::new(seg));
+                }
+                Err(_) => return None,
+            }
+        }
+    }
+
+    fn send_file(&mut self, si: u32, handle: Handle, file: u64, offset: u64, len: u64) {
+        let Some(seg) = self.file_segment(si, file) else {
+            self.violation(
+                si,
+                9,
+                Errno::BADF.raw_os_error(),
+                "unknown or unsealed file segment",
+            );
+            return;
+        };
+        let in_range = offset.checked_add(len).is_some_and(|end| end <= seg.len());
+        if !in_range {
+            self.violation(
+                si,
+                9,
+                Errno::INVAL.raw_os_error(),
+                "file range out of bounds",
+            );
+            return;
+        }
+        let Some(slot) = self.owned(si, handle) else {
+            self.bad_handle(si, handle);
+            return;
+        };
+        let Some(c) = self.conn_mut(slot) else {
+            self.bad_handle(si, handle);
+            return;
+        };
+        if c.shutdown_wanted || c.failed {
+            self.emit(
+                si,
+                Event::Error {
+                    handle,
+                    errno: Errno::PIPE.raw_os_error(),
+                },
+            );
+            return;
+        }
+        if len > 0 {
+            c.sendq.push_back(Chunk::File {
+                seg,
+                off: offset as usize,
+                end: (offset + len) as usize,
+            });
+        }
+        self.start_send(slot);
     }
 
     /// A request named a handle that is not (or no longer) this session's: a race with a
@@ -1017,6 +1130,7 @@ impl Worker {
         let (ptr, len) = match front {
             Chunk::Inline { data, off } => (data[*off..].as_ptr(), data.len() - off),
             Chunk::Buf { rx, off } => (rx.as_ptr().wrapping_add(*off), rx.len() - off),
+            Chunk::File { seg, off, end } => (seg.bytes()[*off..*end].as_ptr(), end - off),
         };
         let tag = Tag {
             op: Op::Send,
@@ -1068,14 +1182,20 @@ impl Worker {
         }
         let mut n = res as usize;
         let sent = n as u64;
-        c.unsent = c.unsent.saturating_sub(sent);
+        // Only window-counted bytes (inline and buffers) come back as credit.
+        let mut credited = 0u64;
         while n > 0 {
             let Some(front) = c.sendq.front_mut() else {
                 break;
             };
             let take = n.min(front.remaining());
+            if front.counts_against_window() {
+                credited += take as u64;
+            }
             match front {
-                Chunk::Inline { off, .. } | Chunk::Buf { off, .. } => *off += take,
+                Chunk::Inline { off, .. } | Chunk::Buf { off, .. } | Chunk::File { off, .. } => {
+                    *off += take
+                }
             }
             n -= take;
             if front.remaining() == 0 {
@@ -1084,9 +1204,10 @@ impl Worker {
                 }
             }
         }
+        c.unsent = c.unsent.saturating_sub(credited);
         // Send credit goes back in quarter-window steps, not per send: the application needs
         // it only before its window fills, and a Sent per small write would double the events.
-        c.unreported += sent;
+        c.unreported += credited;
         let report = if c.unreported >= SEND_WINDOW as u64 / 4 {
             Some(std::mem::take(&mut c.unreported))
         } else {

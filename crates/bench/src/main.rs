@@ -2,6 +2,7 @@
 //! prints a table with ratios and target checks, and writes JSON with `--json PATH`.
 
 mod echo;
+mod file_suite;
 mod m2m_suite;
 mod proc;
 mod report;
@@ -50,6 +51,24 @@ enum Suite {
         /// Wait policy of the Split-OS TCP server and application (poll, adaptive, block).
         #[arg(long, default_value = "block")]
         wait: String,
+    },
+    /// Cached file reads (shared cache vs pread vs mmap) and file transmission (Split-OS
+    /// send_file vs sendfile(2)) for 1 KiB, 64 KiB and 4 MiB files.
+    File(Common),
+    #[command(hide = true)]
+    FilePeer {
+        #[arg(long)]
+        mode: String,
+        #[arg(long)]
+        root: PathBuf,
+        #[arg(long)]
+        path: String,
+        #[arg(long)]
+        count: u64,
+        #[arg(long)]
+        socket: PathBuf,
+        #[arg(long)]
+        files: PathBuf,
     },
     #[command(hide = true)]
     M2mPeer {
@@ -116,6 +135,18 @@ fn main() -> ExitCode {
             };
             finish(echo::report(&opts), common.json)
         }
+        Suite::File(c) => finish(
+            file_suite::run(&file_suite::Options { quick: c.quick }),
+            c.json,
+        ),
+        Suite::FilePeer {
+            mode,
+            root,
+            path,
+            count,
+            socket,
+            files,
+        } => file_suite::peer_main(&mode, &root, &path, count, &socket, &files),
         Suite::M2mPeer { case, dir, iters } => m2m_suite::peer_main(&case, &dir, iters),
         Suite::EchoServer { kind, socket, wait } => echo::server_main(&kind, socket, &wait),
         Suite::EchoIdle { addr, conns } => echo::idle_client_main(addr, conns),

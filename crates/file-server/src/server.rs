@@ -108,6 +108,12 @@ impl FileServer {
         )?;
         listener.set_nonblocking(true)?;
         let directory = DirectoryWriter::create(cfg.directory_slots)?;
+        // Changes are noticed through inotify where it is available, and by revalidation always.
+        let inotify = rustix::fs::inotify::init(
+            rustix::fs::inotify::CreateFlags::CLOEXEC | rustix::fs::inotify::CreateFlags::NONBLOCK,
+        )
+        .map_err(|e| tracing::warn!("inotify unavailable ({e}); relying on revalidation"))
+        .ok();
         let stop = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(Stats::default());
         let mut state = State {
@@ -122,6 +128,9 @@ impl FileServer {
             next_id: 1,
             stats: stats.clone(),
             out: Vec::new(),
+            inotify,
+            watches: HashMap::new(),
+            watched_dirs: HashMap::new(),
         };
         let s2 = stop.clone();
         let thread = std::thread::Builder::new()
@@ -177,6 +186,15 @@ struct State {
     next_id: u64,
     stats: Arc<Stats>,
     out: Vec<u8>,
+    inotify: Option<rustix::fd::OwnedFd>,
+    /// Watched directories (relative to the root, "" for the root) by watch descriptor.
+    watches: HashMap<i32, String>,
+    watched_dirs: HashMap<String, i32>,
+}
+
+/// The directory part of a normalized relative path ("" for the root).
+fn dir_of(path: &str) -> &str {
+    path.rsplit_once('/').map_or("", |(d, _)| d)
 }
 
 fn fail_code(e: &OpenError) -> FailCode {
@@ -209,6 +227,7 @@ impl State {
                     }
                 }
             }
+            work += self.file_changes();
             if Instant::now() >= next_check {
                 self.revalidate();
                 next_check = Instant::now() + self.cfg.revalidate_every;
@@ -417,8 +436,106 @@ impl State {
                 referenced: false,
             },
         );
+        self.watch(dir_of(&key.0).to_string());
         self.clock.push_back(key);
         self.publish_stats();
+    }
+
+    /// Watches the directory of a cached file, once.
+    fn watch(&mut self, dir: String) {
+        let Some(ino) = &self.inotify else { return };
+        if self.watched_dirs.contains_key(&dir) {
+            return;
+        }
+        use rustix::fs::inotify::WatchFlags as W;
+        let flags = W::MODIFY
+            | W::ATTRIB
+            | W::CLOSE_WRITE
+            | W::MOVED_FROM
+            | W::MOVED_TO
+            | W::DELETE
+            | W::CREATE
+            | W::DELETE_SELF
+            | W::MOVE_SELF
+            | W::DONT_FOLLOW
+            | W::EXCL_UNLINK;
+        match rustix::fs::inotify::add_watch(ino, self.cfg.root.join(&dir), flags) {
+            Ok(wd) => {
+                self.watches.insert(wd, dir.clone());
+                self.watched_dirs.insert(dir, wd);
+            }
+            // Out of watches (or the directory just went away): revalidation still covers it.
+            Err(e) => tracing::debug!("cannot watch {dir:?}: {e}"),
+        }
+    }
+
+    /// Retires cached chunks of files that inotify reports changed. Returns events handled.
+    fn file_changes(&mut self) -> usize {
+        let Some(ino) = &self.inotify else { return 0 };
+        let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 8192];
+        let mut reader = rustix::fs::inotify::Reader::new(ino, &mut buf);
+        let mut changed: Vec<(Option<String>, bool)> = Vec::new(); // (path or dir, whole dir)
+        let mut overflow = false;
+        let mut n = 0;
+        while let Ok(ev) = reader.next() {
+            n += 1;
+            use rustix::fs::inotify::ReadFlags as R;
+            let flags = ev.events();
+            if flags.contains(R::QUEUE_OVERFLOW) {
+                overflow = true;
+                continue;
+            }
+            let Some(dir) = self.watches.get(&ev.wd()).cloned() else {
+                continue;
+            };
+            if flags.intersects(R::DELETE_SELF | R::MOVE_SELF | R::IGNORED) {
+                changed.push((Some(dir), true));
+                continue;
+            }
+            if let Some(name) = ev.file_name().and_then(|c| c.to_str().ok()) {
+                let path = if dir.is_empty() {
+                    name.to_string()
+                } else {
+                    format!("{dir}/{name}")
+                };
+                changed.push((Some(path), false));
+            }
+        }
+        if overflow {
+            self.revalidate();
+        }
+        for (what, whole_dir) in changed {
+            let Some(p) = what else { continue };
+            let prefix = format!("{p}/");
+            let doomed: Vec<Key> = self
+                .cache
+                .keys()
+                .filter(|(path, _)| {
+                    if whole_dir {
+                        p.is_empty() || path.starts_with(&prefix)
+                    } else {
+                        *path == p
+                    }
+                })
+                .cloned()
+                .collect();
+            for key in doomed {
+                if let Some(c) = self.cache.remove(&key) {
+                    self.bytes -= c.segment.len();
+                }
+                self.directory.remove(&key.0, key.1);
+                self.stats.retired.fetch_add(1, Ordering::Relaxed);
+            }
+            if whole_dir {
+                if let Some(wd) = self.watched_dirs.remove(&p) {
+                    self.watches.remove(&wd);
+                }
+            }
+        }
+        if n > 0 {
+            self.publish_stats();
+        }
+        n
     }
 
     /// Retires cached chunks whose file changed or went away.

@@ -311,3 +311,34 @@ fn killed_server_gives_a_clear_error_and_a_restarted_one_serves() {
     server.kill().unwrap();
     server.wait().unwrap();
 }
+
+#[test]
+fn inotify_retires_changed_files_without_waiting_for_revalidation() {
+    let (_s, root, sock) = site("inotify");
+    let srv = start(&root, &sock, |c| {
+        c.revalidate_every = Duration::from_secs(3600)
+    });
+    std::fs::create_dir_all(root.join("d")).unwrap();
+    std::fs::write(root.join("d/page.html"), b"first").unwrap();
+    let mut c = FileClient::connect(&sock).unwrap();
+    assert_eq!(c.open("d/page.html").unwrap().to_vec(), b"first");
+    std::fs::write(root.join("d/page.html"), b"second").unwrap();
+    let start = Instant::now();
+    while c.open("d/page.html").unwrap().to_vec() != b"second" {
+        assert!(
+            start.elapsed() < Duration::from_millis(500),
+            "change not noticed"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::fs::remove_file(root.join("d/page.html")).unwrap();
+    let start = Instant::now();
+    while c.open("d/page.html").is_ok() {
+        assert!(
+            start.elapsed() < Duration::from_millis(500),
+            "deletion not noticed"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(srv.stats().retired.load(Ordering::Relaxed) >= 2);
+}

@@ -236,6 +236,7 @@ impl FileClient {
                 FailCode::Special => ClientError::Special,
                 FailCode::Denied => ClientError::Denied,
                 FailCode::BadPath => ClientError::BadPath(PathError::Empty),
+                FailCode::Unstable => ClientError::Unstable,
                 FailCode::Io | FailCode::BadRequest => ClientError::ServerIo,
             }),
             Reply::Opened {

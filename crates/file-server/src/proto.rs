@@ -23,6 +23,8 @@ pub enum FailCode {
     BadPath = 6,
     Io = 7,
     BadRequest = 8,
+    /// The file kept changing while the server copied it.
+    Unstable = 9,
 }
 
 impl FailCode {
@@ -36,6 +38,7 @@ impl FailCode {
             6 => FailCode::BadPath,
             7 => FailCode::Io,
             8 => FailCode::BadRequest,
+            9 => FailCode::Unstable,
             _ => return None,
         })
     }

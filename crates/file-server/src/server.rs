@@ -355,11 +355,15 @@ impl State {
             self.stats.hits.fetch_add(1, Ordering::Relaxed);
         } else {
             self.stats.misses.fetch_add(1, Ordering::Relaxed);
-            let Ok(segment) = Segment::load_range(&opened, chunk as u64 * cs, cs) else {
-                return Ok(Reply::Failed {
-                    req,
-                    code: FailCode::Io,
-                });
+            let segment = match Segment::load_range(&opened, chunk as u64 * cs, cs) {
+                Ok(s) => s,
+                Err(e) => {
+                    let code = match e {
+                        crate::segment::SegmentError::Unstable => FailCode::Unstable,
+                        _ => FailCode::Io,
+                    };
+                    return Ok(Reply::Failed { req, code });
+                }
             };
             if segment.len() > self.cfg.cache_bytes {
                 // Larger than the whole cache: served this once, never kept.

@@ -62,6 +62,7 @@ pub struct FileView {
     chunks: Vec<Arc<Segment>>,
     chunk_size: u64,
     version: Version,
+    content_type: &'static str,
 }
 
 impl FileView {
@@ -75,6 +76,11 @@ impl FileView {
 
     pub fn version(&self) -> Version {
         self.version
+    }
+
+    /// The content type the directory published for the file (from its extension).
+    pub fn content_type(&self) -> &'static str {
+        self.content_type
     }
 
     /// The segments, in order (for transmitting straight from shared memory).
@@ -196,6 +202,7 @@ impl FileClient {
                         size: e0.file_size,
                         mtime_ns: e0.mtime_ns as i128,
                     },
+                    content_type: splitos_http::mime::from_code(e0.content_type),
                 });
             }
         }
@@ -284,6 +291,7 @@ impl FileClient {
                         file_size,
                         mtime_ns,
                         ino,
+                        content_type: splitos_http::mime::code(path),
                     },
                 ))
             }

@@ -28,7 +28,7 @@ pub const SLOT: usize = 256;
 /// Slots a key may occupy, counted from its hash.
 pub const PROBE: usize = 8;
 /// Longest path a slot holds; longer paths are served, just never from the directory.
-pub const MAX_KEY_PATH: usize = 192;
+pub const MAX_KEY_PATH: usize = 184;
 const RETRIES: usize = 64;
 
 // Slot layout (u64 words).
@@ -39,8 +39,8 @@ const W_FILE_SIZE: usize = 3;
 const W_CHUNK: usize = 4; // chunk index (low 32) | chunk length (high 32)
 const W_MTIME: usize = 5;
 const W_INO: usize = 6;
-const W_PATH_LEN: usize = 7;
-const W_PATH: usize = 8; // MAX_KEY_PATH bytes = 24 words
+const W_PATH_LEN: usize = 7; // path length (low 16) | content-type code (bits 16..24)
+const W_PATH: usize = 8; // MAX_KEY_PATH bytes = 23 words
 const SLOT_WORDS: usize = W_PATH + MAX_KEY_PATH / 8;
 const _: () = assert!(SLOT_WORDS * 8 <= SLOT);
 
@@ -55,6 +55,8 @@ pub struct Entry {
     pub file_size: u64,
     pub mtime_ns: i64,
     pub ino: u64,
+    /// Content-type hint: an index into `splitos_http::mime::TYPES`.
+    pub content_type: u8,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -173,8 +175,10 @@ impl DirectoryWriter {
                 m.slot_word(slot, W_MTIME)
                     .store(e.mtime_ns as u64, Ordering::Relaxed);
                 m.slot_word(slot, W_INO).store(e.ino, Ordering::Relaxed);
-                m.slot_word(slot, W_PATH_LEN)
-                    .store(path.len() as u64, Ordering::Relaxed);
+                m.slot_word(slot, W_PATH_LEN).store(
+                    path.len() as u64 | (e.content_type as u64) << 16,
+                    Ordering::Relaxed,
+                );
                 for (i, chunk) in path.chunks(8).enumerate() {
                     let mut w = [0u8; 8];
                     w[..chunk.len()].copy_from_slice(chunk);
@@ -284,7 +288,8 @@ impl DirectoryReader {
             let chunk = m.slot_word(slot, W_CHUNK).load(Ordering::Relaxed);
             let mtime = m.slot_word(slot, W_MTIME).load(Ordering::Relaxed);
             let ino = m.slot_word(slot, W_INO).load(Ordering::Relaxed);
-            let path_len = m.slot_word(slot, W_PATH_LEN).load(Ordering::Relaxed) as usize;
+            let len_word = m.slot_word(slot, W_PATH_LEN).load(Ordering::Relaxed);
+            let path_len = (len_word & 0xffff) as usize;
             let mut path = [0u8; MAX_KEY_PATH];
             for i in 0..MAX_KEY_PATH / 8 {
                 let w = m.slot_word(slot, W_PATH + i).load(Ordering::Relaxed);
@@ -306,6 +311,7 @@ impl DirectoryReader {
                 file_size,
                 mtime_ns: mtime as i64,
                 ino,
+                content_type: (len_word >> 16) as u8,
             });
         }
         None
@@ -334,6 +340,7 @@ mod tests {
             file_size: id * 3,
             mtime_ns: id as i64 * 7,
             ino: id * 11,
+            content_type: (id % 7) as u8,
         }
     }
 

@@ -430,6 +430,7 @@ impl State {
             file_size: v.size,
             mtime_ns: v.mtime_ns as i64,
             ino: v.ino,
+            content_type: splitos_http::mime::code(&key.0),
         });
         self.bytes += len;
         self.cache.insert(

@@ -38,7 +38,9 @@ fn second_open_is_a_directory_hit() {
     let (_s, root, sock) = site("hit");
     let srv = start(&root, &sock, |_| {});
     let mut c = FileClient::connect(&sock).unwrap();
-    assert_eq!(c.open("index.html").unwrap().to_vec(), b"<h1>split</h1>");
+    let first = c.open("index.html").unwrap();
+    assert_eq!(first.to_vec(), b"<h1>split</h1>");
+    assert_eq!(first.content_type(), "text/html; charset=utf-8");
     let before = srv.stats().requests.load(Ordering::Relaxed);
     for _ in 0..100 {
         assert_eq!(
@@ -54,6 +56,11 @@ fn second_open_is_a_directory_hit() {
         "hits sent messages"
     );
     assert_eq!(c.directory_hits, 100);
+    assert_eq!(
+        c.open("index.html").unwrap().content_type(),
+        "text/html; charset=utf-8",
+        "hint from the directory"
+    );
     // A second reader learns the segment once, then hits too.
     let mut c2 = FileClient::connect(&sock).unwrap();
     c2.open("index.html").unwrap();

@@ -43,6 +43,53 @@ pub fn content_type(path: &str) -> &'static str {
     }
 }
 
+/// Every type [`content_type`] can return, so a type fits in one byte (shared memory stores
+/// the index: see [`code`] and [`from_code`]).
+pub const TYPES: [&str; 31] = [
+    "application/octet-stream",
+    "text/html; charset=utf-8",
+    "text/css; charset=utf-8",
+    "text/javascript; charset=utf-8",
+    "application/json",
+    "text/plain; charset=utf-8",
+    "text/markdown; charset=utf-8",
+    "text/csv; charset=utf-8",
+    "application/xml",
+    "image/svg+xml",
+    "image/png",
+    "image/jpeg",
+    "image/gif",
+    "image/webp",
+    "image/avif",
+    "image/x-icon",
+    "image/bmp",
+    "font/woff",
+    "font/woff2",
+    "font/ttf",
+    "font/otf",
+    "application/pdf",
+    "application/wasm",
+    "application/zip",
+    "application/gzip",
+    "application/x-tar",
+    "video/mp4",
+    "video/webm",
+    "audio/mpeg",
+    "audio/ogg",
+    "audio/wav",
+];
+
+/// The index of `content_type(path)` in [`TYPES`].
+pub fn code(path: &str) -> u8 {
+    let t = content_type(path);
+    TYPES.iter().position(|x| *x == t).unwrap_or(0) as u8
+}
+
+/// The type with index `code`; unknown codes (from an untrusted peer) give the default.
+pub fn from_code(code: u8) -> &'static str {
+    TYPES.get(code as usize).copied().unwrap_or(TYPES[0])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -55,5 +102,9 @@ mod tests {
         assert_eq!(content_type("/.hidden"), "application/octet-stream");
         assert_eq!(content_type("/README"), "application/octet-stream");
         assert_eq!(content_type("/x.tar.gz"), "application/gzip");
+        for p in ["a.html", "b.png", "c.unknown", "d.woff2"] {
+            assert_eq!(from_code(code(p)), content_type(p));
+        }
+        assert_eq!(from_code(255), "application/octet-stream");
     }
 }

@@ -98,9 +98,38 @@ fn run_file_server(a: FileServerArgs) -> Result<(), String> {
         a.root.display(),
         socket.display()
     );
+    let report = |s: &splitos_file_server::server::Stats| {
+        let (hits, misses) = (
+            s.hits.load(Ordering::Relaxed),
+            s.misses.load(Ordering::Relaxed),
+        );
+        let ratio = if hits + misses > 0 {
+            100.0 * hits as f64 / (hits + misses) as f64
+        } else {
+            0.0
+        };
+        eprintln!(
+            "splitos file-server: {} opens reached the server, {hits} cache hits / {misses} misses ({ratio:.1}% hit ratio), {} evictions, {} retired, {} bytes cached (directory hits in readers are not counted here: they send no message)",
+            s.requests.load(Ordering::Relaxed),
+            s.evictions.load(Ordering::Relaxed),
+            s.retired.load(Ordering::Relaxed),
+            s.cached_bytes.load(Ordering::Relaxed),
+        );
+    };
+    let mut last = 0;
+    let mut next = std::time::Instant::now() + Duration::from_secs(10);
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(100));
+        if std::time::Instant::now() >= next {
+            next += Duration::from_secs(10);
+            let now = server.stats().requests.load(Ordering::Relaxed);
+            if now != last {
+                last = now;
+                report(server.stats());
+            }
+        }
     }
+    report(server.stats());
     eprintln!("splitos file-server: shutting down");
     server.shutdown();
     Ok(())

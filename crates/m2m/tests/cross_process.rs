@@ -359,8 +359,9 @@ fn child_scribble(path: &Path, seed: u64) {
     let ring = params.ring_bytes;
     let start = Instant::now();
     while start.elapsed() < Duration::from_millis(300) {
+        // The head may be garbage (this process scribbles on control words too).
         let head = get(mine.ring_ctl);
-        if tail.wrapping_sub(head) + 64 + 24 + 8 > ring {
+        if tail.wrapping_sub(head).saturating_add(64 + 24 + 8) > ring {
             std::thread::yield_now();
             continue;
         }

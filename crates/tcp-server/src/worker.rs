@@ -745,24 +745,12 @@ impl Worker {
             );
             return;
         }
-        let Some(slot) = self.owned(si, handle) else {
-            self.bad_handle(si, handle);
+        let Some(slot) = self.writable(si, handle) else {
             return;
         };
         let Some(c) = self.conn_mut(slot) else {
-            self.bad_handle(si, handle);
             return;
         };
-        if c.shutdown_wanted || c.failed {
-            self.emit(
-                si,
-                Event::Error {
-                    handle,
-                    errno: Errno::PIPE.raw_os_error(),
-                },
-            );
-            return;
-        }
         if len > 0 {
             c.sendq.push_back(Chunk::File {
                 seg,
@@ -1038,26 +1026,36 @@ impl Worker {
 
     // ---- sending ----
 
-    fn send_inline(&mut self, si: u32, handle: Handle, data: &[u8]) {
+    /// The slot of connection `handle` if it belongs to session `si` and may still be written
+    /// to; otherwise reports why on that handle (EBADF, or EPIPE after a shutdown or failure).
+    fn writable(&mut self, si: u32, handle: Handle) -> Option<u32> {
         let Some(slot) = self.owned(si, handle) else {
             self.bad_handle(si, handle);
+            return None;
+        };
+        let errno = match self.conn_mut(slot) {
+            None => Errno::BADF,
+            Some(c) if c.shutdown_wanted || c.failed => Errno::PIPE,
+            Some(_) => return Some(slot),
+        };
+        self.emit(
+            si,
+            Event::Error {
+                handle,
+                errno: errno.raw_os_error(),
+            },
+        );
+        None
+    }
+
+    fn send_inline(&mut self, si: u32, handle: Handle, data: &[u8]) {
+        let Some(slot) = self.writable(si, handle) else {
             return;
         };
         let mut spare = self.spare.pop();
         let Some(c) = self.conn_mut(slot) else {
-            self.bad_handle(si, handle);
             return;
         };
-        if c.shutdown_wanted || c.failed {
-            self.emit(
-                si,
-                Event::Error {
-                    handle,
-                    errno: Errno::PIPE.raw_os_error(),
-                },
-            );
-            return;
-        }
         if c.unsent + data.len() as u64 > SEND_WINDOW as u64 {
             self.violation(si, 4, Errno::NOBUFS.raw_os_error(), "send window exceeded");
             return;
@@ -1082,24 +1080,12 @@ impl Worker {
     }
 
     fn send_buffer(&mut self, si: u32, handle: Handle, rx: RxBuffer) {
-        let Some(slot) = self.owned(si, handle) else {
-            self.bad_handle(si, handle);
+        let Some(slot) = self.writable(si, handle) else {
             return;
         };
         let Some(c) = self.conn_mut(slot) else {
-            self.bad_handle(si, handle);
             return;
         };
-        if c.shutdown_wanted || c.failed {
-            self.emit(
-                si,
-                Event::Error {
-                    handle,
-                    errno: Errno::PIPE.raw_os_error(),
-                },
-            );
-            return;
-        }
         if c.unsent + rx.len() as u64 > SEND_WINDOW as u64 {
             self.violation(si, 4, Errno::NOBUFS.raw_os_error(), "send window exceeded");
             return;

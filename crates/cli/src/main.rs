@@ -1,5 +1,6 @@
 //! The `splitos` command: runs the Split-OS servers and shows their state.
 
+mod serve;
 mod status;
 
 use clap::{Parser, Subcommand};
@@ -33,6 +34,10 @@ enum Command {
     /// Show the TCP server's applications, connections, traffic and thread load (read from its
     /// statistics file; the server is not disturbed).
     Status(StatusArgs),
+    /// Serve a directory over HTTP/1.1 on the split architecture: the TCP server and the file
+    /// server run as threads of this process, and file bytes go from the file cache to the
+    /// network without passing through the HTTP application.
+    Serve(serve::ServeArgs),
     /// Run the memory-mapped file server: it caches the files beneath ROOT in sealed shared
     /// memory that readers map directly; nothing outside ROOT is ever served.
     FileServer(FileServerArgs),
@@ -55,7 +60,7 @@ struct FileServerArgs {
     chunk_size: u64,
 }
 
-fn parse_bytes(s: &str) -> Result<u64, String> {
+pub(crate) fn parse_bytes(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let (num, mul) = match t.char_indices().last() {
         Some((i, 'K' | 'k')) => (&t[..i], 1u64 << 10),
@@ -198,6 +203,7 @@ fn main() -> ExitCode {
     let r = match cli.command {
         Command::TcpServer(a) => run_tcp_server(a),
         Command::FileServer(a) => run_file_server(a),
+        Command::Serve(a) => stop_on_signals().and_then(|stop| serve::run(a, stop)),
         Command::Status(a) => status::run(
             a.socket
                 .unwrap_or_else(splitos_tcp_server::default_socket_path),

@@ -487,7 +487,9 @@ impl Worker {
         for slot in socks {
             if let Some(sock) = self.sockets[slot as usize].sock.as_mut() {
                 if let Kind::Listener(l) = &mut sock.kind {
-                    l.park = l.flags & listen_flags::PERSISTENT != 0;
+                    // Parking is for an application's restart, not for the server's own exit.
+                    l.park = l.flags & listen_flags::PERSISTENT != 0
+                        && !self.shared.shutdown.load(Ordering::Acquire);
                 }
             }
             self.begin_close(slot, true);

@@ -3,6 +3,7 @@
 
 mod echo;
 mod file_suite;
+mod http_suite;
 mod m2m_suite;
 mod proc;
 mod report;
@@ -52,6 +53,10 @@ enum Suite {
         #[arg(long, default_value = "block")]
         wait: String,
     },
+    /// `splitos serve` vs nginx (same directory, wrk keep-alive, 50 connections) for 1 KiB,
+    /// 16 KiB and 1 MiB files: req/s, p99 latency and requests per server CPU-second. Needs
+    /// nginx and wrk on the PATH and the splitos binary built next to this one.
+    Http(Common),
     /// Cached file reads (shared cache vs pread vs mmap) and file transmission (Split-OS
     /// send_file vs sendfile(2)) for 1 KiB, 64 KiB and 4 MiB files.
     File(Common),
@@ -135,6 +140,10 @@ fn main() -> ExitCode {
             };
             finish(echo::report(&opts), common.json)
         }
+        Suite::Http(c) => finish(
+            http_suite::run(&http_suite::Options { quick: c.quick }),
+            c.json,
+        ),
         Suite::File(c) => finish(
             file_suite::run(&file_suite::Options { quick: c.quick }),
             c.json,

@@ -191,6 +191,9 @@ fn accept_loop(listener: TcpListener, app: Arc<App>) {
 
 /// Serves one connection: requests in order (pipelined ones too), until close or timeout.
 fn connection(stream: TcpStream, peer: SocketAddr, app: &App, reader: usize) {
+    // The head and the body go out as two sends: without TCP_NODELAY, Nagle's algorithm holds
+    // the body back until the client's (delayed) ACK of the head — 40 ms per small response.
+    let _ = stream.set_nodelay(true);
     let limits = Limits::default();
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
     let mut chunk = vec![0u8; 16 << 10];

@@ -27,6 +27,10 @@ impl Drop for Server {
 }
 
 fn serve(tag: &str) -> Server {
+    serve_with(tag, &[])
+}
+
+fn serve_with(tag: &str, extra: &[&str]) -> Server {
     let site =
         std::env::temp_dir().join(format!("splitos-serve-test-{}-{tag}", std::process::id()));
     std::fs::create_dir_all(site.join("docs")).unwrap();
@@ -36,6 +40,7 @@ fn serve(tag: &str) -> Server {
     std::fs::write(site.join("data.bin"), &body).unwrap();
     let mut child = Command::new(BIN)
         .args(["serve", "--listen", "127.0.0.1:0"])
+        .args(extra)
         .arg(&site)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -335,4 +340,41 @@ fn a_thousand_concurrent_keep_alive_connections() {
     for t in threads {
         t.join().unwrap();
     }
+}
+
+#[test]
+fn access_log_in_common_log_format() {
+    let log = std::env::temp_dir().join(format!("splitos-serve-log-{}.log", std::process::id()));
+    let _ = std::fs::remove_file(&log);
+    let s = serve_with("log", &["--access-log", log.to_str().unwrap()]);
+    assert_eq!(
+        curl(&[&format!("http://127.0.0.1:{}/", s.port)]),
+        "<h1>home</h1>"
+    );
+    assert_eq!(
+        curl(&[
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &format!("http://127.0.0.1:{}/x", s.port)
+        ]),
+        "404"
+    );
+    drop(s); // SIGTERM: the log is flushed on the way out
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert!(lines[0].starts_with("127.0.0.1 - - ["), "{}", lines[0]);
+    assert!(
+        lines[0].ends_with("\"GET / HTTP/1.1\" 200 13"),
+        "{}",
+        lines[0]
+    );
+    assert!(
+        lines[1].contains("\"GET /x HTTP/1.1\" 404 "),
+        "{}",
+        lines[1]
+    );
+    let _ = std::fs::remove_file(&log);
 }

@@ -47,6 +47,11 @@ pub struct ServeArgs {
     /// Seconds an idle keep-alive connection is kept.
     #[arg(long, default_value_t = 60)]
     idle_timeout: u64,
+    /// How the TCP server and the HTTP application wait: block (sleep at once; the default,
+    /// best when cores are shared, e.g. with a load generator), adaptive (spin ~30 µs first),
+    /// or poll (spin; only with cores to spare).
+    #[arg(long, default_value = "block")]
+    wait: splitos::WaitPolicy,
 }
 
 /// File-server readers shared by the connection threads (each reader is one channel).
@@ -80,6 +85,7 @@ pub fn run(a: ServeArgs, stop: Arc<AtomicBool>) -> Result<(), String> {
     let tcp = TcpServer::start(ServerConfig {
         socket: private.join("tcp.sock"),
         threads: a.threads,
+        wait: a.wait,
         ..ServerConfig::default()
     })
     .map_err(|e| e.to_string())?;
@@ -100,8 +106,14 @@ pub fn run(a: ServeArgs, stop: Arc<AtomicBool>) -> Result<(), String> {
                 .map_err(|e| format!("access log {}: {e}", p.display()))?,
         ))),
     };
-    let session = splitos::Session::connect(tcp.socket_path(), splitos::SessionOptions::default())
-        .map_err(|e| e.to_string())?;
+    let session = splitos::Session::connect(
+        tcp.socket_path(),
+        splitos::SessionOptions {
+            wait: a.wait,
+            ..splitos::SessionOptions::default()
+        },
+    )
+    .map_err(|e| e.to_string())?;
     let listener = TcpListener::bind_with(
         &session,
         addr,

@@ -59,6 +59,13 @@ fn serve_with(tag: &str, extra: &[&str]) -> Server {
     Server { child, port, site }
 }
 
+/// Only the status code of a curl request.
+fn code(args: &[&str]) -> String {
+    let mut all = vec!["-w", "%{http_code}", "-o", "/dev/null"];
+    all.extend_from_slice(args);
+    curl(&all)
+}
+
 fn curl(args: &[&str]) -> String {
     let out = Command::new("curl")
         .args(["-s", "--max-time", "10"])
@@ -73,10 +80,7 @@ fn curl_sees_the_behaviour_users_expect() {
     let s = serve("curl");
     let url = |p: &str| format!("http://127.0.0.1:{}{p}", s.port);
     assert_eq!(curl(&[&url("/")]), "<h1>home</h1>");
-    assert_eq!(
-        curl(&["-w", "%{http_code}", "-o", "/dev/null", &url("/nope")]),
-        "404"
-    );
+    assert_eq!(code(&[&url("/nope")]), "404");
     assert_eq!(
         curl(&[
             "-w",
@@ -108,39 +112,15 @@ fn curl_sees_the_behaviour_users_expect() {
         .trim()
         .to_string();
     assert_eq!(
-        curl(&[
-            "-w",
-            "%{http_code}",
-            "-o",
-            "/dev/null",
-            "-H",
-            &format!("If-None-Match: {etag}"),
-            &url("/data.bin")
-        ]),
+        code(&["-H", &format!("If-None-Match: {etag}"), &url("/data.bin")]),
         "304"
     );
     assert_eq!(
-        curl(&[
-            "-w",
-            "%{http_code}",
-            "-o",
-            "/dev/null",
-            "-H",
-            &format!("If-Modified-Since: {lm}"),
-            &url("/data.bin")
-        ]),
+        code(&["-H", &format!("If-Modified-Since: {lm}"), &url("/data.bin")]),
         "304"
     );
     assert_eq!(
-        curl(&[
-            "-w",
-            "%{http_code}",
-            "-o",
-            "/dev/null",
-            "-H",
-            "If-Match: \"other\"",
-            &url("/data.bin")
-        ]),
+        code(&["-H", "If-Match: \"other\"", &url("/data.bin")]),
         "412"
     );
     let part = curl(&["-i", "-H", "Range: bytes=10-19", &url("/data.bin")]);
@@ -148,23 +128,11 @@ fn curl_sees_the_behaviour_users_expect() {
     assert!(part.contains("Content-Range: bytes 10-19/100000"), "{part}");
     assert!(part.as_bytes().ends_with(&(10..20u8).collect::<Vec<u8>>()));
     assert_eq!(
-        curl(&[
-            "-w",
-            "%{http_code}",
-            "-o",
-            "/dev/null",
-            "-H",
-            "Range: bytes=200000-",
-            &url("/data.bin")
-        ]),
+        code(&["-H", "Range: bytes=200000-", &url("/data.bin")]),
         "416"
     );
     assert_eq!(
-        curl(&[
-            "-w",
-            "%{http_code}",
-            "-o",
-            "/dev/null",
+        code(&[
             "-H",
             "Range: bytes=0-1",
             "-H",
@@ -178,27 +146,8 @@ fn curl_sees_the_behaviour_users_expect() {
         post.starts_with("HTTP/1.1 405") && post.contains("Allow: GET, HEAD"),
         "{post}"
     );
-    assert_eq!(
-        curl(&[
-            "-w",
-            "%{http_code}",
-            "-o",
-            "/dev/null",
-            "--path-as-is",
-            &url("/../../etc/passwd")
-        ]),
-        "403"
-    );
-    assert_eq!(
-        curl(&[
-            "-w",
-            "%{http_code}",
-            "-o",
-            "/dev/null",
-            &url("/%2e%2e/%2e%2e/etc/passwd")
-        ]),
-        "403"
-    );
+    assert_eq!(code(&["--path-as-is", &url("/../../etc/passwd")]), "403");
+    assert_eq!(code(&[&url("/%2e%2e/%2e%2e/etc/passwd")]), "403");
     // Keep-alive reuse: one connection for two requests.
     let two = Command::new("curl")
         .args([

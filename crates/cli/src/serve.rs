@@ -61,6 +61,9 @@ const MAX_DISCARD: u64 = 1 << 20;
 
 struct App {
     readers: Vec<Mutex<FileClient>>,
+    /// Precompressed siblings known not to exist, and until when that is trusted: browsers ask
+    /// for encodings on every request, and a miss costs a message to the file server.
+    no_sibling: Mutex<std::collections::HashMap<String, std::time::Instant>>,
     log: Option<Mutex<std::io::BufWriter<std::fs::File>>>,
     live: AtomicUsize,
     max_conns: usize,
@@ -132,6 +135,7 @@ pub fn run(a: ServeArgs, stop: Arc<AtomicBool>) -> Result<(), String> {
     );
     let app = Arc::new(App {
         readers,
+        no_sibling: Mutex::new(std::collections::HashMap::new()),
         log,
         live: AtomicUsize::new(0),
         max_conns: a.max_conns,
@@ -392,6 +396,12 @@ fn handle(
         ) => return respond_error(stream, 403, "Forbidden", false, head_only),
         Err(_) => return respond_error(stream, 500, "Internal Server Error", true, head_only),
     };
+    let content_type = view.content_type();
+    let (view, encoding) =
+        match precompressed(app, reader, &rel_file, req.header("accept-encoding")) {
+            Some((sibling, enc)) => (sibling, Some(enc)),
+            None => (view, None),
+        };
     let v = view.version();
     let etag = v.etag();
     let last_modified = UNIX_EPOCH + Duration::from_nanos(v.mtime_ns.max(0) as u64);
@@ -402,9 +412,12 @@ fn handle(
     let common = |status: u16, reason: &str| {
         let mut h = head_common(status, reason);
         h.push_str(&format!(
-            "ETag: {etag}\r\nLast-Modified: {}\r\nAccept-Ranges: bytes\r\n",
+            "ETag: {etag}\r\nLast-Modified: {}\r\nAccept-Ranges: bytes\r\nVary: Accept-Encoding\r\n",
             conditional::http_date(last_modified)
         ));
+        if let Some(enc) = encoding {
+            h.push_str(&format!("Content-Encoding: {enc}\r\n"));
+        }
         h
     };
     match conditional::evaluate(|n| req.header(n), &validators, true) {
@@ -439,12 +452,20 @@ fn handle(
             (&*stream).write_all(h.as_bytes())?;
             return Ok((416, 0));
         }
-        // Several ranges: the whole file, which the RFC allows instead of multipart.
-        Ranges::Whole | Ranges::Multiple(_) => (200, 0, len, common(200, "OK")),
+        Ranges::Multiple(parts) => {
+            return multipart(
+                stream,
+                &view,
+                &parts,
+                common(206, "Partial Content"),
+                content_type,
+                head_only,
+            );
+        }
+        Ranges::Whole => (200, 0, len, common(200, "OK")),
     };
     h.push_str(&format!(
-        "Content-Type: {}\r\nContent-Length: {count}\r\n\r\n",
-        view.content_type()
+        "Content-Type: {content_type}\r\nContent-Length: {count}\r\n\r\n"
     ));
     (&*stream).write_all(h.as_bytes())?;
     if head_only || count == 0 {
@@ -452,4 +473,91 @@ fn handle(
     }
     stream.send_file(&view, start, count)?;
     Ok((status, count))
+}
+
+/// The precompressed sibling (`.br`, `.zst`, `.gz`) of `rel` that the client accepts, if any.
+fn precompressed(
+    app: &App,
+    reader: usize,
+    rel: &str,
+    accept: Option<&str>,
+) -> Option<(FileView, &'static str)> {
+    let accept = accept?;
+    let accepts = |name: &str| {
+        accept.split(',').any(|t| {
+            let mut it = t.split(';');
+            let token = it.next().unwrap_or("").trim();
+            let q0 = it.any(|p| {
+                p.trim()
+                    .strip_prefix("q=")
+                    .and_then(|q| q.trim().parse::<f32>().ok())
+                    .is_some_and(|q| q == 0.0)
+            });
+            token.eq_ignore_ascii_case(name) && !q0
+        })
+    };
+    for (token, ext) in [("br", "br"), ("zstd", "zst"), ("gzip", "gz")] {
+        if !accepts(token) {
+            continue;
+        }
+        let sibling = format!("{rel}.{ext}");
+        let now = std::time::Instant::now();
+        if let Ok(cache) = app.no_sibling.lock() {
+            if cache.get(&sibling).is_some_and(|until| *until > now) {
+                continue;
+            }
+        }
+        match open(app, reader, &sibling) {
+            Ok(v) => return Some((v, token)),
+            Err(_) => {
+                if let Ok(mut cache) = app.no_sibling.lock() {
+                    if cache.len() > 10_000 {
+                        cache.clear();
+                    }
+                    cache.insert(sibling, now + Duration::from_secs(1));
+                }
+            }
+        }
+    }
+    None
+}
+
+/// Several ranges as `multipart/byteranges`; every part's bytes are sent from the file cache.
+fn multipart(
+    stream: &TcpStream,
+    view: &FileView,
+    parts: &[(u64, u64)],
+    mut head: String,
+    content_type: &str,
+    head_only: bool,
+) -> std::io::Result<(u16, u64)> {
+    const BOUNDARY: &str = "SPLITOS_BYTERANGES_7f3a9c";
+    let len = view.len();
+    let part_heads: Vec<String> = parts
+        .iter()
+        .map(|(a, b)| {
+            format!("--{BOUNDARY}\r\nContent-Type: {content_type}\r\nContent-Range: bytes {a}-{b}/{len}\r\n\r\n")
+        })
+        .collect();
+    let closing = format!("--{BOUNDARY}--\r\n");
+    let total: u64 = part_heads
+        .iter()
+        .zip(parts)
+        .map(|(h, (a, b))| h.len() as u64 + (b - a + 1) + 2)
+        .sum::<u64>()
+        + closing.len() as u64;
+    head.push_str(&format!(
+        "Content-Type: multipart/byteranges; boundary={BOUNDARY}\r\nContent-Length: {total}\r\n\r\n"
+    ));
+    (&*stream).write_all(head.as_bytes())?;
+    if head_only {
+        return Ok((206, 0));
+    }
+    for (h, (a, b)) in part_heads.iter().zip(parts) {
+        (&*stream).write_all(h.as_bytes())?;
+        stream.send_file(view, *a, b - a + 1)?;
+        (&*stream).write_all(b"\r\n")?;
+    }
+    (&*stream).write_all(closing.as_bytes())?;
+    Ok((206, total))
 }

@@ -327,3 +327,54 @@ fn access_log_in_common_log_format() {
     );
     let _ = std::fs::remove_file(&log);
 }
+
+#[test]
+fn precompressed_siblings_and_multipart_ranges() {
+    let s = serve("encodings");
+    let text = "split-os ".repeat(500);
+    std::fs::write(s.site.join("page.txt"), &text).unwrap();
+    let gz = Command::new("gzip")
+        .args(["-k", "-9"])
+        .arg(s.site.join("page.txt"))
+        .status()
+        .unwrap();
+    assert!(gz.success());
+    let url = format!("http://127.0.0.1:{}/page.txt", s.port);
+    // Asked for gzip: the .gz sibling, decoded by curl to the original text.
+    let head = curl(&["-s", "-D", "-", "-o", "/dev/null", "--compressed", &url]);
+    assert!(head.contains("Content-Encoding: gzip"), "{head}");
+    assert!(head.contains("Vary: Accept-Encoding"), "{head}");
+    assert!(
+        head.contains("Content-Type: text/plain; charset=utf-8"),
+        "{head}"
+    );
+    assert_eq!(curl(&["--compressed", &url]), text);
+    // Not asked for (or refused with q=0): the identity representation.
+    let plain = curl(&["-s", "-D", "-", "-o", "/dev/null", &url]);
+    assert!(!plain.contains("Content-Encoding"), "{plain}");
+    let refused = curl(&[
+        "-s",
+        "-D",
+        "-",
+        "-o",
+        "/dev/null",
+        "-H",
+        "Accept-Encoding: gzip;q=0",
+        &url,
+    ]);
+    assert!(!refused.contains("Content-Encoding"), "{refused}");
+    // Several ranges: multipart/byteranges with each part's Content-Range.
+    let multi = curl(&[
+        "-i",
+        "-H",
+        "Range: bytes=0-1,9-10",
+        &format!("http://127.0.0.1:{}/data.bin", s.port),
+    ]);
+    assert!(multi.starts_with("HTTP/1.1 206"), "{multi}");
+    assert!(multi.contains("multipart/byteranges; boundary="), "{multi}");
+    assert!(multi.contains("Content-Range: bytes 0-1/100000"), "{multi}");
+    assert!(
+        multi.contains("Content-Range: bytes 9-10/100000"),
+        "{multi}"
+    );
+}

@@ -4,10 +4,12 @@
 //!
 //! The peer is this executable re-run as `m2m-peer`. It connects back over a Unix socket (the
 //! control socket), over which the parent also passes fds, and which doubles as the data path of
-//! the Unix-socket cases. Every loop on both sides has a deadline, and the peer exits when the
-//! parent goes away.
+//! the Unix-socket cases. Every loop on both sides has a deadline, the parent notices a peer
+//! that exited, and the peer exits when the parent goes away (`proc::exit_with_parent`).
 
-use crate::proc::{online_cpus, percentile, pin, recv_fds, send_fds};
+use crate::proc::{
+    exit_with_parent, online_cpus, percentile, pin, recv_fds, send_fds, Watchdog, WAKE,
+};
 use crate::report::Report;
 use rustix::fd::{AsFd, OwnedFd};
 use splitos_m2m::{Channel, ChannelConfig, Listener, ListenerConfig, Message, WaitPolicy};
@@ -21,7 +23,7 @@ use std::time::{Duration, Instant};
 const MSG: usize = 64;
 const BIG: usize = 64 << 10;
 /// No single case may take longer than this, on either side.
-const CASE_DEADLINE: Duration = Duration::from_secs(60);
+const CASE_DEADLINE: Duration = Duration::from_secs(30);
 
 pub struct Options {
     pub quick: bool,
@@ -38,10 +40,10 @@ impl Plan {
     fn new(quick: bool) -> Plan {
         if quick {
             Plan {
-                spin_iters: 20_000,
-                block_iters: 4_000,
+                spin_iters: 60_000,
+                block_iters: 5_000,
                 rounds: 3,
-                throughput: Duration::from_millis(700),
+                throughput: Duration::from_secs(1),
             }
         } else {
             Plan {
@@ -58,51 +60,128 @@ fn deadline_passed(start: Instant) -> bool {
     start.elapsed() > CASE_DEADLINE
 }
 
-/// A running peer process and the control connection to it.
-struct Peer {
-    child: Child,
-    ctl: UnixStream,
-    dir: PathBuf,
-}
+/// A directory of our own under the temporary directory, removed when dropped.
+struct TempDir(PathBuf);
 
-impl Peer {
-    fn spawn(case: &str, iters: usize) -> Result<Peer, String> {
+impl TempDir {
+    fn new(case: &str) -> Result<TempDir, String> {
         let dir =
             std::env::temp_dir().join(format!("splitos-bench-m2m-{}-{case}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-        let ctl_path = dir.join("ctl.sock");
-        let listener =
-            UnixListener::bind(&ctl_path).map_err(|e| format!("binding control socket: {e}"))?;
+        Ok(TempDir(dir))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running peer process and the control connection to it. Dropping it kills and reaps the
+/// peer and removes its directory.
+struct Peer {
+    child: Child,
+    ctl: UnixStream,
+    _deadline: Watchdog,
+    dir: TempDir,
+}
+
+impl Peer {
+    fn spawn(case: &str, iters: usize) -> Result<Peer, String> {
+        let dir = TempDir::new(case)?;
+        let listener = UnixListener::bind(dir.0.join("ctl.sock"))
+            .map_err(|e| format!("binding the control socket: {e}"))?;
+        listener.set_nonblocking(true).map_err(|e| e.to_string())?;
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-        let child = Command::new(exe)
+        let mut child = Command::new(exe)
             .args(["m2m-peer", "--case", case, "--dir"])
-            .arg(&dir)
+            .arg(&dir.0)
             .args(["--iters", &iters.to_string()])
             .spawn()
             .map_err(|e| format!("spawning the peer: {e}"))?;
-        listener.set_nonblocking(true).map_err(|e| e.to_string())?;
-        let start = Instant::now();
-        let ctl = loop {
-            match listener.accept() {
-                Ok((s, _)) => break s,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if start.elapsed() > Duration::from_secs(10) {
-                        return Err("peer did not connect within 10 s".into());
+        let connected = (|| {
+            let deadline = Watchdog::start(child.id(), None, CASE_DEADLINE)?;
+            let start = Instant::now();
+            let ctl = loop {
+                match listener.accept() {
+                    Ok((s, _)) => break s,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        if let Ok(Some(st)) = child.try_wait() {
+                            return Err(format!("the peer exited before connecting ({st})"));
+                        }
+                        if start.elapsed() > Duration::from_secs(10) {
+                            return Err("the peer did not connect within 10 s".into());
+                        }
+                        std::thread::sleep(Duration::from_millis(2));
                     }
-                    std::thread::sleep(Duration::from_millis(2));
+                    Err(e) => return Err(format!("accepting the peer: {e}")),
                 }
-                Err(e) => return Err(format!("accepting the peer: {e}")),
+            };
+            ctl.set_nonblocking(false).map_err(|e| e.to_string())?;
+            ctl.set_read_timeout(Some(CASE_DEADLINE))
+                .map_err(|e| e.to_string())?;
+            Ok((ctl, deadline))
+        })();
+        match connected {
+            Ok((ctl, deadline)) => Ok(Peer {
+                child,
+                ctl,
+                _deadline: deadline,
+                dir,
+            }),
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(e)
             }
-        };
-        ctl.set_nonblocking(false).map_err(|e| e.to_string())?;
-        ctl.set_read_timeout(Some(CASE_DEADLINE))
-            .map_err(|e| e.to_string())?;
-        Ok(Peer { child, ctl, dir })
+        }
     }
 
     fn m2m_path(&self) -> PathBuf {
-        self.dir.join("m2m.sock")
+        self.dir.0.join("m2m.sock")
+    }
+
+    /// Fails once the case is past its deadline or the peer has exited, for loops that would
+    /// otherwise spin on a dead peer until the deadline.
+    fn check(&mut self, start: Instant) -> Result<(), String> {
+        if let Ok(Some(st)) = self.child.try_wait() {
+            return Err(format!("the peer exited ({st})"));
+        }
+        if deadline_passed(start) {
+            return Err(format!("no answer within {CASE_DEADLINE:?}"));
+        }
+        Ok(())
+    }
+
+    /// Tells the peer to connect to a fresh m2m listener and returns the parent's end.
+    fn m2m_channel(&mut self) -> Result<Channel, String> {
+        let listener = Listener::bind(self.m2m_path(), ListenerConfig::default())
+            .map_err(|e| e.to_string())?;
+        // Non-blocking, so that a peer that dies before connecting cannot hang us in accept.
+        listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+        self.ctl.write_all(b"L").map_err(|e| e.to_string())?;
+        let start = Instant::now();
+        let incoming = loop {
+            match listener.accept() {
+                Ok(i) => break i,
+                Err(splitos_m2m::Error::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::WouldBlock =>
+                {
+                    self.check(start)?;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        };
+        if incoming.peer().pid != self.child.id() {
+            return Err(format!(
+                "pid {} connected instead of the peer",
+                incoming.peer().pid
+            ));
+        }
+        incoming.establish().map_err(|e| e.to_string())
     }
 
     /// Waits for the peer's one-byte "ready".
@@ -136,15 +215,11 @@ impl Drop for Peer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
 /// Round-trip samples in ns → (median one-way, p99 one-way).
 fn one_way(mut samples: Vec<u64>) -> (f64, f64) {
-    // The first tenth warms caches and branch predictors.
-    let skip = samples.len() / 10;
-    samples.drain(..skip);
     samples.sort_unstable();
     (
         percentile(&samples, 0.5) / 2.0,
@@ -152,6 +227,8 @@ fn one_way(mut samples: Vec<u64>) -> (f64, f64) {
     )
 }
 
+/// Times `iters` round trips and drops the first tenth: each case is a fresh process pair,
+/// whose caches, branch predictors and page tables warm up during those.
 fn timed(iters: usize, mut rt: impl FnMut(u64) -> Result<(), String>) -> Result<Vec<u64>, String> {
     let mut v = Vec::with_capacity(iters);
     for i in 0..iters {
@@ -159,7 +236,18 @@ fn timed(iters: usize, mut rt: impl FnMut(u64) -> Result<(), String>) -> Result<
         rt(i as u64 + 1)?;
         v.push(t.elapsed().as_nanos() as u64);
     }
+    v.drain(..iters / 10);
     Ok(v)
+}
+
+/// Median cost of the clock reads that bracket every sample; it is part of every round trip
+/// measured here, so it shrinks the ratios of the fastest cases a little.
+fn timer_overhead_ns() -> f64 {
+    let mut v: Vec<u64> = (0..10_000)
+        .map(|_| Instant::now().elapsed().as_nanos() as u64)
+        .collect();
+    v.sort_unstable();
+    percentile(&v, 0.5)
 }
 
 fn shared_lines(fd: &OwnedFd) -> Result<memmap2::MmapRaw, String> {
@@ -176,16 +264,32 @@ fn line(map: &memmap2::MmapRaw, off: usize) -> &AtomicU64 {
     unsafe { AtomicU64::from_ptr(map.as_mut_ptr().add(off).cast()) }
 }
 
-fn spin_until(a: &AtomicU64, v: u64, start: Instant) -> Result<(), String> {
+/// Spins until `a` holds `v`, calling `check` now and then (rarely enough not to show in the
+/// measurement) so that a dead or stuck peer ends the wait.
+fn spin_until(
+    a: &AtomicU64,
+    v: u64,
+    mut check: impl FnMut() -> Result<(), String>,
+) -> Result<(), String> {
     let mut n = 0u32;
     while a.load(Ordering::Acquire) != v {
         n = n.wrapping_add(1);
-        if n % (1 << 20) == 0 && deadline_passed(start) {
-            return Err("peer stopped answering".into());
+        if n % (1 << 20) == 0 {
+            check()?;
         }
         std::hint::spin_loop();
     }
     Ok(())
+}
+
+fn deadline_check(start: Instant) -> impl FnMut() -> Result<(), String> {
+    move || {
+        if deadline_passed(start) {
+            Err("the parent stopped answering".into())
+        } else {
+            Ok(())
+        }
+    }
 }
 
 fn latency_case(case: &str, iters: usize) -> Result<Vec<u64>, String> {
@@ -201,7 +305,7 @@ fn latency_case(case: &str, iters: usize) -> Result<Vec<u64>, String> {
             let (a, b) = (line(&map, 0), line(&map, 128));
             timed(iters, |i| {
                 a.store(i, Ordering::Release);
-                spin_until(b, i, start)
+                spin_until(b, i, || peer.check(start))
             })?
         }
         "unix_socket" => {
@@ -233,23 +337,23 @@ fn latency_case(case: &str, iters: usize) -> Result<Vec<u64>, String> {
             let a = rustix::event::eventfd(0, flags).map_err(|e| e.to_string())?;
             let b = rustix::event::eventfd(0, flags).map_err(|e| e.to_string())?;
             send_fds(peer.ctl.as_fd(), &[a.as_fd(), b.as_fd()])?;
+            let wake = rustix::io::dup(&b).map_err(|e| e.to_string())?;
+            let _watchdog = Watchdog::start(peer.child.id(), Some(wake), CASE_DEADLINE)?;
             let mut v = [0u8; 8];
             timed(iters, |_| {
                 rustix::io::write(&a, &1u64.to_ne_bytes()).map_err(|e| e.to_string())?;
                 rustix::io::read(&b, &mut v).map_err(|e| e.to_string())?;
+                if u64::from_ne_bytes(v) % WAKE == 0 {
+                    return Err("the peer exited or stopped answering".into());
+                }
                 Ok(())
             })?
         }
         "iceoryx2" => iceoryx2_parent(&mut peer, iters)?,
         m2m => {
             let policy = policy_of(m2m)?;
-            let listener = Listener::bind(peer.m2m_path(), ListenerConfig::default())
-                .map_err(|e| e.to_string())?;
-            peer.ctl.write_all(b"L").map_err(|e| e.to_string())?;
-            let mut ch = listener
-                .accept()
-                .and_then(|i| i.establish())
-                .map_err(|e| e.to_string())?;
+            // The peer's exit ends these waits (PeerGone), and the peer is bounded in time.
+            let mut ch = peer.m2m_channel()?;
             ch.set_wait_policy(policy);
             let msg = [7u8; MSG];
             timed(iters, |_| {
@@ -329,8 +433,8 @@ fn iceoryx2_parent(peer: &mut Peer, iters: usize) -> Result<Vec<u64>, String> {
                 }
             }
             n = n.wrapping_add(1);
-            if n % (1 << 16) == 0 && deadline_passed(start) {
-                return Err("iceoryx2 peer stopped answering".into());
+            if n % (1 << 16) == 0 {
+                peer.check(start)?;
             }
         }
     })
@@ -363,38 +467,47 @@ fn iceoryx2_peer(ctl: &mut UnixStream, iters: usize) -> Result<(), String> {
 
 // ---- throughput ----
 
-fn record(seq: u64, len: usize) -> Vec<u8> {
-    let mut v = vec![(seq % 251) as u8; len];
-    v[..8].copy_from_slice(&seq.to_le_bytes());
-    v
+/// A message of `len` bytes (at least 16) filled with a pattern.
+fn record(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i % 251) as u8).collect()
 }
 
-fn seq_of(b: &[u8]) -> u64 {
-    let mut s = [0u8; 8];
-    s.copy_from_slice(&b[..8]);
-    u64::from_le_bytes(s)
+/// Stamps `seq` at both ends of a record, so that the reader sees whether all of it arrived.
+fn stamp(rec: &mut [u8], seq: u64) {
+    let n = rec.len();
+    rec[..8].copy_from_slice(&seq.to_le_bytes());
+    rec[n - 8..].copy_from_slice(&seq.to_le_bytes());
+}
+
+/// The sequence number of a record, if both of its stamps agree.
+fn seq_of(rec: &[u8]) -> Option<u64> {
+    let n = rec.len();
+    let head = rec.get(..8)?;
+    let tail = rec.get(n.checked_sub(8)?..)?;
+    (head == tail).then(|| {
+        let mut s = [0u8; 8];
+        s.copy_from_slice(head);
+        u64::from_le_bytes(s)
+    })
 }
 
 /// Returns messages (or bytes) per second received by the parent.
 fn throughput_case(case: &str, dur: Duration) -> Result<f64, String> {
     let mut peer = Peer::spawn(case, 0)?;
     let mut expected = 0u64;
-    let check = |got: u64, expected: &mut u64| -> Result<(), String> {
-        if got != *expected {
-            return Err(format!("{case}: got message {got}, expected {}", *expected));
+    let check = |got: Option<u64>, expected: &mut u64| -> Result<(), String> {
+        match got {
+            Some(g) if g == *expected => {
+                *expected += 1;
+                Ok(())
+            }
+            Some(g) => Err(format!("{case}: got message {g}, expected {}", *expected)),
+            None => Err(format!("{case}: message {} arrived torn", *expected)),
         }
-        *expected += 1;
-        Ok(())
     };
     let rate = match case {
         "m2m_64B" | "m2m_64KiB" => {
-            let listener = Listener::bind(peer.m2m_path(), ListenerConfig::default())
-                .map_err(|e| e.to_string())?;
-            peer.ctl.write_all(b"L").map_err(|e| e.to_string())?;
-            let mut ch = listener
-                .accept()
-                .and_then(|i| i.establish())
-                .map_err(|e| e.to_string())?;
+            let mut ch = peer.m2m_channel()?;
             ch.set_wait_policy(WaitPolicy::Poll);
             let mut local = vec![0u8; BIG];
             let mut err = None;
@@ -404,10 +517,12 @@ fn throughput_case(case: &str, dur: Duration) -> Result<f64, String> {
                     .recv_batch(usize::MAX, |m| {
                         let got = match m {
                             Message::Inline(b) => seq_of(b),
-                            Message::Buffer(rx) => {
-                                rx.copy_to(&mut local);
-                                seq_of(&local)
-                            }
+                            // Copied out so that every byte is really read, as an application
+                            // that keeps the data would.
+                            Message::Buffer(rx) => match rx.copy_to(&mut local) {
+                                BIG => seq_of(&local),
+                                _ => None,
+                            },
                         };
                         if let Err(e) = check(got, &mut expected) {
                             err.get_or_insert(e);
@@ -475,6 +590,7 @@ pub fn peer_main(case: &str, dir: &Path, iters: usize) -> Result<(), String> {
         UnixStream::connect(dir.join("ctl.sock")).map_err(|e| format!("peer: connecting: {e}"))?;
     ctl.set_read_timeout(Some(CASE_DEADLINE))
         .map_err(|e| e.to_string())?;
+    exit_with_parent(&ctl, CASE_DEADLINE + Duration::from_secs(5))?;
     let start = Instant::now();
     match case {
         "cacheline" => {
@@ -483,7 +599,7 @@ pub fn peer_main(case: &str, dir: &Path, iters: usize) -> Result<(), String> {
             let map = shared_lines(fd)?;
             let (a, b) = (line(&map, 0), line(&map, 128));
             for i in 1..=iters as u64 {
-                spin_until(a, i, start)?;
+                spin_until(a, i, deadline_check(start))?;
                 b.store(i, Ordering::Release);
             }
         }
@@ -547,14 +663,14 @@ pub fn peer_main(case: &str, dir: &Path, iters: usize) -> Result<(), String> {
             let mut ch =
                 Channel::connect(dir.join("m2m.sock"), config).map_err(|e| e.to_string())?;
             let mut seq = 0u64;
-            let mut msg = record(0, if case == "m2m_64B" { MSG } else { BIG });
+            let mut msg = record(if case == "m2m_64B" { MSG } else { BIG });
             // Until the parent hangs up (PeerGone) or the deadline.
             while !deadline_passed(start) {
                 let r: Result<(), splitos_m2m::Error> = if case == "m2m_64B" {
                     let mut batch = ch.send_batch();
                     let mut pushed = 0;
                     loop {
-                        msg[..8].copy_from_slice(&seq.to_le_bytes());
+                        stamp(&mut msg, seq);
                         match batch.try_push(&msg) {
                             Ok(true) => {
                                 seq += 1;
@@ -564,7 +680,7 @@ pub fn peer_main(case: &str, dir: &Path, iters: usize) -> Result<(), String> {
                             Err(e) => return peer_end(e),
                         }
                     }
-                    drop(batch);
+                    batch.publish();
                     if pushed == 0 {
                         ch.wait_writable(MSG, Some(Duration::from_millis(100)))
                             .map(|_| ())
@@ -574,7 +690,7 @@ pub fn peer_main(case: &str, dir: &Path, iters: usize) -> Result<(), String> {
                 } else {
                     match ch.alloc_buffer_wait(Some(Duration::from_millis(100))) {
                         Ok(Some(mut b)) => {
-                            msg[..8].copy_from_slice(&seq.to_le_bytes());
+                            stamp(&mut msg, seq);
                             b.write(0, &msg)
                                 .and_then(|_| ch.send_buffer(b, BIG))
                                 .map(|_| seq += 1)
@@ -591,10 +707,10 @@ pub fn peer_main(case: &str, dir: &Path, iters: usize) -> Result<(), String> {
         "unix_socket_64B" | "unix_socket_64KiB" => {
             ctl.write_all(b"R").map_err(|e| e.to_string())?;
             let len = if case == "unix_socket_64B" { MSG } else { BIG };
-            let mut msg = record(0, len);
+            let mut msg = record(len);
             let mut seq = 0u64;
             while !deadline_passed(start) {
-                msg[..8].copy_from_slice(&seq.to_le_bytes());
+                stamp(&mut msg, seq);
                 // One write(2) per message: what a message-at-a-time user of a socket pays.
                 if ctl.write_all(&msg).is_err() {
                     return Ok(()); // the parent hung up: done
@@ -617,16 +733,38 @@ fn peer_end(e: splitos_m2m::Error) -> Result<(), String> {
 
 // ---- the suite ----
 
+/// Runs a case; if it failed at its deadline, says so, since the error the parent saw is then
+/// only the consequence (the watchdog killed the peer).
+fn explain_deadline<T>(
+    start: Instant,
+    case: impl FnOnce() -> Result<T, String>,
+) -> Result<T, String> {
+    case().map_err(|e| {
+        if start.elapsed() >= CASE_DEADLINE {
+            format!("{e} (the case reached its {CASE_DEADLINE:?} deadline and the peer was killed)")
+        } else {
+            e
+        }
+    })
+}
+
 pub fn run(opts: &Options) -> Report {
     let plan = Plan::new(opts.quick);
     let mut report = Report::new("m2m");
     iceoryx2::prelude::set_log_level(iceoryx2::prelude::LogLevel::Error);
-    let pinned = online_cpus() >= 2 && pin(0);
-    if !pinned {
-        report.note("fewer than 2 CPUs: the two processes are not pinned");
-    } else {
+    let cpus = online_cpus();
+    if cpus < 2 {
+        report.note("only 1 CPU: the two processes are not pinned and share it");
+    } else if pin(0) {
         report.note("parent pinned to CPU 0, peer to CPU 1");
+    } else {
+        report.note("could not pin the parent to CPU 0: processes not pinned");
     }
+    report.note(format!(
+        "one-way latency = median (p99 in details) of per-iteration round trip / 2, including \
+         ~{:.0} ns of clock reads per round trip",
+        timer_overhead_ns()
+    ));
     // Spin cases are interleaved over several rounds so that a change in where the hypervisor
     // places the two vCPUs affects every case alike; samples are pooled per case.
     let spin_cases = ["cacheline", "m2m_poll", "m2m_adaptive", "iceoryx2"];
@@ -644,7 +782,7 @@ pub fn run(opts: &Options) -> Report {
                 plan.spin_iters / plan.rounds
             };
             eprint!("m2m: {case} (round {}) ... ", round + 1);
-            match latency_case(case, iters) {
+            match explain_deadline(Instant::now(), || latency_case(case, iters)) {
                 Ok(s) => {
                     let (med, _) = one_way(s.clone());
                     eprintln!("{med:.0} ns one-way");
@@ -663,7 +801,7 @@ pub fn run(opts: &Options) -> Report {
     for (case, s) in pooled {
         let (med, p99) = one_way(s);
         report.add(case, "one_way_ns", med);
-        report.add(case, "one_way_p99_ns", p99);
+        report.detail(case, "one_way_p99_ns", p99);
     }
     for case in [
         "m2m_64B",
@@ -672,7 +810,7 @@ pub fn run(opts: &Options) -> Report {
         "unix_socket_64KiB",
     ] {
         eprint!("m2m: {case} ... ");
-        match throughput_case(case, plan.throughput) {
+        match explain_deadline(Instant::now(), || throughput_case(case, plan.throughput)) {
             Ok(rate) => {
                 let metric = if case.ends_with("64B") {
                     "msgs_per_s"

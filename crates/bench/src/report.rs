@@ -1,6 +1,9 @@
 //! Results of one suite: the table a person reads, the ratios against baselines, the target
 //! checks, and the JSON a machine reads (`{"suite":..,"results":[{"name","metric","value"}],
-//! "ratios":[..],"targets":[..]}`). Shared by every suite.
+//! "details":[..],"ratios":[..],"targets":[..],"notes":[..]}`). Shared by every suite.
+//!
+//! `results` holds the headline numbers that tools compare across runs; secondary numbers
+//! (percentiles, say) go to `details`, so that `results` keeps a fixed set of names per suite.
 
 use serde::Serialize;
 use std::path::Path;
@@ -31,6 +34,7 @@ pub struct Target {
 pub struct Report {
     pub suite: String,
     pub results: Vec<Entry>,
+    pub details: Vec<Entry>,
     pub ratios: Vec<Ratio>,
     pub targets: Vec<Target>,
     pub notes: Vec<String>,
@@ -41,6 +45,7 @@ impl Report {
         Report {
             suite: suite.into(),
             results: Vec::new(),
+            details: Vec::new(),
             ratios: Vec::new(),
             targets: Vec::new(),
             notes: Vec::new(),
@@ -49,6 +54,15 @@ impl Report {
 
     pub fn add(&mut self, name: &str, metric: &str, value: f64) {
         self.results.push(Entry {
+            name: name.into(),
+            metric: metric.into(),
+            value,
+        });
+    }
+
+    /// A secondary number: printed and written, but not among the headline `results`.
+    pub fn detail(&mut self, name: &str, metric: &str, value: f64) {
+        self.details.push(Entry {
             name: name.into(),
             metric: metric.into(),
             value,
@@ -103,18 +117,31 @@ impl Report {
     pub fn print(&self) {
         println!();
         println!("== {} ==", self.suite);
-        println!("{:<22} {:<14} {:>16}", "name", "metric", "value");
+        println!(
+            "{:<22} {:<16} {:>18}  vs baseline",
+            "name", "metric", "value"
+        );
         for e in &self.results {
-            println!("{:<22} {:<14} {:>16}", e.name, e.metric, human(e.value));
+            // Ratios sit next to the number they qualify, so one line reads on its own.
+            let vs: Vec<String> = self
+                .ratios
+                .iter()
+                .filter(|r| r.name == e.name && r.metric == e.metric)
+                .map(|r| format!("{:.2}x {}", r.value, r.baseline))
+                .collect();
+            println!(
+                "{:<22} {:<16} {:>18}  {}",
+                e.name,
+                e.metric,
+                human(e.value),
+                vs.join(", ")
+            );
         }
-        if !self.ratios.is_empty() {
+        if !self.details.is_empty() {
             println!();
-            println!("ratios");
-            for r in &self.ratios {
-                println!(
-                    "  {:<22} / {:<18} {:<12} {:>8.2}x",
-                    r.name, r.baseline, r.metric, r.value
-                );
+            println!("details");
+            for e in &self.details {
+                println!("  {:<20} {:<16} {:>18}", e.name, e.metric, human(e.value));
             }
         }
         if !self.targets.is_empty() {
@@ -173,6 +200,12 @@ mod tests {
         assert!(r.targets[0].pass);
         assert!(!r.targets[1].pass);
         assert!(!r.targets[2].pass);
+        r.detail("a", "p99_ns", 900.0);
+        assert_eq!(r.results.len(), 2);
+        assert_eq!(r.get("a", "p99_ns"), None);
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["results"][0]["name"], "a");
+        assert_eq!(json["details"][0]["metric"], "p99_ns");
         assert_eq!(human(1234567.0), "1,234,567");
         assert_eq!(human(12.345), "12.35");
     }

@@ -26,6 +26,8 @@ pub const SEND_WINDOW: u32 = 1 << 20;
 pub const RECV_WINDOW: u32 = 1 << 20;
 /// Longest application name in a [`Request::Hello`].
 pub const MAX_NAME: usize = 64;
+/// Most unprocessed bytes a [`Request::Handoff`] may carry back to the server.
+pub const MAX_HANDOFF: usize = 32 << 10;
 
 /// A socket, as named within one session: slot index and generation.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
@@ -115,6 +117,24 @@ pub enum Request<'a> {
     ReleaseFile {
         file: u64,
     },
+    /// Stop delivering this connection's data; the server answers with [`Event::Paused`], after
+    /// which no `Data` for it reaches this session. Bytes that arrive meanwhile wait in the
+    /// server. The first half of handing a connection to another application instance.
+    Pause {
+        handle: Handle,
+    },
+    /// Give a paused connection, accepted on a persistent listener, to whichever session listens
+    /// on that address next (or already does): `data` (at most [`MAX_HANDOFF`] bytes) is what
+    /// this application received but did not process; the new owner receives it first, then
+    /// whatever the server held back since the pause. Bytes queued for sending still go out
+    /// first; then this session gets [`Event::Closed`] and the handle is retired.
+    ///
+    /// On a persistent listener (with no data) it parks the listener for the next instance, as
+    /// the session's death would, while this session finishes with its connections.
+    Handoff {
+        handle: Handle,
+        data: &'a [u8],
+    },
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -146,6 +166,8 @@ pub enum Event<'a> {
     Closed { handle: Handle },
     /// The server could not make sense of a request (it is dropped); `errno` says why.
     ProtocolError { op: u8, errno: i32 },
+    /// Answer to [`Request::Pause`]: every byte delivered for this connection precedes this event.
+    Paused { handle: Handle },
 }
 
 /// What an m2m buffer carries, in the buffer's metadata.
@@ -192,6 +214,8 @@ mod op {
     pub const CONSUMED: u8 = 8;
     pub const SEND_FILE: u8 = 9;
     pub const RELEASE_FILE: u8 = 10;
+    pub const PAUSE: u8 = 11;
+    pub const HANDOFF: u8 = 12;
 
     pub const DONE: u8 = 64;
     pub const FAILED: u8 = 65;
@@ -202,6 +226,7 @@ mod op {
     pub const ERROR: u8 = 70;
     pub const CLOSED: u8 = 71;
     pub const PROTOCOL_ERROR: u8 = 72;
+    pub const PAUSED: u8 = 73;
 
     pub const META_SEND: u8 = 128;
     pub const META_DATA: u8 = 129;
@@ -385,6 +410,12 @@ impl<'a> Request<'a> {
             Request::ReleaseFile { file } => {
                 w.u8(op::RELEASE_FILE).u64(file);
             }
+            Request::Pause { handle } => {
+                w.u8(op::PAUSE).handle(handle);
+            }
+            Request::Handoff { handle, data } => {
+                w.u8(op::HANDOFF).handle(handle).bytes(data);
+            }
         }
     }
 
@@ -458,6 +489,17 @@ impl<'a> Request<'a> {
                 len: r.u64()?,
             },
             op::RELEASE_FILE => Request::ReleaseFile { file: r.u64()? },
+            op::PAUSE => Request::Pause {
+                handle: r.handle()?,
+            },
+            op::HANDOFF => {
+                let handle = r.handle()?;
+                let data = r.rest();
+                if data.len() > MAX_HANDOFF {
+                    return Err(DecodeError::BadValue);
+                }
+                Request::Handoff { handle, data }
+            }
             other => return Err(DecodeError::UnknownOp(other)),
         };
         r.end()?;
@@ -514,6 +556,9 @@ impl<'a> Event<'a> {
             Event::ProtocolError { op: o, errno } => {
                 w.u8(op::PROTOCOL_ERROR).u8(o).i32(errno);
             }
+            Event::Paused { handle } => {
+                w.u8(op::PAUSED).handle(handle);
+            }
         }
     }
 
@@ -560,6 +605,9 @@ impl<'a> Event<'a> {
             op::PROTOCOL_ERROR => Event::ProtocolError {
                 op: r.u8()?,
                 errno: r.i32()?,
+            },
+            op::PAUSED => Event::Paused {
+                handle: r.handle()?,
             },
             other => return Err(DecodeError::UnknownOp(other)),
         };

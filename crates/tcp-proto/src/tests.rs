@@ -19,7 +19,7 @@ proptest! {
     fn requests_round_trip(
         req in any::<u32>(), a in addr(), h in handle(), n in any::<u32>(),
         flags in 0..=listen_flags::ALL, data in proptest::collection::vec(any::<u8>(), 0..200),
-        on in any::<bool>(), pick in 0..11u8, big in any::<u64>(),
+        on in any::<bool>(), pick in 0..13u8, big in any::<u64>(),
     ) {
         let name = &data[..data.len().min(MAX_NAME)];
         let r = match pick {
@@ -33,6 +33,8 @@ proptest! {
             7 => Request::SetOption { req, handle: h, opt: SockOpt::KeepAlive(on) },
             8 => Request::SendFile { handle: h, file: big, offset: big / 3, len: n as u64 },
             9 => Request::ReleaseFile { file: big },
+            10 => Request::Pause { handle: h },
+            11 => Request::Handoff { handle: h, data: &data },
             _ => Request::Consumed { handle: h, bytes: n },
         };
         let mut buf = Vec::new();
@@ -44,7 +46,7 @@ proptest! {
     fn events_round_trip(
         req in any::<u32>(), a in addr(), b in addr(), h in handle(), g in handle(),
         n in any::<u32>(), e in any::<i32>(), data in proptest::collection::vec(any::<u8>(), 0..200),
-        pick in 0..9u8,
+        pick in 0..10u8,
     ) {
         let ev = match pick {
             0 => Event::Done { req, handle: h, local: a, peer: b },
@@ -55,6 +57,7 @@ proptest! {
             5 => Event::Sent { handle: h, bytes: n },
             6 => Event::Error { handle: h, errno: e },
             7 => Event::Closed { handle: h },
+            8 => Event::Paused { handle: h },
             _ => Event::ProtocolError { op: n as u8, errno: e },
         };
         let mut buf = Vec::new();
@@ -73,6 +76,15 @@ proptest! {
         }
         let _ = Event::decode(&bytes);
         let _ = BufferMeta::decode(&bytes);
+    }
+
+    /// A hand-off carrying more than MAX_HANDOFF bytes is refused at decoding.
+    #[test]
+    fn oversized_handoff_is_refused(extra in 1..64usize, h in handle()) {
+        let data = vec![7u8; MAX_HANDOFF + extra];
+        let mut buf = Vec::new();
+        Request::Handoff { handle: h, data: &data }.encode(&mut buf);
+        prop_assert_eq!(Request::decode(&buf), Err(DecodeError::BadValue));
     }
 
     /// Every truncation of a valid request is rejected, not misread.

@@ -107,6 +107,17 @@ pub(crate) struct Shared {
     pub stats: Option<stats::StatsWriter>,
     /// Live sessions across all workers, for `max_sessions`.
     pub sessions: AtomicUsize,
+    /// Every worker's wake-up eventfd, set once all have started: a connection handed off on
+    /// one worker may be adopted by a listener on another.
+    pub wakes: std::sync::OnceLock<Vec<Arc<OwnedFd>>>,
+}
+
+impl Shared {
+    pub(crate) fn wake_all(&self) {
+        for w in self.wakes.get().into_iter().flatten() {
+            ring_eventfd(w);
+        }
+    }
 }
 
 struct WorkerHandle {
@@ -186,6 +197,7 @@ impl TcpServer {
             shutdown: AtomicBool::new(false),
             stats,
             sessions: AtomicUsize::new(0),
+            wakes: std::sync::OnceLock::new(),
         });
         let mut workers: Vec<WorkerHandle> = Vec::new();
         for id in 0..config.threads {
@@ -260,6 +272,9 @@ impl TcpServer {
                 thread,
             });
         }
+        let _ = shared
+            .wakes
+            .set(workers.iter().map(|w| w.wake.clone()).collect());
         let routes: Vec<(Sender<worker::NewSession>, Arc<OwnedFd>)> = workers
             .iter()
             .map(|w| (w.inbox.clone(), w.wake.clone()))

@@ -6,12 +6,30 @@
 //! the same user that listens on the same address within the grace period takes the socket over,
 //! so no connection attempt is refused across an application restart. After the grace period
 //! the socket is closed.
+//!
+//! Connections travel the same way. An application instance that is being replaced pauses each
+//! connection between requests and hands it off ([`Registry::hand_over`]) with the bytes it
+//! received but did not process; the worker that owns a live persistent listener on the
+//! connection's address (the new instance's) adopts it, and until one does, it waits here for
+//! the grace period. The fd moves between workers; its unprocessed bytes move with it.
 
 use rustix::fd::OwnedFd;
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
+
+/// A connection an application instance handed off, waiting for its next owner.
+pub struct Handed {
+    pub fd: OwnedFd,
+    pub uid: u32,
+    /// Received bytes nobody has processed yet, in stream order.
+    pub data: Vec<u8>,
+    /// The peer had already shut down its side.
+    pub eof: bool,
+    pub deadline: Instant,
+}
 
 pub struct Parked {
     pub fd: OwnedFd,
@@ -24,6 +42,9 @@ pub struct Parked {
 #[derive(Default)]
 pub struct Registry {
     parked: Mutex<HashMap<SocketAddr, Parked>>,
+    handed: Mutex<HashMap<SocketAddr, Vec<Handed>>>,
+    /// Connections in `handed`, read without the lock on every worker pass.
+    handed_count: AtomicUsize,
 }
 
 impl Registry {
@@ -47,8 +68,50 @@ impl Registry {
         }
     }
 
-    /// Closes listeners whose grace period has passed.
+    /// Leaves a connection accepted on `addr` for the next owner of that address.
+    pub fn hand_over(&self, addr: SocketAddr, h: Handed) {
+        if let Ok(mut m) = self.handed.lock() {
+            m.entry(addr).or_default().push(h);
+            self.handed_count.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Whether any handed-off connection waits for an owner.
+    pub fn has_handed(&self) -> bool {
+        self.handed_count.load(Ordering::Acquire) > 0
+    }
+
+    /// Takes the connections handed off on `addr` by applications of user `uid`.
+    pub fn take_handed(&self, addr: SocketAddr, uid: u32) -> Vec<Handed> {
+        let Ok(mut m) = self.handed.lock() else {
+            return Vec::new();
+        };
+        let Some(list) = m.get_mut(&addr) else {
+            return Vec::new();
+        };
+        let (mine, rest): (Vec<Handed>, Vec<Handed>) = list.drain(..).partition(|h| h.uid == uid);
+        *list = rest;
+        if list.is_empty() {
+            m.remove(&addr);
+        }
+        self.handed_count.fetch_sub(mine.len(), Ordering::AcqRel);
+        mine
+    }
+
+    /// Closes listeners and handed-off connections whose grace period has passed.
     pub fn expire(&self, now: Instant) {
+        if let Ok(mut m) = self.handed.lock() {
+            for (addr, list) in m.iter_mut() {
+                let before = list.len();
+                list.retain(|h| h.deadline > now);
+                if list.len() < before {
+                    tracing::warn!(%addr, closed = before - list.len(), "handed-off connections found no new owner in time; closing them");
+                    self.handed_count
+                        .fetch_sub(before - list.len(), Ordering::AcqRel);
+                }
+            }
+            m.retain(|_, list| !list.is_empty());
+        }
         if let Ok(mut m) = self.parked.lock() {
             m.retain(|addr, p| {
                 let keep = p.deadline > now;

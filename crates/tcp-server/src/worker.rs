@@ -142,6 +142,15 @@ struct Conn {
     failed: bool,
     shutdown_wanted: bool,
     shutdown_done: bool,
+    /// The application paused delivery (`Pause`): received bytes wait in `held`.
+    paused: bool,
+    held: Vec<u8>,
+    /// Set by `Handoff`: once the send queue is flushed, the fd and these bytes (then `held`)
+    /// go to the next owner of `origin` instead of being closed.
+    handoff: Option<Vec<u8>>,
+    /// The address of the persistent listener this connection was accepted on, if any: only
+    /// such connections can be handed off, because only there is a next owner to find.
+    origin: Option<SocketAddr>,
 }
 
 struct ListenSock {
@@ -259,6 +268,9 @@ impl Worker {
                 self.wake_armed = true;
             }
             let mut work = self.take_new_sessions();
+            if self.shared.registry.has_handed() {
+                work += self.adopt_handed();
+            }
             for si in 0..self.sessions.len() as u32 {
                 work += self.serve_requests(si);
             }
@@ -695,6 +707,122 @@ impl Worker {
                     s.files.remove(&file);
                 }
             }
+            Request::Pause { handle } => self.pause(si, handle),
+            Request::Handoff { handle, data } => self.handoff(si, handle, data),
+        }
+    }
+
+    /// Stops delivering a connection's data to its application; `Paused` marks the end of what
+    /// was delivered, later bytes collect in `held` (bounded by the receive window, since the
+    /// application never acknowledges them).
+    fn pause(&mut self, si: u32, handle: Handle) {
+        let Some(slot) = self.owned(si, handle) else {
+            self.bad_handle(si, handle);
+            return;
+        };
+        let Some(c) = self.conn_mut(slot) else {
+            self.violation(
+                si,
+                11,
+                Errno::NOTSOCK.raw_os_error(),
+                "pause of a non-connection",
+            );
+            return;
+        };
+        c.paused = true;
+        self.emit(si, Event::Paused { handle });
+    }
+
+    /// Hands a paused connection to the next owner of its persistent listener's address. It is
+    /// released like a close (queued bytes flushed, receive cancelled, nothing in flight), but
+    /// the fd goes to the registry instead of being closed.
+    fn handoff(&mut self, si: u32, handle: Handle, data: &[u8]) {
+        let Some(slot) = self.owned(si, handle) else {
+            self.bad_handle(si, handle);
+            return;
+        };
+        // A persistent listener handed off is parked for the next instance, as if its session
+        // had died, while this session finishes with its connections.
+        if let Some(Socket {
+            kind: Kind::Listener(l),
+            ..
+        }) = self.sockets[slot as usize].sock.as_mut()
+        {
+            if l.flags & listen_flags::PERSISTENT != 0 && data.is_empty() {
+                l.park = true;
+                self.begin_close(slot, false);
+                return;
+            }
+        }
+        let ok = match self.conn_mut(slot) {
+            Some(c) if c.paused && c.origin.is_some() && !c.failed => {
+                c.handoff = Some(data.to_vec());
+                true
+            }
+            _ => false,
+        };
+        if !ok {
+            self.violation(
+                si,
+                12,
+                Errno::INVAL.raw_os_error(),
+                "hand-off of a connection that is not paused, failed, or not from a persistent listener",
+            );
+            return;
+        }
+        self.begin_close(slot, false);
+    }
+
+    /// Adopts connections other instances handed off, for every live persistent listener here.
+    fn adopt_handed(&mut self) -> usize {
+        let mut targets = Vec::new();
+        for si in 0..self.sessions.len() as u32 {
+            let Some(s) = self.sessions[si as usize].as_ref().filter(|s| !s.dead) else {
+                continue;
+            };
+            let uid = s.peer.uid;
+            for &slot in &s.sockets {
+                if let Some(Socket {
+                    kind: Kind::Listener(l),
+                    closing: false,
+                    ..
+                }) = self.sockets[slot as usize].sock.as_ref()
+                {
+                    if l.flags & listen_flags::PERSISTENT != 0 {
+                        targets.push((si, slot, l.addr, uid));
+                    }
+                }
+            }
+        }
+        let mut n = 0;
+        for (si, lslot, addr, uid) in targets {
+            for h in self.shared.registry.take_handed(addr, uid) {
+                n += 1;
+                self.adopt(si, lslot, h);
+            }
+        }
+        n
+    }
+
+    fn adopt(&mut self, si: u32, listener: u32, h: crate::persist::Handed) {
+        let Some(slot) = self.accepted(si, listener, h.fd) else {
+            return;
+        };
+        let handle = self.handle(slot);
+        tracing::debug!(
+            session = si,
+            held = h.data.len(),
+            "adopted a handed-off connection"
+        );
+        if let Some(c) = self.conn_mut(slot) {
+            c.unacked += h.data.len() as u64;
+            c.eof = h.eof;
+        }
+        for part in h.data.chunks(INLINE_DATA_MAX) {
+            self.emit(si, Event::Data { handle, data: part });
+        }
+        if h.eof {
+            self.emit(si, Event::Eof { handle });
         }
     }
 
@@ -1286,6 +1414,37 @@ impl Worker {
             sock.inflight -= 1;
         }
         let res = cqe.result;
+        if c.paused {
+            // Delivery is paused (for a hand-off): bytes, EOF and errors stay with the
+            // connection and travel with it.
+            if res > 0 {
+                let n = res as usize;
+                if let Some(b) = &buf {
+                    let at = c.held.len();
+                    c.held.resize(at + n, 0);
+                    b.read_at(0, &mut c.held[at..]);
+                }
+                c.unacked += n as u64;
+                if c.unacked >= RECV_WINDOW as u64 && c.recv == Recv::Armed {
+                    c.recv = Recv::Cancelling;
+                    self.cancel(slot, Op::Recv);
+                }
+            } else if res == 0 {
+                c.eof = true;
+            } else if res == -Errno::NOBUFS.raw_os_error() {
+                self.starved.push(slot);
+            } else if res != -Errno::CANCELED.raw_os_error() {
+                c.failed = true;
+            }
+            if let Some(b) = buf {
+                self.provide(si, b);
+            }
+            if !cqe.more {
+                self.maybe_arm_recv(slot);
+                self.try_finish_close(slot);
+            }
+            return;
+        }
         let handle = Handle::new(slot, self.sockets[slot as usize].generation);
         if res > 0 && !closing {
             let n = res as usize;
@@ -1418,23 +1577,31 @@ impl Worker {
 
     // ---- accepting ----
 
-    fn accepted(&mut self, si: u32, listener: u32, fd: OwnedFd) {
+    fn accepted(&mut self, si: u32, listener: u32, fd: OwnedFd) -> Option<u32> {
         let max = self.shared.config.max_conns_per_session;
-        let Some(s) = self.live_session(si) else {
-            return;
+        let origin = match self.sockets[listener as usize]
+            .sock
+            .as_ref()
+            .map(|s| &s.kind)
+        {
+            Some(Kind::Listener(l)) if l.flags & listen_flags::PERSISTENT != 0 => Some(l.addr),
+            _ => None,
         };
+        let s = self.live_session(si)?;
         if s.conns >= max {
             tracing::warn!(
                 session = si,
                 max,
                 "connection limit reached; refusing a connection"
             );
-            return; // dropping fd closes it
+            return None; // dropping fd closes it
         }
         s.conns += 1;
         let local = sock_addr(rnet::getsockname(&fd));
         let peer = peer_addr(&fd);
-        let slot = self.alloc_socket(si, fd, Kind::Conn(Box::new(new_conn())));
+        let mut conn = Box::new(new_conn());
+        conn.origin = origin;
+        let slot = self.alloc_socket(si, fd, Kind::Conn(conn));
         let conn = self.handle(slot);
         let listener = self.handle(listener);
         self.emit(
@@ -1447,6 +1614,7 @@ impl Worker {
             },
         );
         self.maybe_arm_recv(slot);
+        Some(slot)
     }
 
     fn accept_completion(&mut self, slot: u32, cqe: &Completion) {
@@ -1520,7 +1688,9 @@ impl Worker {
             sock.closing = true;
         }
         match &mut sock.kind {
-            Kind::Conn(c) if abort => {
+            // A connection being handed off still flushes: the next owner's responses must
+            // follow complete ones.
+            Kind::Conn(c) if abort && c.handoff.is_none() => {
                 if !c.send_inflight {
                     c.sendq.clear();
                 }
@@ -1546,11 +1716,12 @@ impl Worker {
         let mut cancel = None;
         match &mut sock.kind {
             Kind::Conn(c) => {
-                if dead && !c.send_inflight {
+                let abort = dead && c.handoff.is_none();
+                if abort && !c.send_inflight {
                     c.sendq.clear();
                 }
                 if !c.sendq.is_empty() || c.send_inflight {
-                    if dead && c.send_inflight {
+                    if abort && c.send_inflight {
                         cancel = Some(Op::Send);
                     } else {
                         return; // flushing
@@ -1591,15 +1762,32 @@ impl Worker {
         let was_conn = matches!(sock.kind, Kind::Conn(_) | Kind::Connecting { .. });
         // A socket whose connect failed never had a handle the application saw.
         let issued = !matches!(sock.kind, Kind::Connecting { .. });
-        if let Kind::Listener(l) = sock.kind {
+        let uid = self.sessions[si as usize]
+            .as_ref()
+            .map_or(u32::MAX, |s| s.peer.uid);
+        if let Kind::Conn(c) = sock.kind {
+            if let (Some(mut data), Some(origin), false) = (c.handoff, c.origin, c.failed) {
+                data.extend_from_slice(&c.held);
+                tracing::debug!(%origin, held = data.len(), "connection handed off");
+                self.shared.registry.hand_over(
+                    origin,
+                    crate::persist::Handed {
+                        fd: sock.fd,
+                        uid,
+                        data,
+                        eof: c.eof,
+                        deadline: Instant::now() + self.shared.config.persist_grace,
+                    },
+                );
+                self.shared.wake_all();
+            }
+        } else if let Kind::Listener(l) = sock.kind {
             if l.park {
                 self.shared.registry.park(
                     l.addr,
                     Parked {
                         fd: sock.fd,
-                        uid: self.sessions[si as usize]
-                            .as_ref()
-                            .map_or(u32::MAX, |s| s.peer.uid),
+                        uid,
                         orphans: l.orphans,
                         deadline: Instant::now() + self.shared.config.persist_grace,
                     },
@@ -1856,6 +2044,10 @@ fn new_conn() -> Conn {
         failed: false,
         shutdown_wanted: false,
         shutdown_done: false,
+        paused: false,
+        held: Vec::new(),
+        handoff: None,
+        origin: None,
     }
 }
 

@@ -51,6 +51,7 @@ enum Ev {
     Error(Handle, i32),
     Closed(Handle),
     ProtocolError(u8, i32),
+    Paused(Handle),
 }
 
 /// A minimal application speaking the protocol by hand.
@@ -112,6 +113,7 @@ impl RawApp {
                 Event::Error { handle, errno } => Ev::Error(handle, errno),
                 Event::Closed { handle } => Ev::Closed(handle),
                 Event::ProtocolError { op, errno } => Ev::ProtocolError(op, errno),
+                Event::Paused { handle } => Ev::Paused(handle),
             },
             Message::Buffer(rx) => match BufferMeta::decode(rx.meta()) {
                 Ok(BufferMeta::Data(h)) => Ev::Data(h, rx.to_vec()),
@@ -664,4 +666,87 @@ fn connection_limit_covers_outbound_connects() {
     }
     app.send(Request::Connect { req: 3, addr });
     assert_eq!(app.event(), Ev::Failed(3, 24), "third connection allowed");
+}
+
+/// Reads from a kernel socket until `want` bytes arrived (or 10 s passed).
+fn read_n(s: &mut std::net::TcpStream, want: usize) -> Vec<u8> {
+    s.set_read_timeout(Some(T)).unwrap();
+    let mut got = vec![0u8; want];
+    s.read_exact(&mut got).expect("bytes from the server");
+    got
+}
+
+/// The reload path: instance A answers part of a stream, pauses the connection while the client
+/// keeps sending, parks its listener and hands the connection off with the bytes it did not
+/// process; instance B, listening on the same address, adopts it and sees exactly the rest of
+/// the stream, and the client sees A's reply, then B's, on one unbroken connection.
+#[test]
+fn connections_move_between_instances_with_their_unprocessed_bytes() {
+    use splitos_tcp_proto::listen_flags::{PERSISTENT, REUSE_ADDR};
+    let srv = server("handoff");
+    let mut a = RawApp::connect(srv.socket_path());
+    let (listener, addr) = a.listen("127.0.0.1:0", PERSISTENT | REUSE_ADDR).unwrap();
+    let mut client = std::net::TcpStream::connect(addr).unwrap();
+    client.write_all(b"first;sec").unwrap();
+    let conn = match a.event_skip_sent() {
+        Ev::Accepted(l, c, _) if l == listener => c,
+        other => panic!("unexpected {other:?}"),
+    };
+    let got = a.read_exact(conn, 9);
+    assert_eq!(got, b"first;sec");
+    a.send(Request::Send {
+        handle: conn,
+        data: b"reply-from-A;",
+    });
+    a.send(Request::Pause { handle: conn });
+    assert_eq!(a.event_skip_sent(), Ev::Paused(conn));
+    // Sent after the pause: held by the server, never delivered to A.
+    client.write_all(b"ond;third;").unwrap();
+    assert_eq!(read_n(&mut client, 13), b"reply-from-A;");
+    std::thread::sleep(Duration::from_millis(50));
+    // Handing off an unpaused or unknown handle is refused without harm.
+    a.send(Request::Handoff {
+        handle: Handle::new(999, 1),
+        data: b"",
+    });
+    assert!(matches!(
+        a.event_skip_sent(),
+        Ev::Error(..) | Ev::ProtocolError(..)
+    ));
+    a.send(Request::Handoff {
+        handle: listener,
+        data: b"",
+    });
+    assert_eq!(a.event_skip_sent(), Ev::Closed(listener));
+    // The listener is parked: B can take the address while A is still alive.
+    a.send(Request::Handoff {
+        handle: conn,
+        data: b"sec",
+    });
+    assert_eq!(a.event_skip_sent(), Ev::Closed(conn));
+    let mut b = RawApp::connect(srv.socket_path());
+    let (_bl, baddr) = b
+        .listen(&addr.to_string(), PERSISTENT | REUSE_ADDR)
+        .unwrap();
+    assert_eq!(baddr, addr);
+    let bconn = match b.event_skip_sent() {
+        Ev::Accepted(_, c, _) => c,
+        other => panic!("unexpected {other:?}"),
+    };
+    let rest = b.read_exact(bconn, b"second;third;".len());
+    assert_eq!(rest, b"second;third;");
+    b.send(Request::Send {
+        handle: bconn,
+        data: b"reply-from-B",
+    });
+    assert_eq!(read_n(&mut client, 12), b"reply-from-B");
+    // New connections reach B too, and A, still alive, hears of neither.
+    let mut c2 = std::net::TcpStream::connect(addr).unwrap();
+    c2.write_all(b"x").unwrap();
+    assert!(matches!(b.event_skip_sent(), Ev::Accepted(..)));
+    assert!(a
+        .chan
+        .recv_timeout(Duration::from_millis(200))
+        .unwrap()
+        .is_none());
 }

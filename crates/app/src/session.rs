@@ -617,7 +617,8 @@ impl OwnedEvent {
                 local,
                 peer,
             } => OwnedEvent::Accepted(listener, conn, local, peer),
-            Event::Data { .. } => return None,
+            // The blocking library never pauses connections (the reactor does).
+            Event::Data { .. } | Event::Paused { .. } => return None,
             Event::Eof { handle } => OwnedEvent::Eof(handle),
             Event::Sent { handle, bytes } => OwnedEvent::Sent(handle, bytes),
             Event::Error { handle, errno } => OwnedEvent::Error(handle, errno),

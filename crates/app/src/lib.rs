@@ -11,7 +11,9 @@
 //! same shared-memory path, no daemon needed.
 
 pub mod embedded;
+mod file_tags;
 pub mod net;
+pub mod reactor;
 mod session;
 #[cfg(feature = "tokio")]
 pub mod tokio;

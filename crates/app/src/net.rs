@@ -297,35 +297,21 @@ impl TcpStream {
         offset: u64,
         len: u64,
     ) -> io::Result<()> {
-        let end = offset
-            .checked_add(len)
-            .filter(|e| *e <= file.len())
-            .ok_or_else(|| {
-                io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    "range beyond the end of the file",
-                )
-            })?;
         let h = self.inner.handle;
-        let chunk_size = file.chunks().first().map_or(1, |c| c.len().max(1));
+        let pieces = crate::file_tags::pieces(file, offset, len)?;
         let mut st = self.inner.session.lock()?;
-        let mut pos = offset;
-        while pos < end {
-            let i = (pos / chunk_size) as usize;
-            let seg = file
-                .chunks()
-                .get(i)
-                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "file view is short"))?;
-            let within = pos - i as u64 * chunk_size;
-            let part = (seg.len() - within).min(end - pos);
-            let tag = file_tag(&mut st, seg)?;
+        for (seg, within, part) in pieces {
+            let st = &mut *st;
+            let (tag, released) = st.files.tag(&mut st.chan, &seg).map_err(|e| st.fail(e))?;
+            if let Some(old) = released {
+                st.request(Request::ReleaseFile { file: old })?;
+            }
             st.request(Request::SendFile {
                 handle: h,
                 file: tag,
                 offset: within,
                 len: part,
             })?;
-            pos += part;
         }
         Ok(())
     }
@@ -351,33 +337,6 @@ impl TcpStream {
             .session
             .wait_until(WaitKey::Socket(h), dl, |st| try_write(st, h, buf))
     }
-}
-
-/// Segments a session keeps registered with the server for `send_file`.
-const MAX_FILES: usize = 1024;
-
-/// The tag under which the server knows `seg`, passing its memfd the first time.
-fn file_tag(
-    st: &mut crate::session::State,
-    seg: &std::sync::Arc<splitos_file_server::segment::Segment>,
-) -> io::Result<u64> {
-    let ino = rustix::fs::fstat(seg.fd())?.st_ino;
-    if let Some((tag, _)) = st.files.get(&ino) {
-        return Ok(*tag);
-    }
-    if st.files.len() >= MAX_FILES {
-        if let Some(old) = st.file_order.pop_front() {
-            if let Some((tag, _)) = st.files.remove(&old) {
-                st.request(Request::ReleaseFile { file: tag })?;
-            }
-        }
-    }
-    let tag = st.next_file_tag;
-    st.next_file_tag += 1;
-    st.chan.send_fds(tag, &[seg.fd()]).map_err(|e| st.fail(e))?;
-    st.files.insert(ino, (tag, seg.clone()));
-    st.file_order.push_back(ino);
-    Ok(tag)
 }
 
 /// Hands as much of `buf` to the server as the send window allows; `None` if it is full.

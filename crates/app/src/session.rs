@@ -111,10 +111,8 @@ pub(crate) struct State {
     waiting: HashMap<WaitKey, (Arc<Condvar>, usize)>,
     /// Tasks of the tokio flavour waiting for a key; woken like the condition variables.
     pub(crate) wakers: HashMap<WaitKey, Vec<std::task::Waker>>,
-    /// File segments passed to the server for `send_file`, by memfd inode: (tag, segment).
-    pub(crate) files: HashMap<u64, (u64, Arc<splitos_file_server::segment::Segment>)>,
-    pub(crate) file_order: VecDeque<u64>,
-    pub(crate) next_file_tag: u64,
+    /// File segments passed to the server for `send_file`.
+    pub(crate) files: crate::file_tags::FileTags,
     /// Whether the tokio driver task of this session is running.
     #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
     pub(crate) driver: bool,
@@ -141,7 +139,7 @@ pub struct Session {
     pub(crate) shared: Arc<Shared>,
 }
 
-fn m2m_err(e: M2mError) -> io::Error {
+pub(crate) fn m2m_err(e: M2mError) -> io::Error {
     match e {
         M2mError::PeerGone => io::Error::new(
             io::ErrorKind::ConnectionAborted,
@@ -190,9 +188,7 @@ impl Session {
             leader: false,
             waiting: HashMap::new(),
             wakers: HashMap::new(),
-            files: HashMap::new(),
-            file_order: VecDeque::new(),
-            next_file_tag: 1,
+            files: Default::default(),
             driver: false,
             touched: Vec::new(),
         };

@@ -1,5 +1,6 @@
 //! The `splitos` command: runs the Split-OS servers and shows their state.
 
+mod http_app;
 mod serve;
 mod status;
 
@@ -35,9 +36,17 @@ enum Command {
     /// statistics file; the server is not disturbed).
     Status(StatusArgs),
     /// Serve a directory over HTTP/1.1 on the split architecture: the TCP server and the file
-    /// server run as threads of this process, and file bytes go from the file cache to the
-    /// network without passing through the HTTP application.
+    /// server run as threads of this process, the HTTP application as a child process, and file
+    /// bytes go from the file cache to the network without passing through the application.
+    /// SIGHUP or `splitos reload` replaces the application without dropping a connection.
     Serve(serve::ServeArgs),
+    /// Replace the HTTP application of a running `splitos serve` with a new instance (a new
+    /// binary, if it was rebuilt); the TCP server keeps every connection and hands each one to
+    /// the new instance between requests. Prints the outcome.
+    Reload(serve::ReloadArgs),
+    /// One instance of serve's HTTP application (started by `splitos serve`, not by hand).
+    #[command(hide = true)]
+    ServeApp(http_app::AppArgs),
     /// Run the memory-mapped file server: it caches the files beneath ROOT in sealed shared
     /// memory that readers map directly; nothing outside ROOT is ever served.
     FileServer(FileServerArgs),
@@ -204,6 +213,13 @@ fn main() -> ExitCode {
         Command::TcpServer(a) => run_tcp_server(a),
         Command::FileServer(a) => run_file_server(a),
         Command::Serve(a) => stop_on_signals().and_then(|stop| serve::run(a, stop)),
+        Command::Reload(a) => serve::reload(a),
+        Command::ServeApp(a) => stop_on_signals().and_then(|stop| {
+            let drain = Arc::new(AtomicBool::new(false));
+            signal_hook::flag::register(signal_hook::consts::SIGUSR2, drain.clone())
+                .map_err(|e| format!("cannot install a signal handler: {e}"))?;
+            http_app::run(a, stop, drain)
+        }),
         Command::Status(a) => status::run(
             a.socket
                 .unwrap_or_else(splitos_tcp_server::default_socket_path),

@@ -1,26 +1,34 @@
-//! `splitos serve DIR`: a static web server on the split architecture.
+//! `splitos serve DIR`: a static web server on the split architecture, and its reloads.
 //!
-//! The TCP server and the file server run as threads of this process (embedded, same code and
-//! shared-memory paths as the daemons); the HTTP application uses the `splitos` library. File
-//! bytes never pass through the application: the response head is written, then the body is
-//! handed to the TCP server with `send_file`, which transmits it straight from the file
-//! server's sealed segments. The listener is persistent, so the server's socket survives an
-//! application restart.
+//! This process is the supervisor. It runs the TCP server and the file server as threads (same
+//! code and shared-memory paths as the daemons) and starts the HTTP application
+//! ([`crate::http_app`]) as a child process, `splitos serve-app`, which reaches both servers
+//! through shared memory. Because the servers, not the application, own the sockets and the
+//! file cache, the application can be replaced while they keep every connection:
+//!
+//! 1. a new instance starts and connects (prints `ready`);
+//! 2. the old one gets SIGUSR2: it parks its persistent listener in the TCP server, pauses each
+//!    connection and hands it off with its unprocessed bytes, then exits;
+//! 3. the new one takes over the listener (retrying while the old one still holds it) and
+//!    adopts every handed-off connection.
+//!
+//! A reload is asked for with SIGHUP or `splitos reload`, which talks to the control socket
+//! (`serve-ADDR.sock` in the runtime directory) and prints the outcome. An instance that dies
+//! is restarted; the persistent listener keeps queueing connections meanwhile.
 
-use splitos::files::{ClientError, FileClient, FileView};
-use splitos::net::{ListenOptions, TcpListener, TcpStream};
+use crate::http_app::AppArgs;
 use splitos_file_server::server::{FileServer, FileServerConfig};
-use splitos_http::conditional::{self, Outcome, Validators};
-use splitos_http::range::{self, Ranges};
-use splitos_http::request::{self, Body, Limits, Method, Parsed, Request, Version};
-use splitos_http::target;
 use splitos_tcp_server::{ServerConfig, TcpServer};
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 #[derive(clap::Args)]
 pub struct ServeArgs {
@@ -47,28 +55,167 @@ pub struct ServeArgs {
     /// Seconds an idle keep-alive connection is kept.
     #[arg(long, default_value_t = 60)]
     idle_timeout: u64,
+    /// List the contents of directories that have no index.html (names starting with "." are
+    /// not shown).
+    #[arg(long)]
+    list_dirs: bool,
     /// How the TCP server and the HTTP application wait: block (sleep at once; the default,
     /// best when cores are shared, e.g. with a load generator), adaptive (spin ~30 µs first),
     /// or poll (spin; only with cores to spare).
     #[arg(long, default_value = "block")]
     wait: splitos::WaitPolicy,
+    /// Control socket for `splitos reload` [default: serve-ADDR.sock in $XDG_RUNTIME_DIR/splitos
+    /// or /tmp/splitos-<uid>].
+    #[arg(long)]
+    control_socket: Option<PathBuf>,
 }
 
-/// File-server readers shared by the connection threads (each reader is one channel).
-const READERS: usize = 8;
-/// Largest request body read (and discarded) on a GET or HEAD before giving up with 413.
-const MAX_DISCARD: u64 = 1 << 20;
+#[derive(clap::Args)]
+pub struct ReloadArgs {
+    /// The address the server was started with (`splitos serve --listen`).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: String,
+    /// Its control socket, if it was given one with --control-socket.
+    #[arg(long)]
+    control_socket: Option<PathBuf>,
+}
 
-struct App {
-    readers: Vec<Mutex<FileClient>>,
-    /// Precompressed siblings known not to exist, and until when that is trusted: browsers ask
-    /// for encodings on every request, and a miss costs a message to the file server.
-    no_sibling: Mutex<std::collections::HashMap<String, std::time::Instant>>,
-    log: Option<Mutex<std::io::BufWriter<std::fs::File>>>,
-    live: AtomicUsize,
-    max_conns: usize,
-    header_timeout: Duration,
-    idle_timeout: Duration,
+/// How long a new instance may take to start, and to take over the listener.
+const START_LIMIT: Duration = Duration::from_secs(20);
+/// How long an old instance may take to hand off its connections and exit.
+const EXIT_LIMIT: Duration = Duration::from_secs(40);
+/// Instances that die this soon after starting count as failing to start; after
+/// [`MAX_QUICK_DEATHS`] in a row, `serve` gives up instead of restarting forever.
+const QUICK_DEATH: Duration = Duration::from_secs(2);
+const MAX_QUICK_DEATHS: u32 = 5;
+
+/// The control socket of a server listening on `addr`.
+pub fn default_control_socket(addr: &str) -> PathBuf {
+    let tcp = splitos_tcp_server::default_socket_path();
+    let dir = tcp.parent().unwrap_or(Path::new("/tmp"));
+    dir.join(format!("serve-{addr}.sock"))
+}
+
+/// One running HTTP application instance.
+struct Instance {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    started: Instant,
+}
+
+impl Instance {
+    fn spawn(base: &AppArgs, takeover: bool) -> Result<Instance, String> {
+        let exe = std::env::current_exe().map_err(|e| format!("finding this executable: {e}"))?;
+        let mut cmd = Command::new(exe);
+        cmd.arg("serve-app")
+            .arg("--root")
+            .arg(&base.root)
+            .arg("--tcp-socket")
+            .arg(&base.tcp_socket)
+            .arg("--files-socket")
+            .arg(&base.files_socket)
+            .arg("--listen")
+            .arg(base.listen.to_string())
+            .arg("--max-conns")
+            .arg(base.max_conns.to_string())
+            .arg("--header-timeout")
+            .arg(base.header_timeout.to_string())
+            .arg("--idle-timeout")
+            .arg(base.idle_timeout.to_string())
+            .arg("--wait")
+            .arg(base.wait.to_string());
+        if let Some(l) = &base.access_log {
+            cmd.arg("--access-log").arg(l);
+        }
+        if base.list_dirs {
+            cmd.arg("--list-dirs");
+        }
+        if takeover {
+            cmd.arg("--takeover");
+        }
+        // Its own process group: Ctrl-C in the terminal goes to the supervisor, which decides.
+        cmd.process_group(0)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| format!("starting the HTTP application: {e}"))?;
+        let out = child
+            .stdout
+            .take()
+            .ok_or("the HTTP application has no stdout")?;
+        let (tx, lines) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("splitos-app-out".into())
+            .spawn(move || forward_lines(out, tx))
+            .map_err(|e| e.to_string())?;
+        Ok(Instance {
+            child,
+            lines,
+            started: Instant::now(),
+        })
+    }
+
+    /// Waits for a line starting with `prefix`; fails if the instance exits or `limit` passes.
+    fn expect(&mut self, prefix: &str, limit: Duration) -> Result<String, String> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self
+                .lines
+                .recv_timeout(left.min(Duration::from_millis(100)))
+            {
+                Ok(l) if l.starts_with(prefix) => return Ok(l[prefix.len()..].trim().to_string()),
+                Ok(_) => {}
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if let Ok(Some(st)) = self.child.try_wait() {
+                        return Err(format!("the HTTP application exited ({st})"));
+                    }
+                    if left.is_zero() {
+                        return Err(format!(
+                            "the HTTP application did not report {prefix:?} within {limit:?}"
+                        ));
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let st = self.child.wait().map_err(|e| e.to_string())?;
+                    return Err(format!("the HTTP application exited ({st})"));
+                }
+            }
+        }
+    }
+
+    fn signal(&self, sig: rustix::process::Signal) {
+        if let Some(pid) = rustix::process::Pid::from_raw(self.child.id() as i32) {
+            let _ = rustix::process::kill_process(pid, sig);
+        }
+    }
+
+    /// Waits up to `limit` for the instance to exit, then kills it.
+    fn reap(mut self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        tracing::warn!(
+            pid = self.child.id(),
+            "HTTP application did not exit; killing it"
+        );
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn forward_lines(out: ChildStdout, tx: mpsc::Sender<String>) {
+    for line in BufReader::new(out).lines() {
+        let Ok(line) = line else { return };
+        if tx.send(line).is_err() {
+            return;
+        }
+    }
 }
 
 pub fn run(a: ServeArgs, stop: Arc<AtomicBool>) -> Result<(), String> {
@@ -81,10 +228,17 @@ pub fn run(a: ServeArgs, stop: Arc<AtomicBool>) -> Result<(), String> {
         .listen
         .parse()
         .map_err(|e| format!("--listen {:?}: {e} (expected IP:PORT)", a.listen))?;
+    let root = a
+        .dir
+        .canonicalize()
+        .map_err(|e| format!("cannot serve {}: {e}", a.dir.display()))?;
+    let reload = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, reload.clone())
+        .map_err(|e| format!("cannot install a signal handler: {e}"))?;
     let private = std::env::temp_dir().join(format!("splitos-serve-{}", std::process::id()));
     std::fs::create_dir_all(&private)
         .map_err(|e| format!("creating {}: {e}", private.display()))?;
-    let cleanup = scopeguard(private.clone());
+    let _cleanup = RemoveOnDrop(private.clone());
     let tcp = TcpServer::start(ServerConfig {
         socket: private.join("tcp.sock"),
         threads: a.threads,
@@ -92,472 +246,218 @@ pub fn run(a: ServeArgs, stop: Arc<AtomicBool>) -> Result<(), String> {
         ..ServerConfig::default()
     })
     .map_err(|e| e.to_string())?;
-    let mut fcfg = FileServerConfig::new(a.dir.clone(), private.join("files.sock"));
+    let mut fcfg = FileServerConfig::new(root.clone(), private.join("files.sock"));
     fcfg.cache_bytes = a.cache_size;
     let files = FileServer::start(fcfg).map_err(|e| e.to_string())?;
-    let readers = (0..READERS)
-        .map(|_| FileClient::connect(private.join("files.sock")).map(Mutex::new))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("connecting to the file server: {e}"))?;
-    let log = match &a.access_log {
-        None => None,
-        Some(p) => Some(Mutex::new(std::io::BufWriter::new(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)
-                .map_err(|e| format!("access log {}: {e}", p.display()))?,
-        ))),
+    let mut base = AppArgs {
+        root,
+        tcp_socket: tcp.socket_path().to_path_buf(),
+        files_socket: private.join("files.sock"),
+        listen: addr,
+        access_log: a.access_log.clone(),
+        max_conns: a.max_conns,
+        header_timeout: a.header_timeout,
+        idle_timeout: a.idle_timeout,
+        wait: a.wait,
+        list_dirs: a.list_dirs,
+        takeover: false,
     };
-    let session = splitos::Session::connect(
-        tcp.socket_path(),
-        splitos::SessionOptions {
-            wait: a.wait,
-            ..splitos::SessionOptions::default()
-        },
-    )
-    .map_err(|e| e.to_string())?;
-    let listener = TcpListener::bind_with(
-        &session,
-        addr,
-        ListenOptions {
-            persistent: true,
-            ..ListenOptions::default()
-        },
-    )
-    .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    let mut app = Instance::spawn(&base, false)?;
+    app.expect("ready", START_LIMIT)?;
+    let local: SocketAddr = app
+        .expect("listening", START_LIMIT)?
+        .parse()
+        .map_err(|e| format!("the HTTP application reported a bad address: {e}"))?;
+    // Later instances listen on the address actually bound (port 0 means "any" only once).
+    base.listen = local;
+    let control_path = a
+        .control_socket
+        .clone()
+        .unwrap_or_else(|| default_control_socket(&local.to_string()));
+    let control = bind_control(&control_path)?;
+    let _control_cleanup = RemoveOnDrop(control_path.clone());
     println!("http://{local}/");
     let _ = std::io::stdout().flush();
     eprintln!(
-        "splitos serve: serving {} at http://{local}/ (Ctrl-C to stop)",
+        "splitos serve: serving {} at http://{local}/ (Ctrl-C to stop; `splitos reload --listen {local}` or SIGHUP to reload)",
         a.dir.display()
     );
-    let app = Arc::new(App {
-        readers,
-        no_sibling: Mutex::new(std::collections::HashMap::new()),
-        log,
-        live: AtomicUsize::new(0),
-        max_conns: a.max_conns,
-        header_timeout: Duration::from_secs(a.header_timeout.max(1)),
-        idle_timeout: Duration::from_secs(a.idle_timeout.max(1)),
-    });
-    let acceptor = {
-        let app = app.clone();
-        std::thread::Builder::new()
-            .name("splitos-accept".into())
-            .spawn(move || accept_loop(listener, app))
-            .map_err(|e| e.to_string())?
-    };
+    let mut generation = 1u64;
+    let mut quick_deaths = 0u32;
     while !stop.load(Ordering::Relaxed) {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    eprintln!("splitos serve: shutting down");
-    if let Some(l) = &app.log {
-        if let Ok(mut w) = l.lock() {
-            let _ = w.flush();
+        std::thread::sleep(Duration::from_millis(20));
+        let mut asked: Option<UnixStream> = None;
+        if let Ok((mut s, _)) = control.accept() {
+            let _ = s.set_nonblocking(false);
+            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+            let mut line = String::new();
+            let _ = BufReader::new(&mut s).read_line(&mut line);
+            if line.trim() == "reload" {
+                asked = Some(s);
+            } else {
+                let _ = writeln!(
+                    s,
+                    "error: unknown command {:?} (expected \"reload\")",
+                    line.trim()
+                );
+            }
+        }
+        if asked.is_some() || reload.swap(false, Ordering::Relaxed) {
+            let outcome = match reload_app(&base, app) {
+                Ok(new) => {
+                    generation += 1;
+                    let msg = format!(
+                        "reloaded: generation {generation}, HTTP application pid {}",
+                        new.child.id()
+                    );
+                    app = new;
+                    Ok(msg)
+                }
+                Err((old, e)) => {
+                    app = old;
+                    Err(e)
+                }
+            };
+            match &outcome {
+                Ok(m) => eprintln!("splitos serve: {m}"),
+                Err(e) => {
+                    eprintln!("splitos serve: reload failed, the running instance stays: {e}")
+                }
+            }
+            if let Some(mut s) = asked {
+                let _ = match outcome {
+                    Ok(m) => writeln!(s, "ok: {m}"),
+                    Err(e) => writeln!(s, "error: {e}"),
+                };
+            }
+            continue;
+        }
+        if let Ok(Some(st)) = app.child.try_wait() {
+            if app.started.elapsed() < QUICK_DEATH {
+                quick_deaths += 1;
+            } else {
+                quick_deaths = 0;
+            }
+            if quick_deaths >= MAX_QUICK_DEATHS {
+                return Err(format!(
+                    "the HTTP application keeps dying right after starting ({st}); giving up"
+                ));
+            }
+            eprintln!("splitos serve: the HTTP application exited ({st}); starting a new one");
+            // The persistent listener survived in the TCP server; the new instance takes it.
+            match Instance::spawn(&base, true) {
+                Ok(mut new) => {
+                    if let Err(e) = new
+                        .expect("ready", START_LIMIT)
+                        .and_then(|_| new.expect("listening", START_LIMIT))
+                    {
+                        eprintln!("splitos serve: restart failed: {e}");
+                    }
+                    app = new;
+                    generation += 1;
+                }
+                Err(e) => return Err(e),
+            }
         }
     }
-    // Stopping the TCP server closes every connection and ends the accept loop.
+    eprintln!("splitos serve: shutting down");
+    app.signal(rustix::process::Signal::TERM);
+    app.reap(Duration::from_secs(5));
     tcp.shutdown();
-    let _ = acceptor.join();
     files.shutdown();
-    drop(cleanup);
     Ok(())
 }
 
-struct Cleanup(PathBuf);
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+/// Starts a new instance and retires `old` in its favour. On failure the old one keeps
+/// serving and is given back.
+fn reload_app(base: &AppArgs, old: Instance) -> Result<Instance, (Instance, String)> {
+    let mut new = match Instance::spawn(base, true) {
+        Ok(n) => n,
+        Err(e) => return Err((old, e)),
+    };
+    if let Err(e) = new.expect("ready", START_LIMIT) {
+        let _ = new.child.kill();
+        let _ = new.child.wait();
+        return Err((old, e));
     }
-}
-fn scopeguard(p: PathBuf) -> Cleanup {
-    Cleanup(p)
-}
-
-fn accept_loop(listener: TcpListener, app: Arc<App>) {
-    let mut n = 0usize;
-    loop {
-        let (stream, peer) = match listener.accept() {
-            Ok(s) => s,
-            Err(_) => return, // the TCP server is gone: shutting down
-        };
-        n = n.wrapping_add(1);
-        if app.live.load(Ordering::Relaxed) >= app.max_conns {
-            let _ = (&stream).write_all(
-                b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-            );
-            continue;
-        }
-        app.live.fetch_add(1, Ordering::Relaxed);
-        let app2 = app.clone();
-        let reader = n % READERS;
-        let spawned = std::thread::Builder::new()
-            .stack_size(256 << 10)
-            .spawn(move || {
-                connection(stream, peer, &app2, reader);
-                app2.live.fetch_sub(1, Ordering::Relaxed);
-            });
-        if spawned.is_err() {
-            app.live.fetch_sub(1, Ordering::Relaxed);
+    // From here the old instance lets go; the new one takes the listener as soon as it does.
+    old.signal(rustix::process::Signal::USR2);
+    let taken = new.expect("listening", START_LIMIT);
+    old.reap(EXIT_LIMIT);
+    match taken {
+        Ok(_) => Ok(new),
+        Err(e) => {
+            // The old instance is gone; keep whatever the new one is (the supervisor loop
+            // restarts it if it died). The listener stays parked in the TCP server meanwhile.
+            Err((new, e))
         }
     }
 }
 
-/// Serves one connection: requests in order (pipelined ones too), until close or timeout.
-fn connection(stream: TcpStream, peer: SocketAddr, app: &App, reader: usize) {
-    // The head and the body go out as two sends: without TCP_NODELAY, Nagle's algorithm holds
-    // the body back until the client's (delayed) ACK of the head — 40 ms per small response.
-    let _ = stream.set_nodelay(true);
-    let limits = Limits::default();
-    let mut buf: Vec<u8> = Vec::with_capacity(4096);
-    let mut chunk = vec![0u8; 16 << 10];
-    loop {
-        // Parse what we have; read more only when the head is incomplete.
-        let (req, used) = loop {
-            match request::parse(&buf, &limits) {
-                Ok(Parsed::Complete(r, n)) => break (r, n),
-                Ok(Parsed::Partial) => {}
-                Err(e) => {
-                    let _ = respond_error(&stream, e.status, e.reason, true, false);
-                    return;
-                }
-            }
-            let timeout = if buf.is_empty() {
-                app.idle_timeout
-            } else {
-                app.header_timeout
-            };
-            let _ = stream.set_read_timeout(Some(timeout));
-            match (&stream).read(&mut chunk) {
-                Ok(0) => return,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                Err(e) if e.kind() == std::io::ErrorKind::TimedOut && !buf.is_empty() => {
-                    let _ = respond_error(&stream, 408, "Request Timeout", true, false);
-                    return;
-                }
-                Err(_) => return,
-            }
-        };
-        buf.drain(..used);
-        // A body is read and discarded (bounded), never left to be parsed as the next request.
-        match req.body {
-            Body::None => {}
-            Body::Chunked => {
-                let _ = respond_error(&stream, 400, "Bad Request", true, false);
-                return;
-            }
-            Body::Length(n) if n > MAX_DISCARD => {
-                let _ = respond_error(&stream, 413, "Content Too Large", true, false);
-                return;
-            }
-            Body::Length(n) => {
-                let mut left = n as usize;
-                let take = left.min(buf.len());
-                buf.drain(..take);
-                left -= take;
-                while left > 0 {
-                    match (&stream).read(&mut chunk[..left.min(16 << 10)]) {
-                        Ok(0) | Err(_) => return,
-                        Ok(k) => left -= k,
-                    }
-                }
-            }
-        }
-        let keep = req.keep_alive;
-        let (status, bytes) = match handle(&stream, &req, app, reader) {
-            Ok(r) => r,
-            Err(_) => return,
-        };
-        log(app, peer, &req, status, bytes);
-        if !keep {
-            let _ = stream.shutdown(std::net::Shutdown::Write);
-            return;
-        }
+fn bind_control(path: &Path) -> Result<UnixListener, String> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
     }
-}
-
-fn log(app: &App, peer: SocketAddr, req: &Request, status: u16, bytes: u64) {
-    let Some(l) = &app.log else { return };
-    let method = match &req.method {
-        Method::Get => "GET",
-        Method::Head => "HEAD",
-        Method::Other(m) => m.as_str(),
-    };
-    let v = if req.version == Version::Http10 {
-        "1.0"
-    } else {
-        "1.1"
-    };
-    let now = httpdate_clf(SystemTime::now());
-    if let Ok(mut w) = l.lock() {
-        let _ = writeln!(
-            w,
-            "{} - - [{now}] \"{method} {} HTTP/{v}\" {status} {bytes}",
-            peer.ip(),
-            req.target
-        );
-    }
-}
-
-/// The common log format's timestamp, in UTC.
-fn httpdate_clf(t: SystemTime) -> String {
-    // "Tue, 24 Nov 2026 19:11:42 GMT" → "24/Nov/2026:19:11:42 +0000"
-    let d = conditional::http_date(t);
-    let p: Vec<&str> = d.split_whitespace().collect();
-    match p.as_slice() {
-        [_, day, mon, year, time, _] => format!("{day}/{mon}/{year}:{time} +0000"),
-        _ => d,
-    }
-}
-
-fn head_common(status: u16, reason: &str) -> String {
-    format!(
-        "HTTP/1.1 {status} {reason}\r\nServer: splitos\r\nDate: {}\r\n",
-        conditional::http_date(SystemTime::now())
-    )
-}
-
-fn respond_error(
-    stream: &TcpStream,
-    status: u16,
-    reason: &str,
-    close: bool,
-    head_only: bool,
-) -> std::io::Result<(u16, u64)> {
-    let body =
-        format!("<!doctype html><title>{status} {reason}</title><h1>{status} {reason}</h1>\n");
-    let mut h = head_common(status, reason);
-    h.push_str(&format!(
-        "Content-Type: text/html; charset=utf-8\r\nContent-Length: {}\r\n",
-        body.len()
-    ));
-    if status == 405 {
-        h.push_str("Allow: GET, HEAD\r\n");
-    }
-    if close {
-        h.push_str("Connection: close\r\n");
-    }
-    h.push_str("\r\n");
-    if !head_only {
-        h.push_str(&body);
-    }
-    (&*stream).write_all(h.as_bytes())?;
-    Ok((status, if head_only { 0 } else { body.len() as u64 }))
-}
-
-fn open(app: &App, reader: usize, path: &str) -> Result<FileView, ClientError> {
-    let mut fc = app.readers[reader]
-        .lock()
-        .map_err(|_| ClientError::Protocol("reader lock poisoned"))?;
-    fc.open(path)
-}
-
-fn handle(
-    stream: &TcpStream,
-    req: &Request,
-    app: &App,
-    reader: usize,
-) -> std::io::Result<(u16, u64)> {
-    let head_only = req.method == Method::Head;
-    if !matches!(req.method, Method::Get | Method::Head) {
-        return respond_error(stream, 405, "Method Not Allowed", false, false);
-    }
-    let path = match target::decode_path(&req.target) {
-        Ok(p) => p,
-        Err(e) => return respond_error(stream, e.status, e.reason, false, head_only),
-    };
-    let rel = path.trim_start_matches('/');
-    let rel_file = if rel.is_empty() || rel.ends_with('/') {
-        format!("{rel}index.html")
-    } else {
-        rel.to_string()
-    };
-    let view = match open(app, reader, &rel_file) {
-        Ok(v) => v,
-        Err(ClientError::Directory) => {
-            let location = format!("{}/", req.target.split('?').next().unwrap_or("/"));
-            let mut h = head_common(301, "Moved Permanently");
-            h.push_str(&format!(
-                "Location: {location}\r\nContent-Length: 0\r\n\r\n"
-            ));
-            (&*stream).write_all(h.as_bytes())?;
-            return Ok((301, 0));
-        }
-        Err(ClientError::NotFound) => {
-            return respond_error(stream, 404, "Not Found", false, head_only)
-        }
-        Err(
-            ClientError::Escapes
-            | ClientError::BadPath(_)
-            | ClientError::Special
-            | ClientError::Denied,
-        ) => return respond_error(stream, 403, "Forbidden", false, head_only),
-        Err(_) => return respond_error(stream, 500, "Internal Server Error", true, head_only),
-    };
-    let content_type = view.content_type();
-    let (view, encoding) =
-        match precompressed(app, reader, &rel_file, req.header("accept-encoding")) {
-            Some((sibling, enc)) => (sibling, Some(enc)),
-            None => (view, None),
-        };
-    let v = view.version();
-    let etag = v.etag();
-    let last_modified = UNIX_EPOCH + Duration::from_nanos(v.mtime_ns.max(0) as u64);
-    let validators = Validators {
-        etag: &etag,
-        last_modified,
-    };
-    let common = |status: u16, reason: &str| {
-        let mut h = head_common(status, reason);
-        h.push_str(&format!(
-            "ETag: {etag}\r\nLast-Modified: {}\r\nAccept-Ranges: bytes\r\nVary: Accept-Encoding\r\n",
-            conditional::http_date(last_modified)
+    if UnixStream::connect(path).is_ok() {
+        return Err(format!(
+            "another `splitos serve` answers on {} (is one already running on this address?)",
+            path.display()
         ));
-        if let Some(enc) = encoding {
-            h.push_str(&format!("Content-Encoding: {enc}\r\n"));
-        }
-        h
-    };
-    match conditional::evaluate(|n| req.header(n), &validators, true) {
-        Outcome::NotModified => {
-            let h = common(304, "Not Modified") + "\r\n";
-            (&*stream).write_all(h.as_bytes())?;
-            return Ok((304, 0));
-        }
-        Outcome::PreconditionFailed => {
-            return respond_error(stream, 412, "Precondition Failed", false, head_only)
-        }
-        Outcome::Proceed => {}
     }
-    let len = view.len();
-    let ranges = match req.header("range") {
-        Some(r) if conditional::range_applies(req.header("if-range"), &validators) => {
-            range::parse(r, len)
-        }
-        _ => Ranges::Whole,
-    };
-    let (status, start, count, mut h) = match ranges {
-        Ranges::Single(a, b) => {
-            let mut h = common(206, "Partial Content");
-            h.push_str(&format!("Content-Range: bytes {a}-{b}/{len}\r\n"));
-            (206, a, b - a + 1, h)
-        }
-        Ranges::Unsatisfiable => {
-            let mut h = common(416, "Range Not Satisfiable");
-            h.push_str(&format!(
-                "Content-Range: bytes */{len}\r\nContent-Length: 0\r\n\r\n"
-            ));
-            (&*stream).write_all(h.as_bytes())?;
-            return Ok((416, 0));
-        }
-        Ranges::Multiple(parts) => {
-            return multipart(
-                stream,
-                &view,
-                &parts,
-                common(206, "Partial Content"),
-                content_type,
-                head_only,
-            );
-        }
-        Ranges::Whole => (200, 0, len, common(200, "OK")),
-    };
-    h.push_str(&format!(
-        "Content-Type: {content_type}\r\nContent-Length: {count}\r\n\r\n"
-    ));
-    (&*stream).write_all(h.as_bytes())?;
-    if head_only || count == 0 {
-        return Ok((status, 0));
-    }
-    stream.send_file(&view, start, count)?;
-    Ok((status, count))
+    let _ = std::fs::remove_file(path);
+    let l = UnixListener::bind(path)
+        .map_err(|e| format!("binding the control socket {}: {e}", path.display()))?;
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+    l.set_nonblocking(true).map_err(|e| e.to_string())?;
+    Ok(l)
 }
 
-/// The precompressed sibling (`.br`, `.zst`, `.gz`) of `rel` that the client accepts, if any.
-fn precompressed(
-    app: &App,
-    reader: usize,
-    rel: &str,
-    accept: Option<&str>,
-) -> Option<(FileView, &'static str)> {
-    let accept = accept?;
-    let accepts = |name: &str| {
-        accept.split(',').any(|t| {
-            let mut it = t.split(';');
-            let token = it.next().unwrap_or("").trim();
-            let q0 = it.any(|p| {
-                p.trim()
-                    .strip_prefix("q=")
-                    .and_then(|q| q.trim().parse::<f32>().ok())
-                    .is_some_and(|q| q == 0.0)
-            });
-            token.eq_ignore_ascii_case(name) && !q0
-        })
+/// `splitos reload`: asks a running `splitos serve` to replace its HTTP application.
+pub fn reload(a: ReloadArgs) -> Result<(), String> {
+    let path = match a.control_socket {
+        Some(p) => p,
+        None => {
+            let addr: SocketAddr = a
+                .listen
+                .parse()
+                .map_err(|e| format!("--listen {:?}: {e} (expected IP:PORT)", a.listen))?;
+            default_control_socket(&addr.to_string())
+        }
     };
-    for (token, ext) in [("br", "br"), ("zstd", "zst"), ("gzip", "gz")] {
-        if !accepts(token) {
-            continue;
+    let mut s = UnixStream::connect(&path).map_err(|e| {
+        format!(
+            "no `splitos serve` answers on {} ({e}); give the address it listens on with --listen",
+            path.display()
+        )
+    })?;
+    s.set_read_timeout(Some(START_LIMIT * 2 + EXIT_LIMIT))
+        .map_err(|e| e.to_string())?;
+    writeln!(s, "reload").map_err(|e| e.to_string())?;
+    let mut line = String::new();
+    BufReader::new(&mut s)
+        .read_line(&mut line)
+        .map_err(|e| format!("waiting for the outcome: {e}"))?;
+    let line = line.trim();
+    match line.strip_prefix("ok: ") {
+        Some(m) => {
+            println!("{m}");
+            Ok(())
         }
-        let sibling = format!("{rel}.{ext}");
-        let now = std::time::Instant::now();
-        if let Ok(cache) = app.no_sibling.lock() {
-            if cache.get(&sibling).is_some_and(|until| *until > now) {
-                continue;
-            }
-        }
-        match open(app, reader, &sibling) {
-            Ok(v) => return Some((v, token)),
-            Err(_) => {
-                if let Ok(mut cache) = app.no_sibling.lock() {
-                    if cache.len() > 10_000 {
-                        cache.clear();
-                    }
-                    cache.insert(sibling, now + Duration::from_secs(1));
-                }
-            }
-        }
+        None => Err(line
+            .strip_prefix("error: ")
+            .unwrap_or("the server closed the control connection without an answer")
+            .to_string()),
     }
-    None
 }
 
-/// Several ranges as `multipart/byteranges`; every part's bytes are sent from the file cache.
-fn multipart(
-    stream: &TcpStream,
-    view: &FileView,
-    parts: &[(u64, u64)],
-    mut head: String,
-    content_type: &str,
-    head_only: bool,
-) -> std::io::Result<(u16, u64)> {
-    const BOUNDARY: &str = "SPLITOS_BYTERANGES_7f3a9c";
-    let len = view.len();
-    let part_heads: Vec<String> = parts
-        .iter()
-        .map(|(a, b)| {
-            format!("--{BOUNDARY}\r\nContent-Type: {content_type}\r\nContent-Range: bytes {a}-{b}/{len}\r\n\r\n")
-        })
-        .collect();
-    let closing = format!("--{BOUNDARY}--\r\n");
-    let total: u64 = part_heads
-        .iter()
-        .zip(parts)
-        .map(|(h, (a, b))| h.len() as u64 + (b - a + 1) + 2)
-        .sum::<u64>()
-        + closing.len() as u64;
-    head.push_str(&format!(
-        "Content-Type: multipart/byteranges; boundary={BOUNDARY}\r\nContent-Length: {total}\r\n\r\n"
-    ));
-    (&*stream).write_all(head.as_bytes())?;
-    if head_only {
-        return Ok((206, 0));
+struct RemoveOnDrop(PathBuf);
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if self.0.is_dir() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        } else {
+            let _ = std::fs::remove_file(&self.0);
+        }
     }
-    for (h, (a, b)) in part_heads.iter().zip(parts) {
-        (&*stream).write_all(h.as_bytes())?;
-        stream.send_file(view, *a, b - a + 1)?;
-        (&*stream).write_all(b"\r\n")?;
-    }
-    (&*stream).write_all(closing.as_bytes())?;
-    Ok((206, total))
 }

@@ -136,6 +136,71 @@ impl Root {
     }
 }
 
+/// One entry of a directory listing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListEntry {
+    pub name: String,
+    pub is_dir: bool,
+    pub size: u64,
+    pub mtime: i64,
+}
+
+impl Root {
+    /// Lists directory `request` (already percent-decoded; `""` is the root) beneath the root:
+    /// names not starting with `.`, directories first then by name, at most `max` entries.
+    /// Returns the entries and whether the listing was cut short.
+    pub fn list(&self, request: &str, max: usize) -> Result<(Vec<ListEntry>, bool), OpenError> {
+        let rel = request.trim_matches('/');
+        let path = if rel.is_empty() {
+            ".".to_string()
+        } else {
+            normalize(rel)?
+        };
+        let fd = openat2(
+            self.dir.as_fd(),
+            path.as_str(),
+            OFlags::RDONLY | OFlags::CLOEXEC | OFlags::DIRECTORY,
+            Mode::empty(),
+            ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS,
+        )
+        .map_err(|e| match e {
+            Errno::NOENT | Errno::NOTDIR => OpenError::NotFound,
+            Errno::XDEV | Errno::LOOP => OpenError::Escapes,
+            Errno::ACCESS | Errno::PERM => OpenError::Denied,
+            e => OpenError::Io(e.into()),
+        })?;
+        let dir = rustix::fs::Dir::read_from(&fd).map_err(|e| OpenError::Io(e.into()))?;
+        let mut out = Vec::new();
+        let mut truncated = false;
+        for ent in dir {
+            let ent = ent.map_err(|e| OpenError::Io(e.into()))?;
+            let name = ent.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') {
+                continue;
+            }
+            if out.len() >= max {
+                truncated = true;
+                break;
+            }
+            // lstat-like: a symlink is described, not followed (it may point outside).
+            let Ok(st) =
+                rustix::fs::statat(&fd, ent.file_name(), rustix::fs::AtFlags::SYMLINK_NOFOLLOW)
+            else {
+                continue;
+            };
+            let kind = FileType::from_raw_mode(st.st_mode);
+            out.push(ListEntry {
+                name,
+                is_dir: kind == FileType::Directory,
+                size: st.st_size.max(0) as u64,
+                mtime: st.st_mtime,
+            });
+        }
+        out.sort_by(|a, b| b.is_dir.cmp(&a.is_dir).then_with(|| a.name.cmp(&b.name)));
+        Ok((out, truncated))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -151,6 +151,10 @@ struct Conn {
     /// The address of the persistent listener this connection was accepted on, if any: only
     /// such connections can be handed off, because only there is a next owner to find.
     origin: Option<SocketAddr>,
+    /// Bytes ever delivered to the application, and whether it ever wrote: a connection of a
+    /// dead application with neither is untouched and goes to its successor, not to the bin.
+    delivered: u64,
+    written: bool,
 }
 
 struct ListenSock {
@@ -496,12 +500,31 @@ impl Worker {
                 s.inflight += 1;
             }
         }
+        // Parking is for an application's restart, not for the server's own exit.
+        let restart = !self.shared.shutdown.load(Ordering::Acquire);
         for slot in socks {
             if let Some(sock) = self.sockets[slot as usize].sock.as_mut() {
-                if let Kind::Listener(l) = &mut sock.kind {
-                    // Parking is for an application's restart, not for the server's own exit.
-                    l.park = l.flags & listen_flags::PERSISTENT != 0
-                        && !self.shared.shutdown.load(Ordering::Acquire);
+                match &mut sock.kind {
+                    Kind::Listener(l) => {
+                        l.park = l.flags & listen_flags::PERSISTENT != 0 && restart;
+                    }
+                    // Accepted but never read from or written to (the application died first):
+                    // nothing is lost by giving it to the next instance, as a parked
+                    // listener's backlog would have.
+                    Kind::Conn(c)
+                        if restart
+                            && !sock.closing
+                            && c.origin.is_some()
+                            && c.delivered == 0
+                            && !c.written
+                            && !c.eof
+                            && !c.failed
+                            && !c.shutdown_wanted =>
+                    {
+                        c.paused = true;
+                        c.handoff = Some(Vec::new());
+                    }
+                    _ => {}
                 }
             }
             self.begin_close(slot, true);
@@ -637,6 +660,7 @@ impl Worker {
                 Some(slot) => {
                     if let Some(c) = self.conn_mut(slot) {
                         c.shutdown_wanted = true;
+                        c.written = true;
                     }
                     self.try_shutdown(slot);
                 }
@@ -1166,7 +1190,10 @@ impl Worker {
         let errno = match self.conn_mut(slot) {
             None => Errno::BADF,
             Some(c) if c.shutdown_wanted || c.failed => Errno::PIPE,
-            Some(_) => return Some(slot),
+            Some(c) => {
+                c.written = true;
+                return Some(slot);
+            }
         };
         self.emit(
             si,
@@ -1454,6 +1481,7 @@ impl Worker {
             };
             if let Some(c) = self.conn_mut(slot) {
                 c.unacked += n as u64;
+                c.delivered += n as u64;
             }
             if let Some(s) = self.session(si) {
                 s.bytes_in += n as u64;
@@ -2048,6 +2076,8 @@ fn new_conn() -> Conn {
         held: Vec::new(),
         handoff: None,
         origin: None,
+        delivered: 0,
+        written: false,
     }
 }
 

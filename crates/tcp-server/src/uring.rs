@@ -129,6 +129,25 @@ impl Ring {
         self.push(e)
     }
 
+    /// A gathered send (`sendmsg`): one system call, and for small pieces one TCP segment,
+    /// for several queued chunks (a response head and its file body).
+    ///
+    /// # Safety
+    /// `msg`, its iovec array and every byte range they name must stay valid and unchanged
+    /// until this operation's completion is reaped.
+    pub unsafe fn sendmsg(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        msg: *const libc::msghdr,
+        tag: Tag,
+    ) -> io::Result<()> {
+        let e = opcode::SendMsg::new(types::Fd(fd.as_raw_fd()), msg)
+            .flags(MSG_NOSIGNAL as u32)
+            .build()
+            .user_data(tag.encode());
+        self.push(e)
+    }
+
     pub fn poll_writable(&mut self, fd: BorrowedFd<'_>, tag: Tag) -> io::Result<()> {
         let e = opcode::PollAdd::new(types::Fd(fd.as_raw_fd()), POLLOUT)
             .build()

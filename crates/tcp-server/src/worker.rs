@@ -47,6 +47,9 @@ const MAX_VIOLATIONS: u32 = 64;
 /// Normal back-pressure never gets near this: receives stop at the buffer pool and the receive
 /// window, accepts at the connection limit.
 const MAX_OUTBOX: usize = 1 << 16;
+/// How long connections an application closed (or shut down) before it went away keep flushing
+/// their queued bytes, as the kernel does for a process that exits after `close`.
+const LINGER_LIMIT: Duration = Duration::from_secs(10);
 /// How long a shutting-down worker waits for the kernel to finish in-flight operations.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -79,6 +82,9 @@ struct Session {
     /// Session-level operations in flight (the wait-fd poll).
     inflight: u32,
     dead: bool,
+    /// When the application went away; its closed connections may flush until
+    /// [`LINGER_LIMIT`] after that.
+    dead_since: Option<Instant>,
     violations: u32,
     conns: u32,
     listeners: u32,
@@ -110,6 +116,15 @@ impl Chunk {
             Chunk::Inline { data, off } => data.len() - off,
             Chunk::Buf { rx, off } => rx.len() - off,
             Chunk::File { off, end, .. } => end - off,
+        }
+    }
+
+    /// The unsent bytes, as the kernel will read them.
+    fn span(&self) -> (*const u8, usize) {
+        match self {
+            Chunk::Inline { data, off } => (data[*off..].as_ptr(), data.len() - off),
+            Chunk::Buf { rx, off } => (rx.as_ptr().wrapping_add(*off), rx.len() - off),
+            Chunk::File { seg, off, end } => (seg.bytes()[*off..*end].as_ptr(), end - off),
         }
     }
 
@@ -155,6 +170,23 @@ struct Conn {
     /// dead application with neither is untouched and goes to its successor, not to the bin.
     delivered: u64,
     written: bool,
+    /// Queued for a send at the end of this pass (see `want_send`).
+    send_wanted: bool,
+    /// The application closed or shut down this connection: its queued bytes go out even if
+    /// the application then goes away (up to [`LINGER_LIMIT`]).
+    linger: bool,
+    /// Chunks at the front of `sendq` the send in flight reads from.
+    inflight_chunks: usize,
+    /// The iovecs of a gathered send in flight, boxed so they stay put while the kernel reads.
+    gather: Option<Box<Gather>>,
+}
+
+/// Chunks gathered into one `sendmsg`.
+const MAX_IOV: usize = 8;
+
+struct Gather {
+    iov: [libc::iovec; MAX_IOV],
+    msg: libc::msghdr,
 }
 
 struct ListenSock {
@@ -201,6 +233,8 @@ pub(crate) struct Worker {
     ev: Vec<u8>,
     starved: Vec<u32>,
     accept_retry: Vec<u32>,
+    /// Connections given bytes this pass, whose send starts once all requests are read.
+    send_wanted: Vec<u32>,
     /// Emptied send buffers kept for reuse, so small sends do not allocate.
     spare: Vec<Vec<u8>>,
     next_housekeeping: Instant,
@@ -247,6 +281,7 @@ impl Worker {
             ev: Vec::with_capacity(8 << 10),
             starved: Vec::new(),
             accept_retry: Vec::new(),
+            send_wanted: Vec::new(),
             spare: Vec::new(),
             next_housekeeping: Instant::now(),
             busy: Duration::ZERO,
@@ -277,6 +312,12 @@ impl Worker {
             }
             for si in 0..self.sessions.len() as u32 {
                 work += self.serve_requests(si);
+            }
+            for slot in std::mem::take(&mut self.send_wanted) {
+                if let Some(c) = self.conn_mut(slot) {
+                    c.send_wanted = false;
+                }
+                self.start_send(slot);
             }
             work += self.reap();
             self.refill_and_rearm();
@@ -352,6 +393,28 @@ impl Worker {
         }
         for slot in std::mem::take(&mut self.accept_retry) {
             self.arm_accept(slot);
+        }
+        // Dead applications' lingering connections get a bounded time to flush.
+        let mut overdue = Vec::new();
+        for s in self.sessions.iter().flatten() {
+            if s.dead_since
+                .is_some_and(|t| now.duration_since(t) > LINGER_LIMIT)
+            {
+                overdue.extend(s.sockets.iter().copied());
+            }
+        }
+        for slot in overdue {
+            if let Some(c) = self.conn_mut(slot) {
+                if c.linger || c.handoff.is_some() {
+                    c.linger = false;
+                    c.handoff = None;
+                    tracing::debug!(
+                        slot,
+                        "a dead application's connection did not flush in time; aborting it"
+                    );
+                }
+            }
+            self.try_finish_close(slot);
         }
         let sessions = self.sessions.iter().flatten().filter(|s| !s.dead);
         let (mut n, mut conns, mut listeners, mut bin, mut bout) = (0u64, 0u64, 0u64, 0u64, 0u64);
@@ -447,6 +510,7 @@ impl Worker {
             files: HashMap::new(),
             inflight: 1,
             dead: false,
+            dead_since: None,
             violations: 0,
             conns: 0,
             listeners: 0,
@@ -483,6 +547,7 @@ impl Worker {
             return;
         }
         s.dead = true;
+        s.dead_since = Some(Instant::now());
         s.outbox.clear();
         let socks: Vec<u32> = s.sockets.iter().copied().collect();
         let tag = Tag {
@@ -661,13 +726,19 @@ impl Worker {
                     if let Some(c) = self.conn_mut(slot) {
                         c.shutdown_wanted = true;
                         c.written = true;
+                        c.linger = true;
                     }
                     self.try_shutdown(slot);
                 }
                 None => self.bad_handle(si, handle),
             },
             Request::Close { handle } => match self.owned(si, handle) {
-                Some(slot) => self.begin_close(slot, false),
+                Some(slot) => {
+                    if let Some(c) = self.conn_mut(slot) {
+                        c.linger = true;
+                    }
+                    self.begin_close(slot, false)
+                }
                 None => self.bad_handle(si, handle),
             },
             Request::SetOption { req, handle, opt } => {
@@ -912,7 +983,7 @@ impl Worker {
                 end: (offset + len) as usize,
             });
         }
-        self.start_send(slot);
+        self.want_send(slot);
     }
 
     /// A request named a handle that is not (or no longer) this session's: a race with a
@@ -1218,10 +1289,11 @@ impl Worker {
             return;
         }
         c.unsent += data.len() as u64;
-        // Coalesce into the last inline chunk unless the kernel is reading from it.
-        let busy_front = c.send_inflight && c.sendq.len() == 1;
+        // Coalesce into the last inline chunk unless the kernel is reading from it (growing it
+        // could move its bytes).
+        let busy_back = c.send_inflight && c.sendq.len() <= c.inflight_chunks;
         match c.sendq.back_mut() {
-            Some(Chunk::Inline { data: tail, .. }) if !busy_front && tail.len() < 64 << 10 => {
+            Some(Chunk::Inline { data: tail, .. }) if !busy_back && tail.len() < 64 << 10 => {
                 tail.extend_from_slice(data)
             }
             _ => {
@@ -1233,7 +1305,7 @@ impl Worker {
         if let Some(v) = spare {
             self.spare.push(v);
         }
-        self.start_send(slot);
+        self.want_send(slot);
     }
 
     fn send_buffer(&mut self, si: u32, handle: Handle, rx: RxBuffer) {
@@ -1251,7 +1323,18 @@ impl Worker {
         if !rx.is_empty() {
             c.sendq.push_back(Chunk::Buf { rx, off: 0 });
         }
-        self.start_send(slot);
+        self.want_send(slot);
+    }
+
+    /// Defers the send of a connection that got bytes to the end of the pass, so that a head
+    /// and the body requested right after it leave in one gathered send.
+    fn want_send(&mut self, slot: u32) {
+        if let Some(c) = self.conn_mut(slot) {
+            if !c.send_wanted {
+                c.send_wanted = true;
+                self.send_wanted.push(slot);
+            }
+        }
     }
 
     fn start_send(&mut self, slot: u32) {
@@ -1270,26 +1353,52 @@ impl Worker {
             self.try_finish_close(slot);
             return;
         };
-        let (ptr, len) = match front {
-            Chunk::Inline { data, off } => (data[*off..].as_ptr(), data.len() - off),
-            Chunk::Buf { rx, off } => (rx.as_ptr().wrapping_add(*off), rx.len() - off),
-            Chunk::File { seg, off, end } => (seg.bytes()[*off..*end].as_ptr(), end - off),
-        };
         let tag = Tag {
             op: Op::Send,
             session: si,
             socket: slot,
         };
-        // SAFETY: the bytes belong to the chunk at the front of this connection's queue. It is
-        // neither modified nor dropped until this send's completion is reaped (`sent`), and an
-        // RxBuffer keeps the application's mapping alive.
-        let r = unsafe {
-            self.ring
-                .send(sock.fd.as_fd(), ptr, len.min(u32::MAX as usize) as u32, tag)
+        let chunks = c.sendq.len().min(MAX_IOV);
+        let r = if chunks == 1 {
+            let (ptr, len) = front.span();
+            // SAFETY: the bytes belong to the chunk at the front of this connection's queue.
+            // It is neither modified nor dropped until this send's completion is reaped
+            // (`sent`), and an RxBuffer keeps the application's mapping alive.
+            unsafe {
+                self.ring
+                    .send(sock.fd.as_fd(), ptr, len.min(u32::MAX as usize) as u32, tag)
+            }
+        } else {
+            let g = c.gather.get_or_insert_with(|| {
+                Box::new(Gather {
+                    iov: [libc::iovec {
+                        iov_base: std::ptr::null_mut(),
+                        iov_len: 0,
+                    }; MAX_IOV],
+                    // SAFETY: msghdr is plain old data; all-zero is its empty value.
+                    msg: unsafe { std::mem::zeroed() },
+                })
+            });
+            let mut n = 0;
+            for chunk in c.sendq.iter().take(MAX_IOV) {
+                let (ptr, len) = chunk.span();
+                g.iov[n] = libc::iovec {
+                    iov_base: ptr as *mut libc::c_void,
+                    iov_len: len,
+                };
+                n += 1;
+            }
+            g.msg.msg_iov = g.iov.as_mut_ptr();
+            g.msg.msg_iovlen = n;
+            // SAFETY: as for a single send, for every chunk named; the iovecs and header live
+            // in this connection's boxed `Gather`, which is not touched or dropped before the
+            // completion is reaped (a connection is released only with nothing in flight).
+            unsafe { self.ring.sendmsg(sock.fd.as_fd(), &g.msg, tag) }
         };
         match r {
             Ok(()) => {
                 c.send_inflight = true;
+                c.inflight_chunks = chunks;
                 sock.inflight += 1;
             }
             Err(e) => tracing::error!("cannot queue a send: {e}"),
@@ -1306,7 +1415,9 @@ impl Worker {
             return;
         };
         c.send_inflight = false;
+        c.inflight_chunks = 0;
         if res < 0 {
+            tracing::debug!(errno = -res, "send failed");
             c.failed = true;
             c.sendq.clear();
             c.unsent = 0;
@@ -1718,7 +1829,7 @@ impl Worker {
         match &mut sock.kind {
             // A connection being handed off still flushes: the next owner's responses must
             // follow complete ones.
-            Kind::Conn(c) if abort && c.handoff.is_none() => {
+            Kind::Conn(c) if abort && c.handoff.is_none() && !c.linger => {
                 if !c.send_inflight {
                     c.sendq.clear();
                 }
@@ -1744,7 +1855,7 @@ impl Worker {
         let mut cancel = None;
         match &mut sock.kind {
             Kind::Conn(c) => {
-                let abort = dead && c.handoff.is_none();
+                let abort = dead && c.handoff.is_none() && !c.linger;
                 if abort && !c.send_inflight {
                     c.sendq.clear();
                 }
@@ -2078,6 +2189,10 @@ fn new_conn() -> Conn {
         origin: None,
         delivered: 0,
         written: false,
+        send_wanted: false,
+        linger: false,
+        inflight_chunks: 0,
+        gather: None,
     }
 }
 

@@ -358,7 +358,17 @@ impl Reactor {
 
     /// Queues `data` for sending on `conn`, after anything queued before it.
     pub fn send(&mut self, conn: Handle, data: &[u8]) -> io::Result<()> {
+        let max_inline = self.max_inline;
         let c = self.conn(conn)?;
+        // The common case (nothing waiting, room in the window) goes straight to the arena.
+        if c.queue.is_empty()
+            && data.len() <= max_inline
+            && c.unconfirmed + data.len() as u64 <= SEND_WINDOW as u64
+        {
+            c.unconfirmed += data.len() as u64;
+            self.push(Request::Send { handle: conn, data });
+            return Ok(());
+        }
         if c.queued_bytes + data.len() > MAX_QUEUED {
             return Err(io::Error::new(
                 io::ErrorKind::WouldBlock,
@@ -386,9 +396,17 @@ impl Reactor {
             if let Some(old) = released {
                 self.push(Request::ReleaseFile { file: old });
             }
-            self.conn(conn)?
-                .queue
-                .push_back(Queued::File(tag, within, part));
+            let c = self.conn(conn)?;
+            if c.queue.is_empty() {
+                self.push(Request::SendFile {
+                    handle: conn,
+                    file: tag,
+                    offset: within,
+                    len: part,
+                });
+            } else {
+                c.queue.push_back(Queued::File(tag, within, part));
+            }
         }
         self.drain_queue(conn);
         Ok(())

@@ -467,10 +467,23 @@ fn httpdate_clf(t: SystemTime) -> String {
 }
 
 fn head_common(status: u16, reason: &str) -> String {
-    format!(
-        "HTTP/1.1 {status} {reason}\r\nServer: splitos\r\nDate: {}\r\n",
-        conditional::http_date(SystemTime::now())
-    )
+    // The Date header changes once a second; rendering it per response cost more than the
+    // rest of the head.
+    thread_local! {
+        static DATE: std::cell::RefCell<(u64, String)> = const { std::cell::RefCell::new((u64::MAX, String::new())) };
+    }
+    let now = SystemTime::now();
+    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    DATE.with(|d| {
+        let mut d = d.borrow_mut();
+        if d.0 != secs {
+            *d = (secs, conditional::http_date(now));
+        }
+        format!(
+            "HTTP/1.1 {status} {reason}\r\nServer: splitos\r\nDate: {}\r\n",
+            d.1
+        )
+    })
 }
 
 fn error_page(r: &mut Reply, status: u16, reason: &str, close: bool, head_only: bool) {

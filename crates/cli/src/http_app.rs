@@ -11,14 +11,16 @@
 //! simple: on SIGUSR2 the listener is parked for the next instance, every connection is paused
 //! and then handed off with its buffered bytes, and this process exits once all are gone.
 
-use splitos::files::{ClientError, FileClient, FileView};
+use splitos::files::{FileClient, FileView};
 use splitos::net::ListenOptions;
 use splitos::reactor::{Events, Handle, NetEvent, Reactor, MAX_HANDOFF};
+use splitos_file_server::client::lookup_of;
 use splitos_file_server::path::Root;
-use splitos_http::conditional::{self, Outcome, Validators};
-use splitos_http::range::{self, Ranges};
+use splitos_http::conditional;
 use splitos_http::request::{self, Body, Limits, Method, Parsed, Request, Version};
-use splitos_http::target;
+use splitos_http::respond::{
+    error_page, head_common, respond, Answer, FileSource, Lookup, Part, Response,
+};
 use std::collections::HashMap;
 use std::io::Write;
 use std::net::SocketAddr;
@@ -79,38 +81,11 @@ struct Conn {
     handed: bool,
 }
 
-/// A response being assembled: bytes and file ranges, in order.
-#[derive(Default)]
-struct Reply {
-    parts: Vec<Part>,
-    status: u16,
-    body_bytes: u64,
-}
-
-enum Part {
-    Bytes(Vec<u8>),
-    File(FileView, u64, u64),
-}
-
-impl Reply {
-    fn bytes(&mut self, b: &[u8]) {
-        match self.parts.last_mut() {
-            Some(Part::Bytes(v)) => v.extend_from_slice(b),
-            _ => self.parts.push(Part::Bytes(b.to_vec())),
-        }
-    }
-    fn file(&mut self, f: &FileView, off: u64, len: u64) {
-        if len > 0 {
-            self.parts.push(Part::File(f.clone(), off, len));
-        }
-    }
-}
+type Reply = Response<FileView>;
 
 struct App {
-    files: FileClient,
+    files: AppFiles,
     root: Option<Root>,
-    /// Precompressed siblings known not to exist, and until when that is trusted.
-    no_sibling: HashMap<String, Instant>,
     log: Option<std::io::BufWriter<std::fs::File>>,
     args: AppArgs,
     limits: Limits,
@@ -165,9 +140,11 @@ pub fn run(args: AppArgs, stop: Arc<AtomicBool>, drain: Arc<AtomicBool>) -> Resu
     println!("listening {local}");
     let _ = std::io::stdout().flush();
     let mut app = App {
-        files,
+        files: AppFiles {
+            client: files,
+            no_sibling: HashMap::new(),
+        },
         root,
-        no_sibling: HashMap::new(),
         log,
         limits: Limits::default(),
         args,
@@ -349,8 +326,7 @@ fn expire(app: &App, reactor: &mut Reactor, conns: &mut HashMap<Handle, Conn>, n
         }
         let quiet = now.saturating_duration_since(c.last_active);
         if !c.buf.is_empty() && quiet > header {
-            let mut r = Reply::default();
-            error_page(&mut r, 408, "Request Timeout", true, false);
+            let r = error_page(408, "Request Timeout", true, false);
             emit(reactor, h, r);
             c.closing = true;
             let _ = reactor.close(h);
@@ -372,8 +348,7 @@ fn serve_buffered(app: &mut App, reactor: &mut Reactor, h: Handle, c: &mut Conn)
             Ok(Parsed::Complete(r, n)) => (r, n),
             Ok(Parsed::Partial) => return false,
             Err(e) => {
-                let mut r = Reply::default();
-                error_page(&mut r, e.status, e.reason, true, false);
+                let r = error_page(e.status, e.reason, true, false);
                 emit(reactor, h, r);
                 c.closing = true;
                 let _ = reactor.close(h);
@@ -386,16 +361,14 @@ fn serve_buffered(app: &mut App, reactor: &mut Reactor, h: Handle, c: &mut Conn)
         match req.body {
             Body::None => {}
             Body::Chunked => {
-                let mut r = Reply::default();
-                error_page(&mut r, 400, "Bad Request", true, false);
+                let r = error_page(400, "Bad Request", true, false);
                 emit(reactor, h, r);
                 c.closing = true;
                 let _ = reactor.close(h);
                 return false;
             }
             Body::Length(n) if n > MAX_DISCARD => {
-                let mut r = Reply::default();
-                error_page(&mut r, 413, "Content Too Large", true, false);
+                let r = error_page(413, "Content Too Large", true, false);
                 emit(reactor, h, r);
                 c.closing = true;
                 let _ = reactor.close(h);
@@ -407,8 +380,7 @@ fn serve_buffered(app: &mut App, reactor: &mut Reactor, h: Handle, c: &mut Conn)
                 c.discard = n - take as u64;
             }
         }
-        let mut reply = Reply::default();
-        handle(app, &req, &mut reply);
+        let reply = handle(app, &req);
         log(app, c.peer, &req, reply.status, reply.body_bytes);
         emit(reactor, h, reply);
         if !req.keep_alive {
@@ -466,269 +438,62 @@ fn httpdate_clf(t: SystemTime) -> String {
     }
 }
 
-fn head_common(status: u16, reason: &str) -> String {
-    // The Date header changes once a second; rendering it per response cost more than the
-    // rest of the head.
-    thread_local! {
-        static DATE: std::cell::RefCell<(u64, String)> = const { std::cell::RefCell::new((u64::MAX, String::new())) };
-    }
-    let now = SystemTime::now();
-    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    DATE.with(|d| {
-        let mut d = d.borrow_mut();
-        if d.0 != secs {
-            *d = (secs, conditional::http_date(now));
-        }
-        format!(
-            "HTTP/1.1 {status} {reason}\r\nServer: splitos\r\nDate: {}\r\n",
-            d.1
-        )
-    })
+/// The application's view of the file cache: the file server, with misses of precompressed
+/// siblings remembered for a second (browsers ask for encodings on every request, and a miss
+/// costs a message to the file server).
+struct AppFiles {
+    client: FileClient,
+    no_sibling: HashMap<String, Instant>,
 }
 
-fn error_page(r: &mut Reply, status: u16, reason: &str, close: bool, head_only: bool) {
-    let body =
-        format!("<!doctype html><title>{status} {reason}</title><h1>{status} {reason}</h1>\n");
-    let mut h = head_common(status, reason);
-    h.push_str(&format!(
-        "Content-Type: text/html; charset=utf-8\r\nContent-Length: {}\r\n",
-        body.len()
-    ));
-    if status == 405 {
-        h.push_str("Allow: GET, HEAD\r\n");
+impl FileSource for AppFiles {
+    type File = FileView;
+    fn open(&mut self, path: &str) -> Lookup<FileView> {
+        lookup_of(self.client.open(path))
     }
-    if close {
-        h.push_str("Connection: close\r\n");
-    }
-    h.push_str("\r\n");
-    if !head_only {
-        h.push_str(&body);
-    }
-    r.bytes(h.as_bytes());
-    r.status = status;
-    r.body_bytes = if head_only { 0 } else { body.len() as u64 };
-}
-
-fn handle(app: &mut App, req: &Request, r: &mut Reply) {
-    let head_only = req.method == Method::Head;
-    if !matches!(req.method, Method::Get | Method::Head) {
-        return error_page(r, 405, "Method Not Allowed", false, false);
-    }
-    let path = match target::decode_path(&req.target) {
-        Ok(p) => p,
-        Err(e) => return error_page(r, e.status, e.reason, false, head_only),
-    };
-    let rel = path.trim_start_matches('/');
-    let is_dir_request = rel.is_empty() || rel.ends_with('/');
-    let rel_file = if is_dir_request {
-        format!("{rel}index.html")
-    } else {
-        rel.to_string()
-    };
-    let view = match app.files.open(&rel_file) {
-        Ok(v) => v,
-        Err(ClientError::Directory) => {
-            let location = format!("{}/", req.target.split('?').next().unwrap_or("/"));
-            let mut h = head_common(301, "Moved Permanently");
-            h.push_str(&format!(
-                "Location: {location}\r\nContent-Length: 0\r\n\r\n"
-            ));
-            r.bytes(h.as_bytes());
-            r.status = 301;
-            return;
-        }
-        Err(ClientError::NotFound) if is_dir_request && app.root.is_some() => {
-            return listing(app, rel, head_only, r);
-        }
-        Err(ClientError::NotFound) => return error_page(r, 404, "Not Found", false, head_only),
-        Err(
-            ClientError::Escapes
-            | ClientError::BadPath(_)
-            | ClientError::Special
-            | ClientError::Denied,
-        ) => return error_page(r, 403, "Forbidden", false, head_only),
-        Err(e) => {
-            tracing::warn!(path = %rel_file, "file server: {e}");
-            return error_page(r, 500, "Internal Server Error", true, head_only);
-        }
-    };
-    let content_type = view.content_type();
-    let (view, encoding) = match precompressed(app, &rel_file, req.header("accept-encoding")) {
-        Some((sibling, enc)) => (sibling, Some(enc)),
-        None => (view, None),
-    };
-    let v = view.version();
-    let etag = v.etag();
-    let last_modified = UNIX_EPOCH + Duration::from_nanos(v.mtime_ns.max(0) as u64);
-    let validators = Validators {
-        etag: &etag,
-        last_modified,
-    };
-    let common = |status: u16, reason: &str| {
-        let mut h = head_common(status, reason);
-        h.push_str(&format!(
-            "ETag: {etag}\r\nLast-Modified: {}\r\nAccept-Ranges: bytes\r\nVary: Accept-Encoding\r\n",
-            conditional::http_date(last_modified)
-        ));
-        if let Some(enc) = encoding {
-            h.push_str(&format!("Content-Encoding: {enc}\r\n"));
-        }
-        h
-    };
-    match conditional::evaluate(|n| req.header(n), &validators, true) {
-        Outcome::NotModified => {
-            r.bytes((common(304, "Not Modified") + "\r\n").as_bytes());
-            r.status = 304;
-            return;
-        }
-        Outcome::PreconditionFailed => {
-            return error_page(r, 412, "Precondition Failed", false, head_only)
-        }
-        Outcome::Proceed => {}
-    }
-    let len = view.len();
-    let ranges = match req.header("range") {
-        Some(rg) if conditional::range_applies(req.header("if-range"), &validators) => {
-            range::parse(rg, len)
-        }
-        _ => Ranges::Whole,
-    };
-    let (status, start, count, mut h) = match ranges {
-        Ranges::Single(a, b) => {
-            let mut h = common(206, "Partial Content");
-            h.push_str(&format!("Content-Range: bytes {a}-{b}/{len}\r\n"));
-            (206, a, b - a + 1, h)
-        }
-        Ranges::Unsatisfiable => {
-            let mut h = common(416, "Range Not Satisfiable");
-            h.push_str(&format!(
-                "Content-Range: bytes */{len}\r\nContent-Length: 0\r\n\r\n"
-            ));
-            r.bytes(h.as_bytes());
-            r.status = 416;
-            return;
-        }
-        Ranges::Multiple(parts) => {
-            let head = common(206, "Partial Content");
-            return multipart(r, &view, &parts, head, content_type, head_only);
-        }
-        Ranges::Whole => (200, 0, len, common(200, "OK")),
-    };
-    h.push_str(&format!(
-        "Content-Type: {content_type}\r\nContent-Length: {count}\r\n\r\n"
-    ));
-    r.bytes(h.as_bytes());
-    r.status = status;
-    if !head_only {
-        r.file(&view, start, count);
-        r.body_bytes = count;
-    }
-}
-
-/// The precompressed sibling (`.br`, `.zst`, `.gz`) of `rel` that the client accepts, if any.
-fn precompressed(
-    app: &mut App,
-    rel: &str,
-    accept: Option<&str>,
-) -> Option<(FileView, &'static str)> {
-    let accept = accept?;
-    let accepts = |name: &str| {
-        accept.split(',').any(|t| {
-            let mut it = t.split(';');
-            let token = it.next().unwrap_or("").trim();
-            let q0 = it.any(|p| {
-                p.trim()
-                    .strip_prefix("q=")
-                    .and_then(|q| q.trim().parse::<f32>().ok())
-                    .is_some_and(|q| q == 0.0)
-            });
-            token.eq_ignore_ascii_case(name) && !q0
-        })
-    };
-    for (token, ext) in [("br", "br"), ("zstd", "zst"), ("gzip", "gz")] {
-        if !accepts(token) {
-            continue;
-        }
-        let sibling = format!("{rel}.{ext}");
+    fn open_sibling(&mut self, path: &str) -> Lookup<FileView> {
         let now = Instant::now();
-        // Browsers ask for encodings on every request, and a miss costs a message to the file
-        // server: remember misses for a second.
-        if app
-            .no_sibling
-            .get(&sibling)
-            .is_some_and(|until| *until > now)
-        {
-            continue;
+        if self.no_sibling.get(path).is_some_and(|until| *until > now) {
+            return Lookup::NotFound;
         }
-        match app.files.open(&sibling) {
-            Ok(v) => return Some((v, token)),
+        match self.client.open(path) {
+            Ok(v) => Lookup::Found(v),
             Err(_) => {
-                if app.no_sibling.len() > 10_000 {
-                    app.no_sibling.clear();
+                if self.no_sibling.len() > 10_000 {
+                    self.no_sibling.clear();
                 }
-                app.no_sibling.insert(sibling, now + Duration::from_secs(1));
+                self.no_sibling
+                    .insert(path.to_string(), now + Duration::from_secs(1));
+                Lookup::NotFound
             }
         }
     }
-    None
 }
 
-/// Several ranges as `multipart/byteranges`; every part's bytes are sent from the file cache.
-fn multipart(
-    r: &mut Reply,
-    view: &FileView,
-    parts: &[(u64, u64)],
-    mut head: String,
-    content_type: &str,
-    head_only: bool,
-) {
-    const BOUNDARY: &str = "SPLITOS_BYTERANGES_7f3a9c";
-    let len = view.len();
-    let part_heads: Vec<String> = parts
-        .iter()
-        .map(|(a, b)| {
-            format!("--{BOUNDARY}\r\nContent-Type: {content_type}\r\nContent-Range: bytes {a}-{b}/{len}\r\n\r\n")
-        })
-        .collect();
-    let closing = format!("--{BOUNDARY}--\r\n");
-    let total: u64 = part_heads
-        .iter()
-        .zip(parts)
-        .map(|(h, (a, b))| h.len() as u64 + (b - a + 1) + 2)
-        .sum::<u64>()
-        + closing.len() as u64;
-    head.push_str(&format!(
-        "Content-Type: multipart/byteranges; boundary={BOUNDARY}\r\nContent-Length: {total}\r\n\r\n"
-    ));
-    r.bytes(head.as_bytes());
-    r.status = 206;
-    if head_only {
-        return;
+fn handle(app: &mut App, req: &Request) -> Reply {
+    match respond(&mut app.files, req) {
+        Answer::Response(r) => r,
+        Answer::NoIndex { dir, head_only } => match &app.root {
+            Some(root) => listing(root, &dir, head_only),
+            None => error_page(404, "Not Found", false, head_only),
+        },
+        // The application's source always knows.
+        Answer::Defer => error_page(500, "Internal Server Error", true, false),
     }
-    for (h, (a, b)) in part_heads.iter().zip(parts) {
-        r.bytes(h.as_bytes());
-        r.file(view, *a, b - a + 1);
-        r.bytes(b"\r\n");
-    }
-    r.bytes(closing.as_bytes());
-    r.body_bytes = total;
 }
 
 /// An HTML listing of directory `rel` (for `--list-dirs` when it has no index.html).
-fn listing(app: &mut App, rel: &str, head_only: bool, r: &mut Reply) {
-    let Some(root) = &app.root else {
-        return error_page(r, 404, "Not Found", false, head_only);
-    };
+fn listing(root: &Root, rel: &str, head_only: bool) -> Reply {
     let (entries, truncated) = match root.list(rel, MAX_LISTING) {
         Ok(v) => v,
         Err(splitos_file_server::path::OpenError::NotFound) => {
-            return error_page(r, 404, "Not Found", false, head_only)
+            return error_page(404, "Not Found", false, head_only)
         }
         Err(splitos_file_server::path::OpenError::Io(e)) => {
             tracing::warn!(dir = rel, "listing failed: {e}");
-            return error_page(r, 500, "Internal Server Error", false, head_only);
+            return error_page(500, "Internal Server Error", false, head_only);
         }
-        Err(_) => return error_page(r, 403, "Forbidden", false, head_only),
+        Err(_) => return error_page(403, "Forbidden", false, head_only),
     };
     let title = format!("Index of /{}", html_escape(rel));
     let mut body = format!(
@@ -762,11 +527,13 @@ fn listing(app: &mut App, rel: &str, head_only: bool, r: &mut Reply) {
         "Content-Type: text/html; charset=utf-8\r\nContent-Length: {}\r\nCache-Control: no-cache\r\n\r\n",
         body.len()
     ));
-    r.bytes(h.as_bytes());
-    r.status = 200;
     if !head_only {
-        r.bytes(body.as_bytes());
-        r.body_bytes = body.len() as u64;
+        h.push_str(&body);
+    }
+    Response {
+        parts: vec![Part::Bytes(h.into_bytes())],
+        status: 200,
+        body_bytes: if head_only { 0 } else { body.len() as u64 },
     }
 }
 

@@ -115,6 +115,48 @@ impl FileView {
     }
 }
 
+impl splitos_http::respond::StaticFile for FileView {
+    fn len(&self) -> u64 {
+        self.version.size
+    }
+    fn etag(&self) -> String {
+        self.version.etag()
+    }
+    fn modified(&self) -> std::time::SystemTime {
+        splitos_http::respond::time_of_ns(self.version.mtime_ns)
+    }
+    fn content_type(&self) -> &'static str {
+        self.content_type
+    }
+}
+
+impl splitos_http::respond::FileSource for FileClient {
+    type File = FileView;
+    fn open(&mut self, path: &str) -> splitos_http::respond::Lookup<FileView> {
+        lookup_of(FileClient::open(self, path))
+    }
+}
+
+/// A file client's answer as the shared responder sees it.
+pub fn lookup_of(r: Result<FileView, ClientError>) -> splitos_http::respond::Lookup<FileView> {
+    use splitos_http::respond::Lookup;
+    match r {
+        Ok(v) => Lookup::Found(v),
+        Err(ClientError::NotFound) => Lookup::NotFound,
+        Err(ClientError::Directory) => Lookup::Directory,
+        Err(
+            ClientError::Escapes
+            | ClientError::BadPath(_)
+            | ClientError::Special
+            | ClientError::Denied,
+        ) => Lookup::Forbidden,
+        Err(e) => {
+            tracing::warn!(path_error = %e, "file server");
+            Lookup::Failed
+        }
+    }
+}
+
 pub struct FileClient {
     chan: Channel,
     directory: DirectoryReader,
@@ -207,6 +249,17 @@ impl FileClient {
             }
         }
         Err(ClientError::Unstable)
+    }
+
+    /// Opens a file only if the cache holds it (its first chunk is in the shared directory):
+    /// `Ok(None)` otherwise, without a message to the server. A hit on a segment this client
+    /// does not map yet costs one round trip, with no disk access (the server has it).
+    pub fn open_cached(&mut self, path: &str) -> Result<Option<FileView>, ClientError> {
+        let path = normalize(path)?;
+        if self.directory.lookup(&path, 0).is_none() {
+            return Ok(None);
+        }
+        self.open(&path).map(Some)
     }
 
     /// One chunk: from the directory if we map its segment already, else from the server.

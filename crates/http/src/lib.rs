@@ -1,5 +1,5 @@
 //! HTTP/1.1 for Split-OS's static file serving, one concern per module, shared by the HTTP
-//! application and (later) the TCP server's direct path, so both parse alike.
+//! application and the TCP server's direct path, so both parse and answer alike.
 //!
 //! - [`request`]: the request head, with size limits (414/431) and request-smuggling defences
 //!   (conflicting or duplicated `Content-Length`, `Transfer-Encoding` with `Content-Length`,
@@ -8,7 +8,9 @@
 //! - [`range`]: `Range` headers against a known length;
 //! - [`conditional`]: `If-Match`, `If-None-Match`, `If-Modified-Since`, `If-Unmodified-Since`,
 //!   `If-Range`, evaluated in the order RFC 9110 §13.2.2 gives;
-//! - [`mime`]: `Content-Type` by file extension.
+//! - [`mime`]: `Content-Type` by file extension;
+//! - [`respond`]: a request for a static file turned into a response head and file ranges,
+//!   over an abstract file store.
 //!
 //! Tokenizing is httparse's (the parser hyper uses); this crate adds the semantics and the
 //! limits. Nothing here panics on any input (property-tested).
@@ -17,6 +19,7 @@ pub mod conditional;
 pub mod mime;
 pub mod range;
 pub mod request;
+pub mod respond;
 pub mod target;
 
 /// A request that must be refused, with the status to refuse it with.

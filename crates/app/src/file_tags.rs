@@ -67,24 +67,10 @@ pub(crate) fn pieces(
     offset: u64,
     len: u64,
 ) -> std::io::Result<Vec<(Arc<Segment>, u64, u64)>> {
-    use std::io::{Error as IoError, ErrorKind};
-    let end = offset
-        .checked_add(len)
-        .filter(|e| *e <= file.len())
-        .ok_or_else(|| IoError::new(ErrorKind::InvalidInput, "range beyond the end of the file"))?;
-    let chunk_size = file.chunks().first().map_or(1, |c| c.len().max(1));
-    let mut out = Vec::new();
-    let mut pos = offset;
-    while pos < end {
-        let i = (pos / chunk_size) as usize;
-        let seg = file
-            .chunks()
-            .get(i)
-            .ok_or_else(|| IoError::new(ErrorKind::InvalidData, "file view is short"))?;
-        let within = pos - i as u64 * chunk_size;
-        let part = (seg.len() - within).min(end - pos);
-        out.push((seg.clone(), within, part));
-        pos += part;
-    }
-    Ok(out)
+    file.pieces(offset, len).ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "range beyond the end of the file",
+        )
+    })
 }

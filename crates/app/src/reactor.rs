@@ -241,10 +241,42 @@ impl Reactor {
             flags,
         });
         self.flush()?;
+        self.wait_reply(req)
+    }
+
+    /// Has the TCP server answer static-file requests on `listener`'s connections itself,
+    /// from the cache of the file server at `files_socket` (which must belong to this user),
+    /// until a request it cannot answer; that one and all after it arrive here as usual. The
+    /// server applies the timeouts to the connections it answers.
+    pub fn serve_files(
+        &mut self,
+        listener: Handle,
+        files_socket: &Path,
+        header_timeout: Duration,
+        idle_timeout: Duration,
+    ) -> io::Result<()> {
+        use std::os::unix::ffi::OsStrExt;
+        let req = self.req_id();
+        let secs = |d: Duration| d.as_secs().clamp(1, u32::MAX as u64) as u32;
+        self.push(Request::ServeFiles {
+            req,
+            listener,
+            header_timeout_s: secs(header_timeout),
+            idle_timeout_s: secs(idle_timeout),
+            socket: files_socket.as_os_str().as_bytes(),
+        });
+        self.flush()?;
+        self.wait_reply(req).map(|_| ())
+    }
+
+    /// Waits (up to 10 s) for the reply to request `req`, keeping other events for the next
+    /// poll.
+    fn wait_reply(&mut self, req: u32) -> io::Result<(Handle, SocketAddr)> {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let mut answer = None;
             let mut stash = std::mem::take(&mut self.stash);
+            let mut credit = None;
             // One message at a time: everything after the answer stays in the ring, in order.
             let n = self
                 .chan
@@ -259,12 +291,18 @@ impl Reactor {
                         Ok(Event::Failed { req: r, errno }) if r == req => {
                             answer = Some(Err(io::Error::from_raw_os_error(errno)))
                         }
+                        Ok(Event::Sent { handle, bytes }) => credit = Some((handle, bytes)),
                         _ => stash_message(&mut stash, Message::Inline(b)),
                     },
                     other => stash_message(&mut stash, other),
                 })
                 .map_err(m2m_err)?;
             self.stash = stash;
+            if let Some((h, bytes)) = credit {
+                if let Some(c) = self.conns.get_mut(&h) {
+                    c.unconfirmed = c.unconfirmed.saturating_sub(bytes as u64);
+                }
+            }
             if let Some(a) = answer {
                 return a;
             }
@@ -273,7 +311,7 @@ impl Reactor {
                 if left.is_zero() {
                     return Err(io::Error::new(
                         io::ErrorKind::TimedOut,
-                        "the TCP server did not answer a listen request within 10 s",
+                        "the TCP server did not answer within 10 s",
                     ));
                 }
                 self.chan.wait_readable(Some(left)).map_err(m2m_err)?;
@@ -291,8 +329,9 @@ impl Reactor {
         } else if !self.chan.wait_readable(timeout).map_err(m2m_err)? {
             return Ok(0);
         }
+        // Events kept from a wait for a reply are accounted for like new ones.
+        let mut before = 0;
         loop {
-            let before = events.items.len();
             let mut sent = std::mem::take(&mut self.sent);
             let n = self
                 .chan
@@ -331,6 +370,7 @@ impl Reactor {
                     _ => {}
                 }
             }
+            before = events.items.len();
             if n < BATCH {
                 break;
             }

@@ -53,6 +53,9 @@ pub struct AppArgs {
     pub wait: splitos::WaitPolicy,
     #[arg(long)]
     pub list_dirs: bool,
+    /// Answer every request here, none in the TCP server.
+    #[arg(long)]
+    pub no_direct: bool,
     /// Another instance holds the listener and is about to hand it over: retry until it does.
     #[arg(long)]
     pub takeover: bool,
@@ -79,6 +82,9 @@ struct Conn {
     closing: bool,
     paused: bool,
     handed: bool,
+    /// Data has reached this application; before that, on a direct-path listener, the TCP
+    /// server answers the connection and applies its timeouts.
+    seen_data: bool,
 }
 
 type Reply = Response<FileView>;
@@ -137,6 +143,19 @@ pub fn run(args: AppArgs, stop: Arc<AtomicBool>, drain: Arc<AtomicBool>) -> Resu
             Err(e) => return Err(format!("cannot listen on {}: {e}", args.listen)),
         }
     };
+    // Static files the cache holds are answered by the TCP server itself unless every request
+    // must pass through here (the access log is written here).
+    let direct = !args.no_direct && args.access_log.is_none();
+    if direct {
+        if let Err(e) = reactor.serve_files(
+            listener,
+            &args.files_socket,
+            Duration::from_secs(args.header_timeout),
+            Duration::from_secs(args.idle_timeout),
+        ) {
+            tracing::warn!("the TCP server's direct path is off: {e}");
+        }
+    }
     println!("listening {local}");
     let _ = std::io::stdout().flush();
     let mut app = App {
@@ -215,6 +234,7 @@ pub fn run(args: AppArgs, stop: Arc<AtomicBool>, drain: Arc<AtomicBool>) -> Resu
                             closing: false,
                             paused,
                             handed: false,
+                            seen_data: false,
                         },
                     );
                 }
@@ -223,6 +243,7 @@ pub fn run(args: AppArgs, stop: Arc<AtomicBool>, drain: Arc<AtomicBool>) -> Resu
                         continue;
                     };
                     c.last_active = now;
+                    c.seen_data = true;
                     if c.closing {
                         continue;
                     }
@@ -292,7 +313,7 @@ pub fn run(args: AppArgs, stop: Arc<AtomicBool>, drain: Arc<AtomicBool>) -> Resu
         }
         if now >= next_tick {
             next_tick = now + TICK;
-            expire(&app, &mut reactor, &mut conns, now);
+            expire(&app, &mut reactor, &mut conns, now, direct);
             if let Some(l) = &mut app.log {
                 let _ = l.flush();
             }
@@ -317,11 +338,17 @@ pub fn run(args: AppArgs, stop: Arc<AtomicBool>, drain: Arc<AtomicBool>) -> Resu
 }
 
 /// Closes connections past their header or idle timeout.
-fn expire(app: &App, reactor: &mut Reactor, conns: &mut HashMap<Handle, Conn>, now: Instant) {
+fn expire(
+    app: &App,
+    reactor: &mut Reactor,
+    conns: &mut HashMap<Handle, Conn>,
+    now: Instant,
+    direct: bool,
+) {
     let header = Duration::from_secs(app.args.header_timeout.max(1));
     let idle = Duration::from_secs(app.args.idle_timeout.max(1));
     for (&h, c) in conns.iter_mut() {
-        if c.closing || c.handed {
+        if c.closing || c.handed || (direct && !c.seen_data) {
             continue;
         }
         let quiet = now.saturating_duration_since(c.last_active);

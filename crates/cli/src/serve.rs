@@ -59,6 +59,11 @@ pub struct ServeArgs {
     /// not shown).
     #[arg(long)]
     list_dirs: bool,
+    /// Do not let the TCP server answer requests for cached files itself (the direct path);
+    /// every request then goes through the HTTP application. The direct path is also off
+    /// while an access log is written, since the log is the application's.
+    #[arg(long)]
+    no_direct: bool,
     /// How the TCP server and the HTTP application wait: block (sleep at once; the default,
     /// best when cores are shared, e.g. with a load generator), adaptive (spin ~30 µs first),
     /// or poll (spin; only with cores to spare).
@@ -129,6 +134,9 @@ impl Instance {
         }
         if base.list_dirs {
             cmd.arg("--list-dirs");
+        }
+        if base.no_direct {
+            cmd.arg("--no-direct");
         }
         if takeover {
             cmd.arg("--takeover");
@@ -260,6 +268,7 @@ pub fn run(a: ServeArgs, stop: Arc<AtomicBool>) -> Result<(), String> {
         idle_timeout: a.idle_timeout,
         wait: a.wait,
         list_dirs: a.list_dirs,
+        no_direct: a.no_direct,
         takeover: false,
     };
     let mut app = Instance::spawn(&base, false)?;

@@ -45,20 +45,21 @@ fn render(socket: &std::path::Path, json: bool) -> Result<String, String> {
     let _ = writeln!(o);
     let _ = writeln!(
         o,
-        "{:>6} {:>8} {:>8} {:>9} {:>12} {:>12} {:>10}",
-        "thread", "sessions", "conns", "listeners", "bytes in", "bytes out", "busy"
+        "{:>6} {:>8} {:>8} {:>9} {:>12} {:>12} {:>10} {:>10}",
+        "thread", "sessions", "conns", "listeners", "bytes in", "bytes out", "busy", "direct"
     );
     for w in &snap.workers {
         let _ = writeln!(
             o,
-            "{:>6} {:>8} {:>8} {:>9} {:>12} {:>12} {:>9.1}s",
+            "{:>6} {:>8} {:>8} {:>9} {:>12} {:>12} {:>9.1}s {:>10}",
             w.worker,
             w.sessions,
             w.connections,
             w.listeners,
             bytes(w.bytes_in),
             bytes(w.bytes_out),
-            w.busy_ms as f64 / 1000.0
+            w.busy_ms as f64 / 1000.0,
+            w.direct_responses
         );
     }
     let _ = writeln!(o);

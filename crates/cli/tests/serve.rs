@@ -596,3 +596,86 @@ fn reload_without_a_server_says_so() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no `splitos serve` answers"), "{err}");
 }
+
+/// Requests answered by the TCP server itself so far, from `splitos status`.
+fn direct_responses(s: &Server) -> u64 {
+    let socket = std::env::temp_dir()
+        .join(format!("splitos-serve-{}", s.child.id()))
+        .join("tcp.sock");
+    // The statistics are refreshed every 100 ms.
+    std::thread::sleep(Duration::from_millis(250));
+    let out = Command::new(BIN)
+        .args(["status", "--json", "--socket"])
+        .arg(&socket)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let key = "\"direct_responses\":";
+    text.match_indices(key)
+        .map(|(i, _)| {
+            text[i + key.len()..]
+                .trim_start()
+                .chars()
+                .take_while(|c| c.is_ascii_digit())
+                .collect::<String>()
+                .parse::<u64>()
+                .unwrap()
+        })
+        .sum()
+}
+
+/// The direct path: once the cache holds a file, the TCP server answers requests for it
+/// without the application; a request it cannot answer (a 404 here) goes to the application
+/// with everything after it, and responses stay in request order. With an access log, every
+/// request goes through the application (the log is its own).
+#[test]
+fn the_tcp_server_answers_cached_files_itself_and_keeps_the_order() {
+    let s = serve_with("direct", &["--idle-timeout", "2"]);
+    let url = format!("http://127.0.0.1:{}/", s.port);
+    assert_eq!(curl(&[&url]), "<h1>home</h1>"); // the first one fills the cache
+    let before = direct_responses(&s);
+    for _ in 0..5 {
+        assert_eq!(curl(&[&url]), "<h1>home</h1>");
+    }
+    let after = direct_responses(&s);
+    assert!(after >= before + 5, "direct responses {before} -> {after}");
+    let r = raw(
+        s.port,
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET /nope HTTP/1.1\r\nHost: x\r\n\r\nGET /docs/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    let home = r.find("<h1>home</h1>").expect("first response");
+    let missing = r.find("404 Not Found").expect("second response");
+    let docs = r.find("<h1>docs</h1>").expect("third response");
+    assert!(home < missing && missing < docs, "out of order: {r}");
+    // Idle connections answered directly are closed by the TCP server (--idle-timeout 2).
+    let mut c = BufReader::new(TcpStream::connect(("127.0.0.1", s.port)).unwrap());
+    c.get_mut()
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    c.get_mut()
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let (status, body) = read_response(&mut c).unwrap();
+    assert_eq!(
+        (status.as_str(), &body[..]),
+        ("HTTP/1.1 200 OK", &b"<h1>home</h1>"[..])
+    );
+    let t0 = std::time::Instant::now();
+    let mut rest = Vec::new();
+    c.read_to_end(&mut rest).expect("closed, not timed out");
+    assert!(rest.is_empty());
+    let idle = t0.elapsed();
+    assert!(
+        idle >= Duration::from_millis(1500) && idle < Duration::from_secs(6),
+        "closed after {idle:?}"
+    );
+
+    let log = std::env::temp_dir().join(format!("splitos-direct-log-{}.log", std::process::id()));
+    let logged = serve_with("direct-log", &["--access-log", log.to_str().unwrap()]);
+    let url = format!("http://127.0.0.1:{}/", logged.port);
+    for _ in 0..3 {
+        assert_eq!(curl(&[&url]), "<h1>home</h1>");
+    }
+    assert_eq!(direct_responses(&logged), 0);
+    let _ = std::fs::remove_file(&log);
+}

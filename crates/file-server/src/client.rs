@@ -88,6 +88,27 @@ impl FileView {
         &self.chunks
     }
 
+    /// The pieces of the byte range `offset..offset+len`: (segment, offset within it, length),
+    /// one per chunk it touches; `None` if the range passes the end of the file.
+    pub fn pieces(&self, offset: u64, len: u64) -> Option<Vec<(Arc<Segment>, u64, u64)>> {
+        let end = offset.checked_add(len).filter(|e| *e <= self.len())?;
+        let chunk_size = self.chunk_size.max(1);
+        let mut out = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let i = (pos / chunk_size) as usize;
+            let seg = self.chunks.get(i)?;
+            let within = pos - i as u64 * chunk_size;
+            let part = seg.len().checked_sub(within)?.min(end - pos);
+            if part == 0 {
+                return None;
+            }
+            out.push((seg.clone(), within, part));
+            pos += part;
+        }
+        Some(out)
+    }
+
     /// Copies bytes from `offset` on; returns how many.
     pub fn read_at(&self, mut offset: u64, dst: &mut [u8]) -> usize {
         let mut n = 0;

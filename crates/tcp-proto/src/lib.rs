@@ -26,6 +26,8 @@ pub const SEND_WINDOW: u32 = 1 << 20;
 pub const RECV_WINDOW: u32 = 1 << 20;
 /// Longest application name in a [`Request::Hello`].
 pub const MAX_NAME: usize = 64;
+/// Longest file-server socket path in a [`Request::ServeFiles`] (a Unix socket path's limit).
+pub const MAX_SOCKET_PATH: usize = 107;
 /// Most unprocessed bytes a [`Request::Handoff`] may carry back to the server.
 pub const MAX_HANDOFF: usize = 32 << 10;
 
@@ -135,6 +137,20 @@ pub enum Request<'a> {
         handle: Handle,
         data: &'a [u8],
     },
+    /// Answer static-file requests on connections of `listener` in the server itself, from the
+    /// cache of the file server at `socket` (a Unix socket owned by this application's user):
+    /// GET and HEAD for files the cache holds. The first request of a connection that the
+    /// server cannot answer (anything else) and all that follow reach the application as
+    /// `Data`, as they would without the route. The server closes connections of the route
+    /// idle for `idle_timeout_s`, and answers 408 to a head not completed in
+    /// `header_timeout_s`. Replied to with `Done` or `Failed`.
+    ServeFiles {
+        req: u32,
+        listener: Handle,
+        header_timeout_s: u32,
+        idle_timeout_s: u32,
+        socket: &'a [u8],
+    },
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -216,6 +232,7 @@ mod op {
     pub const RELEASE_FILE: u8 = 10;
     pub const PAUSE: u8 = 11;
     pub const HANDOFF: u8 = 12;
+    pub const SERVE_FILES: u8 = 13;
 
     pub const DONE: u8 = 64;
     pub const FAILED: u8 = 65;
@@ -416,6 +433,20 @@ impl<'a> Request<'a> {
             Request::Handoff { handle, data } => {
                 w.u8(op::HANDOFF).handle(handle).bytes(data);
             }
+            Request::ServeFiles {
+                req,
+                listener,
+                header_timeout_s,
+                idle_timeout_s,
+                socket,
+            } => {
+                w.u8(op::SERVE_FILES)
+                    .u32(req)
+                    .handle(listener)
+                    .u32(header_timeout_s)
+                    .u32(idle_timeout_s)
+                    .bytes(socket);
+            }
         }
     }
 
@@ -499,6 +530,23 @@ impl<'a> Request<'a> {
                     return Err(DecodeError::BadValue);
                 }
                 Request::Handoff { handle, data }
+            }
+            op::SERVE_FILES => {
+                let req = r.u32()?;
+                let listener = r.handle()?;
+                let header_timeout_s = r.u32()?;
+                let idle_timeout_s = r.u32()?;
+                let socket = r.rest();
+                if socket.is_empty() || socket.len() > MAX_SOCKET_PATH || socket.contains(&0) {
+                    return Err(DecodeError::BadValue);
+                }
+                Request::ServeFiles {
+                    req,
+                    listener,
+                    header_timeout_s,
+                    idle_timeout_s,
+                    socket,
+                }
             }
             other => return Err(DecodeError::UnknownOp(other)),
         };

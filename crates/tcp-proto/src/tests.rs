@@ -19,7 +19,7 @@ proptest! {
     fn requests_round_trip(
         req in any::<u32>(), a in addr(), h in handle(), n in any::<u32>(),
         flags in 0..=listen_flags::ALL, data in proptest::collection::vec(any::<u8>(), 0..200),
-        on in any::<bool>(), pick in 0..13u8, big in any::<u64>(),
+        on in any::<bool>(), pick in 0..14u8, big in any::<u64>(),
     ) {
         let name = &data[..data.len().min(MAX_NAME)];
         let r = match pick {
@@ -35,6 +35,10 @@ proptest! {
             9 => Request::ReleaseFile { file: big },
             10 => Request::Pause { handle: h },
             11 => Request::Handoff { handle: h, data: &data },
+            12 => Request::ServeFiles {
+                req, listener: h, header_timeout_s: n, idle_timeout_s: n / 2,
+                socket: b"/run/splitos/files.sock",
+            },
             _ => Request::Consumed { handle: h, bytes: n },
         };
         let mut buf = Vec::new();

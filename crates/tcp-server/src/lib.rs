@@ -11,6 +11,7 @@
 //! [`TcpServer::start`]; both use the same code.
 
 mod access;
+mod direct;
 mod persist;
 pub mod stats;
 mod uring;

@@ -153,6 +153,7 @@ impl StatsWriter {
         listeners: u64,
         bytes_in: u64,
         bytes_out: u64,
+        direct: u64,
     ) {
         if worker >= MAX_WORKERS {
             return;
@@ -167,6 +168,7 @@ impl StatsWriter {
                 bytes_in,
                 bytes_out,
                 unix_ms(),
+                direct,
             ],
         );
     }
@@ -227,6 +229,8 @@ pub struct WorkerStats {
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub updated_unix_ms: u64,
+    /// Requests answered by this thread itself (the direct path), not by an application.
+    pub direct_responses: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -284,7 +288,7 @@ pub fn read(socket: &Path) -> Result<Snapshot, StatsError> {
     let nworkers = (map.get(16) as usize).min(MAX_WORKERS);
     let mut workers = Vec::new();
     for w in 0..nworkers {
-        if let Some(v) = map.read_row(WORKER_BASE + w * WORKER_ROW, 7) {
+        if let Some(v) = map.read_row(WORKER_BASE + w * WORKER_ROW, 8) {
             workers.push(WorkerStats {
                 worker: w,
                 busy_ms: v[0] / 1_000_000,
@@ -294,6 +298,7 @@ pub fn read(socket: &Path) -> Result<Snapshot, StatsError> {
                 bytes_in: v[4],
                 bytes_out: v[5],
                 updated_unix_ms: v[6],
+                direct_responses: v[7],
             });
         }
     }
@@ -346,7 +351,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let sock = dir.join("tcp.sock");
         let w = StatsWriter::create(&sock, 2).unwrap();
-        w.update_worker(1, Duration::from_millis(1500), 1, 7, 2, 100, 200);
+        w.update_worker(1, Duration::from_millis(1500), 1, 7, 2, 100, 200, 9);
         w.update_session(
             SESSIONS_PER_WORKER + 3,
             &SessionRow {
@@ -367,6 +372,7 @@ mod tests {
         assert_eq!(s.workers.len(), 2);
         assert_eq!(s.workers[1].busy_ms, 1500);
         assert_eq!(s.workers[1].connections, 7);
+        assert_eq!(s.workers[1].direct_responses, 9);
         assert_eq!(s.sessions.len(), 1);
         assert_eq!(s.sessions[0].name, "echo-app");
         assert_eq!(s.sessions[0].pid, 42);

@@ -23,7 +23,9 @@ use crate::Shared;
 use rustix::fd::{AsFd, FromRawFd, OwnedFd};
 use rustix::io::Errno;
 use rustix::net::{self as rnet, sockopt, AddressFamily, SocketFlags, SocketType};
+use splitos_file_server::client::FileClient;
 use splitos_file_server::segment::Segment;
+use splitos_http::respond::Part;
 use splitos_m2m::{
     Channel, Error as M2mError, Message, PeerCredentials, RxBuffer, TxBuffer, WaitPolicy,
 };
@@ -101,6 +103,12 @@ enum Chunk {
         rx: RxBuffer,
         off: usize,
     },
+    /// Bytes the server wrote itself (a response of the direct path): outside the
+    /// application's send window, like `File`.
+    Direct {
+        data: Vec<u8>,
+        off: usize,
+    },
     /// Bytes of a sealed file segment, sent straight from the shared mapping. They do not
     /// count against the send window (nothing is buffered for them) and earn no `Sent` credit.
     File {
@@ -113,7 +121,7 @@ enum Chunk {
 impl Chunk {
     fn remaining(&self) -> usize {
         match self {
-            Chunk::Inline { data, off } => data.len() - off,
+            Chunk::Inline { data, off } | Chunk::Direct { data, off } => data.len() - off,
             Chunk::Buf { rx, off } => rx.len() - off,
             Chunk::File { off, end, .. } => end - off,
         }
@@ -122,14 +130,16 @@ impl Chunk {
     /// The unsent bytes, as the kernel will read them.
     fn span(&self) -> (*const u8, usize) {
         match self {
-            Chunk::Inline { data, off } => (data[*off..].as_ptr(), data.len() - off),
+            Chunk::Inline { data, off } | Chunk::Direct { data, off } => {
+                (data[*off..].as_ptr(), data.len() - off)
+            }
             Chunk::Buf { rx, off } => (rx.as_ptr().wrapping_add(*off), rx.len() - off),
             Chunk::File { seg, off, end } => (seg.bytes()[*off..*end].as_ptr(), end - off),
         }
     }
 
     fn counts_against_window(&self) -> bool {
-        !matches!(self, Chunk::File { .. })
+        !matches!(self, Chunk::File { .. } | Chunk::Direct { .. })
     }
 }
 
@@ -179,6 +189,8 @@ struct Conn {
     inflight_chunks: usize,
     /// The iovecs of a gathered send in flight, boxed so they stay put while the kernel reads.
     gather: Option<Box<Gather>>,
+    /// Answered by the server itself (see `direct`) until the first request it cannot answer.
+    direct: Option<Box<crate::direct::Direct>>,
 }
 
 /// Chunks gathered into one `sendmsg`.
@@ -191,6 +203,8 @@ struct Gather {
 
 struct ListenSock {
     addr: SocketAddr,
+    /// A direct-path route installed by `ServeFiles` (index into `Worker::routes`, serial).
+    route: Option<(u32, u64)>,
     flags: u32,
     accepting: bool,
     park: bool,
@@ -235,6 +249,14 @@ pub(crate) struct Worker {
     accept_retry: Vec<u32>,
     /// Connections given bytes this pass, whose send starts once all requests are read.
     send_wanted: Vec<u32>,
+    /// Direct-path routes of this worker's listeners.
+    routes: Vec<Option<crate::direct::Route>>,
+    /// The start of the current pass: a coarse clock for activity stamps.
+    now: Instant,
+    route_serial: u64,
+    next_direct_sweep: Instant,
+    /// Requests answered by the direct path (shown by `splitos status`).
+    direct_responses: u64,
     /// Emptied send buffers kept for reuse, so small sends do not allocate.
     spare: Vec<Vec<u8>>,
     next_housekeeping: Instant,
@@ -282,6 +304,11 @@ impl Worker {
             starved: Vec::new(),
             accept_retry: Vec::new(),
             send_wanted: Vec::new(),
+            routes: Vec::new(),
+            now: Instant::now(),
+            route_serial: 0,
+            direct_responses: 0,
+            next_direct_sweep: Instant::now(),
             spare: Vec::new(),
             next_housekeeping: Instant::now(),
             busy: Duration::ZERO,
@@ -294,6 +321,7 @@ impl Worker {
         let mut idle_since: Option<Instant> = None;
         while !self.shared.shutdown.load(Ordering::Acquire) {
             let pass_start = Instant::now();
+            self.now = pass_start;
             if !self.wake_armed {
                 let tag = Tag {
                     op: Op::Wake,
@@ -313,13 +341,10 @@ impl Worker {
             for si in 0..self.sessions.len() as u32 {
                 work += self.serve_requests(si);
             }
-            for slot in std::mem::take(&mut self.send_wanted) {
-                if let Some(c) = self.conn_mut(slot) {
-                    c.send_wanted = false;
-                }
-                self.start_send(slot);
-            }
+            self.start_wanted_sends();
             work += self.reap();
+            // Direct-path responses produced while reaping receives.
+            self.start_wanted_sends();
             self.refill_and_rearm();
             for si in 0..self.sessions.len() as u32 {
                 self.flush_outbox(si);
@@ -394,6 +419,10 @@ impl Worker {
         for slot in std::mem::take(&mut self.accept_retry) {
             self.arm_accept(slot);
         }
+        if self.routes.iter().any(|r| r.is_some()) && now >= self.next_direct_sweep {
+            self.next_direct_sweep = now + Duration::from_secs(1);
+            self.sweep_direct(now);
+        }
         // Dead applications' lingering connections get a bounded time to flush.
         let mut overdue = Vec::new();
         for s in self.sessions.iter().flatten() {
@@ -426,7 +455,16 @@ impl Worker {
             bout += s.bytes_out;
         }
         if let Some(stats) = &self.shared.stats {
-            stats.update_worker(self.id, self.busy, n, conns, listeners, bin, bout);
+            stats.update_worker(
+                self.id,
+                self.busy,
+                n,
+                conns,
+                listeners,
+                bin,
+                bout,
+                self.direct_responses,
+            );
             for (si, s) in self.sessions.iter().enumerate() {
                 let slot = self.id * crate::stats::SESSIONS_PER_WORKER + si;
                 match s {
@@ -804,6 +842,13 @@ impl Worker {
             }
             Request::Pause { handle } => self.pause(si, handle),
             Request::Handoff { handle, data } => self.handoff(si, handle, data),
+            Request::ServeFiles {
+                req,
+                listener,
+                header_timeout_s,
+                idle_timeout_s,
+                socket,
+            } => self.serve_files(si, req, listener, header_timeout_s, idle_timeout_s, socket),
         }
     }
 
@@ -825,6 +870,12 @@ impl Worker {
             return;
         };
         c.paused = true;
+        // Bytes the direct path had not answered yet travel with the connection.
+        if let Some(d) = c.direct.take() {
+            let mut bytes = d.buf;
+            bytes.append(&mut c.held);
+            c.held = bytes;
+        }
         self.emit(si, Event::Paused { handle });
     }
 
@@ -866,6 +917,206 @@ impl Worker {
             return;
         }
         self.begin_close(slot, false);
+    }
+
+    /// Installs a direct-path route on a listener (see `direct`): this worker connects to the
+    /// file server at `socket`, which must belong to the application's user (so an
+    /// application cannot make the server talk to someone else's service).
+    fn serve_files(
+        &mut self,
+        si: u32,
+        req: u32,
+        listener: Handle,
+        header_timeout_s: u32,
+        idle_timeout_s: u32,
+        socket: &[u8],
+    ) {
+        let fail = |w: &mut Worker, errno: Errno| {
+            w.emit(
+                si,
+                Event::Failed {
+                    req,
+                    errno: errno.raw_os_error(),
+                },
+            )
+        };
+        let Some(slot) = self.owned(si, listener) else {
+            return fail(self, Errno::BADF);
+        };
+        if !matches!(
+            self.sockets[slot as usize].sock.as_ref().map(|s| &s.kind),
+            Some(Kind::Listener(_))
+        ) {
+            return fail(self, Errno::NOTSOCK);
+        }
+        let Some(uid) = self.live_session(si).map(|s| s.peer.uid) else {
+            return;
+        };
+        use std::os::unix::ffi::OsStrExt;
+        let path = std::path::Path::new(std::ffi::OsStr::from_bytes(socket));
+        let owner = match rustix::fs::stat(path) {
+            Ok(st) => st.st_uid,
+            Err(e) => return fail(self, e),
+        };
+        if owner != uid && owner != rustix::process::geteuid().as_raw() {
+            tracing::warn!(session = si, path = %path.display(), "ServeFiles refused: the socket belongs to another user");
+            return fail(self, Errno::ACCESS);
+        }
+        let files = match FileClient::connect(path) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(session = si, path = %path.display(), "ServeFiles: cannot reach the file server: {e}");
+                return fail(self, Errno::CONNREFUSED);
+            }
+        };
+        self.route_serial += 1;
+        let route = crate::direct::Route {
+            serial: self.route_serial,
+            files,
+            header_timeout: Duration::from_secs(header_timeout_s.max(1) as u64),
+            idle_timeout: Duration::from_secs(idle_timeout_s.max(1) as u64),
+        };
+        let idx = match self.routes.iter().position(|r| r.is_none()) {
+            Some(i) => {
+                self.routes[i] = Some(route);
+                i
+            }
+            None => {
+                self.routes.push(Some(route));
+                self.routes.len() - 1
+            }
+        } as u32;
+        if let Some(Socket {
+            kind: Kind::Listener(l),
+            ..
+        }) = self.sockets[slot as usize].sock.as_mut()
+        {
+            if let Some((old, _)) = l.route.replace((idx, self.route_serial)) {
+                self.routes[old as usize] = None;
+            }
+        }
+        tracing::info!(session = si, path = %path.display(), "direct path installed");
+        self.emit(
+            si,
+            Event::Done {
+                req,
+                handle: listener,
+                local: NO_ADDR,
+                peer: NO_ADDR,
+            },
+        );
+    }
+
+    /// Runs the direct path on a connection's buffered bytes (see `direct::serve`).
+    fn serve_direct(&mut self, slot: u32) {
+        let Some(sock) = self.sockets[slot as usize].sock.as_mut() else {
+            return;
+        };
+        let si = sock.session;
+        let Kind::Conn(c) = &mut sock.kind else {
+            return;
+        };
+        let Some(d) = c.direct.as_mut() else {
+            return;
+        };
+        let serial = d.serial;
+        let Some(route) = self
+            .routes
+            .get_mut(d.route as usize)
+            .and_then(|r| r.as_mut())
+            .filter(|r| r.serial == serial)
+        else {
+            // The route went with its listener: the application answers from now on.
+            let data = std::mem::take(&mut d.buf);
+            c.direct = None;
+            self.defer(slot, si, data);
+            return;
+        };
+        let sendq = &mut c.sendq;
+        let answered = &mut self.direct_responses;
+        let outcome = crate::direct::serve(route, d, sendq.len(), answered, |part| match part {
+            Part::Bytes(data) => sendq.push_back(Chunk::Direct { data, off: 0 }),
+            Part::File(view, off, len) => {
+                for (seg, within, n) in view.pieces(off, len).unwrap_or_default() {
+                    sendq.push_back(Chunk::File {
+                        seg,
+                        off: within as usize,
+                        end: (within + n) as usize,
+                    });
+                }
+            }
+        });
+        match outcome {
+            crate::direct::Outcome::More | crate::direct::Outcome::Blocked => {}
+            crate::direct::Outcome::Close => {
+                c.linger = true;
+                c.direct = None;
+                self.want_send(slot);
+                self.begin_close(slot, false);
+                return;
+            }
+            crate::direct::Outcome::Defer(data) => {
+                c.direct = None;
+                self.defer(slot, si, data);
+            }
+        }
+        self.want_send(slot);
+    }
+
+    /// Applies the routes' timeouts to direct connections: 408 for a head that does not
+    /// complete, close for a connection idle (nothing received, nothing to send) too long.
+    fn sweep_direct(&mut self, now: Instant) {
+        let mut expired = Vec::new();
+        for (slot, ss) in self.sockets.iter().enumerate() {
+            let Some(Socket {
+                kind: Kind::Conn(c),
+                closing: false,
+                ..
+            }) = &ss.sock
+            else {
+                continue;
+            };
+            let Some(d) = &c.direct else { continue };
+            let Some(r) = self.routes.get(d.route as usize).and_then(|r| r.as_ref()) else {
+                continue;
+            };
+            let quiet = now.saturating_duration_since(d.last_active);
+            if !d.buf.is_empty() && quiet > r.header_timeout {
+                expired.push((slot as u32, true));
+            } else if d.buf.is_empty()
+                && quiet > r.idle_timeout
+                && c.sendq.is_empty()
+                && !c.send_inflight
+            {
+                expired.push((slot as u32, false));
+            }
+        }
+        for (slot, late_head) in expired {
+            if let Some(c) = self.conn_mut(slot) {
+                if late_head {
+                    c.sendq.push_back(Chunk::Direct {
+                        data: crate::direct::timeout_response(),
+                        off: 0,
+                    });
+                }
+                c.direct = None;
+                c.linger = true;
+            }
+            self.want_send(slot);
+            self.begin_close(slot, false);
+        }
+    }
+
+    /// Turns a direct connection over to its application, starting with `data`.
+    fn defer(&mut self, slot: u32, si: u32, data: Vec<u8>) {
+        let handle = self.handle(slot);
+        if let Some(c) = self.conn_mut(slot) {
+            c.unacked += data.len() as u64;
+            c.delivered += data.len() as u64;
+        }
+        for part in data.chunks(INLINE_DATA_MAX) {
+            self.emit(si, Event::Data { handle, data: part });
+        }
     }
 
     /// Adopts connections other instances handed off, for every live persistent listener here.
@@ -1078,6 +1329,7 @@ impl Worker {
                 flags,
                 accepting: false,
                 park: false,
+                route: None,
                 orphans: Vec::new(),
             }),
         );
@@ -1326,6 +1578,15 @@ impl Worker {
         self.want_send(slot);
     }
 
+    fn start_wanted_sends(&mut self) {
+        for slot in std::mem::take(&mut self.send_wanted) {
+            if let Some(c) = self.conn_mut(slot) {
+                c.send_wanted = false;
+            }
+            self.start_send(slot);
+        }
+    }
+
     /// Defers the send of a connection that got bytes to the end of the pass, so that a head
     /// and the body requested right after it leave in one gathered send.
     fn want_send(&mut self, slot: u32) {
@@ -1447,9 +1708,10 @@ impl Worker {
                 credited += take as u64;
             }
             match front {
-                Chunk::Inline { off, .. } | Chunk::Buf { off, .. } | Chunk::File { off, .. } => {
-                    *off += take
-                }
+                Chunk::Inline { off, .. }
+                | Chunk::Direct { off, .. }
+                | Chunk::Buf { off, .. }
+                | Chunk::File { off, .. } => *off += take,
             }
             n -= take;
             if front.remaining() == 0 {
@@ -1467,8 +1729,20 @@ impl Worker {
         } else {
             None
         };
+        let queued = c.sendq.len();
+        let unblock = match c.direct.as_mut() {
+            Some(d) if d.blocked && queued < crate::direct::SENDQ_LIMIT / 2 => {
+                d.blocked = false;
+                true
+            }
+            _ => false,
+        };
         if let Some(s) = self.session(si) {
             s.bytes_out += sent;
+        }
+        if unblock && !closing {
+            self.serve_direct(slot);
+            self.maybe_arm_recv(slot);
         }
         if let (false, Some(bytes)) = (closing, report) {
             let handle = self.handle(slot);
@@ -1511,6 +1785,7 @@ impl Worker {
             || c.eof
             || c.failed
             || c.unacked >= RECV_WINDOW as u64 / 2
+            || c.direct.as_ref().is_some_and(|d| d.blocked)
         {
             return;
         }
@@ -1582,6 +1857,29 @@ impl Worker {
                 self.try_finish_close(slot);
             }
             return;
+        }
+        if res > 0 && !closing {
+            if let Some(d) = c.direct.as_mut() {
+                let n = res as usize;
+                if let Some(b) = &buf {
+                    let at = d.buf.len();
+                    d.buf.resize(at + n, 0);
+                    b.read_at(0, &mut d.buf[at..]);
+                }
+                d.last_active = self.now;
+                if let Some(b) = buf {
+                    self.provide(si, b);
+                }
+                if let Some(s) = self.session(si) {
+                    s.bytes_in += n as u64;
+                }
+                self.serve_direct(slot);
+                if !cqe.more {
+                    self.maybe_arm_recv(slot);
+                    self.try_finish_close(slot);
+                }
+                return;
+            }
         }
         let handle = Handle::new(slot, self.sockets[slot as usize].generation);
         if res > 0 && !closing {
@@ -1718,13 +2016,16 @@ impl Worker {
 
     fn accepted(&mut self, si: u32, listener: u32, fd: OwnedFd) -> Option<u32> {
         let max = self.shared.config.max_conns_per_session;
-        let origin = match self.sockets[listener as usize]
+        let (origin, route) = match self.sockets[listener as usize]
             .sock
             .as_ref()
             .map(|s| &s.kind)
         {
-            Some(Kind::Listener(l)) if l.flags & listen_flags::PERSISTENT != 0 => Some(l.addr),
-            _ => None,
+            Some(Kind::Listener(l)) => (
+                (l.flags & listen_flags::PERSISTENT != 0).then_some(l.addr),
+                l.route,
+            ),
+            _ => (None, None),
         };
         let s = self.live_session(si)?;
         if s.conns >= max {
@@ -1740,6 +2041,15 @@ impl Worker {
         let peer = peer_addr(&fd);
         let mut conn = Box::new(new_conn());
         conn.origin = origin;
+        conn.direct = route.map(|(route, serial)| {
+            Box::new(crate::direct::Direct {
+                route,
+                serial,
+                buf: Vec::new(),
+                last_active: self.now,
+                blocked: false,
+            })
+        });
         let slot = self.alloc_socket(si, fd, Kind::Conn(conn));
         let conn = self.handle(slot);
         let listener = self.handle(listener);
@@ -1921,6 +2231,9 @@ impl Worker {
                 self.shared.wake_all();
             }
         } else if let Kind::Listener(l) = sock.kind {
+            if let Some((r, _)) = l.route {
+                self.routes[r as usize] = None;
+            }
             if l.park {
                 self.shared.registry.park(
                     l.addr,
@@ -2193,6 +2506,7 @@ fn new_conn() -> Conn {
         linger: false,
         inflight_chunks: 0,
         gather: None,
+        direct: None,
     }
 }
 

@@ -239,32 +239,47 @@ fn run_inner(opts: &Options, r: &mut Report) -> Result<(), String> {
         std::fs::write(root.join(format!("{name}.bin")), body).map_err(|e| e.to_string())?;
     }
     let threads = 1;
-    let secs = if opts.quick { 3 } else { 10 };
-    for (server, name) in [("splitos", "splitos"), ("nginx", "nginx")] {
-        let (p, port) = if server == "nginx" {
-            start_nginx(&nginx, &root, &tmp, threads)?
-        } else {
-            start_splitos(&splitos, &root, threads)?
-        };
-        for (size, _) in FILES {
-            let path = format!("{size}.bin");
+    // Both servers run side by side and take turns, round by round, so that drift in the
+    // machine's speed (frequency, neighbours) over the run falls on both alike.
+    let (rounds, secs) = if opts.quick { (2, 2) } else { (4, 5) };
+    let (splitos_proc, splitos_port) = start_splitos(&splitos, &root, threads)?;
+    let (nginx_proc, nginx_port) = start_nginx(&nginx, &root, &tmp, threads)?;
+    let servers = [
+        ("splitos", splitos_proc.0.id(), splitos_port),
+        ("nginx", nginx_proc.0.id(), nginx_port),
+    ];
+    for (size, _) in FILES {
+        let path = format!("{size}.bin");
+        let mut totals = [(0.0f64, 0.0f64, 0.0f64); 2]; // requests, CPU seconds, p99 sum
+        for (_, _, port) in servers {
             wrk(&wrk_bin, port, &path, 1)?; // warm caches
-            let c0 = cpu_tree(p.0.id());
-            let (rps, p99) = wrk(&wrk_bin, port, &path, secs)?;
-            let cpu = (cpu_tree(p.0.id()) - c0).max(1e-9);
-            let label = format!("{name}_{size}");
-            r.add(&label, "req_per_s", rps);
-            r.add(&label, "req_per_cpu_s", rps * secs as f64 / cpu);
-            r.add(&label, "p99_us", p99);
-            eprintln!(
-                "http: {label}: {rps:.0} req/s, {:.0} req/CPU-s, p99 {p99:.0} µs",
-                rps * secs as f64 / cpu
-            );
         }
-        drop(p);
+        for _ in 0..rounds {
+            for (i, (_, pid, port)) in servers.iter().enumerate() {
+                let c0 = cpu_tree(*pid);
+                let (rps, p99) = wrk(&wrk_bin, *port, &path, secs)?;
+                totals[i].0 += rps * secs as f64;
+                totals[i].1 += cpu_tree(*pid) - c0;
+                totals[i].2 += p99;
+            }
+        }
+        for (i, (name, _, _)) in servers.iter().enumerate() {
+            let (reqs, cpu, p99s) = totals[i];
+            let label = format!("{name}_{size}");
+            let rps = reqs / (rounds * secs) as f64;
+            let per_cpu = reqs / cpu.max(1e-9);
+            let p99 = p99s / rounds as f64;
+            r.add(&label, "req_per_s", rps);
+            r.add(&label, "req_per_cpu_s", per_cpu);
+            r.add(&label, "p99_us", p99);
+            eprintln!("http: {label}: {rps:.0} req/s, {per_cpu:.0} req/CPU-s, p99 {p99:.0} µs");
+        }
     }
+    drop(splitos_proc);
+    drop(nginx_proc);
     r.note(format!(
-        "wrk -t1 -c50 keep-alive, {secs} s per size; nginx {threads} worker (sendfile, tcp_nopush, open_file_cache, no access log); splitos serve with {threads} TCP server thread"
+        "wrk -t1 -c50 keep-alive; per size {rounds} alternating rounds of {secs} s per server (p99: mean of rounds); \
+         nginx {threads} worker (sendfile, tcp_nopush, open_file_cache, no access log); splitos serve with {threads} TCP server thread"
     ));
     let _ = std::fs::remove_dir_all(&tmp);
     Ok(())

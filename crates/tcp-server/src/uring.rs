@@ -23,6 +23,8 @@ pub enum Op {
     Cancel = 5,
     SessionPoll = 6,
     Wake = 7,
+    /// Waiting for a full socket to take more bytes before a synchronous send resumes.
+    SendPoll = 8,
 }
 
 /// `user_data` layout: op (8 bits) | session slot (24 bits) | socket slot (32 bits).
@@ -47,6 +49,7 @@ impl Tag {
             5 => Op::Cancel,
             6 => Op::SessionPoll,
             7 => Op::Wake,
+            8 => Op::SendPoll,
             _ => return None,
         };
         Some(Tag {
@@ -100,7 +103,12 @@ impl Ring {
 
     pub fn accept_multi(&mut self, fd: BorrowedFd<'_>, tag: Tag) -> io::Result<()> {
         let e = opcode::AcceptMulti::new(types::Fd(fd.as_raw_fd()))
-            .flags(rustix::net::SocketFlags::CLOEXEC.bits() as i32)
+            // Non-blocking, so the worker may also send on it synchronously (see
+            // `Worker::send_now`) without ever sleeping in the kernel.
+            .flags(
+                (rustix::net::SocketFlags::CLOEXEC | rustix::net::SocketFlags::NONBLOCK).bits()
+                    as i32,
+            )
             .build()
             .user_data(tag.encode());
         self.push(e)
@@ -294,7 +302,14 @@ mod tests {
 
     #[test]
     fn tags_round_trip() {
-        for op in [Op::Accept, Op::Recv, Op::Send, Op::Cancel, Op::Wake] {
+        for op in [
+            Op::Accept,
+            Op::Recv,
+            Op::Send,
+            Op::Cancel,
+            Op::Wake,
+            Op::SendPoll,
+        ] {
             let t = Tag {
                 op,
                 session: 0xab_cdef,

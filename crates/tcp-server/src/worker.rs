@@ -160,6 +160,8 @@ struct Conn {
     /// Bytes accepted from the application and not yet confirmed with `Sent`.
     unsent: u64,
     send_inflight: bool,
+    /// The send in flight is a wait for the socket to drain (`Op::SendPoll`).
+    send_polling: bool,
     recv: Recv,
     /// Bytes delivered to the application and not yet acknowledged with `Consumed`.
     unacked: u64,
@@ -195,6 +197,37 @@ struct Conn {
 
 /// Chunks gathered into one `sendmsg`.
 const MAX_IOV: usize = 8;
+
+/// File ranges at least this long go out by `sendfile` (by page reference) rather than by a
+/// send that copies them; below it the copy is cheaper than the extra system call.
+const SENDFILE_MIN: usize = 8 * 1024;
+
+/// Synchronous sends one connection may make in a row before others get their turn.
+const SEND_NOW_ROUNDS: usize = 16;
+
+/// What [`Worker::send_now`] did.
+enum SendNow {
+    /// No large file range near the front: use the ring.
+    NotApplicable,
+    Sent(usize),
+    /// The socket takes nothing more now.
+    Full,
+    Failed(i32),
+}
+
+/// Points `iov` at the unsent bytes of `chunks`; returns how many entries it filled.
+fn fill_iov<'a>(iov: &mut [libc::iovec], chunks: impl Iterator<Item = &'a Chunk>) -> usize {
+    let mut n = 0;
+    for (slot, chunk) in iov.iter_mut().zip(chunks) {
+        let (ptr, len) = chunk.span();
+        *slot = libc::iovec {
+            iov_base: ptr as *mut libc::c_void,
+            iov_len: len,
+        };
+        n += 1;
+    }
+    n
+}
 
 struct Gather {
     iov: [libc::iovec; MAX_IOV],
@@ -1599,6 +1632,22 @@ impl Worker {
     }
 
     fn start_send(&mut self, slot: u32) {
+        // Large file ranges go out synchronously by `sendfile` (see `send_now`) while the
+        // socket takes them; everything else, and whatever is left, through the ring.
+        for _ in 0..SEND_NOW_ROUNDS {
+            match self.send_now(slot) {
+                SendNow::NotApplicable => break,
+                SendNow::Sent(n) => self.advance_sent(slot, n),
+                SendNow::Full => {
+                    self.poll_send(slot);
+                    return;
+                }
+                SendNow::Failed(errno) => {
+                    self.send_failed(slot, errno);
+                    return;
+                }
+            }
+        }
         let Some(sock) = self.sockets[slot as usize].sock.as_mut() else {
             return;
         };
@@ -1614,6 +1663,12 @@ impl Worker {
             self.try_finish_close(slot);
             return;
         };
+        if matches!(front, Chunk::File { off, end, .. } if end - off >= SENDFILE_MIN) {
+            // `SEND_NOW_ROUNDS` ran out with the socket still taking bytes: go on next pass
+            // rather than copy a file range through the ring.
+            self.want_send(slot);
+            return;
+        }
         let tag = Tag {
             op: Op::Send,
             session: si,
@@ -1640,15 +1695,7 @@ impl Worker {
                     msg: unsafe { std::mem::zeroed() },
                 })
             });
-            let mut n = 0;
-            for chunk in c.sendq.iter().take(MAX_IOV) {
-                let (ptr, len) = chunk.span();
-                g.iov[n] = libc::iovec {
-                    iov_base: ptr as *mut libc::c_void,
-                    iov_len: len,
-                };
-                n += 1;
-            }
+            let n = fill_iov(&mut g.iov, c.sendq.iter().take(chunks));
             g.msg.msg_iov = g.iov.as_mut_ptr();
             g.msg.msg_iovlen = n;
             // SAFETY: as for a single send, for every chunk named; the iovecs and header live
@@ -1666,7 +1713,112 @@ impl Worker {
         }
     }
 
+    /// Sends the front of the queue synchronously when a large file range is at or near the
+    /// front: `sendfile` hands the segment's pages to the socket by reference, where a send
+    /// from the mapping would copy them (the copy was 16% of the server's CPU serving 16 KiB
+    /// files). The bytes before the range (a response head) go first with `MSG_MORE`, so head
+    /// and body still share segments. Sockets are non-blocking: a full socket answers `Full`
+    /// and never sleeps.
+    fn send_now(&mut self, slot: u32) -> SendNow {
+        let Some(sock) = self.sockets[slot as usize].sock.as_ref() else {
+            return SendNow::NotApplicable;
+        };
+        let Kind::Conn(c) = &sock.kind else {
+            return SendNow::NotApplicable;
+        };
+        if c.send_inflight || c.failed {
+            return SendNow::NotApplicable;
+        }
+        let Some(pos) =
+            c.sendq.iter().take(MAX_IOV).position(
+                |ch| matches!(ch, Chunk::File { off, end, .. } if end - off >= SENDFILE_MIN),
+            )
+        else {
+            return SendNow::NotApplicable;
+        };
+        let r = if pos == 0 {
+            let Some(Chunk::File { seg, off, end }) = c.sendq.front() else {
+                return SendNow::NotApplicable;
+            };
+            let mut at = *off as u64;
+            rustix::fs::sendfile(&sock.fd, seg.fd(), Some(&mut at), end - off)
+        } else {
+            let mut iov = [libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            }; MAX_IOV];
+            let n = fill_iov(&mut iov, c.sendq.iter().take(pos));
+            // SAFETY: msghdr is plain old data; all-zero is its empty value.
+            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+            msg.msg_iov = iov.as_mut_ptr();
+            msg.msg_iovlen = n;
+            // SAFETY: the iovecs name the unsent bytes of chunks this connection's queue
+            // owns; nothing changes them during this call, which reads them and returns.
+            let r = unsafe {
+                libc::sendmsg(
+                    std::os::fd::AsRawFd::as_raw_fd(&sock.fd),
+                    &msg,
+                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL | libc::MSG_MORE,
+                )
+            };
+            if r < 0 {
+                Err(Errno::from_io_error(&std::io::Error::last_os_error()).unwrap_or(Errno::IO))
+            } else {
+                Ok(r as usize)
+            }
+        };
+        match r {
+            Ok(0) | Err(Errno::AGAIN) => SendNow::Full,
+            Ok(n) => SendNow::Sent(n),
+            Err(Errno::INTR) => SendNow::Sent(0),
+            Err(e) => SendNow::Failed(e.raw_os_error()),
+        }
+    }
+
+    /// Waits (in the ring) for a full socket to take bytes again; the wait counts as the
+    /// connection's send in flight, so closing and cancelling treat it as one.
+    fn poll_send(&mut self, slot: u32) {
+        let Some(sock) = self.sockets[slot as usize].sock.as_mut() else {
+            return;
+        };
+        let tag = Tag {
+            op: Op::SendPoll,
+            session: sock.session,
+            socket: slot,
+        };
+        let Kind::Conn(c) = &mut sock.kind else {
+            return;
+        };
+        match self.ring.poll_writable(sock.fd.as_fd(), tag) {
+            Ok(()) => {
+                c.send_inflight = true;
+                c.send_polling = true;
+                c.inflight_chunks = 0;
+                sock.inflight += 1;
+            }
+            Err(e) => tracing::error!("cannot queue a poll: {e}"),
+        }
+    }
+
     fn sent(&mut self, slot: u32, res: i32) {
+        let Some(sock) = self.sockets[slot as usize].sock.as_mut() else {
+            return;
+        };
+        let Kind::Conn(c) = &mut sock.kind else {
+            return;
+        };
+        c.send_inflight = false;
+        c.send_polling = false;
+        c.inflight_chunks = 0;
+        if res < 0 {
+            self.send_failed(slot, -res);
+            return;
+        }
+        self.advance_sent(slot, res as usize);
+        self.start_send(slot);
+    }
+
+    fn send_failed(&mut self, slot: u32, errno: i32) {
         let Some(sock) = self.sockets[slot as usize].sock.as_mut() else {
             return;
         };
@@ -1675,27 +1827,29 @@ impl Worker {
         let Kind::Conn(c) = &mut sock.kind else {
             return;
         };
-        c.send_inflight = false;
-        c.inflight_chunks = 0;
-        if res < 0 {
-            tracing::debug!(errno = -res, "send failed");
-            c.failed = true;
-            c.sendq.clear();
-            c.unsent = 0;
-            if !closing {
-                let handle = self.handle(slot);
-                self.emit(
-                    si,
-                    Event::Error {
-                        handle,
-                        errno: -res,
-                    },
-                );
-            }
-            self.try_finish_close(slot);
-            return;
+        tracing::debug!(errno, "send failed");
+        c.failed = true;
+        c.sendq.clear();
+        c.unsent = 0;
+        if !closing {
+            let handle = self.handle(slot);
+            self.emit(si, Event::Error { handle, errno });
         }
-        let mut n = res as usize;
+        self.try_finish_close(slot);
+    }
+
+    /// Retires `n` sent bytes from the front of the queue, returning send credit and
+    /// resuming a direct connection the full queue had stopped.
+    fn advance_sent(&mut self, slot: u32, n: usize) {
+        let Some(sock) = self.sockets[slot as usize].sock.as_mut() else {
+            return;
+        };
+        let si = sock.session;
+        let closing = sock.closing;
+        let Kind::Conn(c) = &mut sock.kind else {
+            return;
+        };
+        let mut n = n;
         let sent = n as u64;
         // Only window-counted bytes (inline and buffers) come back as credit.
         let mut credited = 0u64;
@@ -1754,7 +1908,6 @@ impl Worker {
                 },
             );
         }
-        self.start_send(slot);
     }
 
     fn try_shutdown(&mut self, slot: u32) {
@@ -2171,7 +2324,11 @@ impl Worker {
                 }
                 if !c.sendq.is_empty() || c.send_inflight {
                     if abort && c.send_inflight {
-                        cancel = Some(Op::Send);
+                        cancel = Some(if c.send_polling {
+                            Op::SendPoll
+                        } else {
+                            Op::Send
+                        });
                     } else {
                         return; // flushing
                     }
@@ -2278,6 +2435,17 @@ impl Worker {
                         sock.inflight -= 1;
                     }
                     self.sent(tag.socket, cqe.result);
+                }
+                Op::SendPoll => {
+                    if let Some(sock) = self
+                        .sockets
+                        .get_mut(tag.socket as usize)
+                        .and_then(|s| s.sock.as_mut())
+                    {
+                        sock.inflight -= 1;
+                    }
+                    // Readiness sent nothing; an error (a cancel) fails the connection.
+                    self.sent(tag.socket, cqe.result.min(0));
                 }
                 Op::ConnectPoll => {
                     if let Some(sock) = self
@@ -2490,6 +2658,7 @@ fn new_conn() -> Conn {
         unreported: 0,
         unsent: 0,
         send_inflight: false,
+        send_polling: false,
         recv: Recv::Idle,
         unacked: 0,
         eof: false,

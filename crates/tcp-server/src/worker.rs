@@ -1810,6 +1810,12 @@ impl Worker {
         c.send_inflight = false;
         c.send_polling = false;
         c.inflight_chunks = 0;
+        if res == -Errno::AGAIN.raw_os_error() {
+            // The socket is non-blocking (for `send_now`), and the ring may then give up on a
+            // full socket instead of waiting: nothing was sent, so wait and try again.
+            self.poll_send(slot);
+            return;
+        }
         if res < 0 {
             self.send_failed(slot, -res);
             return;
@@ -1999,7 +2005,8 @@ impl Worker {
                 c.eof = true;
             } else if res == -Errno::NOBUFS.raw_os_error() {
                 self.starved.push(slot);
-            } else if res != -Errno::CANCELED.raw_os_error() {
+            } else if res != -Errno::CANCELED.raw_os_error() && res != -Errno::AGAIN.raw_os_error()
+            {
                 c.failed = true;
             }
             if let Some(b) = buf {
@@ -2079,6 +2086,9 @@ impl Worker {
                 self.emit(si, Event::Eof { handle });
             } else if res == -Errno::NOBUFS.raw_os_error() {
                 self.starved.push(slot);
+            } else if res == -Errno::AGAIN.raw_os_error() {
+                // Nothing to read on the non-blocking socket after all: re-armed below.
+                tracing::trace!("receive gave EAGAIN");
             } else if res < 0 && res != -Errno::CANCELED.raw_os_error() && !closing {
                 if let Some(c) = self.conn_mut(slot) {
                     c.failed = true;

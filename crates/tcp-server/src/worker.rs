@@ -389,7 +389,9 @@ impl Worker {
             if pass_start >= self.next_housekeeping {
                 self.housekeeping(pass_start);
             }
-            if work > 0 {
+            // Sends left for the next pass (a connection that used up its synchronous rounds)
+            // are work: sleeping on them would stall a socket that can take more.
+            if work > 0 || !self.send_wanted.is_empty() {
                 self.busy += pass_start.elapsed();
                 idle_since = None;
                 continue;

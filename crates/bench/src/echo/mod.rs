@@ -118,35 +118,60 @@ fn spawn_split(
     Ok((tcp, app, addr))
 }
 
-fn run_case(
+/// A server under test, started once and driven in several rounds.
+struct Running {
+    name: &'static str,
+    /// Applications after the server they use: dropped in reverse, so none sees its server
+    /// vanish.
+    procs: Vec<ServerProc>,
+    addr: SocketAddr,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        while let Some(p) = self.procs.pop() {
+            drop(p);
+        }
+    }
+}
+
+fn start_case(
     name: &'static str,
     opts: &Options,
     tmp: &std::path::Path,
-) -> Result<CaseResult, String> {
-    let mut procs = Vec::new();
-    let addr: SocketAddr = if name == "split" {
+) -> Result<Running, String> {
+    if name == "split" {
         let (tcp, app, addr) = spawn_split(opts, &tmp.join("tcp.sock"))?;
-        procs.push(tcp);
-        procs.push(app);
-        addr
-    } else {
-        let (p, mut out) = spawn(&["echo-server", "--kind", name])?;
-        procs.push(p);
-        wait_line(&mut out, "LISTENING")?
-            .parse()
-            .map_err(|e| format!("bad address: {e}"))?
-    };
+        return Ok(Running {
+            name,
+            procs: vec![tcp, app],
+            addr,
+        });
+    }
+    let (p, mut out) = spawn(&["echo-server", "--kind", name])?;
+    let addr = wait_line(&mut out, "LISTENING")?
+        .parse()
+        .map_err(|e| format!("bad address: {e}"))?;
+    Ok(Running {
+        name,
+        procs: vec![p],
+        addr,
+    })
+}
+
+/// One round against one server: (requests, elapsed s, p50 µs, p99 µs, server CPU s).
+fn drive(r: &Running, opts: &Options) -> Result<(f64, f64, f64, f64, f64), String> {
     let (warmup, duration) = if opts.quick {
-        (Duration::from_millis(500), Duration::from_secs(2))
+        (Duration::from_millis(300), Duration::from_millis(1200))
     } else {
-        (Duration::from_secs(1), Duration::from_secs(8))
+        (Duration::from_millis(500), Duration::from_secs(4))
     };
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let client = Command::new(exe)
         .args([
             "echo-client",
             "--addr",
-            &addr.to_string(),
+            &r.addr.to_string(),
             "--conns",
             &opts.conns.to_string(),
             "--warmup-ms",
@@ -158,7 +183,7 @@ fn run_case(
         .spawn()
         .map_err(|e| format!("spawning the client: {e}"))?;
     std::thread::sleep(warmup);
-    let pids: Vec<u32> = procs.iter().map(|p| p.child.id()).collect();
+    let pids: Vec<u32> = r.procs.iter().map(|p| p.child.id()).collect();
     let cpu0: f64 = pids
         .iter()
         .map(|&p| cpu_seconds(p))
@@ -184,19 +209,7 @@ fn run_case(
     let [requests, elapsed_s, p50, p99] = v[..] else {
         return Err(format!("malformed client result {line:?}"));
     };
-    let cpu = (cpu1 - cpu0).max(1e-9);
-    // Applications before the server they use, so none sees its server vanish.
-    while let Some(p) = procs.pop() {
-        drop(p);
-    }
-    Ok(CaseResult {
-        name,
-        req_per_s: requests / elapsed_s,
-        req_per_cpu_s: requests / cpu,
-        p50_us: p50,
-        p99_us: p99,
-        cpu_s: cpu,
-    })
+    Ok((requests, elapsed_s, p50, p99, (cpu1 - cpu0).max(1e-9)))
 }
 
 /// Resident memory of a process, from /proc.
@@ -251,25 +264,55 @@ pub fn idle_client_main(addr: SocketAddr, n: usize) -> Result<(), String> {
     Ok(())
 }
 
-/// Runs every case; a failed case is reported and skipped.
+/// Runs every case; a failed case is reported and skipped. All servers run side by side
+/// (idle ones sleep) and the client visits them in turn, round after round, so that drift in
+/// the machine's speed over the run (±15% over a minute here) falls on every case alike.
 pub fn run(opts: &Options) -> Vec<CaseResult> {
     let tmp = std::env::temp_dir().join(format!("splitos-bench-echo-{}", std::process::id()));
     let _ = std::fs::create_dir_all(&tmp);
-    let mut results = Vec::new();
+    let rounds = if opts.quick { 3 } else { 4 };
+    let mut running = Vec::new();
     for name in ["split", "epoll", "tokio", "io_uring"] {
-        eprint!("echo: {name} ... ");
-        let _ = std::io::stderr().flush();
-        match run_case(name, opts, &tmp) {
-            Ok(r) => {
-                eprintln!(
-                    "{:.0} req/s, {:.0} req/CPU-s, p99 {:.1} µs",
-                    r.req_per_s, r.req_per_cpu_s, r.p99_us
-                );
-                results.push(r);
-            }
-            Err(e) => eprintln!("FAILED: {e}"),
+        match start_case(name, opts, &tmp) {
+            Ok(r) => running.push((r, [0.0f64; 5], true)),
+            Err(e) => eprintln!("echo: {name}: FAILED to start: {e}"),
         }
     }
+    for round in 0..rounds {
+        for (r, acc, ok) in running.iter_mut().filter(|(_, _, ok)| *ok) {
+            match drive(r, opts) {
+                Ok(v) => {
+                    for (a, x) in acc.iter_mut().zip([v.0, v.1, v.2, v.3, v.4]) {
+                        *a += x;
+                    }
+                }
+                Err(e) => {
+                    eprintln!("echo: {} round {round}: FAILED: {e}", r.name);
+                    *ok = false;
+                }
+            }
+        }
+    }
+    let mut results = Vec::new();
+    for (r, [requests, elapsed, p50, p99, cpu], ok) in &running {
+        if !ok {
+            continue;
+        }
+        let c = CaseResult {
+            name: r.name,
+            req_per_s: requests / elapsed,
+            req_per_cpu_s: requests / cpu,
+            p50_us: p50 / rounds as f64,
+            p99_us: p99 / rounds as f64,
+            cpu_s: *cpu,
+        };
+        eprintln!(
+            "echo: {}: {:.0} req/s, {:.0} req/CPU-s, p99 {:.1} µs",
+            c.name, c.req_per_s, c.req_per_cpu_s, c.p99_us
+        );
+        results.push(c);
+    }
+    drop(running);
     let _ = std::fs::remove_dir_all(&tmp);
     results
 }
@@ -346,8 +389,8 @@ pub fn report(opts: &Options) -> crate::report::Report {
     r.target("req_per_cpu_s", "split", "epoll", 1.3, false);
     r.target("req_per_s", "split", "epoll", 1.0, false);
     r.note(format!(
-        "{} connections, 64-byte messages, client in its own process; Split-OS wait policy: {}; server CPU = utime+stime of the server processes (TCP server + application for split)",
-        opts.conns, opts.wait
+        "{} connections, 64-byte messages, client in its own process; all servers up at once, the client visits each in turn for {} rounds; Split-OS wait policy: {}; server CPU = utime+stime of the server processes (TCP server + application for split)",
+        opts.conns, if opts.quick { 3 } else { 4 }, opts.wait
     ));
     r
 }

@@ -138,6 +138,8 @@ enum Queued {
     Close,
     ShutdownWrite,
     Handoff(Vec<u8>),
+    /// Give the connection back to the direct path, having seen this many bytes of it.
+    ServeDirect(u64),
 }
 
 #[derive(Default)]
@@ -146,6 +148,8 @@ struct Conn {
     unconfirmed: u64,
     /// Delivered bytes not yet acknowledged to the server.
     unacked: u32,
+    /// Bytes ever delivered: the server honours a `ServeDirect` only if it delivered no more.
+    received: u64,
     queue: VecDeque<Queued>,
     queued_bytes: usize,
 }
@@ -362,6 +366,7 @@ impl Reactor {
                                 self.touched.push(conn);
                             }
                             c.unacked += (b - a) as u32;
+                            c.received += (b - a) as u64;
                         }
                     }
                     Raw::Closed(conn) => {
@@ -512,6 +517,19 @@ impl Reactor {
         self.flush()
     }
 
+    /// Gives `conn` back to the direct path of its listener (see [`Reactor::serve_files`]),
+    /// after everything queued on it: the TCP server answers its next requests itself again.
+    /// Call it only with nothing of the connection left unprocessed. If data arrived that this
+    /// reactor has not yet returned from `poll`, the server ignores the request and the data
+    /// arrives as usual, so a caller never loses bytes; it may simply try again later.
+    pub fn serve_direct(&mut self, conn: Handle) -> io::Result<()> {
+        let c = self.conn(conn)?;
+        let received = c.received;
+        c.queue.push_back(Queued::ServeDirect(received));
+        self.drain_queue(conn);
+        Ok(())
+    }
+
     /// Connections this reactor has open.
     pub fn connections(&self) -> usize {
         self.conns.len()
@@ -563,6 +581,10 @@ impl Reactor {
                         Queued::Handoff(data) => self.push(Request::Handoff {
                             handle: conn,
                             data: &data,
+                        }),
+                        Queued::ServeDirect(received) => self.push(Request::ServeDirect {
+                            handle: conn,
+                            received,
                         }),
                         Queued::Bytes(_) => {}
                     }

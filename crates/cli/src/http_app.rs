@@ -82,10 +82,19 @@ struct Conn {
     closing: bool,
     paused: bool,
     handed: bool,
-    /// Data has reached this application; before that, on a direct-path listener, the TCP
-    /// server answers the connection and applies its timeouts.
+    /// Data has reached this application since the connection was last on the direct path;
+    /// until then the TCP server answers it and applies its timeouts.
     seen_data: bool,
+    /// Times this connection was given back to the direct path, and the batches of requests
+    /// answered here since: each return waits for twice as many batches as the one before, so
+    /// a connection whose requests keep needing the application (a miss, a precompressed
+    /// sibling the cache does not know) soon stops bouncing.
+    returns: u32,
+    batches: u32,
 }
+
+/// Most doublings of the wait before a connection is given back to the direct path again.
+const MAX_RETURN_BACKOFF: u32 = 10;
 
 type Reply = Response<FileView>;
 
@@ -145,7 +154,7 @@ pub fn run(args: AppArgs, stop: Arc<AtomicBool>, drain: Arc<AtomicBool>) -> Resu
     };
     // Static files the cache holds are answered by the TCP server itself unless every request
     // must pass through here (the access log is written here).
-    let direct = !args.no_direct && args.access_log.is_none();
+    let mut direct = !args.no_direct && args.access_log.is_none();
     if direct {
         if let Err(e) = reactor.serve_files(
             listener,
@@ -154,6 +163,7 @@ pub fn run(args: AppArgs, stop: Arc<AtomicBool>, drain: Arc<AtomicBool>) -> Resu
             Duration::from_secs(args.idle_timeout),
         ) {
             tracing::warn!("the TCP server's direct path is off: {e}");
+            direct = false;
         }
     }
     println!("listening {local}");
@@ -235,6 +245,8 @@ pub fn run(args: AppArgs, stop: Arc<AtomicBool>, drain: Arc<AtomicBool>) -> Resu
                             paused,
                             handed: false,
                             seen_data: false,
+                            returns: 0,
+                            batches: 0,
                         },
                     );
                 }
@@ -256,6 +268,8 @@ pub fn run(args: AppArgs, stop: Arc<AtomicBool>, drain: Arc<AtomicBool>) -> Resu
                     c.buf.extend_from_slice(data);
                     if serve_buffered(&mut app, &mut reactor, conn, c) {
                         backlog.push(conn);
+                    } else if direct && draining.is_none() {
+                        give_back(&mut reactor, conn, c);
                     }
                     if draining.is_some() && !c.paused && !c.closing && c.discard == 0 {
                         c.paused = true;
@@ -335,6 +349,24 @@ pub fn run(args: AppArgs, stop: Arc<AtomicBool>, drain: Arc<AtomicBool>) -> Resu
         );
     }
     Ok(())
+}
+
+/// Gives a connection the direct path had deferred back to it once this application has
+/// answered everything it received (the requests that needed it were likely one-offs: a
+/// file's first request, before the cache held it), backing off when it keeps coming back.
+fn give_back(reactor: &mut Reactor, h: Handle, c: &mut Conn) {
+    if c.closing || c.paused || c.discard > 0 || !c.buf.is_empty() {
+        return;
+    }
+    c.batches += 1;
+    if c.batches < 1 << c.returns.min(MAX_RETURN_BACKOFF) {
+        return;
+    }
+    if reactor.serve_direct(h).is_ok() {
+        c.returns += 1;
+        c.batches = 0;
+        c.seen_data = false;
+    }
 }
 
 /// Closes connections past their header or idle timeout.

@@ -679,3 +679,43 @@ fn the_tcp_server_answers_cached_files_itself_and_keeps_the_order() {
     assert_eq!(direct_responses(&logged), 0);
     let _ = std::fs::remove_file(&log);
 }
+
+/// A keep-alive connection whose first request the direct path could not answer (the file was
+/// not cached yet) goes back to it once the application has answered; one whose requests keep
+/// needing the application bounces with a growing back-off, every response in order.
+#[test]
+fn connections_return_to_the_direct_path_after_the_application_answers() {
+    let s = serve("return");
+    let mut c = BufReader::new(TcpStream::connect(("127.0.0.1", s.port)).unwrap());
+    c.get_mut()
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let get = |c: &mut BufReader<TcpStream>, path: &str| {
+        c.get_mut()
+            .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .unwrap();
+        read_response(c).unwrap()
+    };
+    let home = (String::from("HTTP/1.1 200 OK"), b"<h1>home</h1>".to_vec());
+    assert_eq!(get(&mut c, "/"), home); // a miss: the application answers
+    let before = direct_responses(&s);
+    for _ in 0..5 {
+        assert_eq!(get(&mut c, "/"), home);
+    }
+    let after = direct_responses(&s);
+    assert_eq!(after, before + 5, "the same connection, answered directly");
+
+    // A miss (never cached) before every three hits: each miss goes to the application.
+    for i in 0..10 {
+        let (status, _) = get(&mut c, "/nope");
+        assert_eq!(status, "HTTP/1.1 404 Not Found", "round {i}");
+        for _ in 0..3 {
+            assert_eq!(get(&mut c, "/"), home, "round {i}");
+        }
+    }
+    let bounced = direct_responses(&s) - after;
+    assert!(
+        (1..30).contains(&bounced),
+        "{bounced} of 30 hits answered directly: expected some, with back-off not all"
+    );
+}

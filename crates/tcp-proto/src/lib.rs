@@ -151,6 +151,15 @@ pub enum Request<'a> {
         idle_timeout_s: u32,
         socket: &'a [u8],
     },
+    /// Give a connection that the direct path handed to this application back to it: the
+    /// server answers its next requests itself again (until the next one it cannot). Honoured
+    /// only if the application has seen every byte of it — `received` equals the bytes the
+    /// server ever delivered on it — and nothing is paused or handed off; otherwise ignored,
+    /// and the bytes keep arriving as `Data`. No reply either way.
+    ServeDirect {
+        handle: Handle,
+        received: u64,
+    },
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -233,6 +242,7 @@ mod op {
     pub const PAUSE: u8 = 11;
     pub const HANDOFF: u8 = 12;
     pub const SERVE_FILES: u8 = 13;
+    pub const SERVE_DIRECT: u8 = 14;
 
     pub const DONE: u8 = 64;
     pub const FAILED: u8 = 65;
@@ -447,6 +457,9 @@ impl<'a> Request<'a> {
                     .u32(idle_timeout_s)
                     .bytes(socket);
             }
+            Request::ServeDirect { handle, received } => {
+                w.u8(op::SERVE_DIRECT).handle(handle).u64(received);
+            }
         }
     }
 
@@ -548,6 +561,10 @@ impl<'a> Request<'a> {
                     socket,
                 }
             }
+            op::SERVE_DIRECT => Request::ServeDirect {
+                handle: r.handle()?,
+                received: r.u64()?,
+            },
             other => return Err(DecodeError::UnknownOp(other)),
         };
         r.end()?;

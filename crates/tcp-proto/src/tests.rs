@@ -19,7 +19,7 @@ proptest! {
     fn requests_round_trip(
         req in any::<u32>(), a in addr(), h in handle(), n in any::<u32>(),
         flags in 0..=listen_flags::ALL, data in proptest::collection::vec(any::<u8>(), 0..200),
-        on in any::<bool>(), pick in 0..14u8, big in any::<u64>(),
+        on in any::<bool>(), pick in 0..15u8, big in any::<u64>(),
     ) {
         let name = &data[..data.len().min(MAX_NAME)];
         let r = match pick {
@@ -39,6 +39,7 @@ proptest! {
                 req, listener: h, header_timeout_s: n, idle_timeout_s: n / 2,
                 socket: b"/run/splitos/files.sock",
             },
+            13 => Request::ServeDirect { handle: h, received: big },
             _ => Request::Consumed { handle: h, bytes: n },
         };
         let mut buf = Vec::new();

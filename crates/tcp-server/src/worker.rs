@@ -193,6 +193,9 @@ struct Conn {
     gather: Option<Box<Gather>>,
     /// Answered by the server itself (see `direct`) until the first request it cannot answer.
     direct: Option<Box<crate::direct::Direct>>,
+    /// The direct-path route (slot, serial) of the listener it came from, so that the
+    /// application can give it back (`ServeDirect`).
+    route: Option<(u32, u64)>,
 }
 
 /// Chunks gathered into one `sendmsg`.
@@ -884,7 +887,53 @@ impl Worker {
                 idle_timeout_s,
                 socket,
             } => self.serve_files(si, req, listener, header_timeout_s, idle_timeout_s, socket),
+            Request::ServeDirect { handle, received } => {
+                self.serve_direct_again(si, handle, received)
+            }
         }
+    }
+
+    /// Puts a connection the direct path had deferred back on it, if the application has seen
+    /// every byte delivered (else the request is moot: the newer bytes are on their way to it).
+    fn serve_direct_again(&mut self, si: u32, handle: Handle, received: u64) {
+        let Some(slot) = self.owned(si, handle) else {
+            self.bad_handle(si, handle);
+            return;
+        };
+        let now = self.now;
+        let Some(sock) = self.sockets[slot as usize].sock.as_mut() else {
+            return;
+        };
+        let Kind::Conn(c) = &mut sock.kind else {
+            self.violation(
+                si,
+                14,
+                Errno::NOTSOCK.raw_os_error(),
+                "serve-direct on a listener",
+            );
+            return;
+        };
+        let idle = !sock.closing
+            && c.direct.is_none()
+            && !c.paused
+            && c.held.is_empty()
+            && c.handoff.is_none()
+            && !c.eof
+            && !c.failed
+            && c.delivered == received;
+        let Some((route, serial)) = c.route.filter(|_| idle) else {
+            return;
+        };
+        if !matches!(self.routes.get(route as usize), Some(Some(r)) if r.serial == serial) {
+            return;
+        }
+        c.direct = Some(Box::new(crate::direct::Direct {
+            route,
+            serial,
+            buf: Vec::new(),
+            last_active: now,
+            blocked: false,
+        }));
     }
 
     /// Stops delivering a connection's data to its application; `Paused` marks the end of what
@@ -1195,11 +1244,20 @@ impl Worker {
             held = h.data.len(),
             "adopted a handed-off connection"
         );
+        let mut data = h.data;
         if let Some(c) = self.conn_mut(slot) {
-            c.unacked += h.data.len() as u64;
             c.eof = h.eof;
+            if let Some(d) = c.direct.as_mut() {
+                // The listener's route is installed already: the handed bytes go through the
+                // direct path like any received ones, so responses stay in order.
+                d.buf = std::mem::take(&mut data);
+            } else {
+                c.unacked += data.len() as u64;
+                c.delivered += data.len() as u64;
+            }
         }
-        for part in h.data.chunks(INLINE_DATA_MAX) {
+        self.serve_direct(slot);
+        for part in data.chunks(INLINE_DATA_MAX) {
             self.emit(si, Event::Data { handle, data: part });
         }
         if h.eof {
@@ -2206,6 +2264,7 @@ impl Worker {
         let peer = peer_addr(&fd);
         let mut conn = Box::new(new_conn());
         conn.origin = origin;
+        conn.route = route;
         conn.direct = route.map(|(route, serial)| {
             Box::new(crate::direct::Direct {
                 route,
@@ -2671,6 +2730,7 @@ fn new_conn() -> Conn {
         unsent: 0,
         send_inflight: false,
         send_polling: false,
+        route: None,
         recv: Recv::Idle,
         unacked: 0,
         eof: false,

@@ -5,9 +5,10 @@
 //! application uses) and queues each response as a head plus file ranges sent straight from the
 //! file server's sealed segments. The application is not woken for these requests at all. The
 //! first request the cache cannot answer (a miss, a directory, a body, a parse error, a sibling
-//! whose existence the cache does not know) turns the connection over to the application for
-//! good: it receives that request's bytes and everything after as ordinary `Data`, so responses
-//! stay in order and the application keeps the last word on every odd case.
+//! whose existence the cache does not know) turns the connection over to the application: it
+//! receives that request's bytes and everything after as ordinary `Data`, so responses stay in
+//! order and the application keeps the last word on every odd case. When it has answered all
+//! of it, the application may give the connection back (`ServeDirect`).
 
 use splitos_file_server::client::{lookup_of, FileClient, FileView};
 use splitos_http::request::{self, Body, Limits, Parsed};

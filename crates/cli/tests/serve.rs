@@ -242,7 +242,10 @@ fn pipelining_and_hostile_requests() {
     .starts_with("HTTP/1.1 431"));
     // A body on GET is consumed, not parsed as the next request.
     let r = raw(s.port, b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 18\r\n\r\nGET /nope HTTP/1.1GET /docs/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-    assert!(!r.contains("404"), "the body was parsed as a request: {r}");
+    assert!(
+        !r.contains("HTTP/1.1 404"),
+        "the body was parsed as a request: {r}"
+    );
     assert!(r.contains("<h1>docs</h1>"), "{r}");
 }
 
@@ -682,7 +685,8 @@ fn the_tcp_server_answers_cached_files_itself_and_keeps_the_order() {
 
 /// A keep-alive connection whose first request the direct path could not answer (the file was
 /// not cached yet) goes back to it once the application has answered; one whose requests keep
-/// needing the application bounces with a growing back-off, every response in order.
+/// needing the application bounces with a growing back-off, every response in order. (A
+/// missing file does not need the application once the file server has published its absence.)
 #[test]
 fn connections_return_to_the_direct_path_after_the_application_answers() {
     let s = serve("return");
@@ -705,10 +709,13 @@ fn connections_return_to_the_direct_path_after_the_application_answers() {
     let after = direct_responses(&s);
     assert_eq!(after, before + 5, "the same connection, answered directly");
 
-    // A miss (never cached) before every three hits: each miss goes to the application.
+    // A request with a body (which the direct path never answers) before every three hits.
     for i in 0..10 {
-        let (status, _) = get(&mut c, "/nope");
-        assert_eq!(status, "HTTP/1.1 404 Not Found", "round {i}");
+        c.get_mut()
+            .write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx")
+            .unwrap();
+        let (status, _) = read_response(&mut c).unwrap();
+        assert_eq!(status, "HTTP/1.1 405 Method Not Allowed", "round {i}");
         for _ in 0..3 {
             assert_eq!(get(&mut c, "/"), home, "round {i}");
         }
@@ -718,4 +725,30 @@ fn connections_return_to_the_direct_path_after_the_application_answers() {
         (1..30).contains(&bounced),
         "{bounced} of 30 hits answered directly: expected some, with back-off not all"
     );
+}
+
+/// Browsers always send Accept-Encoding: once the file server has found that a file has no
+/// precompressed sibling, the TCP server knows it too and answers such requests itself.
+#[test]
+fn requests_accepting_compression_are_answered_directly_when_no_sibling_exists() {
+    let s = serve("encodings");
+    let url = format!("http://127.0.0.1:{}/", s.port);
+    let ask = || curl(&["-H", "Accept-Encoding: gzip, br, zstd", &url]);
+    assert_eq!(ask(), "<h1>home</h1>"); // the application looks for the siblings
+    let before = direct_responses(&s);
+    for _ in 0..5 {
+        assert_eq!(ask(), "<h1>home</h1>");
+    }
+    assert_eq!(direct_responses(&s), before + 5);
+    // A sibling that appears is served from then on (the TCP server defers until it is cached).
+    std::fs::write(s.site.join("index.html.gz"), b"gzipped").unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let got = loop {
+        let got = curl(&["-H", "Accept-Encoding: gzip", &url]);
+        if got == "gzipped" || std::time::Instant::now() > deadline {
+            break got;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(got, "gzipped");
 }

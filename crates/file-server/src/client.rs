@@ -273,19 +273,25 @@ impl FileClient {
     }
 
     /// Opens a file only if the cache holds it (its first chunk is in the shared directory):
-    /// `Ok(None)` otherwise, without a message to the server. A hit on a segment this client
-    /// does not map yet costs one round trip, with no disk access (the server has it).
+    /// `Ok(None)` otherwise, and `Err(NotFound)` if the directory records the path as absent,
+    /// both without a message to the server. A hit on a segment this client does not map yet
+    /// costs one round trip, with no disk access (the server has it).
     pub fn open_cached(&mut self, path: &str) -> Result<Option<FileView>, ClientError> {
         let path = normalize(path)?;
-        if self.directory.lookup(&path, 0).is_none() {
-            return Ok(None);
+        match self.directory.lookup(&path, 0) {
+            None => Ok(None),
+            Some(e) if e.is_absent() => Err(ClientError::NotFound),
+            Some(_) => self.open(&path).map(Some),
         }
-        self.open(&path).map(Some)
     }
 
     /// One chunk: from the directory if we map its segment already, else from the server.
     fn chunk(&mut self, path: &str, chunk: u32) -> Result<(Arc<Segment>, Entry), ClientError> {
         if let Some(e) = self.directory.lookup(path, chunk) {
+            if e.is_absent() && chunk == 0 {
+                self.directory_hits += 1;
+                return Err(ClientError::NotFound);
+            }
             if let Some(seg) = self.segments.get(&e.id) {
                 if seg.len() == e.chunk_len as u64 {
                     self.directory_hits += 1;

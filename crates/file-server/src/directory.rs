@@ -13,6 +13,11 @@
 //! A key (path and chunk number) lives in one of `PROBE` slots from its hash; a lookup checks all
 //! of them, so removal needs no tombstones. An entry that finds no free slot is simply not
 //! published: readers miss and ask the server, which still has it.
+//!
+//! An entry may also record that a path does *not* exist ([`ABSENT`]): the server publishes one
+//! after a lookup failed, once it watches the directory, and retracts it when the directory
+//! changes. That lets a reader that must not wait (the TCP server's direct path) know that a
+//! precompressed sibling is missing without asking.
 
 use memmap2::{MmapOptions, MmapRaw};
 use rustix::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -44,6 +49,9 @@ const W_PATH: usize = 8; // MAX_KEY_PATH bytes = 23 words
 const SLOT_WORDS: usize = W_PATH + MAX_KEY_PATH / 8;
 const _: () = assert!(SLOT_WORDS * 8 <= SLOT);
 
+/// The `id` of an entry that records a path's absence (chunk 0; the other fields are zero).
+pub const ABSENT: u64 = u64::MAX;
+
 /// What a directory entry says about one chunk of one file version.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Entry {
@@ -57,6 +65,26 @@ pub struct Entry {
     pub ino: u64,
     /// Content-type hint: an index into `splitos_http::mime::TYPES`.
     pub content_type: u8,
+}
+
+impl Entry {
+    /// An entry saying that `path` did not exist when the server last looked.
+    pub fn absent(path: &str) -> Entry {
+        Entry {
+            id: ABSENT,
+            path: path.to_string(),
+            chunk: 0,
+            chunk_len: 0,
+            file_size: 0,
+            mtime_ns: 0,
+            ino: 0,
+            content_type: 0,
+        }
+    }
+
+    pub fn is_absent(&self) -> bool {
+        self.id == ABSENT
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -15,7 +15,7 @@ use crate::proto::{FailCode, Open, Reply, DIRECTORY_TAG};
 use crate::segment::{Segment, Version};
 use rustix::fd::AsFd;
 use splitos_m2m::{Channel, Listener, ListenerConfig, Message, WaitPolicy};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -131,6 +131,8 @@ impl FileServer {
             inotify,
             watches: HashMap::new(),
             watched_dirs: HashMap::new(),
+            absent: HashSet::new(),
+            absent_order: VecDeque::new(),
         };
         let s2 = stop.clone();
         let thread = std::thread::Builder::new()
@@ -190,7 +192,14 @@ struct State {
     /// Watched directories (relative to the root, "" for the root) by watch descriptor.
     watches: HashMap<i32, String>,
     watched_dirs: HashMap<String, i32>,
+    /// Paths published as absent, oldest first (bounded by `max_absent`).
+    absent: HashSet<String>,
+    absent_order: VecDeque<String>,
 }
+
+/// Absent paths recorded at most, as a share of the directory's slots: they must never crowd
+/// out the entries of cached files.
+const ABSENT_SHARE: usize = 8;
 
 /// The directory part of a normalized relative path ("" for the root).
 fn dir_of(path: &str) -> &str {
@@ -331,10 +340,13 @@ impl State {
         let opened = match self.root.open(path) {
             Ok(o) => o,
             Err(e) => {
+                if matches!(e, OpenError::NotFound) && chunk == 0 {
+                    self.note_absent(path);
+                }
                 return Ok(Reply::Failed {
                     req,
                     code: fail_code(&e),
-                })
+                });
             }
         };
         let version = Version::of(&opened.stat);
@@ -394,7 +406,53 @@ impl State {
         Ok(reply)
     }
 
+    /// Publishes that `path` does not exist, if a change to it would be noticed: its directory
+    /// is watched first and the path checked again after, so a file created in between is
+    /// either seen by the check or reported by inotify.
+    fn note_absent(&mut self, path: &str) {
+        let Ok(path) = crate::path::normalize(path) else {
+            return;
+        };
+        if self.absent.contains(&path) || path.len() > crate::directory::MAX_KEY_PATH {
+            return;
+        }
+        let dir = dir_of(&path).to_string();
+        self.watch(dir.clone());
+        if !self.watched_dirs.contains_key(&dir) {
+            return; // no inotify, or the directory is missing too: nothing would retract it
+        }
+        if !matches!(self.root.open(&path), Err(OpenError::NotFound)) {
+            return;
+        }
+        let max = (self.cfg.directory_slots / ABSENT_SHARE).max(1);
+        while self.absent.len() >= max {
+            let Some(old) = self.absent_order.pop_front() else {
+                break;
+            };
+            if self.absent.remove(&old) {
+                self.directory.remove(&old, 0);
+            }
+        }
+        if self.directory.publish(&Entry::absent(&path)) {
+            self.absent.insert(path.clone());
+            self.absent_order.push_back(path);
+        }
+    }
+
+    /// Retracts the absence of `path`, if published.
+    fn forget_absent(&mut self, path: &str) {
+        if self.absent.remove(path) {
+            self.directory.remove(path, 0);
+            // `absent_order` keeps the stale name; it is skipped when it comes up.
+            if self.absent_order.len() > 2 * self.absent.len() + 64 {
+                let live = &self.absent;
+                self.absent_order.retain(|p| live.contains(p));
+            }
+        }
+    }
+
     fn insert(&mut self, key: Key, segment: Segment) {
+        self.forget_absent(&key.0);
         if let Some(old) = self.cache.remove(&key) {
             self.bytes -= old.segment.len();
             self.directory.remove(&key.0, key.1);
@@ -512,6 +570,21 @@ impl State {
         for (what, whole_dir) in changed {
             let Some(p) = what else { continue };
             let prefix = format!("{p}/");
+            let gone: Vec<String> = self
+                .absent
+                .iter()
+                .filter(|a| {
+                    if whole_dir {
+                        p.is_empty() || a.starts_with(&prefix)
+                    } else {
+                        **a == p
+                    }
+                })
+                .cloned()
+                .collect();
+            for a in gone {
+                self.forget_absent(&a);
+            }
             let doomed: Vec<Key> = self
                 .cache
                 .keys()
@@ -543,8 +616,14 @@ impl State {
         n
     }
 
-    /// Retires cached chunks whose file changed or went away.
+    /// Retires cached chunks whose file changed or went away, and absences that ended.
     fn revalidate(&mut self) {
+        let absent: Vec<String> = self.absent.iter().take(4096).cloned().collect();
+        for path in absent {
+            if !matches!(self.root.open(&path), Err(OpenError::NotFound)) {
+                self.forget_absent(&path);
+            }
+        }
         let keys: Vec<Key> = self.cache.keys().take(4096).cloned().collect();
         for key in keys {
             let fresh = self.root.open(&key.0).map(|o| Version::of(&o.stat)).ok();

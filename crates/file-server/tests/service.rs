@@ -349,3 +349,48 @@ fn inotify_retires_changed_files_without_waiting_for_revalidation() {
     }
     assert!(srv.stats().retired.load(Ordering::Relaxed) >= 2);
 }
+
+/// A path found missing is published as absent, so readers that must not wait learn it without
+/// a message; creating (or renaming in) the file retracts that at once.
+#[test]
+fn absence_is_published_and_retracted_when_the_file_appears() {
+    let (_s, root, sock) = site("absent");
+    let srv = start(&root, &sock, |_| {});
+    let mut c = FileClient::connect(&sock).unwrap();
+    assert!(matches!(
+        c.open("index.html.gz"),
+        Err(ClientError::NotFound)
+    ));
+    assert!(matches!(c.open("sub/none.txt"), Err(ClientError::NotFound)));
+    let before = srv.stats().requests.load(Ordering::Relaxed);
+    for _ in 0..10 {
+        assert!(matches!(
+            c.open_cached("index.html.gz"),
+            Err(ClientError::NotFound)
+        ));
+        assert!(matches!(c.open("sub/none.txt"), Err(ClientError::NotFound)));
+    }
+    assert_eq!(
+        srv.stats().requests.load(Ordering::Relaxed),
+        before,
+        "known absences sent messages"
+    );
+    // Created in place, and renamed into place: both become visible.
+    std::fs::write(root.join("index.html.gz"), b"gz").unwrap();
+    std::fs::write(root.join("sub/.tmp"), b"late").unwrap();
+    std::fs::rename(root.join("sub/.tmp"), root.join("sub/none.txt")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let gz = c.open("index.html.gz").map(|v| v.to_vec());
+        let late = c.open("sub/none.txt").map(|v| v.to_vec());
+        if let (Ok(gz), Ok(late)) = (&gz, &late) {
+            assert_eq!((&gz[..], &late[..]), (&b"gz"[..], &b"late"[..]));
+            break;
+        }
+        assert!(Instant::now() < deadline, "still absent: {gz:?} {late:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // A missing directory is not recorded (nothing would notice it appear).
+    assert!(matches!(c.open("nodir/x"), Err(ClientError::NotFound)));
+    assert!(matches!(c.open_cached("nodir/x"), Ok(None)));
+}

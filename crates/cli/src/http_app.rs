@@ -14,13 +14,10 @@
 use splitos::files::{FileClient, FileView};
 use splitos::net::ListenOptions;
 use splitos::reactor::{Events, Handle, NetEvent, Reactor, MAX_HANDOFF};
-use splitos_file_server::client::lookup_of;
 use splitos_file_server::path::Root;
 use splitos_http::conditional;
 use splitos_http::request::{self, Body, Limits, Method, Parsed, Request, Version};
-use splitos_http::respond::{
-    error_page, head_common, respond, Answer, FileSource, Lookup, Part, Response,
-};
+use splitos_http::respond::{error_page, head_common, respond, Answer, Part, Response};
 use std::collections::HashMap;
 use std::io::Write;
 use std::net::SocketAddr;
@@ -99,7 +96,8 @@ const MAX_RETURN_BACKOFF: u32 = 10;
 type Reply = Response<FileView>;
 
 struct App {
-    files: AppFiles,
+    /// Misses of precompressed siblings cost no message: the file server publishes absences.
+    files: FileClient,
     root: Option<Root>,
     log: Option<std::io::BufWriter<std::fs::File>>,
     args: AppArgs,
@@ -169,10 +167,7 @@ pub fn run(args: AppArgs, stop: Arc<AtomicBool>, drain: Arc<AtomicBool>) -> Resu
     println!("listening {local}");
     let _ = std::io::stdout().flush();
     let mut app = App {
-        files: AppFiles {
-            client: files,
-            no_sibling: HashMap::new(),
-        },
+        files,
         root,
         log,
         limits: Limits::default(),
@@ -494,38 +489,6 @@ fn httpdate_clf(t: SystemTime) -> String {
     match p.as_slice() {
         [_, day, mon, year, time, _] => format!("{day}/{mon}/{year}:{time} +0000"),
         _ => d,
-    }
-}
-
-/// The application's view of the file cache: the file server, with misses of precompressed
-/// siblings remembered for a second (browsers ask for encodings on every request, and a miss
-/// costs a message to the file server).
-struct AppFiles {
-    client: FileClient,
-    no_sibling: HashMap<String, Instant>,
-}
-
-impl FileSource for AppFiles {
-    type File = FileView;
-    fn open(&mut self, path: &str) -> Lookup<FileView> {
-        lookup_of(self.client.open(path))
-    }
-    fn open_sibling(&mut self, path: &str) -> Lookup<FileView> {
-        let now = Instant::now();
-        if self.no_sibling.get(path).is_some_and(|until| *until > now) {
-            return Lookup::NotFound;
-        }
-        match self.client.open(path) {
-            Ok(v) => Lookup::Found(v),
-            Err(_) => {
-                if self.no_sibling.len() > 10_000 {
-                    self.no_sibling.clear();
-                }
-                self.no_sibling
-                    .insert(path.to_string(), now + Duration::from_secs(1));
-                Lookup::NotFound
-            }
-        }
     }
 }
 

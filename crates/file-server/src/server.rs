@@ -570,33 +570,28 @@ impl State {
         for (what, whole_dir) in changed {
             let Some(p) = what else { continue };
             let prefix = format!("{p}/");
+            let affected = |path: &str| {
+                if whole_dir {
+                    p.is_empty() || path.starts_with(&prefix)
+                } else {
+                    path == p
+                }
+            };
             let gone: Vec<String> = self
                 .absent
                 .iter()
-                .filter(|a| {
-                    if whole_dir {
-                        p.is_empty() || a.starts_with(&prefix)
-                    } else {
-                        **a == p
-                    }
-                })
+                .filter(|a| affected(a))
+                .cloned()
+                .collect();
+            let doomed: Vec<Key> = self
+                .cache
+                .keys()
+                .filter(|(path, _)| affected(path))
                 .cloned()
                 .collect();
             for a in gone {
                 self.forget_absent(&a);
             }
-            let doomed: Vec<Key> = self
-                .cache
-                .keys()
-                .filter(|(path, _)| {
-                    if whole_dir {
-                        p.is_empty() || path.starts_with(&prefix)
-                    } else {
-                        *path == p
-                    }
-                })
-                .cloned()
-                .collect();
             for key in doomed {
                 if let Some(c) = self.cache.remove(&key) {
                     self.bytes -= c.segment.len();

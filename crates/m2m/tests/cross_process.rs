@@ -571,8 +571,20 @@ fn a_live_socket_is_not_stolen_but_a_stale_one_is_replaced() {
     assert!(second.is_err());
     let stale = temp_socket("stale");
     drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
-    // ...while a socket file nobody listens on is replaced.
-    Listener::bind(&stale, ListenerConfig::default()).unwrap();
+    // ...while a socket file nobody listens on is replaced. (Another test thread forking a
+    // child at the wrong moment holds a copy of the dropped socket until the child's exec, so
+    // the socket can look alive for a few milliseconds: retry, bounded.)
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match Listener::bind(&stale, ListenerConfig::default()) {
+            Ok(_) => break,
+            Err(e) if Instant::now() < deadline => {
+                assert!(e.to_string().contains("another server"), "{e}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("a stale socket file was not replaced: {e}"),
+        }
+    }
     let _ = std::fs::remove_file(&path);
 }
 

@@ -507,11 +507,21 @@ impl Channel {
         }
     }
 
-    /// Receives one message if there is one. Never blocks.
-    pub fn try_recv(&mut self) -> Result<Option<Message<'_>>, Error> {
-        if let Some(f) = self.failed {
-            return Err(f.into());
+    /// Whether receiving must stop before looking at the ring. A peer that has *gone* may
+    /// still have left messages, and its last words count: an application that queues a send
+    /// and a close and then exits expects both to happen, even if we noticed the exit first
+    /// (while sending to it). A corrupt channel stops at once.
+    fn stops_receiving(&self) -> Result<(), Error> {
+        match self.failed {
+            Some(f @ Failure::Corrupt(_)) => Err(f.into()),
+            Some(Failure::PeerGone) | None => Ok(()),
         }
+    }
+
+    /// Receives one message if there is one. Never blocks. Messages a departed peer left are
+    /// delivered before `PeerGone`.
+    pub fn try_recv(&mut self) -> Result<Option<Message<'_>>, Error> {
+        self.stops_receiving()?;
         let peeked = match self.rx.peek() {
             Ok(Some(p)) => p,
             Ok(None) => {
@@ -567,9 +577,7 @@ impl Channel {
         max: usize,
         mut f: impl FnMut(Message<'_>),
     ) -> Result<usize, Error> {
-        if let Some(fl) = self.failed {
-            return Err(fl.into());
-        }
+        self.stops_receiving()?;
         let mut n = 0;
         while n < max {
             let p = match self.rx.peek() {

@@ -221,6 +221,40 @@ fn dropping_one_end_wakes_the_other_with_peer_gone() {
 }
 
 #[test]
+fn a_departed_peers_last_messages_are_delivered_even_after_a_send_noticed_it_left() {
+    let (mut a, mut b) = Channel::pair(config(WaitPolicy::adaptive())).unwrap();
+    for i in 0..100u8 {
+        a.send(&[i; 100]).unwrap();
+    }
+    drop(a);
+    // Sending notices the departure first (as a server answering a dying client would).
+    assert!(matches!(b.try_send(b"x"), Err(Error::PeerGone)));
+    let mut got = 0u8;
+    let drained = b
+        .recv_batch(10, |m| {
+            assert_eq!(inline(m), vec![got; 100]);
+            got += 1;
+        })
+        .unwrap();
+    assert_eq!(drained, 10);
+    loop {
+        match b.try_recv() {
+            Ok(Some(m)) => {
+                assert_eq!(inline(m), vec![got; 100]);
+                got += 1;
+            }
+            Ok(None) => panic!("a departed peer reads as empty, not gone"),
+            Err(e) => {
+                assert!(matches!(e, Error::PeerGone), "{e}");
+                break;
+            }
+        }
+    }
+    assert_eq!(got, 100, "every message sent before the peer left");
+    assert!(matches!(b.recv_batch(10, |_| {}), Err(Error::PeerGone)));
+}
+
+#[test]
 fn recv_timeout_returns_none() {
     let (_a, mut b) = Channel::pair(config(WaitPolicy::Block)).unwrap();
     let start = Instant::now();

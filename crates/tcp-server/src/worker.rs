@@ -84,6 +84,9 @@ struct Session {
     /// Session-level operations in flight (the wait-fd poll).
     inflight: u32,
     dead: bool,
+    /// The application has gone and the requests it left are being served (see
+    /// `session_failed`).
+    departing: bool,
     /// When the application went away; its closed connections may flush until
     /// [`LINGER_LIMIT`] after that.
     dead_since: Option<Instant>,
@@ -586,6 +589,7 @@ impl Worker {
             files: HashMap::new(),
             inflight: 1,
             dead: false,
+            departing: false,
             dead_since: None,
             violations: 0,
             conns: 0,
@@ -606,11 +610,25 @@ impl Worker {
     }
 
     fn session_failed(&mut self, si: u32, e: &M2mError) {
+        let worker = self.id;
+        let Some(s) = self.live_session(si) else {
+            return;
+        };
+        if s.departing {
+            return; // the call serving its last requests ends the session
+        }
         match e {
             M2mError::PeerGone => {
-                tracing::info!(worker = self.id, session = si, "application left")
+                tracing::info!(worker, session = si, "application left");
+                // What it queued before it went still counts: an application that writes a
+                // reply, closes and exits expects the reply delivered, even when we notice
+                // the exit first (while sending it an event). Bounded: a departed peer adds
+                // nothing, so at most a ring's worth of requests is left.
+                s.departing = true;
+                s.outbox.clear();
+                while self.serve_requests(si) > 0 {}
             }
-            other => tracing::warn!(worker = self.id, session = si, "dropping session: {other}"),
+            other => tracing::warn!(worker, session = si, "dropping session: {other}"),
         }
         self.kill_session(si);
     }

@@ -49,9 +49,10 @@ enum Suite {
         /// Concurrent connections.
         #[arg(long, default_value_t = 50)]
         conns: usize,
-        /// Wait policy of the Split-OS TCP server and application (poll, adaptive, block).
-        /// Adaptive measured best here even with the client sharing the cores: a 30 µs spin
-        /// costs less than the ~28 µs sleep and wake-up it usually saves.
+        /// Wait policy of the Split-OS TCP server and application (poll, adaptive,
+        /// adaptive:<N>us, block). Adaptive measured best here even with the client sharing
+        /// the cores: a short spin and a few yields cost less than the ~28 µs sleep and
+        /// wake-up they usually save.
         #[arg(long, default_value = "adaptive")]
         wait: String,
     },

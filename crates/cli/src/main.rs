@@ -162,7 +162,9 @@ struct TcpServerArgs {
     #[arg(long, value_delimiter = ',')]
     cpus: Vec<usize>,
     /// How idle threads wait: poll (spin, lowest latency, burns a core), adaptive (spin
-    /// ~30 µs then sleep), block (sleep at once).
+    /// ~30 µs, yield the CPU a few times, then sleep), adaptive:<N>us (the same with an N µs
+    /// spin; shorter suits machines whose cores are shared with the load), block (sleep at
+    /// once).
     #[arg(long, default_value = "adaptive")]
     wait: WaitPolicy,
     /// Who may listen on which ports, as UID:LOW-HIGH or *:LOW-HIGH (repeatable). Default:

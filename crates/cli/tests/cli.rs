@@ -81,7 +81,7 @@ fn errors_say_what_to_do() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("poll, adaptive or block"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("poll, adaptive, adaptive:<N>us"));
     let out = Command::new(BIN)
         .args(["tcp-server", "--socket-mode", "999"])
         .output()

@@ -42,9 +42,32 @@ impl FromStr for WaitPolicy {
             "poll" => Ok(WaitPolicy::Poll),
             "adaptive" => Ok(WaitPolicy::adaptive()),
             "block" => Ok(WaitPolicy::Block),
-            other => Err(format!(
-                "unknown wait policy {other:?}: expected poll, adaptive or block"
-            )),
+            other => {
+                // `adaptive:SPIN` with SPIN in microseconds (`adaptive:5us`), for tuning the
+                // spin to a machine's measured sleep/wake cost.
+                let bad = || {
+                    format!(
+                        "unknown wait policy {other:?}: expected poll, adaptive, adaptive:<N>us \
+                         (spin N microseconds, at most {MAX_SPIN_US}) or block"
+                    )
+                };
+                let us = other
+                    .strip_prefix("adaptive:")
+                    .map(|v| v.strip_suffix("us").unwrap_or(v))
+                    .ok_or_else(bad)?
+                    .parse::<u64>()
+                    .map_err(|_| bad())?;
+                if us > MAX_SPIN_US {
+                    return Err(bad());
+                }
+                let WaitPolicy::Adaptive { yields, .. } = WaitPolicy::adaptive() else {
+                    unreachable!("adaptive() is adaptive")
+                };
+                Ok(WaitPolicy::Adaptive {
+                    spin: Duration::from_micros(us),
+                    yields,
+                })
+            }
         }
     }
 }
@@ -53,11 +76,20 @@ impl fmt::Display for WaitPolicy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             WaitPolicy::Poll => f.write_str("poll"),
-            WaitPolicy::Adaptive { .. } => f.write_str("adaptive"),
+            p @ WaitPolicy::Adaptive { spin, .. } => {
+                if *p == WaitPolicy::adaptive() {
+                    f.write_str("adaptive")
+                } else {
+                    write!(f, "adaptive:{}us", spin.as_micros())
+                }
+            }
             WaitPolicy::Block => f.write_str("block"),
         }
     }
 }
+
+/// Longest spin `adaptive:<N>us` accepts: past a few sleep/wake costs spinning only burns CPU.
+pub const MAX_SPIN_US: u64 = 10_000;
 
 /// Longest single sleep: a backstop so that a peer that clears our "waiting" flag without
 /// ringing (a bug or an attack) delays us, but never hangs us.
@@ -73,6 +105,22 @@ mod tests {
         assert_eq!("block".parse::<WaitPolicy>(), Ok(WaitPolicy::Block));
         assert_eq!("adaptive".parse::<WaitPolicy>(), Ok(WaitPolicy::adaptive()));
         let e = "spin".parse::<WaitPolicy>().unwrap_err();
-        assert!(e.contains("poll, adaptive or block"), "{e}");
+        assert!(e.contains("adaptive:<N>us"), "{e}");
+        let p = "adaptive:5us".parse::<WaitPolicy>().unwrap();
+        assert!(matches!(p, WaitPolicy::Adaptive { spin, .. } if spin == Duration::from_micros(5)));
+        assert_eq!(p.to_string(), "adaptive:5us");
+        assert_eq!(
+            "adaptive:7".parse::<WaitPolicy>().unwrap().to_string(),
+            "adaptive:7us"
+        );
+        assert_eq!(WaitPolicy::adaptive().to_string(), "adaptive");
+        for bad in [
+            "adaptive:",
+            "adaptive:x",
+            "adaptive:-1us",
+            "adaptive:10001us",
+        ] {
+            assert!(bad.parse::<WaitPolicy>().is_err(), "{bad}");
+        }
     }
 }

@@ -10,7 +10,7 @@ use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use rustix::fd::{AsRawFd, BorrowedFd};
 use std::io;
 use std::sync::atomic::{AtomicU16, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// What a completion is for. Packed into the top byte of `user_data`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,7 +69,13 @@ pub struct Completion {
 
 pub struct Ring {
     ring: IoUring,
+    /// The last enter posted completions: more deferred work may be left (see `submit_pass`).
+    productive: bool,
+    last_enter: Instant,
 }
+
+/// Longest a spinning event loop goes without entering the kernel (see `Ring::submit_pass`).
+const FORCED_ENTER: Duration = Duration::from_millis(1);
 
 const POLLIN: u32 = 0x1;
 const POLLOUT: u32 = 0x4;
@@ -85,7 +91,11 @@ impl Ring {
             .setup_defer_taskrun()
             .setup_taskrun_flag()
             .build(entries)?;
-        Ok(Ring { ring })
+        Ok(Ring {
+            ring,
+            productive: false,
+            last_enter: Instant::now(),
+        })
     }
 
     fn push(&mut self, e: squeue::Entry) -> io::Result<()> {
@@ -179,7 +189,7 @@ impl Ring {
         self.push(e)
     }
 
-    /// Submits queued entries without waiting.
+    /// Submits queued entries and runs deferred completions, without waiting.
     pub fn submit(&mut self) -> io::Result<()> {
         match self.ring.submit() {
             Ok(_) => Ok(()),
@@ -187,6 +197,30 @@ impl Ring {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(()),
             Err(e) => Err(e),
         }
+    }
+
+    /// `submit` for the event loop's every pass: enters the kernel only when there may be
+    /// something to do. The crate's `submit` always makes the system call, which in a spinning
+    /// worker was 3.6 `io_uring_enter` calls per echo request (384k/s at 105k req/s; 46k/s
+    /// with this). The kernel raises `IORING_SQ_TASKRUN` when deferred completions wait for
+    /// us, but one enter runs at most 20 of them and clears the flag even when it leaves some
+    /// behind, so an enter that produced completions is followed by another, and an enter
+    /// happens at least every [`FORCED_ENTER`] regardless.
+    pub fn submit_pass(&mut self, now: Instant) -> io::Result<()> {
+        let sq = self.ring.submission();
+        let quiet = sq.is_empty() && !sq.taskrun() && !sq.cq_overflow();
+        drop(sq);
+        if quiet
+            && !self.productive
+            && now.saturating_duration_since(self.last_enter) < FORCED_ENTER
+        {
+            return Ok(());
+        }
+        let before = self.ring.completion().len();
+        let r = self.submit();
+        self.productive = self.ring.completion().len() > before;
+        self.last_enter = now;
+        r
     }
 
     /// Submits and sleeps until at least one completion or `timeout`.

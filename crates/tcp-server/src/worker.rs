@@ -357,7 +357,7 @@ impl Worker {
     /// Runs until the server shuts down.
     pub(crate) fn run(&mut self) {
         let wait = self.shared.config.wait;
-        let mut idle_since: Option<Instant> = None;
+        let mut idle_since: Option<(Instant, u32)> = None;
         while !self.shared.shutdown.load(Ordering::Acquire) {
             let pass_start = Instant::now();
             self.now = pass_start;
@@ -389,7 +389,7 @@ impl Worker {
                 self.flush_outbox(si);
             }
             self.collect_sessions();
-            if let Err(e) = self.ring.submit() {
+            if let Err(e) = self.ring.submit_pass(pass_start) {
                 tracing::error!(worker = self.id, "io_uring submit failed: {e}");
             }
             if pass_start >= self.next_housekeeping {
@@ -402,16 +402,20 @@ impl Worker {
                 idle_since = None;
                 continue;
             }
-            let since = *idle_since.get_or_insert(pass_start);
-            let sleep = match wait {
-                WaitPolicy::Poll => false,
-                WaitPolicy::Adaptive { spin, .. } => since.elapsed() >= spin,
-                WaitPolicy::Block => true,
-            };
-            if sleep {
-                self.sleep();
-            } else {
-                std::hint::spin_loop();
+            let (since, yields) = idle_since.get_or_insert((pass_start, 0));
+            match wait {
+                WaitPolicy::Poll => std::hint::spin_loop(),
+                WaitPolicy::Adaptive { spin, .. } if since.elapsed() < spin => {
+                    std::hint::spin_loop()
+                }
+                // Past the spin, give the core to whoever wants it (on a small machine, often
+                // the very client or application we are waiting for) before paying for a
+                // sleep and a wake-up.
+                WaitPolicy::Adaptive { yields: max, .. } if *yields < max => {
+                    *yields += 1;
+                    std::thread::yield_now();
+                }
+                WaitPolicy::Adaptive { .. } | WaitPolicy::Block => self.sleep(),
             }
         }
         self.shutdown();

@@ -63,14 +63,17 @@ struct RawApp {
 
 impl RawApp {
     fn connect(path: &Path) -> RawApp {
-        let chan = Channel::connect(
+        RawApp::connect_with(
             path,
             ChannelConfig {
                 wait: WaitPolicy::adaptive(),
                 ..ChannelConfig::default()
             },
         )
-        .expect("connect to server");
+    }
+
+    fn connect_with(path: &Path, config: ChannelConfig) -> RawApp {
+        let chan = Channel::connect(path, config).expect("connect to server");
         RawApp {
             chan,
             req: 0,
@@ -224,6 +227,57 @@ fn echo_with(srv: TcpServer) {
     let snap = splitos_tcp_server::stats::read(srv.socket_path()).unwrap();
     assert_eq!(snap.server_pid, std::process::id() as u64);
     assert_eq!(snap.workers.len(), 2);
+}
+
+/// An application that queues its replies and a close and then goes away at once (a crash
+/// right after answering, or a one-shot worker) still gets them carried out. The setup makes
+/// the server notice the departure while sending it events, with requests still queued: the
+/// application reads no events, so the client's small writes back up in the server's outbox
+/// and every pass tries to deliver them; and more requests than a pass serves are waiting in
+/// its ring when it leaves.
+#[test]
+fn a_departed_applications_last_sends_and_close_are_carried_out() {
+    let srv = server("last-words");
+    for round in 0..20 {
+        let mut app = RawApp::connect_with(
+            srv.socket_path(),
+            ChannelConfig {
+                ring_bytes: 64 << 10,
+                wait: WaitPolicy::adaptive(),
+                ..ChannelConfig::default()
+            },
+        );
+        let (_, addr) = app.listen("127.0.0.1:0", listen_flags::REUSE_ADDR).unwrap();
+        let mut client = TcpStream::connect(addr).unwrap();
+        client.set_nodelay(true).unwrap();
+        client.set_read_timeout(Some(T)).unwrap();
+        let ch = match app.event() {
+            Ev::Accepted(_, c, _) => c,
+            other => panic!("expected Accepted, got {other:?}"),
+        };
+        // Small writes arrive as small inline events: 128 KiB of them is more than the
+        // application's 64 KiB ring holds and far less than the receive window, so the server
+        // reads it all (closing with unread bytes would reset the connection).
+        for _ in 0..128 {
+            client.write_all(&[7u8; 1024]).unwrap();
+            std::thread::sleep(Duration::from_micros(50));
+        }
+        let parts = 3_000usize;
+        let part = |i: usize| -> Vec<u8> { (0..100).map(|j| (i * 31 + j) as u8).collect() };
+        for i in 0..parts {
+            app.send(Request::Send {
+                handle: ch,
+                data: &part(i),
+            });
+        }
+        app.send(Request::Close { handle: ch });
+        drop(app);
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).unwrap();
+        let want: Vec<u8> = (0..parts).flat_map(part).collect();
+        assert_eq!(got.len(), want.len(), "round {round}: bytes delivered");
+        assert!(got == want, "round {round}: bytes differ");
+    }
 }
 
 #[test]

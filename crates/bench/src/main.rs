@@ -50,11 +50,18 @@ enum Suite {
         #[arg(long, default_value_t = 50)]
         conns: usize,
         /// Wait policy of the Split-OS TCP server and application (poll, adaptive,
-        /// adaptive:<N>us, block). Adaptive measured best here even with the client sharing
-        /// the cores: a short spin and a few yields cost less than the ~28 µs sleep and
-        /// wake-up they usually save.
-        #[arg(long, default_value = "adaptive")]
-        wait: String,
+        /// adaptive:<N>us, block). Default: adaptive:0us when pinned (the TCP server and the
+        /// application share the server core, where a spin only delays the peer it waits for:
+        /// yield at once, then sleep), adaptive with --no-pin (spin ~30 µs, less than the
+        /// ~28 µs sleep and wake-up it usually saves). poll needs --no-pin: two spinners on one
+        /// core starve each other.
+        #[arg(long)]
+        wait: Option<String>,
+        /// Let the scheduler place every process (by default each server runs on CPU 1 and
+        /// the client on CPU 0, so that every server gets one core of its own and the same
+        /// one, and none competes with the load generator).
+        #[arg(long)]
+        no_pin: bool,
     },
     /// `splitos serve` vs nginx (same directory, wrk keep-alive, 50 connections) for 1 KiB,
     /// 16 KiB and 1 MiB files: req/s, p99 latency and requests per server CPU-second. Needs
@@ -95,6 +102,9 @@ enum Suite {
         socket: Option<PathBuf>,
         #[arg(long, default_value = "block")]
         wait: String,
+        /// Pin the process (all its threads) to this CPU.
+        #[arg(long)]
+        cpu: Option<usize>,
     },
     #[command(hide = true)]
     EchoIdle {
@@ -113,6 +123,9 @@ enum Suite {
         warmup_ms: u64,
         #[arg(long)]
         duration_ms: u64,
+        /// Pin the client to this CPU.
+        #[arg(long)]
+        cpu: Option<usize>,
     },
 }
 
@@ -135,11 +148,14 @@ fn main() -> ExitCode {
             common,
             conns,
             wait,
+            no_pin,
         } => {
+            let pin = !no_pin && proc::online_cpus() >= 2;
             let opts = echo::Options {
                 quick: common.quick,
                 conns,
-                wait,
+                wait: wait.unwrap_or_else(|| if pin { "adaptive:0us" } else { "adaptive" }.into()),
+                pin,
             };
             finish(echo::report(&opts), common.json)
         }
@@ -160,14 +176,20 @@ fn main() -> ExitCode {
             files,
         } => file_suite::peer_main(&mode, &root, &path, count, &socket, &files),
         Suite::M2mPeer { case, dir, iters } => m2m_suite::peer_main(&case, &dir, iters),
-        Suite::EchoServer { kind, socket, wait } => echo::server_main(&kind, socket, &wait),
+        Suite::EchoServer {
+            kind,
+            socket,
+            wait,
+            cpu,
+        } => echo::server_main(&kind, socket, &wait, cpu),
         Suite::EchoIdle { addr, conns } => echo::idle_client_main(addr, conns),
         Suite::EchoClient {
             addr,
             conns,
             warmup_ms,
             duration_ms,
-        } => echo::client_main(addr, conns, warmup_ms, duration_ms),
+            cpu,
+        } => echo::client_main(addr, conns, warmup_ms, duration_ms, cpu),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -17,6 +17,31 @@ pub struct Options {
     pub quick: bool,
     pub conns: usize,
     pub wait: String,
+    /// Servers on [`SERVER_CPU`], the client on [`CLIENT_CPU`].
+    pub pin: bool,
+}
+
+/// Where the pinned servers run: every server gets this one core (the Split-OS TCP server and
+/// its application share it), so none has more CPU than another.
+pub const SERVER_CPU: usize = 1;
+/// Where the pinned load generator runs, away from the server it measures.
+pub const CLIENT_CPU: usize = 0;
+
+/// `--cpu N` for a re-spawned server or client, when pinning.
+fn cpu_args(opts: &Options, cpu: usize) -> Vec<String> {
+    if opts.pin {
+        vec!["--cpu".into(), cpu.to_string()]
+    } else {
+        Vec::new()
+    }
+}
+
+/// Pins this process before it starts any thread (threads inherit the mask).
+fn pin_self(cpu: Option<usize>) -> Result<(), String> {
+    match cpu {
+        Some(c) if !crate::proc::pin(c) => Err(format!("cannot pin to CPU {c}")),
+        _ => Ok(()),
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -67,7 +92,9 @@ impl Drop for ServerProc {
     }
 }
 
-fn spawn(args: &[&str]) -> Result<(ServerProc, BufReader<ChildStdout>), String> {
+fn spawn<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(
+    args: &[S],
+) -> Result<(ServerProc, BufReader<ChildStdout>), String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut child = Command::new(exe)
         .args(args)
@@ -98,8 +125,8 @@ fn spawn_split(
     sock: &std::path::Path,
 ) -> Result<(ServerProc, ServerProc, SocketAddr), String> {
     let sock_s = sock.to_string_lossy().to_string();
-    let args = |kind| {
-        [
+    let args = |kind: &str| {
+        let mut a: Vec<String> = [
             "echo-server",
             "--kind",
             kind,
@@ -108,6 +135,10 @@ fn spawn_split(
             "--wait",
             &opts.wait,
         ]
+        .map(String::from)
+        .to_vec();
+        a.extend(cpu_args(opts, SERVER_CPU));
+        a
     };
     let (tcp, mut out) = spawn(&args("split-tcp"))?;
     wait_line(&mut out, "READY")?;
@@ -146,7 +177,9 @@ fn start_case(
             addr,
         });
     }
-    let (p, mut out) = spawn(&["echo-server", "--kind", name])?;
+    let mut args: Vec<String> = vec!["echo-server".into(), "--kind".into(), name.into()];
+    args.extend(cpu_args(opts, SERVER_CPU));
+    let (p, mut out) = spawn(&args)?;
     let addr = wait_line(&mut out, "LISTENING")?
         .parse()
         .map_err(|e| format!("bad address: {e}"))?;
@@ -176,6 +209,7 @@ fn drive(r: &Running, opts: &Options) -> Result<(f64, f64, f64, f64, f64), Strin
             "--duration-ms",
             &duration.as_millis().to_string(),
         ])
+        .args(cpu_args(opts, CLIENT_CPU))
         .stdout(Stdio::piped())
         .spawn()
         .map_err(|e| format!("spawning the client: {e}"))?;
@@ -339,7 +373,9 @@ pub fn client_main(
     conns: usize,
     warmup_ms: u64,
     duration_ms: u64,
+    cpu: Option<usize>,
 ) -> Result<(), String> {
+    pin_self(cpu)?;
     let r = client::run(
         addr,
         conns,
@@ -357,7 +393,13 @@ pub fn client_main(
     Ok(())
 }
 
-pub fn server_main(kind: &str, socket: Option<PathBuf>, wait: &str) -> Result<(), String> {
+pub fn server_main(
+    kind: &str,
+    socket: Option<PathBuf>,
+    wait: &str,
+    cpu: Option<usize>,
+) -> Result<(), String> {
+    pin_self(cpu)?;
     raise_fd_limit();
     let stop = servers::stop_flag();
     let wait: splitos_m2m::WaitPolicy = wait.parse()?;
@@ -406,8 +448,18 @@ pub fn report(opts: &Options) -> crate::report::Report {
     r.target("req_per_cpu_s", "split", "epoll", 1.3, false);
     r.target("req_per_s", "split", "epoll", 1.0, false);
     r.note(format!(
-        "{} connections, 64-byte messages, client in its own process; all servers up at once, the client visits each in turn for {} rounds; Split-OS wait policy: {}; server CPU = utime+stime of the server processes (TCP server + application for split)",
-        opts.conns, if opts.quick { 3 } else { 4 }, opts.wait
+        "{} connections, 64-byte messages, client in its own process; all servers up at once, the client visits each in turn for {} rounds; {}; Split-OS wait policy: {}; server CPU = utime+stime of the server processes (TCP server + application for split)",
+        opts.conns,
+        if opts.quick { 3 } else { 4 },
+        if opts.pin {
+            format!("every server pinned to CPU {SERVER_CPU} (the Split-OS TCP server and application share it), the client to CPU {CLIENT_CPU}")
+        } else {
+            "not pinned".to_string()
+        },
+        opts.wait
     ));
+    if opts.pin && opts.wait == "poll" {
+        r.note("poll with pinning: the TCP server and the application spin on one core and starve each other; use --no-pin to measure poll".to_string());
+    }
     r
 }

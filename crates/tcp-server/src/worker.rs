@@ -405,7 +405,7 @@ impl Worker {
             let (since, yields) = idle_since.get_or_insert((pass_start, 0));
             match wait {
                 WaitPolicy::Poll => std::hint::spin_loop(),
-                WaitPolicy::Adaptive { spin, .. } if since.elapsed() < spin => {
+                WaitPolicy::Adaptive { spin, .. } if pass_start.duration_since(*since) < spin => {
                     std::hint::spin_loop()
                 }
                 // Past the spin, give the core to whoever wants it (on a small machine, often

@@ -8,7 +8,9 @@
 //! or its death. Every queue is bounded: receive data by the server's receive window per
 //! connection, accepted connections by the listen backlog, replies by the requests in flight.
 
-use splitos_m2m::{Channel, ChannelConfig, Error as M2mError, Message, RxBuffer, WaitPolicy};
+use splitos_m2m::{
+    Channel, ChannelConfig, Error as M2mError, Message, Phase, RxBuffer, WaitPolicy,
+};
 use splitos_tcp_proto::{BufferMeta, Event, Handle, Request};
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -272,11 +274,6 @@ impl Session {
         deadline: Option<Instant>,
         mut f: impl FnMut(&mut State) -> io::Result<Option<T>>,
     ) -> io::Result<T> {
-        let spin = match self.shared.policy {
-            WaitPolicy::Poll => None,
-            WaitPolicy::Adaptive { spin, .. } => Some(spin),
-            WaitPolicy::Block => Some(Duration::ZERO),
-        };
         let start = Instant::now();
         let mut st = self.lock()?;
         loop {
@@ -293,9 +290,14 @@ impl Session {
             if let Some(d) = deadline {
                 timeout = timeout.min(d.saturating_duration_since(now));
             }
-            if spin.is_none_or(|s| now - start < s) {
+            let phase = self.shared.policy.phase(now - start);
+            if phase != Phase::Sleep {
                 drop(st);
-                std::hint::spin_loop();
+                if phase == Phase::Spin {
+                    std::hint::spin_loop();
+                } else {
+                    std::thread::yield_now();
+                }
                 st = self.lock()?;
                 continue;
             }

@@ -50,13 +50,10 @@ enum Suite {
         #[arg(long, default_value_t = 50)]
         conns: usize,
         /// Wait policy of the Split-OS TCP server and application (poll, adaptive,
-        /// adaptive:<N>us, block). Default: adaptive:0us when pinned (the TCP server and the
-        /// application share the server core, where a spin only delays the peer it waits for:
-        /// yield at once, then sleep), adaptive with --no-pin (spin ~30 µs, less than the
-        /// ~28 µs sleep and wake-up it usually saves). poll needs --no-pin: two spinners on one
-        /// core starve each other.
-        #[arg(long)]
-        wait: Option<String>,
+        /// adaptive:<N>us, block). poll needs --no-pin: pinned, the TCP server and the
+        /// application share one core, where two spinners starve each other.
+        #[arg(long, default_value = "adaptive")]
+        wait: String,
         /// Let the scheduler place every process (by default each server runs on CPU 1 and
         /// the client on CPU 0, so that every server gets one core of its own and the same
         /// one, and none competes with the load generator).
@@ -154,7 +151,7 @@ fn main() -> ExitCode {
             let opts = echo::Options {
                 quick: common.quick,
                 conns,
-                wait: wait.unwrap_or_else(|| if pin { "adaptive:0us" } else { "adaptive" }.into()),
+                wait,
                 pin,
             };
             finish(echo::report(&opts), common.json)

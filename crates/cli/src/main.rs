@@ -161,10 +161,9 @@ struct TcpServerArgs {
     /// CPUs to pin the event-loop threads to, e.g. "1" or "2,3" (default: not pinned).
     #[arg(long, value_delimiter = ',')]
     cpus: Vec<usize>,
-    /// How idle threads wait: poll (spin, lowest latency, burns a core), adaptive (spin
-    /// ~30 µs, yield the CPU a few times, then sleep), adaptive:<N>us (the same with an N µs
-    /// spin; shorter suits machines whose cores are shared with the load), block (sleep at
-    /// once).
+    /// How idle threads wait: poll (spin, lowest latency, burns a core), adaptive (spin 2 µs,
+    /// then yield the CPU until ~30 µs have passed — to a client or application that may share
+    /// the core — then sleep), adaptive:<N>us (an N µs spin instead), block (sleep at once).
     #[arg(long, default_value = "adaptive")]
     wait: WaitPolicy,
     /// Who may listen on which ports, as UID:LOW-HIGH or *:LOW-HIGH (repeatable). Default:

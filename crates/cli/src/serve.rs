@@ -65,8 +65,8 @@ pub struct ServeArgs {
     #[arg(long)]
     no_direct: bool,
     /// How the TCP server and the HTTP application wait: block (sleep at once; the default,
-    /// best when cores are shared, e.g. with a load generator), adaptive (spin ~30 µs first),
-    /// or poll (spin; only with cores to spare).
+    /// best when cores are shared, e.g. with a load generator), adaptive (spin 2 µs, then
+    /// yield until ~30 µs, then sleep), or poll (spin; only with cores to spare).
     #[arg(long, default_value = "block")]
     wait: splitos::WaitPolicy,
     /// Control socket for `splitos reload` [default: serve-ADDR.sock in $XDG_RUNTIME_DIR/splitos

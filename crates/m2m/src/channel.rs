@@ -12,6 +12,7 @@ use crate::region::Region;
 use crate::ring::{Consumer, Producer, RingError};
 use crate::shm_ring::ShmRing;
 use crate::sys::{self, SocketState};
+use crate::wait::Phase;
 use crate::{Error, WaitPolicy};
 use rustix::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::collections::VecDeque;
@@ -640,7 +641,6 @@ impl Channel {
         // Give back consumed space first: the peer may be blocked on it while we block on it.
         self.publish_rx_head();
         let start = Instant::now();
-        let mut yields = 0u32;
         let mut round = 0u32;
         loop {
             if self.ready(what)? {
@@ -653,19 +653,10 @@ impl Channel {
                     return Ok(false);
                 }
             }
-            match self.policy {
-                WaitPolicy::Poll => std::hint::spin_loop(),
-                WaitPolicy::Adaptive { spin, yields: max } => {
-                    if start.elapsed() < spin {
-                        std::hint::spin_loop();
-                    } else if yields < max {
-                        yields += 1;
-                        std::thread::yield_now();
-                    } else {
-                        self.sleep(what, deadline)?;
-                    }
-                }
-                WaitPolicy::Block => self.sleep(what, deadline)?,
+            match self.policy.phase(start.elapsed()) {
+                Phase::Spin => std::hint::spin_loop(),
+                Phase::Yield => std::thread::yield_now(),
+                Phase::Sleep => self.sleep(what, deadline)?,
             }
         }
     }

@@ -51,4 +51,4 @@ pub use connect::{Incoming, Listener, ListenerConfig};
 pub use error::Error;
 pub use pool::{RxBuffer, TxBuffer};
 pub use sys::PeerCredentials;
-pub use wait::WaitPolicy;
+pub use wait::{Phase, WaitPolicy};

@@ -27,7 +27,7 @@ use splitos_file_server::client::FileClient;
 use splitos_file_server::segment::Segment;
 use splitos_http::respond::Part;
 use splitos_m2m::{
-    Channel, Error as M2mError, Message, PeerCredentials, RxBuffer, TxBuffer, WaitPolicy,
+    Channel, Error as M2mError, Message, PeerCredentials, Phase, RxBuffer, TxBuffer, WaitPolicy,
 };
 use splitos_tcp_proto::{
     listen_flags, BufferMeta, Event, Handle, Request, SockOpt, NO_ADDR, RECV_WINDOW, SEND_WINDOW,
@@ -357,7 +357,7 @@ impl Worker {
     /// Runs until the server shuts down.
     pub(crate) fn run(&mut self) {
         let wait = self.shared.config.wait;
-        let mut idle_since: Option<(Instant, u32)> = None;
+        let mut idle_since: Option<Instant> = None;
         while !self.shared.shutdown.load(Ordering::Acquire) {
             let pass_start = Instant::now();
             self.now = pass_start;
@@ -402,20 +402,13 @@ impl Worker {
                 idle_since = None;
                 continue;
             }
-            let (since, yields) = idle_since.get_or_insert((pass_start, 0));
-            match wait {
-                WaitPolicy::Poll => std::hint::spin_loop(),
-                WaitPolicy::Adaptive { spin, .. } if pass_start.duration_since(*since) < spin => {
-                    std::hint::spin_loop()
-                }
-                // Past the spin, give the core to whoever wants it (on a small machine, often
-                // the very client or application we are waiting for) before paying for a
-                // sleep and a wake-up.
-                WaitPolicy::Adaptive { yields: max, .. } if *yields < max => {
-                    *yields += 1;
-                    std::thread::yield_now();
-                }
-                WaitPolicy::Adaptive { .. } | WaitPolicy::Block => self.sleep(),
+            let since = *idle_since.get_or_insert(pass_start);
+            match wait.phase(pass_start.duration_since(since)) {
+                Phase::Spin => std::hint::spin_loop(),
+                // Give the core to whoever wants it (on a small machine, often the very client
+                // or application we are waiting for) before paying for a sleep and a wake-up.
+                Phase::Yield => std::thread::yield_now(),
+                Phase::Sleep => self.sleep(),
             }
         }
         self.shutdown();

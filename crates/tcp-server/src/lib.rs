@@ -4,7 +4,7 @@
 //!
 //! Threads: one *control* thread accepts channels on the Unix socket (handshakes run on short
 //! helper threads, so a slow client cannot stall the others) and hands each new session to a
-//! *worker* (`worker.rs`), round-robin. Each worker owns an io_uring, its sessions and all their
+//! *worker* (`worker/`), round-robin. Each worker owns an io_uring, its sessions and all their
 //! sockets; nothing on the data path is shared between threads.
 //!
 //! Run it as a daemon (`splitos tcp-server`) or embedded in an application process with

@@ -1,0 +1,159 @@
+//! Closing: flush, cancel what is in flight, then release the slot (or park / hand on).
+
+use super::*;
+
+impl Worker {
+    pub(super) fn cancel(&mut self, slot: u32, op: Op) {
+        let Some(sock) = self.sockets[slot as usize].sock.as_mut() else {
+            return;
+        };
+        let target = Tag {
+            op,
+            session: sock.session,
+            socket: slot,
+        };
+        let tag = Tag {
+            op: Op::Cancel,
+            session: sock.session,
+            socket: slot,
+        };
+        if self.ring.cancel(target, tag).is_ok() {
+            sock.inflight += 1;
+        }
+    }
+
+    /// Starts closing a socket: a connection first flushes what the application queued
+    /// (unless `abort`), then its receive is cancelled; the fd is closed once the kernel holds
+    /// no operation on it.
+    pub(super) fn begin_close(&mut self, slot: u32, abort: bool) {
+        let Some(sock) = self.sockets[slot as usize].sock.as_mut() else {
+            return;
+        };
+        if !sock.closing {
+            sock.closing = true;
+        }
+        match &mut sock.kind {
+            // A connection being handed off still flushes: the next owner's responses must
+            // follow complete ones.
+            Kind::Conn(c) if abort && c.handoff.is_none() && !c.linger => {
+                if !c.send_inflight {
+                    c.sendq.clear();
+                }
+                c.unsent = 0;
+            }
+            _ => {}
+        }
+        self.try_finish_close(slot);
+    }
+
+    pub(super) fn try_finish_close(&mut self, slot: u32) {
+        let Some(sock) = self.sockets[slot as usize].sock.as_mut() else {
+            return;
+        };
+        if !sock.closing {
+            return;
+        }
+        let dead = self
+            .sessions
+            .get(sock.session as usize)
+            .and_then(|s| s.as_ref())
+            .is_none_or(|s| s.dead);
+        let mut cancel = None;
+        match &mut sock.kind {
+            Kind::Conn(c) => {
+                let abort = dead && c.handoff.is_none() && !c.linger;
+                if abort && !c.send_inflight {
+                    c.sendq.clear();
+                }
+                if !c.sendq.is_empty() || c.send_inflight {
+                    if abort && c.send_inflight {
+                        cancel = Some(if c.send_polling {
+                            Op::SendPoll
+                        } else {
+                            Op::Send
+                        });
+                    } else {
+                        return; // flushing
+                    }
+                } else if c.recv == Recv::Armed {
+                    c.recv = Recv::Cancelling;
+                    cancel = Some(Op::Recv);
+                }
+            }
+            Kind::Listener(l) => {
+                if l.accepting {
+                    l.accepting = false;
+                    cancel = Some(Op::Accept);
+                }
+            }
+            Kind::Connecting { .. } => {
+                if sock.inflight > 0 {
+                    cancel = Some(Op::ConnectPoll);
+                }
+            }
+        }
+        if let Some(op) = cancel {
+            self.cancel(slot, op);
+            return;
+        }
+        if sock.inflight > 0 {
+            return;
+        }
+        // Nothing in flight: release the socket.
+        let Some(sock) = self.sockets[slot as usize].sock.take() else {
+            return;
+        };
+        let si = sock.session;
+        let handle = self.handle(slot);
+        self.sockets[slot as usize].generation =
+            self.sockets[slot as usize].generation.wrapping_add(1);
+        self.free_sockets.push(slot);
+        let was_conn = matches!(sock.kind, Kind::Conn(_) | Kind::Connecting { .. });
+        // A socket whose connect failed never had a handle the application saw.
+        let issued = !matches!(sock.kind, Kind::Connecting { .. });
+        let uid = self.sessions[si as usize]
+            .as_ref()
+            .map_or(u32::MAX, |s| s.peer.uid);
+        if let Kind::Conn(c) = sock.kind {
+            if let (Some(mut data), Some(origin), false) = (c.handoff, c.origin, c.failed) {
+                data.extend_from_slice(&c.held);
+                tracing::debug!(%origin, held = data.len(), "connection handed off");
+                self.shared.registry.hand_over(
+                    origin,
+                    crate::persist::Handed {
+                        fd: sock.fd,
+                        uid,
+                        data,
+                        eof: c.eof,
+                        deadline: Instant::now() + self.shared.config.persist_grace,
+                    },
+                );
+                self.shared.wake_all();
+            }
+        } else if let Kind::Listener(l) = sock.kind {
+            if let Some((r, _)) = l.route {
+                self.routes[r as usize] = None;
+            }
+            if l.park {
+                self.shared.registry.park(
+                    l.addr,
+                    Parked {
+                        fd: sock.fd,
+                        uid,
+                        orphans: l.orphans,
+                        deadline: Instant::now() + self.shared.config.persist_grace,
+                    },
+                );
+            }
+        }
+        if let Some(s) = self.session(si) {
+            s.sockets.remove(&slot);
+            if was_conn {
+                s.conns = s.conns.saturating_sub(1);
+            }
+            if !s.dead && issued {
+                self.emit(si, Event::Closed { handle });
+            }
+        }
+    }
+}

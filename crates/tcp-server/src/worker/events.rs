@@ -1,0 +1,136 @@
+//! Events to applications: written to the ring, or to the outbox while the ring is full;
+//! protocol violations are reported here.
+
+use super::*;
+
+impl Worker {
+    pub(super) fn emit(&mut self, si: u32, ev: Event<'_>) {
+        self.ev.clear();
+        ev.encode(&mut self.ev);
+        self.emit_encoded(si);
+    }
+
+    /// Sends the event encoded in `self.ev`, queueing it if the ring is full.
+    pub(super) fn emit_encoded(&mut self, si: u32) {
+        let buf = std::mem::take(&mut self.ev);
+        let r = match self.live_session(si) {
+            None => Ok(()),
+            Some(s) if !s.outbox.is_empty() => {
+                s.outbox.push_back(Out::Inline(buf.clone()));
+                Ok(())
+            }
+            Some(s) => match s.chan.try_send(&buf) {
+                Ok(true) => Ok(()),
+                Ok(false) => {
+                    s.outbox.push_back(Out::Inline(buf.clone()));
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            },
+        };
+        self.ev = buf;
+        self.after_emit(si, r);
+    }
+
+    pub(super) fn emit_buffer(&mut self, si: u32, buf: TxBuffer, len: usize, meta: BufferMeta) {
+        let meta = meta.encode();
+        let r = match self.live_session(si) {
+            None => Ok(()),
+            Some(s) if !s.outbox.is_empty() => {
+                s.outbox.push_back(Out::Buffer { buf, len, meta });
+                Ok(())
+            }
+            Some(s) => match s.chan.try_send_buffer_with(buf, len, &meta) {
+                Ok(None) => Ok(()),
+                Ok(Some(buf)) => {
+                    s.outbox.push_back(Out::Buffer { buf, len, meta });
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            },
+        };
+        self.after_emit(si, r);
+    }
+
+    pub(super) fn after_emit(&mut self, si: u32, r: Result<(), M2mError>) {
+        if let Err(e) = r {
+            self.session_failed(si, &e);
+            return;
+        }
+        let over = self
+            .live_session(si)
+            .is_some_and(|s| s.outbox.len() > MAX_OUTBOX);
+        if over {
+            tracing::warn!(
+                worker = self.id,
+                session = si,
+                "application stopped reading events; dropping it"
+            );
+            self.kill_session(si);
+        }
+    }
+
+    pub(super) fn flush_outbox(&mut self, si: u32) {
+        let Some(s) = self.live_session(si) else {
+            return;
+        };
+        while let Some(out) = s.outbox.pop_front() {
+            let r = match out {
+                Out::Inline(bytes) => match s.chan.try_send(&bytes) {
+                    Ok(true) => Ok(None),
+                    Ok(false) => Ok(Some(Out::Inline(bytes))),
+                    Err(e) => Err(e),
+                },
+                Out::Buffer { buf, len, meta } => {
+                    match s.chan.try_send_buffer_with(buf, len, &meta) {
+                        Ok(None) => Ok(None),
+                        Ok(Some(buf)) => Ok(Some(Out::Buffer { buf, len, meta })),
+                        Err(e) => Err(e),
+                    }
+                }
+            };
+            match r {
+                Ok(None) => {}
+                Ok(Some(back)) => {
+                    s.outbox.push_front(back);
+                    return;
+                }
+                Err(e) => {
+                    self.session_failed(si, &e);
+                    return;
+                }
+            }
+        }
+    }
+
+    pub(super) fn violation(&mut self, si: u32, op: u8, errno: i32, what: &'static str) {
+        let Some(s) = self.live_session(si) else {
+            return;
+        };
+        s.violations += 1;
+        let over = s.violations > MAX_VIOLATIONS;
+        tracing::debug!(session = si, what, "protocol violation");
+        self.emit(si, Event::ProtocolError { op, errno });
+        if over {
+            tracing::warn!(
+                worker = self.id,
+                session = si,
+                "too many protocol violations; dropping the session"
+            );
+            self.kill_session(si);
+        }
+    }
+
+    /// A request named a handle that is not (or no longer) this session's: a race with a
+    /// close the application has not seen yet, or a forgery. Either way it gets EBADF on that
+    /// handle and touches nothing.
+    pub(super) fn bad_handle(&mut self, si: u32, handle: Handle) {
+        self.emit(
+            si,
+            Event::Error {
+                handle,
+                errno: Errno::BADF.raw_os_error(),
+            },
+        );
+    }
+}

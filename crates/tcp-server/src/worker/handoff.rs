@@ -1,0 +1,135 @@
+//! Hand-off: pausing a connection and passing it, with its unprocessed bytes, to the next
+//! owner of its persistent listener.
+
+use super::*;
+
+impl Worker {
+    /// Stops delivering a connection's data to its application; `Paused` marks the end of what
+    /// was delivered, later bytes collect in `held` (bounded by the receive window, since the
+    /// application never acknowledges them).
+    pub(super) fn pause(&mut self, si: u32, handle: Handle) {
+        let Some(slot) = self.owned(si, handle) else {
+            self.bad_handle(si, handle);
+            return;
+        };
+        let Some(c) = self.conn_mut(slot) else {
+            self.violation(
+                si,
+                11,
+                Errno::NOTSOCK.raw_os_error(),
+                "pause of a non-connection",
+            );
+            return;
+        };
+        c.paused = true;
+        // Bytes the direct path had not answered yet travel with the connection.
+        if let Some(d) = c.direct.take() {
+            let mut bytes = d.buf;
+            bytes.append(&mut c.held);
+            c.held = bytes;
+        }
+        self.emit(si, Event::Paused { handle });
+    }
+
+    /// Hands a paused connection to the next owner of its persistent listener's address. It is
+    /// released like a close (queued bytes flushed, receive cancelled, nothing in flight), but
+    /// the fd goes to the registry instead of being closed.
+    pub(super) fn handoff(&mut self, si: u32, handle: Handle, data: &[u8]) {
+        let Some(slot) = self.owned(si, handle) else {
+            self.bad_handle(si, handle);
+            return;
+        };
+        // A persistent listener handed off is parked for the next instance, as if its session
+        // had died, while this session finishes with its connections.
+        if let Some(Socket {
+            kind: Kind::Listener(l),
+            ..
+        }) = self.sockets[slot as usize].sock.as_mut()
+        {
+            if l.flags & listen_flags::PERSISTENT != 0 && data.is_empty() {
+                l.park = true;
+                self.begin_close(slot, false);
+                return;
+            }
+        }
+        let ok = match self.conn_mut(slot) {
+            Some(c) if c.paused && c.origin.is_some() && !c.failed => {
+                c.handoff = Some(data.to_vec());
+                true
+            }
+            _ => false,
+        };
+        if !ok {
+            self.violation(
+                si,
+                12,
+                Errno::INVAL.raw_os_error(),
+                "hand-off of a connection that is not paused, failed, or not from a persistent listener",
+            );
+            return;
+        }
+        self.begin_close(slot, false);
+    }
+
+    /// Adopts connections other instances handed off, for every live persistent listener here.
+    pub(super) fn adopt_handed(&mut self) -> usize {
+        let mut targets = Vec::new();
+        for si in 0..self.sessions.len() as u32 {
+            let Some(s) = self.sessions[si as usize].as_ref().filter(|s| !s.dead) else {
+                continue;
+            };
+            let uid = s.peer.uid;
+            for &slot in &s.sockets {
+                if let Some(Socket {
+                    kind: Kind::Listener(l),
+                    closing: false,
+                    ..
+                }) = self.sockets[slot as usize].sock.as_ref()
+                {
+                    if l.flags & listen_flags::PERSISTENT != 0 {
+                        targets.push((si, slot, l.addr, uid));
+                    }
+                }
+            }
+        }
+        let mut n = 0;
+        for (si, lslot, addr, uid) in targets {
+            for h in self.shared.registry.take_handed(addr, uid) {
+                n += 1;
+                self.adopt(si, lslot, h);
+            }
+        }
+        n
+    }
+
+    pub(super) fn adopt(&mut self, si: u32, listener: u32, h: crate::persist::Handed) {
+        let Some(slot) = self.accepted(si, listener, h.fd) else {
+            return;
+        };
+        let handle = self.handle(slot);
+        tracing::debug!(
+            session = si,
+            held = h.data.len(),
+            "adopted a handed-off connection"
+        );
+        let mut data = h.data;
+        if let Some(c) = self.conn_mut(slot) {
+            c.eof = h.eof;
+            if let Some(d) = c.direct.as_mut() {
+                // The listener's route is installed already: the handed bytes go through the
+                // direct path like any received ones, so responses stay in order.
+                d.buf = std::mem::take(&mut data);
+            } else {
+                c.unacked += data.len() as u64;
+                c.delivered += data.len() as u64;
+            }
+        }
+        self.serve_direct(slot);
+        for part in data.chunks(INLINE_DATA_MAX) {
+            self.emit(si, Event::Data { handle, data: part });
+        }
+        if h.eof {
+            self.emit(si, Event::Eof { handle });
+        }
+    }
+}

@@ -1,0 +1,250 @@
+//! The receive path: provided-buffer receives into the application's pool, delivery inline or
+//! by buffer, and the receive window.
+
+use super::*;
+
+impl Worker {
+    pub(super) fn maybe_arm_recv(&mut self, slot: u32) {
+        let Some(sock) = self.sockets[slot as usize].sock.as_mut() else {
+            return;
+        };
+        let si = sock.session;
+        let Kind::Conn(c) = &mut sock.kind else {
+            return;
+        };
+        if sock.closing
+            || c.recv != Recv::Idle
+            || c.eof
+            || c.failed
+            || c.unacked >= RECV_WINDOW as u64 / 2
+            || c.direct.as_ref().is_some_and(|d| d.blocked)
+        {
+            return;
+        }
+        let Some(s) = self.sessions.get(si as usize).and_then(|s| s.as_ref()) else {
+            return;
+        };
+        let tag = Tag {
+            op: Op::Recv,
+            session: si,
+            socket: slot,
+        };
+        match self.ring.recv_multi(sock.fd.as_fd(), s.bufs.group(), tag) {
+            Ok(()) => {
+                c.recv = Recv::Armed;
+                sock.inflight += 1;
+            }
+            Err(e) => tracing::error!("cannot arm a receive: {e}"),
+        }
+    }
+
+    pub(super) fn received(&mut self, slot: u32, cqe: &Completion) {
+        let Some(sock) = self.sockets[slot as usize].sock.as_mut() else {
+            return;
+        };
+        let si = sock.session;
+        // The buffer the kernel filled, if any, comes out of the provided set first.
+        let buf = cqe.buffer.and_then(|bid| {
+            let s = self.sessions.get_mut(si as usize)?.as_mut()?;
+            let b = s.provided.get_mut(bid as usize)?.take();
+            s.free_bids.push(bid);
+            b
+        });
+        let closing = sock.closing;
+        let Kind::Conn(c) = &mut sock.kind else {
+            return;
+        };
+        if !cqe.more {
+            c.recv = Recv::Idle;
+            sock.inflight -= 1;
+        }
+        let res = cqe.result;
+        if c.paused {
+            // Delivery is paused (for a hand-off): bytes, EOF and errors stay with the
+            // connection and travel with it.
+            if res > 0 {
+                let n = res as usize;
+                if let Some(b) = &buf {
+                    let at = c.held.len();
+                    c.held.resize(at + n, 0);
+                    b.read_at(0, &mut c.held[at..]);
+                }
+                c.unacked += n as u64;
+                if c.unacked >= RECV_WINDOW as u64 && c.recv == Recv::Armed {
+                    c.recv = Recv::Cancelling;
+                    self.cancel(slot, Op::Recv);
+                }
+            } else if res == 0 {
+                c.eof = true;
+            } else if res == -Errno::NOBUFS.raw_os_error() {
+                self.starved.push(slot);
+            } else if res != -Errno::CANCELED.raw_os_error() && res != -Errno::AGAIN.raw_os_error()
+            {
+                c.failed = true;
+            }
+            if let Some(b) = buf {
+                self.provide(si, b);
+            }
+            if !cqe.more {
+                self.maybe_arm_recv(slot);
+                self.try_finish_close(slot);
+            }
+            return;
+        }
+        if res > 0 && !closing {
+            if let Some(d) = c.direct.as_mut() {
+                let n = res as usize;
+                if let Some(b) = &buf {
+                    let at = d.buf.len();
+                    d.buf.resize(at + n, 0);
+                    b.read_at(0, &mut d.buf[at..]);
+                }
+                d.last_active = self.now;
+                if let Some(b) = buf {
+                    self.provide(si, b);
+                }
+                if let Some(s) = self.session(si) {
+                    s.bytes_in += n as u64;
+                }
+                self.serve_direct(slot);
+                if !cqe.more {
+                    self.maybe_arm_recv(slot);
+                    self.try_finish_close(slot);
+                }
+                return;
+            }
+        }
+        let handle = Handle::new(slot, self.sockets[slot as usize].generation);
+        if res > 0 && !closing {
+            let n = res as usize;
+            let Some(buf) = buf else {
+                tracing::error!("receive completion without a buffer");
+                return;
+            };
+            if let Some(c) = self.conn_mut(slot) {
+                c.unacked += n as u64;
+                c.delivered += n as u64;
+            }
+            if let Some(s) = self.session(si) {
+                s.bytes_in += n as u64;
+            }
+            if n <= INLINE_DATA_MAX {
+                // Encode the Data event in place: header, then the bytes straight from the
+                // buffer, then one copy into the ring.
+                let mut ev = std::mem::take(&mut self.ev);
+                ev.clear();
+                Event::Data { handle, data: &[] }.encode(&mut ev);
+                ev.resize(Event::DATA_HEADER + n, 0);
+                buf.read_at(0, &mut ev[Event::DATA_HEADER..]);
+                self.ev = ev;
+                self.emit_encoded(si);
+                self.provide(si, buf);
+            } else {
+                self.emit_buffer(si, buf, n, BufferMeta::Data(handle));
+            }
+            if let Some(c) = self.conn_mut(slot) {
+                if c.unacked >= RECV_WINDOW as u64 && c.recv == Recv::Armed {
+                    c.recv = Recv::Cancelling;
+                    self.cancel(slot, Op::Recv);
+                }
+            }
+        } else {
+            if let Some(b) = buf {
+                self.provide(si, b);
+            }
+            if res == 0 && !closing {
+                if let Some(c) = self.conn_mut(slot) {
+                    c.eof = true;
+                }
+                self.emit(si, Event::Eof { handle });
+            } else if res == -Errno::NOBUFS.raw_os_error() {
+                self.starved.push(slot);
+            } else if res == -Errno::AGAIN.raw_os_error() {
+                // Nothing to read on the non-blocking socket after all: re-armed below.
+                tracing::trace!("receive gave EAGAIN");
+            } else if res < 0 && res != -Errno::CANCELED.raw_os_error() && !closing {
+                if let Some(c) = self.conn_mut(slot) {
+                    c.failed = true;
+                }
+                self.emit(
+                    si,
+                    Event::Error {
+                        handle,
+                        errno: -res,
+                    },
+                );
+            }
+        }
+        if !cqe.more {
+            self.maybe_arm_recv(slot);
+            self.try_finish_close(slot);
+        }
+    }
+
+    /// Gives a buffer back to the kernel's provided set.
+    pub(super) fn provide(&mut self, si: u32, mut buf: TxBuffer) {
+        let Some(s) = self.session(si) else { return };
+        if s.dead {
+            return;
+        }
+        let Some(bid) = s.free_bids.pop() else { return };
+        let cap = buf.capacity() as u32;
+        // SAFETY: the buffer is a pool slot this server owns (allocated, not sent); it stays in
+        // `provided` until the kernel returns it in a completion, and the session's memory is
+        // kept until the ring is unregistered.
+        unsafe { s.bufs.push(buf.as_mut_ptr(), cap, bid) };
+        s.bufs.publish();
+        s.provided[bid as usize] = Some(buf);
+    }
+
+    /// Tops up every session's provided buffers from its pool (buffers come back as the
+    /// application drops them) and re-arms receives that ran out of buffers.
+    pub(super) fn refill_and_rearm(&mut self) {
+        for si in 0..self.sessions.len() as u32 {
+            self.refill(si);
+        }
+        if self.starved.is_empty() {
+            return;
+        }
+        let starved = std::mem::take(&mut self.starved);
+        for slot in starved {
+            let has_bufs = self.sockets[slot as usize]
+                .sock
+                .as_ref()
+                .and_then(|s| self.sessions.get(s.session as usize)?.as_ref())
+                .is_some_and(|s| s.free_bids.len() < s.provided.len());
+            if has_bufs {
+                self.maybe_arm_recv(slot);
+            } else {
+                self.starved.push(slot);
+            }
+        }
+    }
+
+    pub(super) fn refill(&mut self, si: u32) {
+        let Some(s) = self.live_session(si) else {
+            return;
+        };
+        let mut pushed = false;
+        while !s.free_bids.is_empty() {
+            match s.chan.alloc_buffer() {
+                Ok(Some(mut buf)) => {
+                    let Some(bid) = s.free_bids.pop() else { break };
+                    let cap = buf.capacity() as u32;
+                    // SAFETY: as in `provide`.
+                    unsafe { s.bufs.push(buf.as_mut_ptr(), cap, bid) };
+                    s.provided[bid as usize] = Some(buf);
+                    pushed = true;
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    self.session_failed(si, &e);
+                    return;
+                }
+            }
+        }
+        if pushed {
+            s.bufs.publish();
+        }
+    }
+}

@@ -1,0 +1,184 @@
+//! Requests from applications: read from the ring, decoded, handles validated, dispatched.
+
+use super::*;
+
+impl Worker {
+    pub(super) fn serve_requests(&mut self, si: u32) -> usize {
+        let mut n = 0;
+        while n < REQUESTS_PER_PASS {
+            let mut msg = std::mem::take(&mut self.msg);
+            msg.clear();
+            let Some(s) = self.live_session(si) else {
+                self.msg = msg;
+                return n;
+            };
+            let item = match s.chan.try_recv() {
+                Ok(None) => {
+                    self.msg = msg;
+                    return n;
+                }
+                Ok(Some(Message::Inline(b))) => {
+                    msg.extend_from_slice(b);
+                    None
+                }
+                Ok(Some(Message::Buffer(rx))) => Some(rx),
+                Err(e) => {
+                    self.msg = msg;
+                    self.session_failed(si, &e);
+                    return n;
+                }
+            };
+            n += 1;
+            match item {
+                None => match Request::decode(&msg) {
+                    Ok(req) => self.handle_request(si, req),
+                    Err(e) => {
+                        let op = msg.first().copied().unwrap_or(0);
+                        self.violation(si, op, e.errno(), "undecodable request");
+                    }
+                },
+                Some(rx) => match BufferMeta::decode(rx.meta()) {
+                    Ok(BufferMeta::Send(h)) => self.send_buffer(si, h, rx),
+                    _ => self.violation(
+                        si,
+                        0,
+                        Errno::INVAL.raw_os_error(),
+                        "buffer without a send header",
+                    ),
+                },
+            }
+            self.msg = msg;
+        }
+        n
+    }
+
+    /// The socket `h` names, if it is open and belongs to session `si`.
+    pub(super) fn owned(&mut self, si: u32, h: Handle) -> Option<u32> {
+        let slot = self.sockets.get(h.index() as usize)?;
+        let sock = slot.sock.as_ref()?;
+        (slot.generation == h.generation() && sock.session == si && !sock.closing)
+            .then_some(h.index())
+    }
+
+    pub(super) fn handle(&self, slot: u32) -> Handle {
+        Handle::new(slot, self.sockets[slot as usize].generation)
+    }
+
+    pub(super) fn conn_mut(&mut self, slot: u32) -> Option<&mut Conn> {
+        match &mut self.sockets.get_mut(slot as usize)?.sock.as_mut()?.kind {
+            Kind::Conn(c) => Some(c),
+            _ => None,
+        }
+    }
+
+    pub(super) fn handle_request(&mut self, si: u32, req: Request<'_>) {
+        match req {
+            Request::Hello { name, .. } => {
+                if let Some(s) = self.live_session(si) {
+                    s.name = String::from_utf8_lossy(name).into_owned();
+                }
+            }
+            Request::Listen {
+                req,
+                addr,
+                backlog,
+                flags,
+            } => self.listen(si, req, addr, backlog, flags),
+            Request::Connect { req, addr } => self.connect(si, req, addr),
+            Request::Send { handle, data } => self.send_inline(si, handle, data),
+            Request::ShutdownWrite { handle } => match self.owned(si, handle) {
+                Some(slot) => {
+                    if let Some(c) = self.conn_mut(slot) {
+                        c.shutdown_wanted = true;
+                        c.written = true;
+                        c.linger = true;
+                    }
+                    self.try_shutdown(slot);
+                }
+                None => self.bad_handle(si, handle),
+            },
+            Request::Close { handle } => match self.owned(si, handle) {
+                Some(slot) => {
+                    if let Some(c) = self.conn_mut(slot) {
+                        c.linger = true;
+                    }
+                    self.begin_close(slot, false)
+                }
+                None => self.bad_handle(si, handle),
+            },
+            Request::SetOption { req, handle, opt } => {
+                let Some(slot) = self.owned(si, handle) else {
+                    self.emit(
+                        si,
+                        Event::Failed {
+                            req,
+                            errno: Errno::BADF.raw_os_error(),
+                        },
+                    );
+                    return;
+                };
+                let Some(sock) = self.sockets[slot as usize].sock.as_ref() else {
+                    return;
+                };
+                let r = match opt {
+                    SockOpt::NoDelay(on) => sockopt::set_tcp_nodelay(&sock.fd, on),
+                    SockOpt::KeepAlive(on) => sockopt::set_socket_keepalive(&sock.fd, on),
+                };
+                let ev = match r {
+                    Ok(()) => Event::Done {
+                        req,
+                        handle,
+                        local: NO_ADDR,
+                        peer: NO_ADDR,
+                    },
+                    Err(e) => Event::Failed {
+                        req,
+                        errno: e.raw_os_error(),
+                    },
+                };
+                self.emit(si, ev);
+            }
+            Request::Consumed { handle, bytes } => {
+                let Some(slot) = self.owned(si, handle) else {
+                    return;
+                };
+                let Some(c) = self.conn_mut(slot) else { return };
+                if bytes as u64 > c.unacked {
+                    c.unacked = 0;
+                    self.violation(
+                        si,
+                        8,
+                        Errno::INVAL.raw_os_error(),
+                        "consumed more than delivered",
+                    );
+                    return;
+                }
+                c.unacked -= bytes as u64;
+                self.maybe_arm_recv(slot);
+            }
+            Request::SendFile {
+                handle,
+                file,
+                offset,
+                len,
+            } => self.send_file(si, handle, file, offset, len),
+            Request::ReleaseFile { file } => {
+                if let Some(s) = self.live_session(si) {
+                    s.files.remove(&file);
+                }
+            }
+            Request::Pause { handle } => self.pause(si, handle),
+            Request::Handoff { handle, data } => self.handoff(si, handle, data),
+            Request::ServeFiles {
+                req,
+                listener,
+                header_timeout_s,
+                idle_timeout_s,
+                socket,
+            } => self.serve_files(si, req, listener, header_timeout_s, idle_timeout_s, socket),
+            Request::ServeDirect { handle, received } => {
+                self.serve_direct_again(si, handle, received)
+            }
+        }
+    }
+}

@@ -1,0 +1,383 @@
+//! Sockets: listening, accepting, connecting, and the slots that hold them.
+
+use super::*;
+
+pub(super) fn sock_addr(a: rustix::io::Result<rnet::SocketAddrAny>) -> SocketAddr {
+    a.ok()
+        .and_then(|a| SocketAddr::try_from(a).ok())
+        .unwrap_or(NO_ADDR)
+}
+
+pub(super) fn peer_addr(fd: &OwnedFd) -> SocketAddr {
+    match rnet::getpeername(fd) {
+        Ok(Some(a)) => SocketAddr::try_from(a).unwrap_or(NO_ADDR),
+        _ => NO_ADDR,
+    }
+}
+
+pub(super) fn open_listener(
+    addr: SocketAddr,
+    backlog: u32,
+    flags: u32,
+) -> rustix::io::Result<OwnedFd> {
+    let family = if addr.is_ipv4() {
+        AddressFamily::INET
+    } else {
+        AddressFamily::INET6
+    };
+    let fd = rnet::socket_with(family, SocketType::STREAM, SocketFlags::CLOEXEC, None)?;
+    if flags & listen_flags::REUSE_ADDR != 0 {
+        sockopt::set_socket_reuseaddr(&fd, true)?;
+    }
+    if flags & listen_flags::REUSE_PORT != 0 {
+        sockopt::set_socket_reuseport(&fd, true)?;
+    }
+    rnet::bind(&fd, &addr)?;
+    rnet::listen(&fd, backlog.clamp(1, 65535) as i32)?;
+    Ok(fd)
+}
+
+impl Worker {
+    pub(super) fn alloc_socket(&mut self, si: u32, fd: OwnedFd, kind: Kind) -> u32 {
+        let slot = match self.free_sockets.pop() {
+            Some(s) => s,
+            None => {
+                self.sockets.push(SocketSlot::default());
+                self.sockets.len() as u32 - 1
+            }
+        };
+        self.sockets[slot as usize].sock = Some(Socket {
+            session: si,
+            fd,
+            inflight: 0,
+            closing: false,
+            kind,
+        });
+        if let Some(s) = self.session(si) {
+            s.sockets.insert(slot);
+        }
+        slot
+    }
+
+    pub(super) fn listen(&mut self, si: u32, req: u32, addr: SocketAddr, backlog: u32, flags: u32) {
+        let Some(s) = self.live_session(si) else {
+            return;
+        };
+        let (uid, listeners) = (s.peer.uid, s.listeners);
+        if !self.shared.config.access.may_listen(uid, addr.port()) {
+            tracing::info!(
+                uid,
+                port = addr.port(),
+                "listen refused by the access policy"
+            );
+            self.emit(
+                si,
+                Event::Failed {
+                    req,
+                    errno: Errno::ACCESS.raw_os_error(),
+                },
+            );
+            return;
+        }
+        if listeners >= self.shared.config.max_listeners_per_session {
+            self.emit(
+                si,
+                Event::Failed {
+                    req,
+                    errno: Errno::MFILE.raw_os_error(),
+                },
+            );
+            return;
+        }
+        let (fd, orphans) = match self.shared.registry.take(addr, uid) {
+            Some(p) => {
+                tracing::info!(%addr, session = si, orphans = p.orphans.len(), "took over a persistent listener");
+                (p.fd, p.orphans)
+            }
+            None => match open_listener(addr, backlog, flags) {
+                Ok(fd) => (fd, Vec::new()),
+                Err(e) => {
+                    self.emit(
+                        si,
+                        Event::Failed {
+                            req,
+                            errno: e.raw_os_error(),
+                        },
+                    );
+                    return;
+                }
+            },
+        };
+        let local = sock_addr(rnet::getsockname(&fd));
+        let slot = self.alloc_socket(
+            si,
+            fd,
+            Kind::Listener(ListenSock {
+                addr: local,
+                flags,
+                accepting: false,
+                park: false,
+                route: None,
+                orphans: Vec::new(),
+            }),
+        );
+        if let Some(s) = self.session(si) {
+            s.listeners += 1;
+        }
+        let handle = self.handle(slot);
+        self.emit(
+            si,
+            Event::Done {
+                req,
+                handle,
+                local,
+                peer: NO_ADDR,
+            },
+        );
+        for fd in orphans {
+            self.accepted(si, slot, fd);
+        }
+        self.arm_accept(slot);
+    }
+
+    pub(super) fn arm_accept(&mut self, slot: u32) {
+        let Some(sock) = self.sockets[slot as usize].sock.as_mut() else {
+            return;
+        };
+        let Kind::Listener(l) = &mut sock.kind else {
+            return;
+        };
+        if l.accepting || sock.closing {
+            return;
+        }
+        let tag = Tag {
+            op: Op::Accept,
+            session: sock.session,
+            socket: slot,
+        };
+        match self.ring.accept_multi(sock.fd.as_fd(), tag) {
+            Ok(()) => {
+                l.accepting = true;
+                sock.inflight += 1;
+            }
+            Err(e) => tracing::error!("cannot arm accept: {e}"),
+        }
+    }
+
+    pub(super) fn accepted(&mut self, si: u32, listener: u32, fd: OwnedFd) -> Option<u32> {
+        let max = self.shared.config.max_conns_per_session;
+        let (origin, route) = match self.sockets[listener as usize]
+            .sock
+            .as_ref()
+            .map(|s| &s.kind)
+        {
+            Some(Kind::Listener(l)) => (
+                (l.flags & listen_flags::PERSISTENT != 0).then_some(l.addr),
+                l.route,
+            ),
+            _ => (None, None),
+        };
+        let s = self.live_session(si)?;
+        if s.conns >= max {
+            tracing::warn!(
+                session = si,
+                max,
+                "connection limit reached; refusing a connection"
+            );
+            return None; // dropping fd closes it
+        }
+        s.conns += 1;
+        let local = sock_addr(rnet::getsockname(&fd));
+        let peer = peer_addr(&fd);
+        let mut conn = Box::new(new_conn());
+        conn.origin = origin;
+        conn.route = route;
+        conn.direct = route.map(|(route, serial)| {
+            Box::new(crate::direct::Direct {
+                route,
+                serial,
+                buf: Vec::new(),
+                last_active: self.now,
+                blocked: false,
+            })
+        });
+        let slot = self.alloc_socket(si, fd, Kind::Conn(conn));
+        let conn = self.handle(slot);
+        let listener = self.handle(listener);
+        self.emit(
+            si,
+            Event::Accepted {
+                listener,
+                conn,
+                local,
+                peer,
+            },
+        );
+        self.maybe_arm_recv(slot);
+        Some(slot)
+    }
+
+    pub(super) fn accept_completion(&mut self, slot: u32, cqe: &Completion) {
+        let Some(sock) = self.sockets[slot as usize].sock.as_mut() else {
+            return;
+        };
+        let si = sock.session;
+        let closing = sock.closing;
+        if !cqe.more {
+            sock.inflight -= 1;
+        }
+        let Kind::Listener(l) = &mut sock.kind else {
+            return;
+        };
+        if !cqe.more {
+            l.accepting = false;
+        }
+        if cqe.result >= 0 {
+            // SAFETY: a successful accept completion's result is a new fd that nobody else owns.
+            let fd = unsafe { OwnedFd::from_raw_fd(cqe.result) };
+            if closing {
+                if l.park {
+                    l.orphans.push(fd);
+                }
+            } else {
+                self.accepted(si, slot, fd);
+            }
+        } else if cqe.result != -Errno::CANCELED.raw_os_error() {
+            tracing::warn!(errno = -cqe.result, "accept failed");
+        }
+        if !cqe.more {
+            if cqe.result < 0 && cqe.result != -Errno::CANCELED.raw_os_error() {
+                // e.g. EMFILE: retry at the next housekeeping tick rather than spin.
+                self.accept_retry.push(slot);
+            } else {
+                self.arm_accept(slot);
+            }
+            self.try_finish_close(slot);
+        }
+    }
+
+    pub(super) fn connect(&mut self, si: u32, req: u32, addr: SocketAddr) {
+        // Outbound connections count against the same per-session limit as accepted ones,
+        // from the moment they are started.
+        let max = self.shared.config.max_conns_per_session;
+        let Some(s) = self.live_session(si) else {
+            return;
+        };
+        if s.conns >= max {
+            self.emit(
+                si,
+                Event::Failed {
+                    req,
+                    errno: Errno::MFILE.raw_os_error(),
+                },
+            );
+            return;
+        }
+        let family = if addr.is_ipv4() {
+            AddressFamily::INET
+        } else {
+            AddressFamily::INET6
+        };
+        let fd = match rnet::socket_with(
+            family,
+            SocketType::STREAM,
+            SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+            None,
+        ) {
+            Ok(fd) => fd,
+            Err(e) => {
+                self.emit(
+                    si,
+                    Event::Failed {
+                        req,
+                        errno: e.raw_os_error(),
+                    },
+                );
+                return;
+            }
+        };
+        match rnet::connect(&fd, &addr) {
+            Ok(()) | Err(Errno::INPROGRESS) => {}
+            Err(e) => {
+                self.emit(
+                    si,
+                    Event::Failed {
+                        req,
+                        errno: e.raw_os_error(),
+                    },
+                );
+                return;
+            }
+        }
+        let slot = self.alloc_socket(si, fd, Kind::Connecting { req });
+        if let Some(s) = self.session(si) {
+            s.conns += 1;
+        }
+        let tag = Tag {
+            op: Op::ConnectPoll,
+            session: si,
+            socket: slot,
+        };
+        let Some(sock) = self.sockets[slot as usize].sock.as_mut() else {
+            return;
+        };
+        match self.ring.poll_writable(sock.fd.as_fd(), tag) {
+            Ok(()) => sock.inflight += 1,
+            Err(e) => {
+                self.emit(
+                    si,
+                    Event::Failed {
+                        req,
+                        errno: errno_of(&e),
+                    },
+                );
+                self.begin_close(slot, true);
+            }
+        }
+    }
+
+    pub(super) fn connect_done(&mut self, slot: u32) {
+        let Some(sock) = self.sockets[slot as usize].sock.as_mut() else {
+            return;
+        };
+        let Kind::Connecting { req } = sock.kind else {
+            return;
+        };
+        let si = sock.session;
+        if sock.closing {
+            return;
+        }
+        let result = match sockopt::socket_error(&sock.fd) {
+            Ok(Ok(())) => rustix::io::ioctl_fionbio(&sock.fd, false),
+            Ok(Err(e)) | Err(e) => Err(e),
+        };
+        match result {
+            Ok(()) => {
+                let local = sock_addr(rnet::getsockname(&sock.fd));
+                let peer = peer_addr(&sock.fd);
+                sock.kind = Kind::Conn(Box::new(new_conn()));
+                let handle = self.handle(slot);
+                self.emit(
+                    si,
+                    Event::Done {
+                        req,
+                        handle,
+                        local,
+                        peer,
+                    },
+                );
+                self.maybe_arm_recv(slot);
+            }
+            Err(e) => {
+                self.emit(
+                    si,
+                    Event::Failed {
+                        req,
+                        errno: e.raw_os_error(),
+                    },
+                );
+                self.begin_close(slot, true);
+            }
+        }
+    }
+}

@@ -166,3 +166,66 @@ fn many_queued_files_go_out_without_stalls() {
         "128 MiB of queued files took {took:?}: the server stalled between bursts"
     );
 }
+
+/// A file range of 8 KiB or more sent on a connection the application *opened*, to a peer that
+/// does not read, must not stall the worker for everyone else on it. Outbound sockets were
+/// made blocking once connected, and the `sendfile` fast path then slept in the kernel until
+/// the peer read, holding every session of that worker.
+#[test]
+fn a_slow_reader_on_an_outbound_connection_stalls_nobody_else() {
+    use splitos::net::TcpStream;
+    use std::io::Write;
+    let body = pattern(4 << 20, 5);
+    let mut site = Site::new("outbound", &[("o.bin", &body)], |_| {});
+    let view = site.client.open("o.bin").unwrap();
+    // One worker, so both applications' sessions share it.
+    let server = splitos::embedded::start_new(splitos::embedded::Options {
+        threads: 1,
+        wait: splitos::WaitPolicy::adaptive(),
+    })
+    .unwrap();
+    let sink = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let sender = server.session().unwrap();
+    let out = TcpStream::connect_with(&sender, sink.local_addr().unwrap()).unwrap();
+    let (mut peer, _) = sink.accept().unwrap();
+    const COPIES: usize = 8; // 32 MiB: far more than the socket buffers hold
+    for _ in 0..COPIES {
+        out.send_file(&view, 0, view.len()).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(100));
+
+    // Another application on the same worker is served meanwhile. It runs on a thread of its
+    // own, so that a stalled worker fails the test instead of hanging it.
+    let other = server.session().unwrap();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let app = std::thread::spawn(move || {
+        let start = std::time::Instant::now();
+        let r = (|| -> std::io::Result<Vec<u8>> {
+            let l = TcpListener::bind_with(&other, "127.0.0.1:0", Default::default())?;
+            let mut c = std::net::TcpStream::connect(l.local_addr()?)?;
+            let (s, _) = l.accept()?;
+            c.write_all(b"ping")?;
+            let mut buf = [0u8; 64];
+            let n = (&s).read(&mut buf)?;
+            (&s).write_all(&buf[..n])?;
+            c.set_read_timeout(Some(Duration::from_secs(5)))?;
+            let mut got = [0u8; 4];
+            c.read_exact(&mut got)?;
+            Ok(got.to_vec())
+        })();
+        let _ = done_tx.send((r, start.elapsed()));
+    });
+    let served = done_rx.recv_timeout(Duration::from_secs(3));
+
+    // Now read everything, which also frees a stalled worker so the test ends either way.
+    peer.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut got = vec![0u8; COPIES * body.len()];
+    peer.read_exact(&mut got).unwrap();
+    let _ = app.join();
+    assert!(got.chunks(body.len()).all(|c| c == body), "bytes differ");
+    let (echoed, took) =
+        served.expect("the other application was not served while one peer did not read");
+    assert_eq!(echoed.unwrap(), b"ping");
+    assert!(took < Duration::from_secs(1), "the echo took {took:?}");
+}

@@ -347,9 +347,12 @@ impl Worker {
         if sock.closing {
             return;
         }
+        // The socket stays non-blocking, as accepted ones are: the ring copes with EAGAIN, and
+        // the synchronous `sendfile` path relies on it never sleeping (a blocking outbound
+        // socket let one slow peer stall every session of this worker).
         let result = match sockopt::socket_error(&sock.fd) {
-            Ok(Ok(())) => rustix::io::ioctl_fionbio(&sock.fd, false),
-            Ok(Err(e)) | Err(e) => Err(e),
+            Ok(r) => r,
+            Err(e) => Err(e),
         };
         match result {
             Ok(()) => {

@@ -35,8 +35,8 @@ impl Worker {
         match &mut sock.kind {
             // A connection being handed off still flushes: the next owner's responses must
             // follow complete ones.
-            Kind::Conn(c) if abort && c.handoff.is_none() && !c.linger => {
-                if !c.send_inflight {
+            Kind::Conn(c) if c.abort_on_close(abort) => {
+                if !c.send.busy() {
                     c.sendq.clear();
                 }
                 c.unsent = 0;
@@ -61,19 +61,14 @@ impl Worker {
         let mut cancel = None;
         match &mut sock.kind {
             Kind::Conn(c) => {
-                let abort = dead && c.handoff.is_none() && !c.linger;
-                if abort && !c.send_inflight {
+                let abort = c.abort_on_close(dead);
+                if abort && !c.send.busy() {
                     c.sendq.clear();
                 }
-                if !c.sendq.is_empty() || c.send_inflight {
-                    if abort && c.send_inflight {
-                        cancel = Some(if c.send_polling {
-                            Op::SendPoll
-                        } else {
-                            Op::Send
-                        });
-                    } else {
-                        return; // flushing
+                if !c.send_drained() {
+                    match c.send.cancel_op() {
+                        Some(op) if abort => cancel = Some(op),
+                        _ => return, // flushing
                     }
                 } else if c.recv == Recv::Armed {
                     c.recv = Recv::Cancelling;

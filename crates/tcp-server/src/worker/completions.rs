@@ -10,67 +10,27 @@ impl Worker {
         let n = cqes.len();
         for cqe in &cqes {
             let Some(tag) = cqe.tag else { continue };
+            if !cqe.more {
+                self.op_done(tag);
+            }
             match tag.op {
                 Op::Accept => self.accept_completion(tag.socket, cqe),
                 Op::Recv => self.received(tag.socket, cqe),
-                Op::Send => {
-                    if let Some(sock) = self
-                        .sockets
-                        .get_mut(tag.socket as usize)
-                        .and_then(|s| s.sock.as_mut())
-                    {
-                        sock.inflight -= 1;
-                    }
-                    self.sent(tag.socket, cqe.result);
-                }
-                Op::SendPoll => {
-                    if let Some(sock) = self
-                        .sockets
-                        .get_mut(tag.socket as usize)
-                        .and_then(|s| s.sock.as_mut())
-                    {
-                        sock.inflight -= 1;
-                    }
-                    // Readiness sent nothing; an error (a cancel) fails the connection.
-                    self.sent(tag.socket, cqe.result.min(0));
-                }
+                Op::Send => self.sent(tag.socket, cqe.result),
+                // Readiness sent nothing; an error (a cancel) fails the connection.
+                Op::SendPoll => self.sent(tag.socket, cqe.result.min(0)),
                 Op::ConnectPoll => {
-                    if let Some(sock) = self
-                        .sockets
-                        .get_mut(tag.socket as usize)
-                        .and_then(|s| s.sock.as_mut())
-                    {
-                        sock.inflight -= 1;
-                    }
                     self.connect_done(tag.socket);
                     self.try_finish_close(tag.socket);
                 }
                 Op::Cancel => {
-                    if tag.socket == u32::MAX {
-                        if let Some(s) = self.session(tag.session) {
-                            s.inflight -= 1;
-                        }
-                    } else if let Some(sock) = self
-                        .sockets
-                        .get_mut(tag.socket as usize)
-                        .and_then(|s| s.sock.as_mut())
-                    {
-                        sock.inflight -= 1;
+                    if tag.socket != SESSION_LEVEL {
                         self.try_finish_close(tag.socket);
                     }
                 }
                 Op::SessionPoll => {
-                    if !cqe.more {
-                        let rearm = match self.session(tag.session) {
-                            Some(s) => {
-                                s.inflight -= 1;
-                                !s.dead
-                            }
-                            None => false,
-                        };
-                        if rearm {
-                            self.rearm_session_poll(tag.session);
-                        }
+                    if !cqe.more && self.live_session(tag.session).is_some() {
+                        self.rearm_session_poll(tag.session);
                     }
                 }
                 Op::Wake => {
@@ -83,6 +43,34 @@ impl Worker {
         }
         self.completions = cqes;
         n
+    }
+
+    /// Retires an operation the kernel has finished with (a single-shot one's completion, a
+    /// multishot one's last): the count that keeps its socket's or session's memory alive
+    /// (invariants 3 and 4) goes down before anything reacts to the completion.
+    fn op_done(&mut self, tag: Tag) {
+        match tag.op {
+            Op::Wake => {}
+            Op::SessionPoll => {
+                if let Some(s) = self.session(tag.session) {
+                    s.inflight -= 1;
+                }
+            }
+            Op::Cancel if tag.socket == SESSION_LEVEL => {
+                if let Some(s) = self.session(tag.session) {
+                    s.inflight -= 1;
+                }
+            }
+            Op::Accept | Op::Recv | Op::Send | Op::SendPoll | Op::ConnectPoll | Op::Cancel => {
+                if let Some(sock) = self
+                    .sockets
+                    .get_mut(tag.socket as usize)
+                    .and_then(|s| s.sock.as_mut())
+                {
+                    sock.inflight -= 1;
+                }
+            }
+        }
     }
 
     pub(super) fn rearm_session_poll(&mut self, si: u32) {

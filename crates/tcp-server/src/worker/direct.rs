@@ -24,14 +24,7 @@ impl Worker {
             );
             return;
         };
-        let idle = !sock.closing
-            && c.direct.is_none()
-            && !c.paused
-            && c.held.is_empty()
-            && c.handoff.is_none()
-            && !c.eof
-            && !c.failed
-            && c.delivered == received;
+        let idle = !sock.closing && c.may_return_to_direct(received);
         let Some((route, serial)) = c.route.filter(|_| idle) else {
             return;
         };
@@ -211,11 +204,7 @@ impl Worker {
             let quiet = now.saturating_duration_since(d.last_active);
             if !d.buf.is_empty() && quiet > r.header_timeout {
                 expired.push((slot as u32, true));
-            } else if d.buf.is_empty()
-                && quiet > r.idle_timeout
-                && c.sendq.is_empty()
-                && !c.send_inflight
-            {
+            } else if d.buf.is_empty() && quiet > r.idle_timeout && c.send_drained() {
                 expired.push((slot as u32, false));
             }
         }

@@ -48,8 +48,8 @@
 //!    buffers a receive writes into (`Session::provided`) and the buffer ring itself stay
 //!    where they are until the operation's completion is reaped. Nothing in flight is moved,
 //!    grown or dropped; a send's chunks are only advanced in `advance_sent` after it completes.
-//! 2. **One send in flight per connection** (`Conn::send_inflight`, a ring send or a
-//!    `SendPoll` wait), which keeps bytes in order and partial sends simple; a synchronous
+//! 2. **One send in flight per connection** (`Conn::send`, an `InflightSend`: a ring send or
+//!    a `SendPoll` wait), which keeps bytes in order and partial sends simple; a synchronous
 //!    `sendfile` runs only when none is in flight.
 //! 3. **A socket slot is freed only when no operation is in flight on it**
 //!    (`Socket::inflight == 0`, counted up when an operation is queued and down when its
@@ -113,6 +113,9 @@ const MAX_OUTBOX: usize = 1 << 16;
 /// How long connections an application closed (or shut down) before it went away keep flushing
 /// their queued bytes, as the kernel does for a process that exits after `close`.
 const LINGER_LIMIT: Duration = Duration::from_secs(10);
+/// The socket of a tag for an operation on a session rather than a socket (the cancel of its
+/// wait-fd poll).
+const SESSION_LEVEL: u32 = u32::MAX;
 /// How long a shutting-down worker waits for the kernel to finish in-flight operations.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 

@@ -12,13 +12,7 @@ impl Worker {
         let Kind::Conn(c) = &mut sock.kind else {
             return;
         };
-        if sock.closing
-            || c.recv != Recv::Idle
-            || c.eof
-            || c.failed
-            || c.unacked >= RECV_WINDOW as u64 / 2
-            || c.direct.as_ref().is_some_and(|d| d.blocked)
-        {
+        if sock.closing || !c.may_receive() {
             return;
         }
         let Some(s) = self.sessions.get(si as usize).and_then(|s| s.as_ref()) else {
@@ -56,7 +50,6 @@ impl Worker {
         };
         if !cqe.more {
             c.recv = Recv::Idle;
-            sock.inflight -= 1;
         }
         let res = cqe.result;
         if c.paused {

@@ -90,7 +90,7 @@ impl Worker {
         c.unsent += data.len() as u64;
         // Coalesce into the last inline chunk unless the kernel is reading from it (growing it
         // could move its bytes).
-        let busy_back = c.send_inflight && c.sendq.len() <= c.inflight_chunks;
+        let busy_back = c.send.reads_last_of(c.sendq.len());
         match c.sendq.back_mut() {
             Some(Chunk::Inline { data: tail, .. }) if !busy_back && tail.len() < 64 << 10 => {
                 tail.extend_from_slice(data)
@@ -234,7 +234,7 @@ impl Worker {
         let Kind::Conn(c) = &mut sock.kind else {
             return;
         };
-        if c.send_inflight {
+        if c.send.busy() {
             return;
         }
         let Some(front) = c.sendq.front() else {
@@ -264,28 +264,16 @@ impl Worker {
                     .send(sock.fd.as_fd(), ptr, len.min(u32::MAX as usize) as u32, tag)
             }
         } else {
-            let g = c.gather.get_or_insert_with(|| {
-                Box::new(Gather {
-                    iov: [libc::iovec {
-                        iov_base: std::ptr::null_mut(),
-                        iov_len: 0,
-                    }; MAX_IOV],
-                    // SAFETY: msghdr is plain old data; all-zero is its empty value.
-                    msg: unsafe { std::mem::zeroed() },
-                })
-            });
-            let n = fill_iov(&mut g.iov, c.sendq.iter().take(chunks));
-            g.msg.msg_iov = g.iov.as_mut_ptr();
-            g.msg.msg_iovlen = n;
+            let msg = c.send.gather(c.sendq.iter().take(chunks));
             // SAFETY: as for a single send, for every chunk named; the iovecs and header live
-            // in this connection's boxed `Gather`, which is not touched or dropped before the
-            // completion is reaped (a connection is released only with nothing in flight).
-            unsafe { self.ring.sendmsg(sock.fd.as_fd(), &g.msg, tag) }
+            // in this connection's boxed `Gather` (inside `InflightSend`), which is not touched
+            // or dropped before the completion is reaped (a connection is released only with
+            // nothing in flight).
+            unsafe { self.ring.sendmsg(sock.fd.as_fd(), msg, tag) }
         };
         match r {
             Ok(()) => {
-                c.send_inflight = true;
-                c.inflight_chunks = chunks;
+                c.send.sending(chunks);
                 sock.inflight += 1;
             }
             Err(e) => tracing::error!("cannot queue a send: {e}"),
@@ -305,7 +293,7 @@ impl Worker {
         let Kind::Conn(c) = &sock.kind else {
             return SendNow::NotApplicable;
         };
-        if c.send_inflight || c.failed {
+        if c.send.busy() || c.failed {
             return SendNow::NotApplicable;
         }
         let Some(pos) =
@@ -370,9 +358,7 @@ impl Worker {
         };
         match self.ring.poll_writable(sock.fd.as_fd(), tag) {
             Ok(()) => {
-                c.send_inflight = true;
-                c.send_polling = true;
-                c.inflight_chunks = 0;
+                c.send.polling();
                 sock.inflight += 1;
             }
             Err(e) => tracing::error!("cannot queue a poll: {e}"),
@@ -386,9 +372,7 @@ impl Worker {
         let Kind::Conn(c) = &mut sock.kind else {
             return;
         };
-        c.send_inflight = false;
-        c.send_polling = false;
-        c.inflight_chunks = 0;
+        c.send.finished();
         if res == -Errno::AGAIN.raw_os_error() {
             // The socket is non-blocking (for `send_now`), and the ring may then give up on a
             // full socket instead of waiting: nothing was sent, so wait and try again.
@@ -502,7 +486,7 @@ impl Worker {
         let Kind::Conn(c) = &mut sock.kind else {
             return;
         };
-        if c.shutdown_wanted && !c.shutdown_done && c.sendq.is_empty() && !c.send_inflight {
+        if c.may_shut_down_write() {
             c.shutdown_done = true;
             let _ = rnet::shutdown(&sock.fd, rnet::Shutdown::Write);
         }

@@ -118,7 +118,7 @@ impl Worker {
         let tag = Tag {
             op: Op::Cancel,
             session: si,
-            socket: u32::MAX,
+            socket: SESSION_LEVEL,
         };
         let poll = Tag {
             op: Op::SessionPoll,
@@ -138,19 +138,7 @@ impl Worker {
                     Kind::Listener(l) => {
                         l.park = l.flags & listen_flags::PERSISTENT != 0 && restart;
                     }
-                    // Accepted but never read from or written to (the application died first):
-                    // nothing is lost by giving it to the next instance, as a parked
-                    // listener's backlog would have.
-                    Kind::Conn(c)
-                        if restart
-                            && !sock.closing
-                            && c.origin.is_some()
-                            && c.delivered == 0
-                            && !c.written
-                            && !c.eof
-                            && !c.failed
-                            && !c.shutdown_wanted =>
-                    {
+                    Kind::Conn(c) if restart && !sock.closing && c.untouched() => {
                         c.paused = true;
                         c.handoff = Some(Vec::new());
                     }

@@ -189,7 +189,7 @@ impl Worker {
         s.conns += 1;
         let local = sock_addr(rnet::getsockname(&fd));
         let peer = peer_addr(&fd);
-        let mut conn = Box::new(new_conn());
+        let mut conn = Box::new(Conn::new());
         conn.origin = origin;
         conn.route = route;
         conn.direct = route.map(|(route, serial)| {
@@ -223,9 +223,6 @@ impl Worker {
         };
         let si = sock.session;
         let closing = sock.closing;
-        if !cqe.more {
-            sock.inflight -= 1;
-        }
         let Kind::Listener(l) = &mut sock.kind else {
             return;
         };
@@ -358,7 +355,7 @@ impl Worker {
             Ok(()) => {
                 let local = sock_addr(rnet::getsockname(&sock.fd));
                 let peer = peer_addr(&sock.fd);
-                sock.kind = Kind::Conn(Box::new(new_conn()));
+                sock.kind = Kind::Conn(Box::new(Conn::new()));
                 let handle = self.handle(slot);
                 self.emit(
                     si,

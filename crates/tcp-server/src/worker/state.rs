@@ -101,9 +101,8 @@ pub(super) struct Conn {
     pub(super) unreported: u64,
     /// Bytes accepted from the application and not yet confirmed with `Sent`.
     pub(super) unsent: u64,
-    pub(super) send_inflight: bool,
-    /// The send in flight is a wait for the socket to drain (`Op::SendPoll`).
-    pub(super) send_polling: bool,
+    /// The one send in flight, if any (invariant 2), and the memory it lends the kernel.
+    pub(super) send: InflightSend,
     pub(super) recv: Recv,
     /// Bytes delivered to the application and not yet acknowledged with `Consumed`.
     pub(super) unacked: u64,
@@ -129,10 +128,6 @@ pub(super) struct Conn {
     /// The application closed or shut down this connection: its queued bytes go out even if
     /// the application then goes away (up to [`LINGER_LIMIT`]).
     pub(super) linger: bool,
-    /// Chunks at the front of `sendq` the send in flight reads from.
-    pub(super) inflight_chunks: usize,
-    /// The iovecs of a gathered send in flight, boxed so they stay put while the kernel reads.
-    pub(super) gather: Option<Box<Gather>>,
     /// Answered by the server itself (see `direct`) until the first request it cannot answer.
     pub(super) direct: Option<Box<crate::direct::Direct>>,
     /// The direct-path route (slot, serial) of the listener it came from, so that the
@@ -178,30 +173,283 @@ pub(super) struct SocketSlot {
     pub(super) sock: Option<Socket>,
 }
 
-pub(super) fn new_conn() -> Conn {
-    Conn {
-        sendq: VecDeque::new(),
-        unreported: 0,
-        unsent: 0,
-        send_inflight: false,
-        send_polling: false,
-        route: None,
-        recv: Recv::Idle,
-        unacked: 0,
-        eof: false,
-        failed: false,
-        shutdown_wanted: false,
-        shutdown_done: false,
-        paused: false,
-        held: Vec::new(),
-        handoff: None,
-        origin: None,
-        delivered: 0,
-        written: false,
-        send_wanted: false,
-        linger: false,
-        inflight_chunks: 0,
-        gather: None,
-        direct: None,
+impl Conn {
+    pub(super) fn new() -> Conn {
+        Conn {
+            sendq: VecDeque::new(),
+            unreported: 0,
+            unsent: 0,
+            send: InflightSend::default(),
+            route: None,
+            recv: Recv::Idle,
+            unacked: 0,
+            eof: false,
+            failed: false,
+            shutdown_wanted: false,
+            shutdown_done: false,
+            paused: false,
+            held: Vec::new(),
+            handoff: None,
+            origin: None,
+            delivered: 0,
+            written: false,
+            send_wanted: false,
+            linger: false,
+            direct: None,
+        }
+    }
+
+    /// Whether a receive may be armed: none is, the stream goes on, the application has
+    /// acknowledged enough of what it was given (the receive window), and the direct path is
+    /// not holding reads back for a full send queue. (The socket must not be closing either;
+    /// that is the socket's state, checked by the caller.)
+    pub(super) fn may_receive(&self) -> bool {
+        self.recv == Recv::Idle
+            && !self.eof
+            && !self.failed
+            && self.unacked < RECV_WINDOW as u64 / 2
+            && !self.direct.as_ref().is_some_and(|d| d.blocked)
+    }
+
+    /// Untouched by its application: accepted on a persistent listener but never read from,
+    /// written to, ended or failed. Such a connection of an application that died is given to
+    /// its successor rather than closed; nothing is lost, as a parked listener's backlog
+    /// would not lose it either.
+    pub(super) fn untouched(&self) -> bool {
+        self.origin.is_some()
+            && self.delivered == 0
+            && !self.written
+            && !self.eof
+            && !self.failed
+            && !self.shutdown_wanted
+    }
+
+    /// Whether the application may give this connection back to the direct path
+    /// (`ServeDirect`), having seen `received` bytes: only when it has seen every byte
+    /// delivered and nothing is paused, held, handed off or ended, so no byte could be
+    /// answered twice or out of order.
+    pub(super) fn may_return_to_direct(&self, received: u64) -> bool {
+        self.direct.is_none()
+            && !self.paused
+            && self.held.is_empty()
+            && self.handoff.is_none()
+            && !self.eof
+            && !self.failed
+            && self.delivered == received
+    }
+
+    /// Whether a close drops the bytes still queued: when it is an abort (the owner is gone or
+    /// killed it), unless the connection is being handed on (the next owner's responses must
+    /// follow complete ones) or its application closed it before it went (those bytes are
+    /// owed to the client, as the kernel would flush them).
+    pub(super) fn abort_on_close(&self, abort: bool) -> bool {
+        abort && self.handoff.is_none() && !self.linger
+    }
+
+    /// Nothing queued and nothing in flight: the kernel holds every byte it was given.
+    pub(super) fn send_drained(&self) -> bool {
+        self.sendq.is_empty() && !self.send.busy()
+    }
+
+    /// A shutdown the application asked for may be carried out now (after its last bytes).
+    pub(super) fn may_shut_down_write(&self) -> bool {
+        self.shutdown_wanted && !self.shutdown_done && self.send_drained()
+    }
+}
+
+/// What a connection's one send in flight is doing (invariant 2).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub(super) enum SendOp {
+    #[default]
+    Idle,
+    /// A ring send reading the first `chunks` chunks of the queue.
+    Send { chunks: usize },
+    /// A wait in the ring for a full socket to take bytes again (`Op::SendPoll`).
+    Poll,
+}
+
+/// A connection's send in flight and the memory it lends the kernel, in one place (as
+/// glommio's sources own what the kernel reads): the chunks it reads stay at the front of the
+/// queue and the gathered iovecs stay in their box until its completion is reaped.
+#[derive(Default)]
+pub(super) struct InflightSend {
+    op: SendOp,
+    /// The iovecs and header of a gathered send, boxed so they stay put while the kernel reads
+    /// them; kept for the connection's next gathered send.
+    gather: Option<Box<Gather>>,
+}
+
+impl InflightSend {
+    pub(super) fn busy(&self) -> bool {
+        self.op != SendOp::Idle
+    }
+
+    /// A ring send reading the first `chunks` chunks has been queued.
+    pub(super) fn sending(&mut self, chunks: usize) {
+        self.op = SendOp::Send { chunks };
+    }
+
+    /// A wait for room has been queued.
+    pub(super) fn polling(&mut self) {
+        self.op = SendOp::Poll;
+    }
+
+    /// Its completion has been reaped: the kernel reads nothing of the queue any more.
+    pub(super) fn finished(&mut self) {
+        self.op = SendOp::Idle;
+    }
+
+    /// Whether the kernel may be reading the last of `queued` chunks (which then must not
+    /// grow: growing could move its bytes).
+    pub(super) fn reads_last_of(&self, queued: usize) -> bool {
+        matches!(self.op, SendOp::Send { chunks } if queued <= chunks)
+    }
+
+    /// The ring operation to cancel for it, if one is in flight.
+    pub(super) fn cancel_op(&self) -> Option<Op> {
+        match self.op {
+            SendOp::Idle => None,
+            SendOp::Send { .. } => Some(Op::Send),
+            SendOp::Poll => Some(Op::SendPoll),
+        }
+    }
+
+    /// The gather header for a send of `chunks`, pointed at their unsent bytes.
+    pub(super) fn gather<'a>(&mut self, chunks: impl Iterator<Item = &'a Chunk>) -> &libc::msghdr {
+        let g = self.gather.get_or_insert_with(|| {
+            Box::new(Gather {
+                iov: [libc::iovec {
+                    iov_base: std::ptr::null_mut(),
+                    iov_len: 0,
+                }; MAX_IOV],
+                // SAFETY: msghdr is plain old data; all-zero is its empty value.
+                msg: unsafe { std::mem::zeroed() },
+            })
+        });
+        let n = super::send::fill_iov(&mut g.iov, chunks);
+        g.msg.msg_iov = g.iov.as_mut_ptr();
+        g.msg.msg_iovlen = n;
+        &g.msg
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn() -> Conn {
+        let mut c = Conn::new();
+        c.origin = Some("127.0.0.1:80".parse().unwrap());
+        c
+    }
+
+    #[test]
+    fn a_new_connection_may_receive_until_the_window_fills_or_it_ends() {
+        let mut c = conn();
+        assert!(c.may_receive());
+        c.unacked = RECV_WINDOW as u64 / 2 - 1;
+        assert!(c.may_receive());
+        c.unacked = RECV_WINDOW as u64 / 2;
+        assert!(!c.may_receive(), "the receive window is full");
+        c.unacked = 0;
+        c.recv = Recv::Armed;
+        assert!(!c.may_receive(), "one receive at a time");
+        c.recv = Recv::Idle;
+        c.eof = true;
+        assert!(!c.may_receive(), "after end of stream");
+        c.eof = false;
+        c.failed = true;
+        assert!(!c.may_receive(), "after a failure");
+    }
+
+    #[test]
+    fn untouched_means_nothing_read_written_or_ended_on_a_persistent_listener() {
+        assert!(conn().untouched());
+        assert!(!Conn::new().untouched(), "no listener to hand it to");
+        let touched: [fn(&mut Conn); 5] = [
+            |c| c.delivered = 1,
+            |c| c.written = true,
+            |c| c.eof = true,
+            |c| c.failed = true,
+            |c| c.shutdown_wanted = true,
+        ];
+        for touch in touched {
+            let mut c = conn();
+            touch(&mut c);
+            assert!(!c.untouched());
+        }
+    }
+
+    #[test]
+    fn a_connection_returns_to_the_direct_path_only_when_the_application_saw_everything() {
+        let mut c = conn();
+        c.delivered = 100;
+        assert!(c.may_return_to_direct(100));
+        assert!(!c.may_return_to_direct(99), "bytes still on their way");
+        c.paused = true;
+        assert!(!c.may_return_to_direct(100));
+        c.paused = false;
+        c.held = b"x".to_vec();
+        assert!(!c.may_return_to_direct(100));
+        c.held.clear();
+        c.handoff = Some(Vec::new());
+        assert!(!c.may_return_to_direct(100));
+        c.handoff = None;
+        c.eof = true;
+        assert!(!c.may_return_to_direct(100));
+    }
+
+    #[test]
+    fn a_close_drops_queued_bytes_only_on_abort_without_hand_off_or_linger() {
+        let mut c = conn();
+        assert!(!c.abort_on_close(false));
+        assert!(c.abort_on_close(true));
+        c.linger = true;
+        assert!(
+            !c.abort_on_close(true),
+            "closed by its application: owed to the client"
+        );
+        c.linger = false;
+        c.handoff = Some(Vec::new());
+        assert!(
+            !c.abort_on_close(true),
+            "the next owner's responses follow these"
+        );
+    }
+
+    #[test]
+    fn the_send_in_flight_pins_what_it_reads() {
+        let mut s = InflightSend::default();
+        assert!(!s.busy());
+        assert_eq!(s.cancel_op(), None);
+        s.sending(2);
+        assert!(s.busy());
+        assert!(s.reads_last_of(1) && s.reads_last_of(2));
+        assert!(!s.reads_last_of(3), "a chunk behind the send may grow");
+        assert_eq!(s.cancel_op(), Some(Op::Send));
+        s.finished();
+        s.polling();
+        assert!(s.busy() && !s.reads_last_of(1));
+        assert_eq!(s.cancel_op(), Some(Op::SendPoll));
+        s.finished();
+        assert!(!s.busy());
+    }
+
+    #[test]
+    fn a_shutdown_waits_for_the_last_byte() {
+        let mut c = conn();
+        c.shutdown_wanted = true;
+        assert!(c.may_shut_down_write());
+        c.send.polling();
+        assert!(!c.may_shut_down_write());
+        c.send.finished();
+        c.sendq.push_back(Chunk::Inline {
+            data: b"x".to_vec(),
+            off: 0,
+        });
+        assert!(!c.may_shut_down_write());
+        c.sendq.clear();
+        c.shutdown_done = true;
+        assert!(!c.may_shut_down_write(), "once only");
     }
 }

@@ -3,19 +3,19 @@
 use super::*;
 
 impl Worker {
-    pub(super) fn cancel(&mut self, slot: u32, op: Op) {
-        let Some(sock) = self.sockets[slot as usize].sock.as_mut() else {
+    pub(super) fn cancel(&mut self, slot: SlotIx, op: Op) {
+        let Some(sock) = self.sockets[slot].sock.as_mut() else {
             return;
         };
         let target = Tag {
             op,
-            session: sock.session,
-            socket: slot,
+            session: sock.session.0,
+            socket: slot.0,
         };
         let tag = Tag {
             op: Op::Cancel,
-            session: sock.session,
-            socket: slot,
+            session: sock.session.0,
+            socket: slot.0,
         };
         if self.ring.cancel(target, tag).is_ok() {
             sock.inflight += 1;
@@ -25,8 +25,8 @@ impl Worker {
     /// Starts closing a socket: a connection first flushes what the application queued
     /// (unless `abort`), then its receive is cancelled; the fd is closed once the kernel holds
     /// no operation on it.
-    pub(super) fn begin_close(&mut self, slot: u32, abort: bool) {
-        let Some(sock) = self.sockets[slot as usize].sock.as_mut() else {
+    pub(super) fn begin_close(&mut self, slot: SlotIx, abort: bool) {
+        let Some(sock) = self.sockets[slot].sock.as_mut() else {
             return;
         };
         if !sock.closing {
@@ -46,8 +46,8 @@ impl Worker {
         self.try_finish_close(slot);
     }
 
-    pub(super) fn try_finish_close(&mut self, slot: u32) {
-        let Some(sock) = self.sockets[slot as usize].sock.as_mut() else {
+    pub(super) fn try_finish_close(&mut self, slot: SlotIx) {
+        let Some(sock) = self.sockets[slot].sock.as_mut() else {
             return;
         };
         if !sock.closing {
@@ -55,7 +55,7 @@ impl Worker {
         }
         let dead = self
             .sessions
-            .get(sock.session as usize)
+            .get(sock.session.ix())
             .and_then(|s| s.as_ref())
             .is_none_or(|s| s.dead);
         let mut cancel = None;
@@ -95,20 +95,17 @@ impl Worker {
             return;
         }
         // Nothing in flight: release the socket.
-        let Some(sock) = self.sockets[slot as usize].sock.take() else {
+        let Some(sock) = self.sockets[slot].sock.take() else {
             return;
         };
         let si = sock.session;
         let handle = self.handle(slot);
-        self.sockets[slot as usize].generation =
-            self.sockets[slot as usize].generation.wrapping_add(1);
+        self.sockets[slot].generation = self.sockets[slot].generation.wrapping_add(1);
         self.free_sockets.push(slot);
         let was_conn = matches!(sock.kind, Kind::Conn(_) | Kind::Connecting { .. });
         // A socket whose connect failed never had a handle the application saw.
         let issued = !matches!(sock.kind, Kind::Connecting { .. });
-        let uid = self.sessions[si as usize]
-            .as_ref()
-            .map_or(u32::MAX, |s| s.peer.uid);
+        let uid = self.sessions[si].as_ref().map_or(u32::MAX, |s| s.peer.uid);
         if let Kind::Conn(c) = sock.kind {
             if let (Some(mut data), Some(origin), false) = (c.handoff, c.origin, c.failed) {
                 data.extend_from_slice(&c.held);

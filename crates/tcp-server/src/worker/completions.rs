@@ -10,27 +10,28 @@ impl Worker {
         let n = cqes.len();
         for cqe in &cqes {
             let Some(tag) = cqe.tag else { continue };
+            let (si, slot) = (SessionIx(tag.session), SlotIx(tag.socket));
             if !cqe.more {
                 self.op_done(tag);
             }
             match tag.op {
-                Op::Accept => self.accept_completion(tag.socket, cqe),
-                Op::Recv => self.received(tag.socket, cqe),
-                Op::Send => self.sent(tag.socket, cqe.result),
+                Op::Accept => self.accept_completion(slot, cqe),
+                Op::Recv => self.received(slot, cqe),
+                Op::Send => self.sent(slot, cqe.result),
                 // Readiness sent nothing; an error (a cancel) fails the connection.
-                Op::SendPoll => self.sent(tag.socket, cqe.result.min(0)),
+                Op::SendPoll => self.sent(slot, cqe.result.min(0)),
                 Op::ConnectPoll => {
-                    self.connect_done(tag.socket);
-                    self.try_finish_close(tag.socket);
+                    self.connect_done(slot);
+                    self.try_finish_close(slot);
                 }
                 Op::Cancel => {
-                    if tag.socket != SESSION_LEVEL {
-                        self.try_finish_close(tag.socket);
+                    if slot != SESSION_LEVEL {
+                        self.try_finish_close(slot);
                     }
                 }
                 Op::SessionPoll => {
-                    if !cqe.more && self.live_session(tag.session).is_some() {
-                        self.rearm_session_poll(tag.session);
+                    if !cqe.more && self.live_session(si).is_some() {
+                        self.rearm_session_poll(si);
                     }
                 }
                 Op::Wake => {
@@ -49,22 +50,23 @@ impl Worker {
     /// multishot one's last): the count that keeps its socket's or session's memory alive
     /// (invariants 3 and 4) goes down before anything reacts to the completion.
     fn op_done(&mut self, tag: Tag) {
+        let (si, slot) = (SessionIx(tag.session), SlotIx(tag.socket));
         match tag.op {
             Op::Wake => {}
             Op::SessionPoll => {
-                if let Some(s) = self.session(tag.session) {
+                if let Some(s) = self.session(si) {
                     s.inflight -= 1;
                 }
             }
-            Op::Cancel if tag.socket == SESSION_LEVEL => {
-                if let Some(s) = self.session(tag.session) {
+            Op::Cancel if slot == SESSION_LEVEL => {
+                if let Some(s) = self.session(si) {
                     s.inflight -= 1;
                 }
             }
             Op::Accept | Op::Recv | Op::Send | Op::SendPoll | Op::ConnectPoll | Op::Cancel => {
                 if let Some(sock) = self
                     .sockets
-                    .get_mut(tag.socket as usize)
+                    .get_mut(slot.ix())
                     .and_then(|s| s.sock.as_mut())
                 {
                     sock.inflight -= 1;
@@ -73,13 +75,13 @@ impl Worker {
         }
     }
 
-    pub(super) fn rearm_session_poll(&mut self, si: u32) {
+    pub(super) fn rearm_session_poll(&mut self, si: SessionIx) {
         let tag = Tag {
             op: Op::SessionPoll,
-            session: si,
+            session: si.0,
             socket: 0,
         };
-        let Some(s) = self.sessions.get_mut(si as usize).and_then(|s| s.as_mut()) else {
+        let Some(s) = self.sessions.get_mut(si.ix()).and_then(|s| s.as_mut()) else {
             return;
         };
         if self.ring.poll_readable_multi(s.chan.wait_fd(), tag).is_ok() {

@@ -6,13 +6,13 @@ use super::*;
 impl Worker {
     /// Puts a connection the direct path had deferred back on it, if the application has seen
     /// every byte delivered (else the request is moot: the newer bytes are on their way to it).
-    pub(super) fn serve_direct_again(&mut self, si: u32, handle: Handle, received: u64) {
+    pub(super) fn serve_direct_again(&mut self, si: SessionIx, handle: Handle, received: u64) {
         let Some(slot) = self.owned(si, handle) else {
             self.bad_handle(si, handle);
             return;
         };
         let now = self.now;
-        let Some(sock) = self.sockets[slot as usize].sock.as_mut() else {
+        let Some(sock) = self.sockets[slot].sock.as_mut() else {
             return;
         };
         let Kind::Conn(c) = &mut sock.kind else {
@@ -45,7 +45,7 @@ impl Worker {
     /// application cannot make the server talk to someone else's service).
     pub(super) fn serve_files(
         &mut self,
-        si: u32,
+        si: SessionIx,
         req: u32,
         listener: Handle,
         header_timeout_s: u32,
@@ -65,7 +65,7 @@ impl Worker {
             return fail(self, Errno::BADF);
         };
         if !matches!(
-            self.sockets[slot as usize].sock.as_ref().map(|s| &s.kind),
+            self.sockets[slot].sock.as_ref().map(|s| &s.kind),
             Some(Kind::Listener(_))
         ) {
             return fail(self, Errno::NOTSOCK);
@@ -80,13 +80,13 @@ impl Worker {
             Err(e) => return fail(self, e),
         };
         if owner != uid && owner != rustix::process::geteuid().as_raw() {
-            tracing::warn!(session = si, path = %path.display(), "ServeFiles refused: the socket belongs to another user");
+            tracing::warn!(session = si.0, path = %path.display(), "ServeFiles refused: the socket belongs to another user");
             return fail(self, Errno::ACCESS);
         }
         let files = match FileClient::connect(path) {
             Ok(f) => f,
             Err(e) => {
-                tracing::warn!(session = si, path = %path.display(), "ServeFiles: cannot reach the file server: {e}");
+                tracing::warn!(session = si.0, path = %path.display(), "ServeFiles: cannot reach the file server: {e}");
                 return fail(self, Errno::CONNREFUSED);
             }
         };
@@ -110,13 +110,13 @@ impl Worker {
         if let Some(Socket {
             kind: Kind::Listener(l),
             ..
-        }) = self.sockets[slot as usize].sock.as_mut()
+        }) = self.sockets[slot].sock.as_mut()
         {
             if let Some((old, _)) = l.route.replace((idx, self.route_serial)) {
                 self.routes[old as usize] = None;
             }
         }
-        tracing::info!(session = si, path = %path.display(), "direct path installed");
+        tracing::info!(session = si.0, path = %path.display(), "direct path installed");
         self.emit(
             si,
             Event::Done {
@@ -129,8 +129,8 @@ impl Worker {
     }
 
     /// Runs the direct path on a connection's buffered bytes (see `direct::serve`).
-    pub(super) fn serve_direct(&mut self, slot: u32) {
-        let Some(sock) = self.sockets[slot as usize].sock.as_mut() else {
+    pub(super) fn serve_direct(&mut self, slot: SlotIx) {
+        let Some(sock) = self.sockets[slot].sock.as_mut() else {
             return;
         };
         let si = sock.session;
@@ -203,9 +203,9 @@ impl Worker {
             };
             let quiet = now.saturating_duration_since(d.last_active);
             if !d.buf.is_empty() && quiet > r.header_timeout {
-                expired.push((slot as u32, true));
+                expired.push((SlotIx(slot as u32), true));
             } else if d.buf.is_empty() && quiet > r.idle_timeout && c.send_drained() {
-                expired.push((slot as u32, false));
+                expired.push((SlotIx(slot as u32), false));
             }
         }
         for (slot, late_head) in expired {
@@ -225,7 +225,7 @@ impl Worker {
     }
 
     /// Turns a direct connection over to its application, starting with `data`.
-    pub(super) fn defer(&mut self, slot: u32, si: u32, data: Vec<u8>) {
+    pub(super) fn defer(&mut self, slot: SlotIx, si: SessionIx, data: Vec<u8>) {
         let handle = self.handle(slot);
         if let Some(c) = self.conn_mut(slot) {
             c.unacked += data.len() as u64;

@@ -4,14 +4,14 @@
 use super::*;
 
 impl Worker {
-    pub(super) fn emit(&mut self, si: u32, ev: Event<'_>) {
+    pub(super) fn emit(&mut self, si: SessionIx, ev: Event<'_>) {
         self.ev.clear();
         ev.encode(&mut self.ev);
         self.emit_encoded(si);
     }
 
     /// Sends the event encoded in `self.ev`, queueing it if the ring is full.
-    pub(super) fn emit_encoded(&mut self, si: u32) {
+    pub(super) fn emit_encoded(&mut self, si: SessionIx) {
         let buf = std::mem::take(&mut self.ev);
         let r = match self.live_session(si) {
             None => Ok(()),
@@ -32,7 +32,13 @@ impl Worker {
         self.after_emit(si, r);
     }
 
-    pub(super) fn emit_buffer(&mut self, si: u32, buf: TxBuffer, len: usize, meta: BufferMeta) {
+    pub(super) fn emit_buffer(
+        &mut self,
+        si: SessionIx,
+        buf: TxBuffer,
+        len: usize,
+        meta: BufferMeta,
+    ) {
         let meta = meta.encode();
         let r = match self.live_session(si) {
             None => Ok(()),
@@ -52,7 +58,7 @@ impl Worker {
         self.after_emit(si, r);
     }
 
-    pub(super) fn after_emit(&mut self, si: u32, r: Result<(), M2mError>) {
+    pub(super) fn after_emit(&mut self, si: SessionIx, r: Result<(), M2mError>) {
         if let Err(e) = r {
             self.session_failed(si, &e);
             return;
@@ -63,14 +69,14 @@ impl Worker {
         if over {
             tracing::warn!(
                 worker = self.id,
-                session = si,
+                session = si.0,
                 "application stopped reading events; dropping it"
             );
             self.kill_session(si);
         }
     }
 
-    pub(super) fn flush_outbox(&mut self, si: u32) {
+    pub(super) fn flush_outbox(&mut self, si: SessionIx) {
         let Some(s) = self.live_session(si) else {
             return;
         };
@@ -103,18 +109,18 @@ impl Worker {
         }
     }
 
-    pub(super) fn violation(&mut self, si: u32, op: u8, errno: i32, what: &'static str) {
+    pub(super) fn violation(&mut self, si: SessionIx, op: u8, errno: i32, what: &'static str) {
         let Some(s) = self.live_session(si) else {
             return;
         };
         s.violations += 1;
         let over = s.violations > MAX_VIOLATIONS;
-        tracing::debug!(session = si, what, "protocol violation");
+        tracing::debug!(session = si.0, what, "protocol violation");
         self.emit(si, Event::ProtocolError { op, errno });
         if over {
             tracing::warn!(
                 worker = self.id,
-                session = si,
+                session = si.0,
                 "too many protocol violations; dropping the session"
             );
             self.kill_session(si);
@@ -124,7 +130,7 @@ impl Worker {
     /// A request named a handle that is not (or no longer) this session's: a race with a
     /// close the application has not seen yet, or a forgery. Either way it gets EBADF on that
     /// handle and touches nothing.
-    pub(super) fn bad_handle(&mut self, si: u32, handle: Handle) {
+    pub(super) fn bad_handle(&mut self, si: SessionIx, handle: Handle) {
         self.emit(
             si,
             Event::Error {

@@ -7,7 +7,7 @@ impl Worker {
     /// Stops delivering a connection's data to its application; `Paused` marks the end of what
     /// was delivered, later bytes collect in `held` (bounded by the receive window, since the
     /// application never acknowledges them).
-    pub(super) fn pause(&mut self, si: u32, handle: Handle) {
+    pub(super) fn pause(&mut self, si: SessionIx, handle: Handle) {
         let Some(slot) = self.owned(si, handle) else {
             self.bad_handle(si, handle);
             return;
@@ -34,7 +34,7 @@ impl Worker {
     /// Hands a paused connection to the next owner of its persistent listener's address. It is
     /// released like a close (queued bytes flushed, receive cancelled, nothing in flight), but
     /// the fd goes to the registry instead of being closed.
-    pub(super) fn handoff(&mut self, si: u32, handle: Handle, data: &[u8]) {
+    pub(super) fn handoff(&mut self, si: SessionIx, handle: Handle, data: &[u8]) {
         let Some(slot) = self.owned(si, handle) else {
             self.bad_handle(si, handle);
             return;
@@ -44,7 +44,7 @@ impl Worker {
         if let Some(Socket {
             kind: Kind::Listener(l),
             ..
-        }) = self.sockets[slot as usize].sock.as_mut()
+        }) = self.sockets[slot].sock.as_mut()
         {
             if l.flags & listen_flags::PERSISTENT != 0 && data.is_empty() {
                 l.park = true;
@@ -74,8 +74,8 @@ impl Worker {
     /// Adopts connections other instances handed off, for every live persistent listener here.
     pub(super) fn adopt_handed(&mut self) -> usize {
         let mut targets = Vec::new();
-        for si in 0..self.sessions.len() as u32 {
-            let Some(s) = self.sessions[si as usize].as_ref().filter(|s| !s.dead) else {
+        for si in self.session_ixs() {
+            let Some(s) = self.sessions[si].as_ref().filter(|s| !s.dead) else {
                 continue;
             };
             let uid = s.peer.uid;
@@ -84,7 +84,7 @@ impl Worker {
                     kind: Kind::Listener(l),
                     closing: false,
                     ..
-                }) = self.sockets[slot as usize].sock.as_ref()
+                }) = self.sockets[slot].sock.as_ref()
                 {
                     if l.flags & listen_flags::PERSISTENT != 0 {
                         targets.push((si, slot, l.addr, uid));
@@ -102,13 +102,13 @@ impl Worker {
         n
     }
 
-    pub(super) fn adopt(&mut self, si: u32, listener: u32, h: crate::persist::Handed) {
+    pub(super) fn adopt(&mut self, si: SessionIx, listener: SlotIx, h: crate::persist::Handed) {
         let Some(slot) = self.accepted(si, listener, h.fd) else {
             return;
         };
         let handle = self.handle(slot);
         tracing::debug!(
-            session = si,
+            session = si.0,
             held = h.data.len(),
             "adopted a handed-off connection"
         );

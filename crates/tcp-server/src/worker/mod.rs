@@ -115,7 +115,7 @@ const MAX_OUTBOX: usize = 1 << 16;
 const LINGER_LIMIT: Duration = Duration::from_secs(10);
 /// The socket of a tag for an operation on a session rather than a socket (the cancel of its
 /// wait-fd poll).
-const SESSION_LEVEL: u32 = u32::MAX;
+const SESSION_LEVEL: SlotIx = SlotIx(u32::MAX);
 /// How long a shutting-down worker waits for the kernel to finish in-flight operations.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -132,16 +132,17 @@ pub(crate) struct Worker {
     wake: OwnedFd,
     wake_armed: bool,
     sessions: Vec<Option<Session>>,
-    free_sessions: Vec<u32>,
+    free_sessions: Vec<SessionIx>,
     sockets: Vec<SocketSlot>,
-    free_sockets: Vec<u32>,
+    free_sockets: Vec<SlotIx>,
     completions: Vec<Completion>,
     msg: Vec<u8>,
     ev: Vec<u8>,
-    starved: Vec<u32>,
-    accept_retry: Vec<u32>,
+    /// Connections whose receive waits for a free buffer of their session's pool.
+    starved: Vec<SlotIx>,
+    accept_retry: Vec<SlotIx>,
     /// Connections given bytes this pass, whose send starts once all requests are read.
-    send_wanted: Vec<u32>,
+    send_wanted: Vec<SlotIx>,
     /// Direct-path routes of this worker's listeners.
     routes: Vec<Option<crate::direct::Route>>,
     /// The start of the current pass: a coarse clock for activity stamps.
@@ -218,7 +219,7 @@ impl Worker {
             if self.shared.registry.has_handed() {
                 work += self.adopt_handed();
             }
-            for si in 0..self.sessions.len() as u32 {
+            for si in self.session_ixs() {
                 work += self.serve_requests(si);
             }
             self.start_wanted_sends();
@@ -226,7 +227,7 @@ impl Worker {
             // Direct-path responses produced while reaping receives.
             self.start_wanted_sends();
             self.refill_and_rearm();
-            for si in 0..self.sessions.len() as u32 {
+            for si in self.session_ixs() {
                 self.flush_outbox(si);
             }
             self.collect_sessions();
@@ -270,7 +271,7 @@ impl Worker {
                 Ok(true) => {}
                 Ok(false) => ready = true,
                 Err(e) => {
-                    self.session_failed(si as u32, &e);
+                    self.session_failed(SessionIx(si as u32), &e);
                     ready = true;
                 }
             }
@@ -317,7 +318,7 @@ impl Worker {
                     c.linger = false;
                     c.handoff = None;
                     tracing::debug!(
-                        slot,
+                        slot = slot.0,
                         "a dead application's connection did not flush in time; aborting it"
                     );
                 }
@@ -370,7 +371,7 @@ impl Worker {
     }
 
     fn shutdown(&mut self) {
-        for si in 0..self.sessions.len() as u32 {
+        for si in self.session_ixs() {
             self.kill_session(si);
         }
         let deadline = Instant::now() + DRAIN_TIMEOUT;

@@ -4,8 +4,8 @@
 use super::*;
 
 impl Worker {
-    pub(super) fn maybe_arm_recv(&mut self, slot: u32) {
-        let Some(sock) = self.sockets[slot as usize].sock.as_mut() else {
+    pub(super) fn maybe_arm_recv(&mut self, slot: SlotIx) {
+        let Some(sock) = self.sockets[slot].sock.as_mut() else {
             return;
         };
         let si = sock.session;
@@ -15,13 +15,13 @@ impl Worker {
         if sock.closing || !c.may_receive() {
             return;
         }
-        let Some(s) = self.sessions.get(si as usize).and_then(|s| s.as_ref()) else {
+        let Some(s) = self.sessions.get(si.ix()).and_then(|s| s.as_ref()) else {
             return;
         };
         let tag = Tag {
             op: Op::Recv,
-            session: si,
-            socket: slot,
+            session: si.0,
+            socket: slot.0,
         };
         match self.ring.recv_multi(sock.fd.as_fd(), s.bufs.group(), tag) {
             Ok(()) => {
@@ -32,14 +32,14 @@ impl Worker {
         }
     }
 
-    pub(super) fn received(&mut self, slot: u32, cqe: &Completion) {
-        let Some(sock) = self.sockets[slot as usize].sock.as_mut() else {
+    pub(super) fn received(&mut self, slot: SlotIx, cqe: &Completion) {
+        let Some(sock) = self.sockets[slot].sock.as_mut() else {
             return;
         };
         let si = sock.session;
         // The buffer the kernel filled, if any, comes out of the provided set first.
         let buf = cqe.buffer.and_then(|bid| {
-            let s = self.sessions.get_mut(si as usize)?.as_mut()?;
+            let s = self.sessions.get_mut(si.ix())?.as_mut()?;
             let b = s.provided.get_mut(bid as usize)?.take();
             s.free_bids.push(bid);
             b
@@ -107,7 +107,7 @@ impl Worker {
                 return;
             }
         }
-        let handle = Handle::new(slot, self.sockets[slot as usize].generation);
+        let handle = Handle::new(slot.0, self.sockets[slot].generation);
         if res > 0 && !closing {
             let n = res as usize;
             let Some(buf) = buf else {
@@ -175,7 +175,7 @@ impl Worker {
     }
 
     /// Gives a buffer back to the kernel's provided set.
-    pub(super) fn provide(&mut self, si: u32, mut buf: TxBuffer) {
+    pub(super) fn provide(&mut self, si: SessionIx, mut buf: TxBuffer) {
         let Some(s) = self.session(si) else { return };
         if s.dead {
             return;
@@ -193,7 +193,7 @@ impl Worker {
     /// Tops up every session's provided buffers from its pool (buffers come back as the
     /// application drops them) and re-arms receives that ran out of buffers.
     pub(super) fn refill_and_rearm(&mut self) {
-        for si in 0..self.sessions.len() as u32 {
+        for si in self.session_ixs() {
             self.refill(si);
         }
         if self.starved.is_empty() {
@@ -201,10 +201,10 @@ impl Worker {
         }
         let starved = std::mem::take(&mut self.starved);
         for slot in starved {
-            let has_bufs = self.sockets[slot as usize]
+            let has_bufs = self.sockets[slot]
                 .sock
                 .as_ref()
-                .and_then(|s| self.sessions.get(s.session as usize)?.as_ref())
+                .and_then(|s| self.sessions.get(s.session.ix())?.as_ref())
                 .is_some_and(|s| s.free_bids.len() < s.provided.len());
             if has_bufs {
                 self.maybe_arm_recv(slot);
@@ -214,7 +214,7 @@ impl Worker {
         }
     }
 
-    pub(super) fn refill(&mut self, si: u32) {
+    pub(super) fn refill(&mut self, si: SessionIx) {
         let Some(s) = self.live_session(si) else {
             return;
         };

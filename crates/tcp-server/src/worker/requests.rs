@@ -3,7 +3,7 @@
 use super::*;
 
 impl Worker {
-    pub(super) fn serve_requests(&mut self, si: u32) -> usize {
+    pub(super) fn serve_requests(&mut self, si: SessionIx) -> usize {
         let mut n = 0;
         while n < REQUESTS_PER_PASS {
             let mut msg = std::mem::take(&mut self.msg);
@@ -53,25 +53,25 @@ impl Worker {
     }
 
     /// The socket `h` names, if it is open and belongs to session `si`.
-    pub(super) fn owned(&mut self, si: u32, h: Handle) -> Option<u32> {
+    pub(super) fn owned(&mut self, si: SessionIx, h: Handle) -> Option<SlotIx> {
         let slot = self.sockets.get(h.index() as usize)?;
         let sock = slot.sock.as_ref()?;
         (slot.generation == h.generation() && sock.session == si && !sock.closing)
-            .then_some(h.index())
+            .then_some(SlotIx(h.index()))
     }
 
-    pub(super) fn handle(&self, slot: u32) -> Handle {
-        Handle::new(slot, self.sockets[slot as usize].generation)
+    pub(super) fn handle(&self, slot: SlotIx) -> Handle {
+        Handle::new(slot.0, self.sockets[slot].generation)
     }
 
-    pub(super) fn conn_mut(&mut self, slot: u32) -> Option<&mut Conn> {
-        match &mut self.sockets.get_mut(slot as usize)?.sock.as_mut()?.kind {
+    pub(super) fn conn_mut(&mut self, slot: SlotIx) -> Option<&mut Conn> {
+        match &mut self.sockets.get_mut(slot.ix())?.sock.as_mut()?.kind {
             Kind::Conn(c) => Some(c),
             _ => None,
         }
     }
 
-    pub(super) fn handle_request(&mut self, si: u32, req: Request<'_>) {
+    pub(super) fn handle_request(&mut self, si: SessionIx, req: Request<'_>) {
         match req {
             Request::Hello { name, .. } => {
                 if let Some(s) = self.live_session(si) {
@@ -117,7 +117,7 @@ impl Worker {
                     );
                     return;
                 };
-                let Some(sock) = self.sockets[slot as usize].sock.as_ref() else {
+                let Some(sock) = self.sockets[slot].sock.as_ref() else {
                     return;
                 };
                 let r = match opt {

@@ -52,7 +52,7 @@ pub(super) fn recycle(spare: &mut Vec<Vec<u8>>, mut v: Vec<u8>) {
 impl Worker {
     /// The slot of connection `handle` if it belongs to session `si` and may still be written
     /// to; otherwise reports why on that handle (EBADF, or EPIPE after a shutdown or failure).
-    pub(super) fn writable(&mut self, si: u32, handle: Handle) -> Option<u32> {
+    pub(super) fn writable(&mut self, si: SessionIx, handle: Handle) -> Option<SlotIx> {
         let Some(slot) = self.owned(si, handle) else {
             self.bad_handle(si, handle);
             return None;
@@ -75,7 +75,7 @@ impl Worker {
         None
     }
 
-    pub(super) fn send_inline(&mut self, si: u32, handle: Handle, data: &[u8]) {
+    pub(super) fn send_inline(&mut self, si: SessionIx, handle: Handle, data: &[u8]) {
         let Some(slot) = self.writable(si, handle) else {
             return;
         };
@@ -107,7 +107,7 @@ impl Worker {
         self.want_send(slot);
     }
 
-    pub(super) fn send_buffer(&mut self, si: u32, handle: Handle, rx: RxBuffer) {
+    pub(super) fn send_buffer(&mut self, si: SessionIx, handle: Handle, rx: RxBuffer) {
         let Some(slot) = self.writable(si, handle) else {
             return;
         };
@@ -127,7 +127,7 @@ impl Worker {
 
     /// The segment the application tagged `file`, taking newly passed descriptors as needed
     /// (they were sent before the request that names them, so they are already here).
-    pub(super) fn file_segment(&mut self, si: u32, file: u64) -> Option<Arc<Segment>> {
+    pub(super) fn file_segment(&mut self, si: SessionIx, file: u64) -> Option<Arc<Segment>> {
         loop {
             let s = self.live_session(si)?;
             if let Some(seg) = s.files.get(&file) {
@@ -154,7 +154,14 @@ impl Worker {
         }
     }
 
-    pub(super) fn send_file(&mut self, si: u32, handle: Handle, file: u64, offset: u64, len: u64) {
+    pub(super) fn send_file(
+        &mut self,
+        si: SessionIx,
+        handle: Handle,
+        file: u64,
+        offset: u64,
+        len: u64,
+    ) {
         let Some(seg) = self.file_segment(si, file) else {
             self.violation(
                 si,
@@ -201,7 +208,7 @@ impl Worker {
 
     /// Defers the send of a connection that got bytes to the end of the pass, so that a head
     /// and the body requested right after it leave in one gathered send.
-    pub(super) fn want_send(&mut self, slot: u32) {
+    pub(super) fn want_send(&mut self, slot: SlotIx) {
         if let Some(c) = self.conn_mut(slot) {
             if !c.send_wanted {
                 c.send_wanted = true;
@@ -210,7 +217,7 @@ impl Worker {
         }
     }
 
-    pub(super) fn start_send(&mut self, slot: u32) {
+    pub(super) fn start_send(&mut self, slot: SlotIx) {
         // Large file ranges go out synchronously by `sendfile` (see `send_now`) while the
         // socket takes them; everything else, and whatever is left, through the ring.
         for _ in 0..SEND_NOW_ROUNDS {
@@ -227,7 +234,7 @@ impl Worker {
                 }
             }
         }
-        let Some(sock) = self.sockets[slot as usize].sock.as_mut() else {
+        let Some(sock) = self.sockets[slot].sock.as_mut() else {
             return;
         };
         let si = sock.session;
@@ -250,8 +257,8 @@ impl Worker {
         }
         let tag = Tag {
             op: Op::Send,
-            session: si,
-            socket: slot,
+            session: si.0,
+            socket: slot.0,
         };
         let chunks = c.sendq.len().min(MAX_IOV);
         let r = if chunks == 1 {
@@ -286,8 +293,8 @@ impl Worker {
     /// files). The bytes before the range (a response head) go first with `MSG_MORE`, so head
     /// and body still share segments. Sockets are non-blocking: a full socket answers `Full`
     /// and never sleeps.
-    pub(super) fn send_now(&mut self, slot: u32) -> SendNow {
-        let Some(sock) = self.sockets[slot as usize].sock.as_ref() else {
+    pub(super) fn send_now(&mut self, slot: SlotIx) -> SendNow {
+        let Some(sock) = self.sockets[slot].sock.as_ref() else {
             return SendNow::NotApplicable;
         };
         let Kind::Conn(c) = &sock.kind else {
@@ -344,14 +351,14 @@ impl Worker {
 
     /// Waits (in the ring) for a full socket to take bytes again; the wait counts as the
     /// connection's send in flight, so closing and cancelling treat it as one.
-    pub(super) fn poll_send(&mut self, slot: u32) {
-        let Some(sock) = self.sockets[slot as usize].sock.as_mut() else {
+    pub(super) fn poll_send(&mut self, slot: SlotIx) {
+        let Some(sock) = self.sockets[slot].sock.as_mut() else {
             return;
         };
         let tag = Tag {
             op: Op::SendPoll,
-            session: sock.session,
-            socket: slot,
+            session: sock.session.0,
+            socket: slot.0,
         };
         let Kind::Conn(c) = &mut sock.kind else {
             return;
@@ -365,8 +372,8 @@ impl Worker {
         }
     }
 
-    pub(super) fn sent(&mut self, slot: u32, res: i32) {
-        let Some(sock) = self.sockets[slot as usize].sock.as_mut() else {
+    pub(super) fn sent(&mut self, slot: SlotIx, res: i32) {
+        let Some(sock) = self.sockets[slot].sock.as_mut() else {
             return;
         };
         let Kind::Conn(c) = &mut sock.kind else {
@@ -387,8 +394,8 @@ impl Worker {
         self.start_send(slot);
     }
 
-    pub(super) fn send_failed(&mut self, slot: u32, errno: i32) {
-        let Some(sock) = self.sockets[slot as usize].sock.as_mut() else {
+    pub(super) fn send_failed(&mut self, slot: SlotIx, errno: i32) {
+        let Some(sock) = self.sockets[slot].sock.as_mut() else {
             return;
         };
         let si = sock.session;
@@ -409,8 +416,8 @@ impl Worker {
 
     /// Retires `n` sent bytes from the front of the queue, returning send credit and
     /// resuming a direct connection the full queue had stopped.
-    pub(super) fn advance_sent(&mut self, slot: u32, n: usize) {
-        let Some(sock) = self.sockets[slot as usize].sock.as_mut() else {
+    pub(super) fn advance_sent(&mut self, slot: SlotIx, n: usize) {
+        let Some(sock) = self.sockets[slot].sock.as_mut() else {
             return;
         };
         let si = sock.session;
@@ -479,8 +486,8 @@ impl Worker {
         }
     }
 
-    pub(super) fn try_shutdown(&mut self, slot: u32) {
-        let Some(sock) = self.sockets[slot as usize].sock.as_mut() else {
+    pub(super) fn try_shutdown(&mut self, slot: SlotIx) {
+        let Some(sock) = self.sockets[slot].sock.as_mut() else {
             return;
         };
         let Kind::Conn(c) = &mut sock.kind else {

@@ -23,32 +23,32 @@ impl Worker {
                     return Err(std::io::Error::other("worker has its maximum of sessions"));
                 }
                 self.sessions.push(None);
-                self.sessions.len() as u32 - 1
+                SessionIx(self.sessions.len() as u32 - 1)
             }
         };
         let mut chan = ns.chan;
         chan.set_wait_policy(WaitPolicy::Poll);
         let buf_count = self.shared.config.recv_buffers;
-        let bufs = BufRing::new(si as u16, buf_count)?;
+        let bufs = BufRing::new(si.0 as u16, buf_count)?;
         if let Err(e) = self.ring.register_buf_ring(&bufs) {
             self.free_sessions.push(si);
             return Err(e);
         }
         let tag = Tag {
             op: Op::SessionPoll,
-            session: si,
+            session: si.0,
             socket: 0,
         };
         self.ring.poll_readable_multi(chan.wait_fd(), tag)?;
         tracing::info!(
             worker = self.id,
-            session = si,
+            session = si.0,
             pid = ns.peer.pid,
             uid = ns.peer.uid,
             "session started"
         );
         self.shared.sessions.fetch_add(1, Ordering::AcqRel);
-        self.sessions[si as usize] = Some(Session {
+        self.sessions[si] = Some(Session {
             chan,
             peer: ns.peer,
             name: String::new(),
@@ -72,15 +72,20 @@ impl Worker {
         Ok(())
     }
 
-    pub(super) fn session(&mut self, si: u32) -> Option<&mut Session> {
-        self.sessions.get_mut(si as usize)?.as_mut()
+    /// Every session index this worker has (live, dead or free), for passes over all of them.
+    pub(super) fn session_ixs(&self) -> impl Iterator<Item = SessionIx> + use<> {
+        (0..self.sessions.len() as u32).map(SessionIx)
     }
 
-    pub(super) fn live_session(&mut self, si: u32) -> Option<&mut Session> {
+    pub(super) fn session(&mut self, si: SessionIx) -> Option<&mut Session> {
+        self.sessions.get_mut(si.ix())?.as_mut()
+    }
+
+    pub(super) fn live_session(&mut self, si: SessionIx) -> Option<&mut Session> {
         self.session(si).filter(|s| !s.dead)
     }
 
-    pub(super) fn session_failed(&mut self, si: u32, e: &M2mError) {
+    pub(super) fn session_failed(&mut self, si: SessionIx, e: &M2mError) {
         let worker = self.id;
         let Some(s) = self.live_session(si) else {
             return;
@@ -90,7 +95,7 @@ impl Worker {
         }
         match e {
             M2mError::PeerGone => {
-                tracing::info!(worker, session = si, "application left");
+                tracing::info!(worker, session = si.0, "application left");
                 // What it queued before it went still counts: an application that writes a
                 // reply, closes and exits expects the reply delivered, even when we notice
                 // the exit first (while sending it an event). Bounded: a departed peer adds
@@ -99,14 +104,14 @@ impl Worker {
                 s.outbox.clear();
                 while self.serve_requests(si) > 0 {}
             }
-            other => tracing::warn!(worker, session = si, "dropping session: {other}"),
+            other => tracing::warn!(worker, session = si.0, "dropping session: {other}"),
         }
         self.kill_session(si);
     }
 
     /// Ends a session: persistent listeners are parked, every other socket is closed. Memory
     /// goes once the kernel has finished with it (see `collect_sessions`).
-    pub(super) fn kill_session(&mut self, si: u32) {
+    pub(super) fn kill_session(&mut self, si: SessionIx) {
         let Some(s) = self.session(si) else { return };
         if s.dead {
             return;
@@ -114,15 +119,15 @@ impl Worker {
         s.dead = true;
         s.dead_since = Some(Instant::now());
         s.outbox.clear();
-        let socks: Vec<u32> = s.sockets.iter().copied().collect();
+        let socks: Vec<SlotIx> = s.sockets.iter().copied().collect();
         let tag = Tag {
             op: Op::Cancel,
-            session: si,
-            socket: SESSION_LEVEL,
+            session: si.0,
+            socket: SESSION_LEVEL.0,
         };
         let poll = Tag {
             op: Op::SessionPoll,
-            session: si,
+            session: si.0,
             socket: 0,
         };
         if self.ring.cancel(poll, tag).is_ok() {
@@ -133,7 +138,7 @@ impl Worker {
         // Parking is for an application's restart, not for the server's own exit.
         let restart = !self.shared.shutdown.load(Ordering::Acquire);
         for slot in socks {
-            if let Some(sock) = self.sockets[slot as usize].sock.as_mut() {
+            if let Some(sock) = self.sockets[slot].sock.as_mut() {
                 match &mut sock.kind {
                     Kind::Listener(l) => {
                         l.park = l.flags & listen_flags::PERSISTENT != 0 && restart;
@@ -164,7 +169,7 @@ impl Worker {
                     std::mem::forget(s.bufs);
                     std::mem::forget(s.provided);
                 }
-                self.free_sessions.push(si as u32);
+                self.free_sessions.push(SessionIx(si as u32));
                 self.shared.sessions.fetch_sub(1, Ordering::AcqRel);
                 tracing::debug!(worker = self.id, session = si, "session memory released");
             }

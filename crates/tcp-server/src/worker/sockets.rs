@@ -38,15 +38,15 @@ pub(super) fn open_listener(
 }
 
 impl Worker {
-    pub(super) fn alloc_socket(&mut self, si: u32, fd: OwnedFd, kind: Kind) -> u32 {
+    pub(super) fn alloc_socket(&mut self, si: SessionIx, fd: OwnedFd, kind: Kind) -> SlotIx {
         let slot = match self.free_sockets.pop() {
             Some(s) => s,
             None => {
                 self.sockets.push(SocketSlot::default());
-                self.sockets.len() as u32 - 1
+                SlotIx(self.sockets.len() as u32 - 1)
             }
         };
-        self.sockets[slot as usize].sock = Some(Socket {
+        self.sockets[slot].sock = Some(Socket {
             session: si,
             fd,
             inflight: 0,
@@ -59,7 +59,14 @@ impl Worker {
         slot
     }
 
-    pub(super) fn listen(&mut self, si: u32, req: u32, addr: SocketAddr, backlog: u32, flags: u32) {
+    pub(super) fn listen(
+        &mut self,
+        si: SessionIx,
+        req: u32,
+        addr: SocketAddr,
+        backlog: u32,
+        flags: u32,
+    ) {
         let Some(s) = self.live_session(si) else {
             return;
         };
@@ -91,7 +98,7 @@ impl Worker {
         }
         let (fd, orphans) = match self.shared.registry.take(addr, uid) {
             Some(p) => {
-                tracing::info!(%addr, session = si, orphans = p.orphans.len(), "took over a persistent listener");
+                tracing::info!(%addr, session = si.0, orphans = p.orphans.len(), "took over a persistent listener");
                 (p.fd, p.orphans)
             }
             None => match open_listener(addr, backlog, flags) {
@@ -140,8 +147,8 @@ impl Worker {
         self.arm_accept(slot);
     }
 
-    pub(super) fn arm_accept(&mut self, slot: u32) {
-        let Some(sock) = self.sockets[slot as usize].sock.as_mut() else {
+    pub(super) fn arm_accept(&mut self, slot: SlotIx) {
+        let Some(sock) = self.sockets[slot].sock.as_mut() else {
             return;
         };
         let Kind::Listener(l) = &mut sock.kind else {
@@ -152,8 +159,8 @@ impl Worker {
         }
         let tag = Tag {
             op: Op::Accept,
-            session: sock.session,
-            socket: slot,
+            session: sock.session.0,
+            socket: slot.0,
         };
         match self.ring.accept_multi(sock.fd.as_fd(), tag) {
             Ok(()) => {
@@ -164,13 +171,14 @@ impl Worker {
         }
     }
 
-    pub(super) fn accepted(&mut self, si: u32, listener: u32, fd: OwnedFd) -> Option<u32> {
+    pub(super) fn accepted(
+        &mut self,
+        si: SessionIx,
+        listener: SlotIx,
+        fd: OwnedFd,
+    ) -> Option<SlotIx> {
         let max = self.shared.config.max_conns_per_session;
-        let (origin, route) = match self.sockets[listener as usize]
-            .sock
-            .as_ref()
-            .map(|s| &s.kind)
-        {
+        let (origin, route) = match self.sockets[listener].sock.as_ref().map(|s| &s.kind) {
             Some(Kind::Listener(l)) => (
                 (l.flags & listen_flags::PERSISTENT != 0).then_some(l.addr),
                 l.route,
@@ -180,7 +188,7 @@ impl Worker {
         let s = self.live_session(si)?;
         if s.conns >= max {
             tracing::warn!(
-                session = si,
+                session = si.0,
                 max,
                 "connection limit reached; refusing a connection"
             );
@@ -217,8 +225,8 @@ impl Worker {
         Some(slot)
     }
 
-    pub(super) fn accept_completion(&mut self, slot: u32, cqe: &Completion) {
-        let Some(sock) = self.sockets[slot as usize].sock.as_mut() else {
+    pub(super) fn accept_completion(&mut self, slot: SlotIx, cqe: &Completion) {
+        let Some(sock) = self.sockets[slot].sock.as_mut() else {
             return;
         };
         let si = sock.session;
@@ -253,7 +261,7 @@ impl Worker {
         }
     }
 
-    pub(super) fn connect(&mut self, si: u32, req: u32, addr: SocketAddr) {
+    pub(super) fn connect(&mut self, si: SessionIx, req: u32, addr: SocketAddr) {
         // Outbound connections count against the same per-session limit as accepted ones,
         // from the moment they are started.
         let max = self.shared.config.max_conns_per_session;
@@ -312,10 +320,10 @@ impl Worker {
         }
         let tag = Tag {
             op: Op::ConnectPoll,
-            session: si,
-            socket: slot,
+            session: si.0,
+            socket: slot.0,
         };
-        let Some(sock) = self.sockets[slot as usize].sock.as_mut() else {
+        let Some(sock) = self.sockets[slot].sock.as_mut() else {
             return;
         };
         match self.ring.poll_writable(sock.fd.as_fd(), tag) {
@@ -333,8 +341,8 @@ impl Worker {
         }
     }
 
-    pub(super) fn connect_done(&mut self, slot: u32) {
-        let Some(sock) = self.sockets[slot as usize].sock.as_mut() else {
+    pub(super) fn connect_done(&mut self, slot: SlotIx) {
+        let Some(sock) = self.sockets[slot].sock.as_mut() else {
             return;
         };
         let Kind::Connecting { req } = sock.kind else {

@@ -2,6 +2,65 @@
 
 use super::*;
 
+/// A session's index in `Worker::sessions` (also its buffer group and its tags' `session`).
+/// Distinct from [`SlotIx`] so that the compiler catches a swapped pair.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub(super) struct SessionIx(pub(super) u32);
+
+/// A socket's index in `Worker::sockets` (the index half of its `Handle`, its tags' `socket`).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub(super) struct SlotIx(pub(super) u32);
+
+impl SessionIx {
+    pub(super) fn ix(self) -> usize {
+        self.0 as usize
+    }
+}
+
+impl SlotIx {
+    pub(super) fn ix(self) -> usize {
+        self.0 as usize
+    }
+}
+
+impl std::fmt::Display for SessionIx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::fmt::Display for SlotIx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::ops::Index<SessionIx> for Vec<Option<Session>> {
+    type Output = Option<Session>;
+    fn index(&self, si: SessionIx) -> &Option<Session> {
+        &self[si.ix()]
+    }
+}
+
+impl std::ops::IndexMut<SessionIx> for Vec<Option<Session>> {
+    fn index_mut(&mut self, si: SessionIx) -> &mut Option<Session> {
+        &mut self[si.ix()]
+    }
+}
+
+impl std::ops::Index<SlotIx> for Vec<SocketSlot> {
+    type Output = SocketSlot;
+    fn index(&self, slot: SlotIx) -> &SocketSlot {
+        &self[slot.ix()]
+    }
+}
+
+impl std::ops::IndexMut<SlotIx> for Vec<SocketSlot> {
+    fn index_mut(&mut self, slot: SlotIx) -> &mut SocketSlot {
+        &mut self[slot.ix()]
+    }
+}
+
 pub(super) enum Out {
     Inline(Vec<u8>),
     Buffer {
@@ -20,7 +79,7 @@ pub(super) struct Session {
     pub(super) provided: Vec<Option<TxBuffer>>,
     pub(super) free_bids: Vec<u16>,
     pub(super) outbox: VecDeque<Out>,
-    pub(super) sockets: HashSet<u32>,
+    pub(super) sockets: HashSet<SlotIx>,
     /// File segments the application passed for `SendFile`, by its tag.
     pub(super) files: HashMap<u64, Arc<Segment>>,
     /// Session-level operations in flight (the wait-fd poll).
@@ -160,7 +219,7 @@ pub(super) enum Kind {
 }
 
 pub(super) struct Socket {
-    pub(super) session: u32,
+    pub(super) session: SessionIx,
     pub(super) fd: OwnedFd,
     pub(super) inflight: u32,
     pub(super) closing: bool,

@@ -7,10 +7,13 @@
 //! the Unix-socket cases. Every loop on both sides has a deadline, the parent notices a peer
 //! that exited, and the peer exits when the parent goes away (`proc::exit_with_parent`).
 
+mod iceoryx;
+
 use crate::proc::{
     exit_with_parent, online_cpus, percentile, pin, recv_fds, send_fds, Watchdog, WAKE,
 };
 use crate::report::Report;
+use iceoryx::{iceoryx2_parent, iceoryx2_peer};
 use rustix::fd::{AsFd, OwnedFd};
 use splitos_m2m::{Channel, ChannelConfig, Listener, ListenerConfig, Message, WaitPolicy};
 use std::io::{Read, Write};
@@ -376,93 +379,6 @@ fn policy_of(case: &str) -> Result<WaitPolicy, String> {
         "m2m_block" => Ok(WaitPolicy::Block),
         other => Err(format!("unknown case {other}")),
     }
-}
-
-fn ice_names(parent_pid: u32) -> (String, String) {
-    (
-        format!("splitos-bench/{parent_pid}/ping"),
-        format!("splitos-bench/{parent_pid}/pong"),
-    )
-}
-
-type IceResult<T> = Result<T, String>;
-
-fn ice<T, E: std::fmt::Debug>(r: Result<T, E>) -> IceResult<T> {
-    r.map_err(|e| format!("iceoryx2: {e:?}"))
-}
-
-type IcePorts = (
-    iceoryx2::node::Node<iceoryx2::service::ipc::Service>,
-    iceoryx2::port::publisher::Publisher<iceoryx2::service::ipc::Service, [u8; MSG], ()>,
-    iceoryx2::port::subscriber::Subscriber<iceoryx2::service::ipc::Service, [u8; MSG], ()>,
-);
-
-/// The node and the two ports of one side: the parent publishes on "ping" and subscribes to
-/// "pong", the peer the other way round.
-fn ice_ports(parent_pid: u32, parent: bool) -> IceResult<IcePorts> {
-    use iceoryx2::prelude::*;
-    let (ping, pong) = ice_names(parent_pid);
-    let (out, inn) = if parent { (ping, pong) } else { (pong, ping) };
-    let node = ice(NodeBuilder::new().create::<ipc::Service>())?;
-    let service = |name: &str| {
-        ice(node
-            .service_builder(&ice(name.try_into())?)
-            .publish_subscribe::<[u8; MSG]>()
-            .open_or_create())
-    };
-    let publisher = ice(service(&out)?.publisher_builder().create())?;
-    let subscriber = ice(service(&inn)?.subscriber_builder().create())?;
-    Ok((node, publisher, subscriber))
-}
-
-fn iceoryx2_parent(peer: &mut Peer, iters: usize) -> Result<Vec<u64>, String> {
-    let (_node, publisher, subscriber) = ice_ports(std::process::id(), true)?;
-    peer.ctl.write_all(b"G").map_err(|e| e.to_string())?;
-    peer.ready()?;
-    let start = Instant::now();
-    let mut payload = [7u8; MSG];
-    timed(iters, |i| {
-        payload[..8].copy_from_slice(&i.to_le_bytes());
-        let sample = ice(publisher.loan_uninit())?;
-        ice(sample.write_payload(payload).send())?;
-        let mut n = 0u32;
-        loop {
-            if let Some(s) = ice(subscriber.receive())? {
-                if s.payload()[..8] == i.to_le_bytes() {
-                    return Ok(());
-                }
-            }
-            n = n.wrapping_add(1);
-            if n % (1 << 16) == 0 {
-                peer.check(start)?;
-            }
-        }
-    })
-}
-
-fn iceoryx2_peer(ctl: &mut UnixStream, iters: usize) -> Result<(), String> {
-    let mut go = [0u8; 1];
-    ctl.read_exact(&mut go).map_err(|e| e.to_string())?;
-    let parent = rustix::process::getppid().map_or(0, |p| p.as_raw_nonzero().get() as u32);
-    let (_node, publisher, subscriber) = ice_ports(parent, false)?;
-    ctl.write_all(b"R").map_err(|e| e.to_string())?;
-    let start = Instant::now();
-    let mut done = 0;
-    let mut n = 0u32;
-    while done < iters {
-        if let Some(s) = ice(subscriber.receive())? {
-            let p = *s.payload();
-            drop(s);
-            let out = ice(publisher.loan_uninit())?;
-            ice(out.write_payload(p).send())?;
-            done += 1;
-        }
-        n = n.wrapping_add(1);
-        if n % (1 << 16) == 0 && deadline_passed(start) {
-            return Err("iceoryx2 parent stopped".into());
-        }
-    }
-    Ok(())
 }
 
 // ---- throughput ----

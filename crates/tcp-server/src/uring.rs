@@ -1,6 +1,8 @@
 //! The io_uring seam: the ring, the operations we submit, and provided-buffer rings.
 //!
-//! Every `unsafe` that io_uring needs lives here, each with the invariant the caller keeps. The
+//! Every `unsafe` that io_uring needs lives here, each with the invariant the caller keeps
+//! (the worker's only other `unsafe` blocks are its synchronous gathered `sendmsg` in
+//! `worker/send.rs` and the msghdr it zeroes, and adopting an accepted fd). The
 //! key one: memory handed to the kernel (a provided buffer, a send's bytes) must stay mapped
 //! and unchanged until the operation's final completion is reaped. The worker guarantees that by
 //! owning the `TxBuffer`/`RxBuffer` behind each pointer until then, and by never dropping a
@@ -27,6 +29,21 @@ pub enum Op {
     SendPoll = 8,
 }
 
+impl Op {
+    /// Every op, so that decoding is one table with the declaration (a new op cannot be
+    /// forgotten by the decoder: `tags_round_trip` walks this list).
+    pub const ALL: [Op; 8] = [
+        Op::Accept,
+        Op::Recv,
+        Op::Send,
+        Op::ConnectPoll,
+        Op::Cancel,
+        Op::SessionPoll,
+        Op::Wake,
+        Op::SendPoll,
+    ];
+}
+
 /// `user_data` layout: op (8 bits) | session slot (24 bits) | socket slot (32 bits).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Tag {
@@ -41,17 +58,8 @@ impl Tag {
     }
 
     pub fn decode(v: u64) -> Option<Tag> {
-        let op = match (v >> 56) as u8 {
-            1 => Op::Accept,
-            2 => Op::Recv,
-            3 => Op::Send,
-            4 => Op::ConnectPoll,
-            5 => Op::Cancel,
-            6 => Op::SessionPoll,
-            7 => Op::Wake,
-            8 => Op::SendPoll,
-            _ => return None,
-        };
+        let code = (v >> 56) as u8;
+        let op = Op::ALL.into_iter().find(|op| *op as u8 == code)?;
         Some(Tag {
             op,
             session: ((v >> 32) & 0xff_ffff) as u32,
@@ -282,7 +290,21 @@ pub struct BufRing {
     tail: u16,
 }
 
-const ENTRY_BYTES: usize = 16;
+/// The kernel's `struct io_uring_buf` (uapi `io_uring.h`): one provided buffer.
+mod buf_field {
+    /// Size of one entry.
+    pub const ENTRY_BYTES: usize = 16;
+    /// `__u64 addr`: where the buffer is.
+    pub const ADDR: usize = 0;
+    /// `__u32 len`: its length.
+    pub const LEN: usize = 8;
+    /// `__u16 bid`: its id, returned in the completion's flags.
+    pub const BID: usize = 12;
+    /// `__u16 resv`: unused in every entry but the first, where it is the ring's tail
+    /// (`struct io_uring_buf_ring` overlays `tail` on entry 0's `resv`).
+    pub const TAIL: usize = 14;
+}
+use buf_field::ENTRY_BYTES;
 
 impl BufRing {
     pub fn new(group: u16, min_entries: usize) -> io::Result<BufRing> {
@@ -310,22 +332,23 @@ impl BufRing {
         let base = self.map.as_mut_ptr();
         // SAFETY: `slot < entries`, so the 16-byte entry lies inside the mapping, which is
         // page-aligned; the fields are written at their natural alignment. The `resv` field
-        // (offset 14) is not touched: in entry 0 it is the shared tail.
+        // (`TAIL`) is not touched: in entry 0 it is the shared tail.
         unsafe {
             let e = base.add(slot * ENTRY_BYTES);
-            e.cast::<u64>().write(addr as u64);
-            e.add(8).cast::<u32>().write(len);
-            e.add(12).cast::<u16>().write(bid);
+            e.add(buf_field::ADDR).cast::<u64>().write(addr as u64);
+            e.add(buf_field::LEN).cast::<u32>().write(len);
+            e.add(buf_field::BID).cast::<u16>().write(bid);
         }
         self.tail = self.tail.wrapping_add(1);
     }
 
     /// Makes pushed buffers visible to the kernel.
     pub fn publish(&mut self) {
-        // SAFETY: offset 14 is entry 0's `resv`, the ring tail, 2-byte aligned inside the
+        // SAFETY: `TAIL` is entry 0's `resv`, the ring tail, 2-byte aligned inside the
         // mapping; the kernel reads it concurrently, hence the atomic release store that also
         // orders the entry writes before it.
-        let tail = unsafe { AtomicU16::from_ptr(self.map.as_mut_ptr().add(14).cast()) };
+        let tail =
+            unsafe { AtomicU16::from_ptr(self.map.as_mut_ptr().add(buf_field::TAIL).cast()) };
         tail.store(self.tail, Ordering::Release);
     }
 }
@@ -336,14 +359,7 @@ mod tests {
 
     #[test]
     fn tags_round_trip() {
-        for op in [
-            Op::Accept,
-            Op::Recv,
-            Op::Send,
-            Op::Cancel,
-            Op::Wake,
-            Op::SendPoll,
-        ] {
+        for op in Op::ALL {
             let t = Tag {
                 op,
                 session: 0xab_cdef,
@@ -352,5 +368,8 @@ mod tests {
             assert_eq!(Tag::decode(t.encode()), Some(t));
         }
         assert_eq!(Tag::decode(0), None);
+        assert_eq!(Tag::decode(0xff << 56), None);
+        let codes: std::collections::HashSet<u8> = Op::ALL.iter().map(|op| *op as u8).collect();
+        assert_eq!(codes.len(), Op::ALL.len(), "two ops share a code");
     }
 }

@@ -6,6 +6,7 @@
 //! at most every 10 ms — to peek at the setup socket, whose EOF is how a `kill -9`ed peer is
 //! noticed (the kernel closes its fds; nothing the dead process could have done is needed).
 
+use crate::layout::fd_message::{self, FdMessage};
 use crate::layout::{descriptor, header, record, Params};
 use crate::pool::{RxBuffer, RxPool, TxBuffer, TxPool};
 use crate::region::Region;
@@ -21,12 +22,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Magic of a descriptor message on the setup socket: "M2FD".
-const FD_MAGIC: u32 = u32::from_le_bytes(*b"M2FD");
-/// Bytes of a descriptor message: magic u32 | fd count u32 | tag u64, little-endian.
-const FD_MESSAGE: usize = 16;
-/// Descriptors one message may carry.
-pub const MAX_FDS_PER_MESSAGE: usize = 4;
+/// Descriptors one message may carry (the format is [`fd_message`]).
+pub const MAX_FDS_PER_MESSAGE: usize = fd_message::MAX_FDS;
 /// Descriptor messages a channel end holds for its user before the peer counts as flooding it.
 const MAX_FD_INBOX: usize = 256;
 
@@ -247,7 +244,7 @@ impl Channel {
             Ordering::Release,
         );
         sys::ring_eventfd(self.peer_doorbell.as_fd());
-        let _ = rustix::net::shutdown(&self.socket, rustix::net::Shutdown::Both);
+        sys::shutdown(self.socket.as_fd());
     }
 
     /// Fails the channel if the peer is known to be gone. Cheap: one shared load, and a coarse
@@ -305,10 +302,11 @@ impl Channel {
             )));
         }
         self.check_peer()?;
-        let mut m = [0u8; FD_MESSAGE];
-        m[..4].copy_from_slice(&FD_MAGIC.to_le_bytes());
-        m[4..8].copy_from_slice(&(fds.len() as u32).to_le_bytes());
-        m[8..].copy_from_slice(&tag.to_le_bytes());
+        let m = FdMessage {
+            count: fds.len() as u32,
+            tag,
+        }
+        .encode();
         sys::send_with_fds(self.socket.as_fd(), &m, fds).map_err(|e| match e.kind() {
             std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset => {
                 self.fail(Failure::PeerGone)
@@ -337,7 +335,7 @@ impl Channel {
     /// socket drained is also what stops it from waking sleepers over and over.
     fn pull_fd_messages(&mut self) -> Result<(), Error> {
         loop {
-            let mut m = [0u8; FD_MESSAGE];
+            let mut m = [0u8; fd_message::BYTES];
             let fds = match sys::recv_with_fds_flags(
                 self.socket.as_fd(),
                 &mut m,
@@ -352,17 +350,13 @@ impl Channel {
                     return Err(self.fail(Failure::Corrupt("malformed message on the setup socket")))
                 }
             };
-            let magic = u32::from_le_bytes([m[0], m[1], m[2], m[3]]);
-            let count = u32::from_le_bytes([m[4], m[5], m[6], m[7]]) as usize;
-            if magic != FD_MAGIC || count != fds.len() || fds.is_empty() {
+            let Ok(msg) = FdMessage::decode(&m, fds.len()) else {
                 return Err(self.fail(Failure::Corrupt("malformed descriptor message")));
-            }
+            };
             if self.fd_inbox.len() >= MAX_FD_INBOX {
                 return Err(self.fail(Failure::Corrupt("too many unclaimed descriptor messages")));
             }
-            let mut tag = [0u8; 8];
-            tag.copy_from_slice(&m[8..]);
-            self.fd_inbox.push_back((u64::from_le_bytes(tag), fds));
+            self.fd_inbox.push_back((msg.tag, fds));
         }
     }
 

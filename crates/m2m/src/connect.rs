@@ -5,16 +5,11 @@
 //! kernel tells it who the client is (SO_PEERCRED) before any memory is spent, so a server can
 //! refuse by uid. The socket stays open for the channel's life as the peer-death signal.
 //!
-//! Wire format (little-endian, fixed size):
-//! ```text
-//! hello  (client → server, 64 B): magic "SPOSHELO" | version u32 | 0 u32 |
-//!                                 ring_bytes u64 | buf_size u64 | buf_count u64 | 0 (24 B)
-//! reply  (server → client, 128 B): magic "SPOSWELC" | version u32 | status u32 |
-//!                                 ring_bytes u64 | buf_size u64 | buf_count u64 |
-//!                                 region_size u64 | 0 (16 B) | reason, UTF-8, NUL-padded (64 B)
-//!        with fds [region memfd, acceptor doorbell, connector doorbell] when status = 0
-//! ```
+//! The hello and reply formats are in [`crate::layout::handshake`].
 
+use crate::layout::handshake::{
+    Hello, Reply, HELLO_BYTES, REPLY_BYTES, STATUS_OK, STATUS_REFUSED, STATUS_VERSION,
+};
 use crate::layout::{self, Params};
 use crate::region::Region;
 use crate::sys::{self, PeerCredentials};
@@ -26,15 +21,6 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
-
-const HELLO_MAGIC: u64 = u64::from_le_bytes(*b"SPOSHELO");
-const REPLY_MAGIC: u64 = u64::from_le_bytes(*b"SPOSWELC");
-const HELLO_BYTES: usize = 64;
-const REPLY_BYTES: usize = 128;
-
-const STATUS_OK: u32 = 0;
-const STATUS_VERSION: u32 = 1;
-const STATUS_REFUSED: u32 = 2;
 
 /// Limits and settings of the accepting side.
 #[derive(Clone, Debug)]
@@ -61,20 +47,6 @@ impl Default for ListenerConfig {
             wait: WaitPolicy::default(),
         }
     }
-}
-
-fn put(buf: &mut [u8], at: usize, v: u64) {
-    buf[at..at + 8].copy_from_slice(&v.to_le_bytes());
-}
-
-fn get(buf: &[u8], at: usize) -> u64 {
-    let mut b = [0u8; 8];
-    b.copy_from_slice(&buf[at..at + 8]);
-    u64::from_le_bytes(b)
-}
-
-fn version_word(status: u32) -> u64 {
-    layout::VERSION as u64 | ((status as u64) << 32)
 }
 
 /// Rounds a requested size to a power of two within `[min, max]`.
@@ -203,7 +175,7 @@ impl Incoming {
         self.stream
             .set_write_timeout(Some(self.config.handshake_timeout))
             .map_err(|e| Error::io("refusing a channel", e))?;
-        let reply = reply(STATUS_REFUSED, None, reason);
+        let reply = Reply::refuse(STATUS_REFUSED, reason).encode();
         sys::send_with_fds(self.stream.as_fd(), &reply, &[])
             .map_err(|e| Error::io("refusing a channel", e))
     }
@@ -229,37 +201,37 @@ impl Incoming {
                 "client sent file descriptors in its hello".into(),
             ));
         }
-        if get(&hello, 0) != HELLO_MAGIC {
-            return Err(Error::Handshake("client hello has the wrong magic".into()));
-        }
-        let version = get(&hello, 8) as u32;
+        let hello = Hello::decode(&hello).map_err(|e| Error::Handshake(e.to_string()))?;
+        let version = hello.version;
         if version != layout::VERSION {
             let why = format!(
                 "client speaks m2m version {version}, this server speaks {}",
                 layout::VERSION
             );
-            let _ =
-                sys::send_with_fds(self.stream.as_fd(), &reply(STATUS_VERSION, None, &why), &[]);
+            let refusal = Reply::refuse(STATUS_VERSION, &why).encode();
+            let _ = sys::send_with_fds(self.stream.as_fd(), &refusal, &[]);
             return Err(Error::Handshake(why));
         }
+        let asked = hello.params;
         let params = Params {
             ring_bytes: clamp_pow2(
-                get(&hello, 16),
+                asked.ring_bytes,
                 layout::MIN_RING_BYTES,
                 (c.max_ring_bytes as u64).min(layout::MAX_RING_BYTES),
             ),
             buf_size: clamp_pow2(
-                get(&hello, 24),
+                asked.buf_size,
                 layout::MIN_BUF_SIZE,
                 (c.max_buf_size as u64).min(layout::MAX_BUF_SIZE),
             ),
-            buf_count: get(&hello, 32)
+            buf_count: asked
+                .buf_count
                 .clamp(1, (c.max_buf_count as u64).min(layout::MAX_BUF_COUNT)),
         };
         let (region, memfd) = Region::create(params)?;
         let bell_mine = sys::new_eventfd().map_err(|e| Error::io("creating a doorbell", e))?;
         let bell_theirs = sys::new_eventfd().map_err(|e| Error::io("creating a doorbell", e))?;
-        let ok = reply(STATUS_OK, Some((params, region.len() as u64)), "");
+        let ok = Reply::ok(params, region.len() as u64).encode();
         sys::send_with_fds(
             self.stream.as_fd(),
             &ok,
@@ -278,24 +250,6 @@ impl Incoming {
     }
 }
 
-fn reply(status: u32, params: Option<(Params, u64)>, reason: &str) -> [u8; REPLY_BYTES] {
-    let mut r = [0u8; REPLY_BYTES];
-    put(&mut r, 0, REPLY_MAGIC);
-    put(&mut r, 8, version_word(status));
-    if let Some((p, size)) = params {
-        put(&mut r, 16, p.ring_bytes);
-        put(&mut r, 24, p.buf_size);
-        put(&mut r, 32, p.buf_count);
-        put(&mut r, 40, size);
-    }
-    let mut n = reason.len().min(64);
-    while !reason.is_char_boundary(n) {
-        n -= 1;
-    }
-    r[64..64 + n].copy_from_slice(&reason.as_bytes()[..n]);
-    r
-}
-
 impl Channel {
     /// Connects to a [`Listener`] at `path`, asking for `config`'s sizes (the server may grant
     /// smaller ones).
@@ -310,13 +264,11 @@ impl Channel {
             .set_read_timeout(timeout)
             .and_then(|_| stream.set_write_timeout(timeout))
             .map_err(|e| Error::io("configuring the channel socket", e))?;
-        let p = config.params();
-        let mut hello = [0u8; HELLO_BYTES];
-        put(&mut hello, 0, HELLO_MAGIC);
-        put(&mut hello, 8, layout::VERSION as u64);
-        put(&mut hello, 16, p.ring_bytes);
-        put(&mut hello, 24, p.buf_size);
-        put(&mut hello, 32, p.buf_count);
+        let hello = Hello {
+            version: layout::VERSION,
+            params: config.params(),
+        }
+        .encode();
         // A server that refuses may answer and close before reading our hello, so a failed send
         // is reported only if there is no reply to explain it.
         let sent = sys::send_with_fds(stream.as_fd(), &hello, &[]);
@@ -328,14 +280,14 @@ impl Channel {
                 return Err(Error::Handshake(format!("reading the server's reply: {e}")))
             }
         };
-        if get(&r, 0) != REPLY_MAGIC {
-            return Err(Error::Handshake("server reply has the wrong magic".into()));
-        }
-        let word = get(&r, 8);
-        let (version, status) = (word as u32, (word >> 32) as u32);
-        let reason = String::from_utf8_lossy(&r[64..])
-            .trim_end_matches('\0')
-            .to_string();
+        let reply = Reply::decode(&r).map_err(|e| Error::Handshake(e.to_string()))?;
+        let Reply {
+            version,
+            status,
+            granted,
+            region_size,
+            reason,
+        } = reply;
         match status {
             STATUS_OK if version == layout::VERSION => {}
             STATUS_OK => {
@@ -351,16 +303,11 @@ impl Channel {
                 )))
             }
         }
-        let granted = Params {
-            ring_bytes: get(&r, 16),
-            buf_size: get(&r, 24),
-            buf_count: get(&r, 32),
-        };
         let [memfd, bell_theirs, bell_mine]: [OwnedFd; 3] = fds
             .try_into()
             .map_err(|_| Error::Handshake("server sent the wrong number of descriptors".into()))?;
         let region = Region::open(memfd, granted)?;
-        if region.len() as u64 != get(&r, 40) {
+        if region.len() as u64 != region_size {
             return Err(Error::Handshake(
                 "server's region size disagrees with its reply".into(),
             ));

@@ -24,9 +24,10 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Module map: `layout` is the shared-memory contract; `ring` the SPSC protocol; `region` the
-//! mapping and the only pointer arithmetic; `pool` payload buffers; `channel` the duplex end and
-//! its waiting; `connect` the socket handshake; `sys` every system call.
+//! Module map: `layout` is the contract (shared memory and the setup socket's messages); `ring`
+//! the SPSC protocol; `region` the mapping and the only pointer arithmetic; `pool` payload
+//! buffers; `channel` the duplex end and its waiting; `connect` the socket handshake; `sys` every
+//! system call.
 
 mod channel;
 mod connect;

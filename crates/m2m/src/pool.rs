@@ -8,7 +8,8 @@
 //! The owner accepts a returned descriptor only for a slot it has in flight with that exact
 //! generation, so a stale, forged or doubled return is a protocol error, not a double free.
 
-use crate::layout::{descriptor, record, DirectionLayout};
+use crate::layout::descriptor::{self, Descriptor};
+use crate::layout::{record, DirectionLayout};
 use crate::region::Region;
 use crate::ring::{Consumer, Producer, RingError};
 use crate::shm_ring::ShmRing;
@@ -16,28 +17,6 @@ use crate::{sys, Error};
 use rustix::fd::{AsFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-
-pub(crate) fn encode(offset: u64, len: u32, generation: u32) -> [u8; descriptor::BYTES] {
-    let mut d = [0u8; descriptor::BYTES];
-    d[..8].copy_from_slice(&offset.to_le_bytes());
-    d[8..12].copy_from_slice(&len.to_le_bytes());
-    d[12..].copy_from_slice(&generation.to_le_bytes());
-    d
-}
-
-pub(crate) fn decode(d: &[u8; descriptor::BYTES]) -> (u64, u32, u32) {
-    let mut o = [0u8; 8];
-    o.copy_from_slice(&d[..8]);
-    let mut l = [0u8; 4];
-    l.copy_from_slice(&d[8..12]);
-    let mut g = [0u8; 4];
-    g.copy_from_slice(&d[12..]);
-    (
-        u64::from_le_bytes(o),
-        u32::from_le_bytes(l),
-        u32::from_le_bytes(g),
-    )
-}
 
 /// The sending side's pool.
 pub(crate) struct TxPool {
@@ -90,7 +69,9 @@ impl TxPool {
             }
             let mut d = [0u8; descriptor::BYTES];
             self.returns.consume(&mut d);
-            let (offset, _len, generation) = decode(&d);
+            let Descriptor {
+                offset, generation, ..
+            } = Descriptor::decode(&d);
             let slot = offset / self.buf_size;
             let ok = offset % self.buf_size == 0
                 && (slot as usize) < self.in_flight.len()
@@ -137,7 +118,12 @@ impl TxPool {
     pub fn commit(&mut self, mut buf: TxBuffer, len: usize) -> [u8; descriptor::BYTES] {
         buf.abandoned = None;
         self.in_flight[(buf.offset / self.buf_size) as usize] = true;
-        encode(buf.offset, len as u32, buf.generation)
+        Descriptor {
+            offset: buf.offset,
+            len: len as u32,
+            generation: buf.generation,
+        }
+        .encode()
     }
 }
 
@@ -255,7 +241,11 @@ impl RxPool {
         if meta.len() > descriptor::MAX_META {
             return Err(RingError::Corrupt("buffer metadata too long"));
         }
-        let (offset, len, generation) = decode(d);
+        let Descriptor {
+            offset,
+            len,
+            generation,
+        } = Descriptor::decode(d);
         let slot = offset / self.buf_size;
         if offset % self.buf_size != 0 || slot >= self.count || len as u64 > self.buf_size {
             return Err(RingError::Corrupt("buffer descriptor out of range"));
@@ -398,7 +388,19 @@ mod tests {
         let (mut tx, rx) = pools();
         let buf = tx.alloc().unwrap().unwrap();
         let good = tx.commit(buf, 100);
-        let (off, _, generation) = decode(&good);
+        let Descriptor {
+            offset: off,
+            generation,
+            ..
+        } = Descriptor::decode(&good);
+        let encode = |offset, len, generation| {
+            Descriptor {
+                offset,
+                len,
+                generation,
+            }
+            .encode()
+        };
         assert!(rx.accept(&good).is_ok());
         for (bad, what) in [
             (encode(off + 1, 100, generation), "misaligned"),

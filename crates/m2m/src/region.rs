@@ -26,7 +26,7 @@ impl Region {
     /// the peer. The fd is the peer's only handle; we keep just the mapping, so the memory is
     /// released once both sides have unmapped it.
     pub fn create(params: Params) -> Result<(Region, OwnedFd), Error> {
-        let layout = Layout::new(params).map_err(Error::Config)?;
+        let layout = Layout::new(params).map_err(|e| Error::Config(e.to_string()))?;
         let fd = sys::create_sealed_memfd("splitos-m2m", layout.region_size as u64)
             .map_err(|e| Error::io("creating shared memory", e))?;
         let region = Region::map(&fd, layout)?;

@@ -105,6 +105,12 @@ pub fn socket_state(sock: BorrowedFd<'_>) -> SocketState {
     }
 }
 
+/// Shuts both directions of a socket down, so a peer asleep on it wakes with EOF. Errors (the
+/// peer already gone) change nothing for the caller, who is leaving anyway.
+pub fn shutdown(sock: BorrowedFd<'_>) {
+    let _ = rustix::net::shutdown(sock, rustix::net::Shutdown::Both);
+}
+
 /// Sends `bytes` with `fds` attached (SCM_RIGHTS), in one message.
 pub fn send_with_fds(sock: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
     let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(4))];

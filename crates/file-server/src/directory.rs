@@ -19,12 +19,12 @@
 //! changes. That lets a reader that must not wait (the TCP server's direct path) know that a
 //! precompressed sibling is missing without asking.
 
-use memmap2::{MmapOptions, MmapRaw};
 use rustix::fd::{AsFd, BorrowedFd, OwnedFd};
 use rustix::fs::{
     fcntl_add_seals, fcntl_get_seals, fstat, ftruncate, memfd_create, MemfdFlags, SealFlags,
 };
-use std::sync::atomic::{fence, AtomicU64, Ordering};
+use splitos_m2m::seqlock::SharedWords;
+use std::sync::atomic::Ordering;
 
 const MAGIC: u64 = u64::from_le_bytes(*b"SPOSFDIR");
 const VERSION: u64 = 1;
@@ -36,8 +36,7 @@ pub const PROBE: usize = 8;
 pub const MAX_KEY_PATH: usize = 184;
 const RETRIES: usize = 64;
 
-// Slot layout (u64 words).
-const W_SEQ: usize = 0;
+// Slot layout (u64 words); word 0 is the slot's sequence counter.
 const W_ID: usize = 1;
 const W_HASH: usize = 2;
 const W_FILE_SIZE: usize = 3;
@@ -116,25 +115,15 @@ pub fn key_hash(path: &str, chunk: u32) -> u64 {
     h
 }
 
+/// The mapped region: header words at [`HEADER`]'s offsets, then `slots` seqlock records.
 struct Map {
-    map: MmapRaw,
+    words: SharedWords,
     slots: usize,
 }
 
-impl Map {
-    fn word(&self, off: usize) -> &AtomicU64 {
-        assert!(
-            off % 8 == 0 && off + 8 <= self.map.len(),
-            "directory offset out of range"
-        );
-        // SAFETY: 8-aligned and inside the mapping (checked); every access to the region's
-        // words, by the writer and by readers, is atomic.
-        unsafe { AtomicU64::from_ptr(self.map.as_mut_ptr().add(off).cast()) }
-    }
-
-    fn slot_word(&self, slot: usize, w: usize) -> &AtomicU64 {
-        self.word(HEADER + slot * SLOT + w * 8)
-    }
+/// Byte offset of slot `slot`'s sequence word.
+fn slot_base(slot: usize) -> usize {
+    HEADER + slot * SLOT
 }
 
 /// The file server's side.
@@ -158,17 +147,14 @@ impl DirectoryWriter {
         ftruncate(&fd, len as u64).map_err(io("sizing the directory"))?;
         fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL)
             .map_err(io("sealing the directory"))?;
-        let map = MmapOptions::new()
-            .len(len)
-            .map_raw(&fd)
-            .map_err(|e| DirectoryError::Io {
-                context: "mapping the directory",
-                source: e,
-            })?;
-        let m = Map { map, slots };
-        m.word(8).store(VERSION, Ordering::Relaxed);
-        m.word(16).store(slots as u64, Ordering::Relaxed);
-        m.word(0).store(MAGIC, Ordering::Release);
+        let words = SharedWords::map_writable(fd.as_fd(), len).map_err(|e| DirectoryError::Io {
+            context: "mapping the directory",
+            source: e,
+        })?;
+        words.store(8, VERSION, Ordering::Relaxed);
+        words.store(16, slots as u64, Ordering::Relaxed);
+        words.store(0, MAGIC, Ordering::Release);
+        let m = Map { words, slots };
         Ok(DirectoryWriter {
             map: m,
             fd,
@@ -182,40 +168,29 @@ impl DirectoryWriter {
     }
 
     fn write_slot(&mut self, slot: usize, e: Option<&Entry>) {
-        let m = &self.map;
-        let seq = m.slot_word(slot, W_SEQ);
-        let s = seq.load(Ordering::Relaxed);
-        seq.store(s.wrapping_add(1) | 1, Ordering::Relaxed);
-        fence(Ordering::Release);
-        match e {
-            None => m.slot_word(slot, W_ID).store(0, Ordering::Relaxed),
+        // Values are the slot's words after its sequence word: index `W_x - 1` is word `W_x`.
+        let mut v = [0u64; SLOT_WORDS - 1];
+        let n = match e {
+            // An id of 0 empties the slot; readers ignore the other words.
+            None => W_ID,
             Some(e) => {
                 let path = e.path.as_bytes();
-                m.slot_word(slot, W_ID).store(e.id, Ordering::Relaxed);
-                m.slot_word(slot, W_HASH)
-                    .store(key_hash(&e.path, e.chunk), Ordering::Relaxed);
-                m.slot_word(slot, W_FILE_SIZE)
-                    .store(e.file_size, Ordering::Relaxed);
-                m.slot_word(slot, W_CHUNK).store(
-                    e.chunk as u64 | (e.chunk_len as u64) << 32,
-                    Ordering::Relaxed,
-                );
-                m.slot_word(slot, W_MTIME)
-                    .store(e.mtime_ns as u64, Ordering::Relaxed);
-                m.slot_word(slot, W_INO).store(e.ino, Ordering::Relaxed);
-                m.slot_word(slot, W_PATH_LEN).store(
-                    path.len() as u64 | (e.content_type as u64) << 16,
-                    Ordering::Relaxed,
-                );
+                v[W_ID - 1] = e.id;
+                v[W_HASH - 1] = key_hash(&e.path, e.chunk);
+                v[W_FILE_SIZE - 1] = e.file_size;
+                v[W_CHUNK - 1] = e.chunk as u64 | (e.chunk_len as u64) << 32;
+                v[W_MTIME - 1] = e.mtime_ns as u64;
+                v[W_INO - 1] = e.ino;
+                v[W_PATH_LEN - 1] = path.len() as u64 | (e.content_type as u64) << 16;
                 for (i, chunk) in path.chunks(8).enumerate() {
                     let mut w = [0u8; 8];
                     w[..chunk.len()].copy_from_slice(chunk);
-                    m.slot_word(slot, W_PATH + i)
-                        .store(u64::from_le_bytes(w), Ordering::Relaxed);
+                    v[W_PATH - 1 + i] = u64::from_le_bytes(w);
                 }
+                W_PATH - 1 + path.len().div_ceil(8)
             }
-        }
-        seq.store((s | 1).wrapping_add(1), Ordering::Release);
+        };
+        self.map.words.write_record(slot_base(slot), &v[..n]);
     }
 
     /// Publishes `e` (replacing any entry for the same key). Returns false if it could not be
@@ -274,75 +249,56 @@ impl DirectoryReader {
         if len < HEADER + PROBE * SLOT {
             return Err(DirectoryError::Malformed("too small"));
         }
-        let map = MmapOptions::new()
-            .len(len)
-            .map_raw_read_only(&fd)
-            .map_err(|e| DirectoryError::Io {
+        let words =
+            SharedWords::map_read_only(fd.as_fd(), len).map_err(|e| DirectoryError::Io {
                 context: "mapping the directory",
                 source: e,
             })?;
-        let probe = Map { map, slots: 0 };
-        if probe.word(0).load(Ordering::Acquire) != MAGIC
-            || probe.word(8).load(Ordering::Relaxed) != VERSION
+        if words.load(0, Ordering::Acquire) != MAGIC || words.load(8, Ordering::Relaxed) != VERSION
         {
             return Err(DirectoryError::Malformed("wrong magic or version"));
         }
-        let slots = probe.word(16).load(Ordering::Relaxed) as usize;
+        let slots = words.load(16, Ordering::Relaxed) as usize;
         if !slots.is_power_of_two() || slots < PROBE || HEADER + slots.saturating_mul(SLOT) != len {
             return Err(DirectoryError::Malformed(
                 "slot count disagrees with the size",
             ));
         }
         Ok(DirectoryReader {
-            map: Map {
-                map: probe.map,
-                slots,
-            },
+            map: Map { words, slots },
         })
     }
 
     /// Copies slot `slot` consistently; `None` if empty, unreadable (writer mid-update for too
     /// long) or malformed.
     fn read_slot(&self, slot: usize) -> Option<Entry> {
-        let m = &self.map;
-        for _ in 0..RETRIES {
-            let s1 = m.slot_word(slot, W_SEQ).load(Ordering::Acquire);
-            if s1 % 2 == 1 {
-                std::hint::spin_loop();
-                continue;
-            }
-            let id = m.slot_word(slot, W_ID).load(Ordering::Relaxed);
-            let file_size = m.slot_word(slot, W_FILE_SIZE).load(Ordering::Relaxed);
-            let chunk = m.slot_word(slot, W_CHUNK).load(Ordering::Relaxed);
-            let mtime = m.slot_word(slot, W_MTIME).load(Ordering::Relaxed);
-            let ino = m.slot_word(slot, W_INO).load(Ordering::Relaxed);
-            let len_word = m.slot_word(slot, W_PATH_LEN).load(Ordering::Relaxed);
-            let path_len = (len_word & 0xffff) as usize;
-            let mut path = [0u8; MAX_KEY_PATH];
-            for i in 0..MAX_KEY_PATH / 8 {
-                let w = m.slot_word(slot, W_PATH + i).load(Ordering::Relaxed);
-                path[i * 8..i * 8 + 8].copy_from_slice(&w.to_le_bytes());
-            }
-            fence(Ordering::Acquire);
-            if m.slot_word(slot, W_SEQ).load(Ordering::Relaxed) != s1 {
-                continue;
-            }
-            if id == 0 || path_len > MAX_KEY_PATH {
-                return None;
-            }
-            let path = String::from_utf8(path[..path_len].to_vec()).ok()?;
-            return Some(Entry {
-                id,
-                path,
-                chunk: chunk as u32,
-                chunk_len: (chunk >> 32) as u32,
-                file_size,
-                mtime_ns: mtime as i64,
-                ino,
-                content_type: (len_word >> 16) as u8,
-            });
+        let mut v = [0u64; SLOT_WORDS - 1];
+        if !self.map.words.read_record(slot_base(slot), &mut v, RETRIES) {
+            return None;
         }
-        None
+        let word = |w: usize| v[w - 1];
+        let id = word(W_ID);
+        let chunk = word(W_CHUNK);
+        let len_word = word(W_PATH_LEN);
+        let path_len = (len_word & 0xffff) as usize;
+        if id == 0 || path_len > MAX_KEY_PATH {
+            return None;
+        }
+        let mut path = [0u8; MAX_KEY_PATH];
+        for (i, bytes) in path.chunks_mut(8).enumerate() {
+            bytes.copy_from_slice(&word(W_PATH + i).to_le_bytes());
+        }
+        let path = String::from_utf8(path[..path_len].to_vec()).ok()?;
+        Some(Entry {
+            id,
+            path,
+            chunk: chunk as u32,
+            chunk_len: (chunk >> 32) as u32,
+            file_size: word(W_FILE_SIZE),
+            mtime_ns: word(W_MTIME) as i64,
+            ino: word(W_INO),
+            content_type: (len_word >> 16) as u8,
+        })
     }
 
     /// Finds the entry for `path`/`chunk` without a message to the server.

@@ -27,7 +27,9 @@
 //! Module map: `layout` is the contract (shared memory and the setup socket's messages); `ring`
 //! the SPSC protocol; `region` the mapping and the only pointer arithmetic; `pool` payload
 //! buffers; `channel` the duplex end and its waiting; `connect` the socket handshake; `sys` every
-//! system call.
+//! system call. `seqlock` is not part of a channel: it is the one implementation of the
+//! single-writer tables other crates publish in shared memory (the file server's directory, the
+//! TCP server's statistics).
 
 mod channel;
 mod connect;
@@ -38,6 +40,7 @@ mod region;
 mod ring;
 #[cfg(test)]
 mod ring_model;
+pub mod seqlock;
 mod shm_ring;
 mod sys;
 mod wait;

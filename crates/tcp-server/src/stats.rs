@@ -14,13 +14,14 @@
 //!          | event-ring bytes used | event-ring size | events queued | name (64 B)
 //! ```
 
-use memmap2::{MmapOptions, MmapRaw};
+use rustix::fd::AsFd;
 use serde::Serialize;
+use splitos_m2m::seqlock::SharedWords;
 use std::fs::OpenOptions;
 use std::io;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{fence, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 const MAGIC: u64 = u64::from_le_bytes(*b"SPOSSTAT");
@@ -49,54 +50,32 @@ fn unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Attempts a reader makes at copying a row before it skips it.
+const READ_TRIES: usize = 1000;
+
 struct Map {
-    map: MmapRaw,
+    words: SharedWords,
 }
 
 impl Map {
-    fn word(&self, off: usize) -> &AtomicU64 {
-        assert!(
-            off % 8 == 0 && off + 8 <= self.map.len(),
-            "stats offset {off} out of range"
-        );
-        // SAFETY: in bounds and 8-aligned (checked; the mapping is page-aligned). Every access
-        // to the file's words, by the server and by readers, is atomic.
-        unsafe { AtomicU64::from_ptr(self.map.as_mut_ptr().add(off).cast()) }
-    }
     fn get(&self, off: usize) -> u64 {
-        self.word(off).load(Ordering::Relaxed)
+        self.words.load(off, Ordering::Relaxed)
     }
     fn set(&self, off: usize, v: u64) {
-        self.word(off).store(v, Ordering::Relaxed)
+        self.words.store(off, v, Ordering::Relaxed)
     }
 
     /// Writes a row under its sequence counter.
     fn write_row(&self, base: usize, values: &[u64]) {
-        let seq = self.word(base);
-        let s = seq.load(Ordering::Relaxed);
-        seq.store(s.wrapping_add(1) | 1, Ordering::Relaxed);
-        fence(Ordering::Release);
-        for (i, v) in values.iter().enumerate() {
-            self.set(base + 8 * (i + 1), *v);
-        }
-        seq.store((s | 1).wrapping_add(1), Ordering::Release);
+        self.words.write_record(base, values)
     }
 
     /// Copies `n` words of a row (after its sequence word) consistently.
     fn read_row(&self, base: usize, n: usize) -> Option<Vec<u64>> {
-        for _ in 0..1000 {
-            let s1 = self.word(base).load(Ordering::Acquire);
-            if s1 % 2 == 1 {
-                std::hint::spin_loop();
-                continue;
-            }
-            let v: Vec<u64> = (0..n).map(|i| self.get(base + 8 * (i + 1))).collect();
-            fence(Ordering::Acquire);
-            if self.word(base).load(Ordering::Relaxed) == s1 {
-                return Some(v);
-            }
-        }
-        None
+        let mut v = vec![0; n];
+        self.words
+            .read_record(base, &mut v, READ_TRIES)
+            .then_some(v)
     }
 }
 
@@ -132,14 +111,14 @@ impl StatsWriter {
             .open(&path)?;
         file.set_len(FILE_BYTES as u64)?;
         let map = Map {
-            map: MmapOptions::new().len(FILE_BYTES).map_raw(&file)?,
+            words: SharedWords::map_writable(file.as_fd(), FILE_BYTES)?,
         };
         map.set(8, VERSION);
         map.set(16, workers as u64);
         map.set(24, SESSIONS_PER_WORKER as u64);
         map.set(32, std::process::id() as u64);
         map.set(40, unix_ms());
-        map.word(0).store(MAGIC, Ordering::Release);
+        map.words.store(0, MAGIC, Ordering::Release);
         Ok(StatsWriter { map, path })
     }
 
@@ -277,12 +256,9 @@ pub fn read(socket: &Path) -> Result<Snapshot, StatsError> {
         return Err(StatsError::Format(path));
     }
     let map = Map {
-        map: MmapOptions::new()
-            .len(FILE_BYTES)
-            .map_raw_read_only(&file)
-            .map_err(open_err)?,
+        words: SharedWords::map_read_only(file.as_fd(), FILE_BYTES).map_err(open_err)?,
     };
-    if map.word(0).load(Ordering::Acquire) != MAGIC || map.get(8) != VERSION {
+    if map.words.load(0, Ordering::Acquire) != MAGIC || map.get(8) != VERSION {
         return Err(StatsError::Format(path));
     }
     let nworkers = (map.get(16) as usize).min(MAX_WORKERS);

@@ -19,6 +19,7 @@
 //! changes. That lets a reader that must not wait (the TCP server's direct path) know that a
 //! precompressed sibling is missing without asking.
 
+use core::mem::{offset_of, size_of};
 use rustix::fd::{AsFd, BorrowedFd, OwnedFd};
 use rustix::fs::{
     fcntl_add_seals, fcntl_get_seals, fstat, ftruncate, memfd_create, MemfdFlags, SealFlags,
@@ -26,27 +27,100 @@ use rustix::fs::{
 use splitos_m2m::seqlock::SharedWords;
 use std::sync::atomic::Ordering;
 
+/// "SPOSFDIR" in little-endian byte order.
 const MAGIC: u64 = u64::from_le_bytes(*b"SPOSFDIR");
+/// Bumped on any change that changes what a reader of another build would read: the header,
+/// the slot layout, [`key_hash`], [`PROBE`] — and the content-type codes. An entry stores its
+/// content type as an index into `splitos_http::mime::TYPES`, so that table (its order and its
+/// members) is covered by this version too; `splitos-http`'s test `type_codes_are_pinned`
+/// lists it and fails on any change, to send whoever changes it here.
 const VERSION: u64 = 1;
+/// Bytes before the first slot: the [`Header`], padded to a page.
 const HEADER: usize = 4096;
+/// Bytes per slot: a [`Slot`], padded.
 pub const SLOT: usize = 256;
 /// Slots a key may occupy, counted from its hash.
 pub const PROBE: usize = 8;
 /// Longest path a slot holds; longer paths are served, just never from the directory.
 pub const MAX_KEY_PATH: usize = 184;
+/// Attempts a lookup makes at copying a slot the writer is changing before it counts as a
+/// miss: the direct path must never wait on the file server.
 const RETRIES: usize = 64;
 
-// Slot layout (u64 words); word 0 is the slot's sequence counter.
-const W_ID: usize = 1;
-const W_HASH: usize = 2;
-const W_FILE_SIZE: usize = 3;
-const W_CHUNK: usize = 4; // chunk index (low 32) | chunk length (high 32)
-const W_MTIME: usize = 5;
-const W_INO: usize = 6;
-const W_PATH_LEN: usize = 7; // path length (low 16) | content-type code (bits 16..24)
-const W_PATH: usize = 8; // MAX_KEY_PATH bytes = 23 words
-const SLOT_WORDS: usize = W_PATH + MAX_KEY_PATH / 8;
-const _: () = assert!(SLOT_WORDS * 8 <= SLOT);
+/// The region header at offset 0, written once by the file server before it shares the region.
+/// Never used in place (the region is shared): it fixes the offsets in [`header`].
+#[repr(C)]
+struct Header {
+    magic: u64,
+    version: u64,
+    /// Number of slots: a power of two, at least [`PROBE`]; the region is
+    /// `HEADER + slots * SLOT` bytes.
+    slots: u64,
+}
+
+/// Byte offsets of the header words.
+mod header {
+    use super::{offset_of, Header};
+    pub const MAGIC: usize = offset_of!(Header, magic);
+    pub const VERSION: usize = offset_of!(Header, version);
+    pub const SLOTS: usize = offset_of!(Header, slots);
+}
+
+/// One slot, at `HEADER + index * SLOT`: a seqlock record (`splitos_m2m::seqlock`) whose
+/// sequence word is `seq` and whose values are the words after it. Never used in place: it
+/// fixes the positions in [`field`].
+#[repr(C)]
+struct Slot {
+    /// Odd while the writer changes the slot.
+    seq: u64,
+    /// Segment id; 0 = empty slot, [`ABSENT`] = the path does not exist.
+    id: u64,
+    /// `key_hash(path, chunk)`.
+    hash: u64,
+    file_size: u64,
+    /// Chunk index (low 32 bits) | chunk length (high 32 bits).
+    chunk: u64,
+    mtime_ns: u64,
+    ino: u64,
+    /// Path length (bits 0..16) | content-type code (bits 16..24: an index into
+    /// `splitos_http::mime::TYPES`).
+    path_len: u64,
+    /// The path's bytes, zero-padded to whole words.
+    path: [u8; MAX_KEY_PATH],
+}
+
+/// Index of a slot field among the record's values (the words after the sequence word).
+const fn value_index(offset: usize) -> usize {
+    offset / 8 - 1
+}
+
+/// Positions of the slot fields among the record's values.
+mod field {
+    use super::{offset_of, size_of, value_index, Slot};
+    pub const ID: usize = value_index(offset_of!(Slot, id));
+    pub const HASH: usize = value_index(offset_of!(Slot, hash));
+    pub const FILE_SIZE: usize = value_index(offset_of!(Slot, file_size));
+    pub const CHUNK: usize = value_index(offset_of!(Slot, chunk));
+    pub const MTIME: usize = value_index(offset_of!(Slot, mtime_ns));
+    pub const INO: usize = value_index(offset_of!(Slot, ino));
+    pub const PATH_LEN: usize = value_index(offset_of!(Slot, path_len));
+    /// The first of the path's words.
+    pub const PATH: usize = value_index(offset_of!(Slot, path));
+    /// Words a record carries after its sequence word.
+    pub const VALUES: usize = value_index(size_of::<Slot>());
+}
+
+// The contract in numbers: changing any of these changes bytes readers of other builds
+// interpret (bump VERSION).
+const _: () = {
+    assert!(size_of::<Header>() <= HEADER);
+    assert!(header::MAGIC == 0 && header::VERSION == 8 && header::SLOTS == 16);
+    assert!(size_of::<Slot>() <= SLOT && MAX_KEY_PATH % 8 == 0);
+    assert!(offset_of!(Slot, seq) == 0);
+    assert!(field::ID == 0 && field::HASH == 1 && field::FILE_SIZE == 2 && field::CHUNK == 3);
+    assert!(field::MTIME == 4 && field::INO == 5 && field::PATH_LEN == 6 && field::PATH == 7);
+    assert!(field::VALUES == field::PATH + MAX_KEY_PATH / 8);
+};
 
 /// The `id` of an entry that records a path's absence (chunk 0; the other fields are zero).
 pub const ABSENT: u64 = u64::MAX;
@@ -62,7 +136,8 @@ pub struct Entry {
     pub file_size: u64,
     pub mtime_ns: i64,
     pub ino: u64,
-    /// Content-type hint: an index into `splitos_http::mime::TYPES`.
+    /// Content-type hint: an index into `splitos_http::mime::TYPES` (a code covered by
+    /// [`VERSION`]).
     pub content_type: u8,
 }
 
@@ -115,7 +190,7 @@ pub fn key_hash(path: &str, chunk: u32) -> u64 {
     h
 }
 
-/// The mapped region: header words at [`HEADER`]'s offsets, then `slots` seqlock records.
+/// The mapped region: the [`Header`], then `slots` seqlock records laid out as [`Slot`]s.
 struct Map {
     words: SharedWords,
     slots: usize,
@@ -151,9 +226,10 @@ impl DirectoryWriter {
             context: "mapping the directory",
             source: e,
         })?;
-        words.store(8, VERSION, Ordering::Relaxed);
-        words.store(16, slots as u64, Ordering::Relaxed);
-        words.store(0, MAGIC, Ordering::Release);
+        words.store(header::VERSION, VERSION, Ordering::Relaxed);
+        words.store(header::SLOTS, slots as u64, Ordering::Relaxed);
+        // Last, with release: a reader that sees the magic sees the rest.
+        words.store(header::MAGIC, MAGIC, Ordering::Release);
         let m = Map { words, slots };
         Ok(DirectoryWriter {
             map: m,
@@ -168,26 +244,26 @@ impl DirectoryWriter {
     }
 
     fn write_slot(&mut self, slot: usize, e: Option<&Entry>) {
-        // Values are the slot's words after its sequence word: index `W_x - 1` is word `W_x`.
-        let mut v = [0u64; SLOT_WORDS - 1];
+        let mut v = [0u64; field::VALUES];
         let n = match e {
             // An id of 0 empties the slot; readers ignore the other words.
-            None => W_ID,
+            None => field::ID + 1,
             Some(e) => {
                 let path = e.path.as_bytes();
-                v[W_ID - 1] = e.id;
-                v[W_HASH - 1] = key_hash(&e.path, e.chunk);
-                v[W_FILE_SIZE - 1] = e.file_size;
-                v[W_CHUNK - 1] = e.chunk as u64 | (e.chunk_len as u64) << 32;
-                v[W_MTIME - 1] = e.mtime_ns as u64;
-                v[W_INO - 1] = e.ino;
-                v[W_PATH_LEN - 1] = path.len() as u64 | (e.content_type as u64) << 16;
+                v[field::ID] = e.id;
+                v[field::HASH] = key_hash(&e.path, e.chunk);
+                v[field::FILE_SIZE] = e.file_size;
+                v[field::CHUNK] = e.chunk as u64 | (e.chunk_len as u64) << 32;
+                v[field::MTIME] = e.mtime_ns as u64;
+                v[field::INO] = e.ino;
+                v[field::PATH_LEN] = path.len() as u64 | (e.content_type as u64) << 16;
                 for (i, chunk) in path.chunks(8).enumerate() {
                     let mut w = [0u8; 8];
                     w[..chunk.len()].copy_from_slice(chunk);
-                    v[W_PATH - 1 + i] = u64::from_le_bytes(w);
+                    v[field::PATH + i] = u64::from_le_bytes(w);
                 }
-                W_PATH - 1 + path.len().div_ceil(8)
+                // Words past the path's keep older bytes, which the length hides.
+                field::PATH + path.len().div_ceil(8)
             }
         };
         self.map.words.write_record(slot_base(slot), &v[..n]);
@@ -254,11 +330,12 @@ impl DirectoryReader {
                 context: "mapping the directory",
                 source: e,
             })?;
-        if words.load(0, Ordering::Acquire) != MAGIC || words.load(8, Ordering::Relaxed) != VERSION
+        if words.load(header::MAGIC, Ordering::Acquire) != MAGIC
+            || words.load(header::VERSION, Ordering::Relaxed) != VERSION
         {
             return Err(DirectoryError::Malformed("wrong magic or version"));
         }
-        let slots = words.load(16, Ordering::Relaxed) as usize;
+        let slots = words.load(header::SLOTS, Ordering::Relaxed) as usize;
         if !slots.is_power_of_two() || slots < PROBE || HEADER + slots.saturating_mul(SLOT) != len {
             return Err(DirectoryError::Malformed(
                 "slot count disagrees with the size",
@@ -272,21 +349,20 @@ impl DirectoryReader {
     /// Copies slot `slot` consistently; `None` if empty, unreadable (writer mid-update for too
     /// long) or malformed.
     fn read_slot(&self, slot: usize) -> Option<Entry> {
-        let mut v = [0u64; SLOT_WORDS - 1];
+        let mut v = [0u64; field::VALUES];
         if !self.map.words.read_record(slot_base(slot), &mut v, RETRIES) {
             return None;
         }
-        let word = |w: usize| v[w - 1];
-        let id = word(W_ID);
-        let chunk = word(W_CHUNK);
-        let len_word = word(W_PATH_LEN);
+        let id = v[field::ID];
+        let chunk = v[field::CHUNK];
+        let len_word = v[field::PATH_LEN];
         let path_len = (len_word & 0xffff) as usize;
         if id == 0 || path_len > MAX_KEY_PATH {
             return None;
         }
         let mut path = [0u8; MAX_KEY_PATH];
-        for (i, bytes) in path.chunks_mut(8).enumerate() {
-            bytes.copy_from_slice(&word(W_PATH + i).to_le_bytes());
+        for (bytes, w) in path.chunks_mut(8).zip(&v[field::PATH..]) {
+            bytes.copy_from_slice(&w.to_le_bytes());
         }
         let path = String::from_utf8(path[..path_len].to_vec()).ok()?;
         Some(Entry {
@@ -294,9 +370,9 @@ impl DirectoryReader {
             path,
             chunk: chunk as u32,
             chunk_len: (chunk >> 32) as u32,
-            file_size: word(W_FILE_SIZE),
-            mtime_ns: word(W_MTIME) as i64,
-            ino: word(W_INO),
+            file_size: v[field::FILE_SIZE],
+            mtime_ns: v[field::MTIME] as i64,
+            ino: v[field::INO],
             content_type: (len_word >> 16) as u8,
         })
     }
@@ -409,5 +485,26 @@ mod tests {
             matches!(DirectoryReader::open(fd), Err(DirectoryError::Malformed(_))),
             "no magic"
         );
+    }
+
+    #[test]
+    fn another_version_or_a_lying_slot_count_is_refused() {
+        let w = DirectoryWriter::create(16).unwrap();
+        assert!(DirectoryReader::open(w.fd().try_clone_to_owned().unwrap()).is_ok());
+        w.map
+            .words
+            .store(header::VERSION, VERSION + 1, Ordering::Relaxed);
+        assert!(matches!(
+            DirectoryReader::open(w.fd().try_clone_to_owned().unwrap()),
+            Err(DirectoryError::Malformed("wrong magic or version"))
+        ));
+        w.map
+            .words
+            .store(header::VERSION, VERSION, Ordering::Relaxed);
+        w.map.words.store(header::SLOTS, 32, Ordering::Relaxed);
+        assert!(matches!(
+            DirectoryReader::open(w.fd().try_clone_to_owned().unwrap()),
+            Err(DirectoryError::Malformed(_))
+        ));
     }
 }

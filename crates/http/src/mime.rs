@@ -45,6 +45,11 @@ pub fn content_type(path: &str) -> &'static str {
 
 /// Every type [`content_type`] can return, so a type fits in one byte (shared memory stores
 /// the index: see [`code`] and [`from_code`]).
+///
+/// The indices are a shared-memory contract: the file server's directory stores them, and a
+/// reader may be another build. Reordering, removing or adding a type changes what other builds
+/// read, so it needs a bump of the directory's `VERSION` (`crates/file-server/src/directory.rs`);
+/// the test `type_codes_are_pinned` fails until the new table is written down there too.
 pub const TYPES: [&str; 31] = [
     "application/octet-stream",
     "text/html; charset=utf-8",
@@ -106,5 +111,49 @@ mod tests {
             assert_eq!(from_code(code(p)), content_type(p));
         }
         assert_eq!(from_code(255), "application/octet-stream");
+    }
+
+    /// The code table, written out: the directory in shared memory stores these indices. If
+    /// this fails, bump `VERSION` in `crates/file-server/src/directory.rs`, then update the list.
+    #[test]
+    fn type_codes_are_pinned() {
+        let pinned = [
+            (0, "application/octet-stream"),
+            (1, "text/html; charset=utf-8"),
+            (2, "text/css; charset=utf-8"),
+            (3, "text/javascript; charset=utf-8"),
+            (4, "application/json"),
+            (5, "text/plain; charset=utf-8"),
+            (6, "text/markdown; charset=utf-8"),
+            (7, "text/csv; charset=utf-8"),
+            (8, "application/xml"),
+            (9, "image/svg+xml"),
+            (10, "image/png"),
+            (11, "image/jpeg"),
+            (12, "image/gif"),
+            (13, "image/webp"),
+            (14, "image/avif"),
+            (15, "image/x-icon"),
+            (16, "image/bmp"),
+            (17, "font/woff"),
+            (18, "font/woff2"),
+            (19, "font/ttf"),
+            (20, "font/otf"),
+            (21, "application/pdf"),
+            (22, "application/wasm"),
+            (23, "application/zip"),
+            (24, "application/gzip"),
+            (25, "application/x-tar"),
+            (26, "video/mp4"),
+            (27, "video/webm"),
+            (28, "audio/mpeg"),
+            (29, "audio/ogg"),
+            (30, "audio/wav"),
+        ];
+        assert_eq!(TYPES.len(), pinned.len(), "a type was added or removed");
+        for (code, ty) in pinned {
+            assert_eq!(TYPES[code], ty, "code {code} changed");
+            assert_eq!(from_code(code as u8), ty);
+        }
     }
 }

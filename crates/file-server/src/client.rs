@@ -8,7 +8,7 @@
 
 use crate::directory::{DirectoryReader, Entry};
 use crate::path::{normalize, PathError};
-use crate::proto::{FailCode, Open, Reply, DIRECTORY_TAG};
+use crate::proto::{FailCode, Open, ProtoError, Reply, DIRECTORY_TAG};
 use crate::segment::{Segment, Version};
 use splitos_m2m::{Channel, ChannelConfig, Message, WaitPolicy};
 use std::collections::HashMap;
@@ -43,6 +43,8 @@ pub enum ClientError {
     ServerGone,
     #[error("the file server broke the protocol: {0}")]
     Protocol(&'static str),
+    #[error("the file server sent a reply that does not decode: {0}")]
+    BadReply(#[source] ProtoError),
     #[error(transparent)]
     Channel(splitos_m2m::Error),
 }
@@ -314,7 +316,7 @@ impl FileClient {
         let Message::Inline(b) = m else {
             return Err(ClientError::Protocol("unexpected buffer"));
         };
-        let reply = Reply::decode(b).ok_or(ClientError::Protocol("undecodable reply"))?;
+        let reply = Reply::decode(b).map_err(ClientError::BadReply)?;
         match reply {
             Reply::Failed { code, .. } => Err(match code {
                 FailCode::NotFound => ClientError::NotFound,

@@ -1,47 +1,170 @@
-//! Messages between readers and the file server over an m2m channel. Fixed little-endian;
-//! decoding checks every length.
+//! Messages between readers and the file server over an m2m channel: the whole contract of
+//! that conversation, in one file. Fixed little-endian, laid out in `mod field` (sizes derived
+//! from the field widths); decoding checks every length and code and says what was wrong
+//! ([`ProtoError`]). There is no version field (the directory they share has its own): a layout
+//! change must change a message's length or op code, so that a peer of another build fails to
+//! decode it instead of misreading it.
 //!
 //! A session starts with the server sending the directory region (descriptor message tagged
 //! [`DIRECTORY_TAG`]). A reader that misses in the directory, or finds an entry whose segment it
 //! does not have yet, sends `Open`; the server answers `Opened` after sending the segment's
 //! memfd as a descriptor message tagged with the segment id, or `Failed`.
 
+use core::ops::Range;
+
+/// The tag of the descriptor message that carries the directory region.
 pub const DIRECTORY_TAG: u64 = u64::MAX;
 
-const OP_OPEN: u8 = 1;
-const OP_OPENED: u8 = 64;
-const OP_FAILED: u8 = 65;
+/// Declares a `#[repr(u8)]` enum and its decoding from one list, so each code is written once
+/// (the style of smoltcp's `enum_with_unknown!`, without the `Unknown` variant: an unknown code
+/// is a decoding error here).
+macro_rules! u8_codes {
+    (
+        $(#[$meta:meta])*
+        $vis:vis enum $name:ident {
+            $( $(#[$vmeta:meta])* $variant:ident = $code:literal, )+
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        #[repr(u8)]
+        $vis enum $name {
+            $( $(#[$vmeta])* $variant = $code, )+
+        }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
-pub enum FailCode {
-    NotFound = 1,
-    Escapes = 2,
-    Directory = 3,
-    Special = 4,
-    Denied = 5,
-    BadPath = 6,
-    Io = 7,
-    BadRequest = 8,
-    /// The file kept changing while the server copied it.
-    Unstable = 9,
+        impl $name {
+            /// The value with code `v`, if there is one.
+            $vis fn from_u8(v: u8) -> Option<$name> {
+                match v {
+                    $( $code => Some($name::$variant), )+
+                    _ => None,
+                }
+            }
+        }
+    };
 }
 
-impl FailCode {
-    fn from_u8(v: u8) -> Option<FailCode> {
-        Some(match v {
-            1 => FailCode::NotFound,
-            2 => FailCode::Escapes,
-            3 => FailCode::Directory,
-            4 => FailCode::Special,
-            5 => FailCode::Denied,
-            6 => FailCode::BadPath,
-            7 => FailCode::Io,
-            8 => FailCode::BadRequest,
-            9 => FailCode::Unstable,
-            _ => return None,
-        })
+u8_codes! {
+    /// The first byte of every message.
+    enum Op {
+        Open = 1,
+        Opened = 64,
+        Failed = 65,
     }
+}
+
+u8_codes! {
+    /// Why the server could not open a file.
+    pub enum FailCode {
+        NotFound = 1,
+        Escapes = 2,
+        Directory = 3,
+        Special = 4,
+        Denied = 5,
+        BadPath = 6,
+        Io = 7,
+        BadRequest = 8,
+        /// The file kept changing while the server copied it.
+        Unstable = 9,
+    }
+}
+
+/// Where each field lies, in bytes. Each field starts where the previous one ends, so the
+/// message sizes below are derived from the field widths, not counted by hand.
+mod field {
+    use super::Range;
+
+    /// The field of `len` bytes right after `prev`.
+    const fn next(prev: Range<usize>, len: usize) -> Range<usize> {
+        prev.end..prev.end + len
+    }
+
+    /// Op code, u8: the same position in every message.
+    pub const OP: Range<usize> = 0..1;
+
+    /// `Open`: op | req u32 | chunk u32 | path (UTF-8, the rest of the message).
+    pub mod open {
+        use super::{next, Range, OP};
+        pub const REQ: Range<usize> = next(OP, 4);
+        pub const CHUNK: Range<usize> = next(REQ, 4);
+        pub const PATH: usize = CHUNK.end;
+    }
+
+    /// `Opened`: op | req u32 | chunk u32 | id u64 | chunk_len u64 | chunk_size u64 |
+    /// file_size u64 | mtime_ns i64 | ino u64.
+    pub mod opened {
+        use super::{next, Range, OP};
+        pub const REQ: Range<usize> = next(OP, 4);
+        pub const CHUNK: Range<usize> = next(REQ, 4);
+        pub const ID: Range<usize> = next(CHUNK, 8);
+        pub const CHUNK_LEN: Range<usize> = next(ID, 8);
+        pub const CHUNK_SIZE: Range<usize> = next(CHUNK_LEN, 8);
+        pub const FILE_SIZE: Range<usize> = next(CHUNK_SIZE, 8);
+        pub const MTIME: Range<usize> = next(FILE_SIZE, 8);
+        pub const INO: Range<usize> = next(MTIME, 8);
+        pub const BYTES: usize = INO.end;
+    }
+
+    /// `Failed`: op | req u32 | code u8.
+    pub mod failed {
+        use super::{next, Range, OP};
+        pub const REQ: Range<usize> = next(OP, 4);
+        pub const CODE: Range<usize> = next(REQ, 1);
+        pub const BYTES: usize = CODE.end;
+    }
+}
+
+// The format in numbers: changing one changes bytes on the wire between builds.
+const _: () = {
+    assert!(field::open::PATH == 9);
+    assert!(field::opened::BYTES == 57);
+    assert!(field::failed::BYTES == 6);
+};
+
+/// Why bytes are not a message of this protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ProtoError {
+    #[error("empty message")]
+    Empty,
+    #[error("unknown operation {0}")]
+    UnknownOp(u8),
+    #[error("operation {0} is not valid here")]
+    WrongOp(u8),
+    #[error("{what} of {len} bytes is shorter than its {need}-byte header")]
+    Short {
+        what: &'static str,
+        len: usize,
+        need: usize,
+    },
+    #[error("{what} of {len} bytes, expected {want}")]
+    Length {
+        what: &'static str,
+        len: usize,
+        want: usize,
+    },
+    #[error("the path is not UTF-8")]
+    PathNotUtf8,
+    #[error("unknown failure code {0}")]
+    UnknownFailCode(u8),
+}
+
+/// Decodes the op byte.
+fn op(b: &[u8]) -> Result<Op, ProtoError> {
+    let first = *b.first().ok_or(ProtoError::Empty)?;
+    Op::from_u8(first).ok_or(ProtoError::UnknownOp(first))
+}
+
+// Fixed-width little-endian fields. Callers check the message length first, so `b[at]` is in
+// bounds; the ranges come from `field`, whose widths match the types.
+fn u32_at(b: &[u8], at: Range<usize>) -> u32 {
+    let mut w = [0u8; 4];
+    w.copy_from_slice(&b[at]);
+    u32::from_le_bytes(w)
+}
+fn u64_at(b: &[u8], at: Range<usize>) -> u64 {
+    let mut w = [0u8; 8];
+    w.copy_from_slice(&b[at]);
+    u64::from_le_bytes(w)
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -52,21 +175,35 @@ pub struct Open<'a> {
 }
 
 impl Open<'_> {
+    /// Bytes before the path.
+    pub const HEADER: usize = field::open::PATH;
+
     pub fn encode(&self, out: &mut Vec<u8>) {
-        out.push(OP_OPEN);
-        out.extend_from_slice(&self.req.to_le_bytes());
-        out.extend_from_slice(&self.chunk.to_le_bytes());
+        let mut h = [0u8; Self::HEADER];
+        h[field::OP.start] = Op::Open as u8;
+        h[field::open::REQ].copy_from_slice(&self.req.to_le_bytes());
+        h[field::open::CHUNK].copy_from_slice(&self.chunk.to_le_bytes());
+        out.extend_from_slice(&h);
         out.extend_from_slice(self.path.as_bytes());
     }
 
-    pub fn decode(b: &[u8]) -> Option<Open<'_>> {
-        if b.len() < 9 || b[0] != OP_OPEN {
-            return None;
+    pub fn decode(b: &[u8]) -> Result<Open<'_>, ProtoError> {
+        match op(b)? {
+            Op::Open => {}
+            other => return Err(ProtoError::WrongOp(other as u8)),
         }
-        Some(Open {
-            req: u32::from_le_bytes([b[1], b[2], b[3], b[4]]),
-            chunk: u32::from_le_bytes([b[5], b[6], b[7], b[8]]),
-            path: std::str::from_utf8(&b[9..]).ok()?,
+        if b.len() < Self::HEADER {
+            return Err(ProtoError::Short {
+                what: "Open",
+                len: b.len(),
+                need: Self::HEADER,
+            });
+        }
+        Ok(Open {
+            req: u32_at(b, field::open::REQ),
+            chunk: u32_at(b, field::open::CHUNK),
+            path: std::str::from_utf8(&b[field::open::PATH..])
+                .map_err(|_| ProtoError::PathNotUtf8)?,
         })
     }
 }
@@ -90,6 +227,11 @@ pub enum Reply {
 }
 
 impl Reply {
+    /// Bytes of an `Opened` reply.
+    pub const OPENED_BYTES: usize = field::opened::BYTES;
+    /// Bytes of a `Failed` reply.
+    pub const FAILED_BYTES: usize = field::failed::BYTES;
+
     pub fn encode(&self, out: &mut Vec<u8>) {
         match *self {
             Reply::Opened {
@@ -102,44 +244,67 @@ impl Reply {
                 mtime_ns,
                 ino,
             } => {
-                out.push(OP_OPENED);
-                out.extend_from_slice(&req.to_le_bytes());
-                out.extend_from_slice(&chunk.to_le_bytes());
-                for w in [id, chunk_len, chunk_size, file_size, mtime_ns as u64, ino] {
-                    out.extend_from_slice(&w.to_le_bytes());
-                }
+                use field::opened as f;
+                let mut b = [0u8; Self::OPENED_BYTES];
+                b[field::OP.start] = Op::Opened as u8;
+                b[f::REQ].copy_from_slice(&req.to_le_bytes());
+                b[f::CHUNK].copy_from_slice(&chunk.to_le_bytes());
+                b[f::ID].copy_from_slice(&id.to_le_bytes());
+                b[f::CHUNK_LEN].copy_from_slice(&chunk_len.to_le_bytes());
+                b[f::CHUNK_SIZE].copy_from_slice(&chunk_size.to_le_bytes());
+                b[f::FILE_SIZE].copy_from_slice(&file_size.to_le_bytes());
+                b[f::MTIME].copy_from_slice(&mtime_ns.to_le_bytes());
+                b[f::INO].copy_from_slice(&ino.to_le_bytes());
+                out.extend_from_slice(&b);
             }
             Reply::Failed { req, code } => {
-                out.push(OP_FAILED);
-                out.extend_from_slice(&req.to_le_bytes());
-                out.push(code as u8);
+                use field::failed as f;
+                let mut b = [0u8; Self::FAILED_BYTES];
+                b[field::OP.start] = Op::Failed as u8;
+                b[f::REQ].copy_from_slice(&req.to_le_bytes());
+                b[f::CODE.start] = code as u8;
+                out.extend_from_slice(&b);
             }
         }
     }
 
-    pub fn decode(b: &[u8]) -> Option<Reply> {
-        let u32_at = |i: usize| -> Option<u32> {
-            Some(u32::from_le_bytes(b.get(i..i + 4)?.try_into().ok()?))
+    pub fn decode(b: &[u8]) -> Result<Reply, ProtoError> {
+        let exact = |what, want| {
+            if b.len() == want {
+                Ok(())
+            } else {
+                Err(ProtoError::Length {
+                    what,
+                    len: b.len(),
+                    want,
+                })
+            }
         };
-        let u64_at = |i: usize| -> Option<u64> {
-            Some(u64::from_le_bytes(b.get(i..i + 8)?.try_into().ok()?))
-        };
-        match *b.first()? {
-            OP_OPENED if b.len() == 57 => Some(Reply::Opened {
-                req: u32_at(1)?,
-                chunk: u32_at(5)?,
-                id: u64_at(9)?,
-                chunk_len: u64_at(17)?,
-                chunk_size: u64_at(25)?,
-                file_size: u64_at(33)?,
-                mtime_ns: u64_at(41)? as i64,
-                ino: u64_at(49)?,
-            }),
-            OP_FAILED if b.len() == 6 => Some(Reply::Failed {
-                req: u32_at(1)?,
-                code: FailCode::from_u8(b[5])?,
-            }),
-            _ => None,
+        match op(b)? {
+            Op::Opened => {
+                use field::opened as f;
+                exact("Opened", Self::OPENED_BYTES)?;
+                Ok(Reply::Opened {
+                    req: u32_at(b, f::REQ),
+                    chunk: u32_at(b, f::CHUNK),
+                    id: u64_at(b, f::ID),
+                    chunk_len: u64_at(b, f::CHUNK_LEN),
+                    chunk_size: u64_at(b, f::CHUNK_SIZE),
+                    file_size: u64_at(b, f::FILE_SIZE),
+                    mtime_ns: u64_at(b, f::MTIME) as i64,
+                    ino: u64_at(b, f::INO),
+                })
+            }
+            Op::Failed => {
+                use field::failed as f;
+                exact("Failed", Self::FAILED_BYTES)?;
+                let code = b[f::CODE.start];
+                Ok(Reply::Failed {
+                    req: u32_at(b, f::REQ),
+                    code: FailCode::from_u8(code).ok_or(ProtoError::UnknownFailCode(code))?,
+                })
+            }
+            other => Err(ProtoError::WrongOp(other as u8)),
         }
     }
 }
@@ -148,23 +313,38 @@ impl Reply {
 mod tests {
     use super::*;
 
-    #[test]
-    fn round_trips_and_rejects_garbage() {
+    fn encoded(f: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
         let mut b = Vec::new();
-        Open {
+        f(&mut b);
+        b
+    }
+
+    #[test]
+    fn open_round_trips_in_the_documented_layout() {
+        let o = Open {
             req: 3,
             chunk: 2,
             path: "a/b.html",
-        }
-        .encode(&mut b);
+        };
+        let b = encoded(|b| o.encode(b));
+        assert_eq!(b[0], 1);
+        assert_eq!(&b[1..5], &3u32.to_le_bytes());
+        assert_eq!(&b[5..9], &2u32.to_le_bytes());
+        assert_eq!(&b[9..], b"a/b.html");
+        assert_eq!(Open::decode(&b), Ok(o));
+        let empty_path = Open {
+            req: 0,
+            chunk: 0,
+            path: "",
+        };
         assert_eq!(
-            Open::decode(&b),
-            Some(Open {
-                req: 3,
-                chunk: 2,
-                path: "a/b.html"
-            })
+            Open::decode(&encoded(|b| empty_path.encode(b))),
+            Ok(empty_path)
         );
+    }
+
+    #[test]
+    fn replies_round_trip() {
         let r = Reply::Opened {
             req: 1,
             id: 9,
@@ -175,18 +355,74 @@ mod tests {
             mtime_ns: -5,
             ino: 77,
         };
-        b.clear();
-        r.encode(&mut b);
-        assert_eq!(Reply::decode(&b), Some(r));
-        let f = Reply::Failed {
-            req: 4,
-            code: FailCode::Escapes,
-        };
-        b.clear();
-        f.encode(&mut b);
-        assert_eq!(Reply::decode(&b), Some(f));
-        for junk in [&[][..], &[64], &[65, 0, 0, 0, 0, 99], &[1, 0, 0]] {
-            assert!(Reply::decode(junk).is_none() && Open::decode(junk).is_none());
+        let b = encoded(|b| r.encode(b));
+        assert_eq!(b.len(), 57);
+        assert_eq!(Reply::decode(&b), Ok(r));
+        for code in 1..=9 {
+            let f = Reply::Failed {
+                req: 4,
+                code: FailCode::from_u8(code).unwrap(),
+            };
+            let b = encoded(|b| f.encode(b));
+            assert_eq!(b, [65, 4, 0, 0, 0, code]);
+            assert_eq!(Reply::decode(&b), Ok(f));
         }
+    }
+
+    #[test]
+    fn fail_codes_are_one_table() {
+        for code in 0..=255u8 {
+            match FailCode::from_u8(code) {
+                Some(c) => assert_eq!(c as u8, code),
+                None => assert!(code == 0 || code > 9, "{code} lost"),
+            }
+        }
+        assert_eq!(FailCode::Unstable as u8, 9);
+    }
+
+    #[test]
+    fn truncated_and_garbage_input_is_rejected_with_a_reason() {
+        let opened = encoded(|b| {
+            Reply::Opened {
+                req: 1,
+                id: 2,
+                chunk: 3,
+                chunk_len: 4,
+                chunk_size: 5,
+                file_size: 6,
+                mtime_ns: 7,
+                ino: 8,
+            }
+            .encode(b)
+        });
+        for n in 0..opened.len() {
+            assert!(Reply::decode(&opened[..n]).is_err(), "{n} bytes accepted");
+        }
+        let mut long = opened.clone();
+        long.push(0);
+        assert!(matches!(
+            Reply::decode(&long),
+            Err(ProtoError::Length { want: 57, .. })
+        ));
+        assert_eq!(Reply::decode(&[]), Err(ProtoError::Empty));
+        assert_eq!(Reply::decode(&[200]), Err(ProtoError::UnknownOp(200)));
+        assert_eq!(Reply::decode(&[1; 9]), Err(ProtoError::WrongOp(1)));
+        assert_eq!(
+            Reply::decode(&[65, 0, 0, 0, 0, 99]),
+            Err(ProtoError::UnknownFailCode(99))
+        );
+        assert_eq!(Open::decode(&[64; 20]), Err(ProtoError::WrongOp(64)));
+        assert_eq!(
+            Open::decode(&[1, 0, 0]),
+            Err(ProtoError::Short {
+                what: "Open",
+                len: 3,
+                need: 9
+            })
+        );
+        assert_eq!(
+            Open::decode(&[1, 0, 0, 0, 0, 0, 0, 0, 0, 0xff]),
+            Err(ProtoError::PathNotUtf8)
+        );
     }
 }

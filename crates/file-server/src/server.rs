@@ -310,11 +310,14 @@ impl State {
             n += 1;
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
             let reply = match Open::decode(&req_buf) {
-                None => Reply::Failed {
-                    req: 0,
-                    code: FailCode::BadRequest,
-                },
-                Some(open) => {
+                Err(e) => {
+                    tracing::debug!("session {i}: undecodable request: {e}");
+                    Reply::Failed {
+                        req: 0,
+                        code: FailCode::BadRequest,
+                    }
+                }
+                Ok(open) => {
                     let path = open.path.to_string();
                     self.open(i, open.req, &path, open.chunk)?
                 }

@@ -16,6 +16,7 @@
 //! whose metadata is a [`BufferMeta`]. Encoding is fixed little-endian; decoding checks every
 //! length and never panics on any input (see the property tests).
 
+use core::mem::size_of;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 
 pub const VERSION: u16 = 1;
@@ -228,7 +229,11 @@ impl DecodeError {
     }
 }
 
-mod op {
+/// The op codes: the first byte of every request and event, and of a [`BufferMeta`]. Public so
+/// that a server can name the request it reports in [`Event::ProtocolError`] (`op::SEND`, not
+/// `4`); [`Request::op`] and [`Event::op`] give a message's code.
+pub mod op {
+    // Requests (application → server).
     pub const HELLO: u8 = 1;
     pub const LISTEN: u8 = 2;
     pub const CONNECT: u8 = 3;
@@ -244,6 +249,7 @@ mod op {
     pub const SERVE_FILES: u8 = 13;
     pub const SERVE_DIRECT: u8 = 14;
 
+    // Events (server → application).
     pub const DONE: u8 = 64;
     pub const FAILED: u8 = 65;
     pub const ACCEPTED: u8 = 66;
@@ -255,11 +261,20 @@ mod op {
     pub const PROTOCOL_ERROR: u8 = 72;
     pub const PAUSED: u8 = 73;
 
+    // Buffer metadata.
     pub const META_SEND: u8 = 128;
     pub const META_DATA: u8 = 129;
 }
 
-const ADDR_BYTES: usize = 28;
+/// Bytes of the op code in front of every message.
+const OP_BYTES: usize = size_of::<u8>();
+/// Bytes of an encoded [`Handle`].
+const HANDLE_BYTES: usize = size_of::<u64>();
+/// Bytes of an encoded socket address: family u8 | pad u8 | port u16 | ip 16 B | flowinfo u32 |
+/// scope u32.
+const ADDR_BYTES: usize =
+    2 * size_of::<u8>() + size_of::<u16>() + size_of::<[u8; 16]>() + 2 * size_of::<u32>();
+const _: () = assert!(ADDR_BYTES == 28);
 
 /// Appends fixed-size little-endian fields.
 struct Writer<'a>(&'a mut Vec<u8>);
@@ -381,12 +396,33 @@ impl<'a> Reader<'a> {
 pub const NO_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0);
 
 impl<'a> Request<'a> {
+    /// The op code this request is encoded with (its first byte).
+    pub fn op(&self) -> u8 {
+        match self {
+            Request::Hello { .. } => op::HELLO,
+            Request::Listen { .. } => op::LISTEN,
+            Request::Connect { .. } => op::CONNECT,
+            Request::Send { .. } => op::SEND,
+            Request::ShutdownWrite { .. } => op::SHUTDOWN_WRITE,
+            Request::Close { .. } => op::CLOSE,
+            Request::SetOption { .. } => op::SET_OPTION,
+            Request::Consumed { .. } => op::CONSUMED,
+            Request::SendFile { .. } => op::SEND_FILE,
+            Request::ReleaseFile { .. } => op::RELEASE_FILE,
+            Request::Pause { .. } => op::PAUSE,
+            Request::Handoff { .. } => op::HANDOFF,
+            Request::ServeFiles { .. } => op::SERVE_FILES,
+            Request::ServeDirect { .. } => op::SERVE_DIRECT,
+        }
+    }
+
     /// Appends the encoding to `out` (which the caller typically reuses).
     pub fn encode(&self, out: &mut Vec<u8>) {
         let mut w = Writer(out);
+        w.u8(self.op());
         match *self {
             Request::Hello { version, name } => {
-                w.u8(op::HELLO).u16(version).bytes(name);
+                w.u16(version).bytes(name);
             }
             Request::Listen {
                 req,
@@ -394,33 +430,29 @@ impl<'a> Request<'a> {
                 backlog,
                 flags,
             } => {
-                w.u8(op::LISTEN).u32(req).u32(backlog).u32(flags).addr(addr);
+                w.u32(req).u32(backlog).u32(flags).addr(addr);
             }
             Request::Connect { req, addr } => {
-                w.u8(op::CONNECT).u32(req).addr(addr);
+                w.u32(req).addr(addr);
             }
             Request::Send { handle, data } => {
-                w.u8(op::SEND).handle(handle).bytes(data);
+                w.handle(handle).bytes(data);
             }
             Request::ShutdownWrite { handle } => {
-                w.u8(op::SHUTDOWN_WRITE).handle(handle);
+                w.handle(handle);
             }
             Request::Close { handle } => {
-                w.u8(op::CLOSE).handle(handle);
+                w.handle(handle);
             }
             Request::SetOption { req, handle, opt } => {
                 let (code, on) = match opt {
                     SockOpt::NoDelay(on) => (1, on),
                     SockOpt::KeepAlive(on) => (2, on),
                 };
-                w.u8(op::SET_OPTION)
-                    .u32(req)
-                    .handle(handle)
-                    .u8(code)
-                    .u8(on as u8);
+                w.u32(req).handle(handle).u8(code).u8(on as u8);
             }
             Request::Consumed { handle, bytes } => {
-                w.u8(op::CONSUMED).handle(handle).u32(bytes);
+                w.handle(handle).u32(bytes);
             }
             Request::SendFile {
                 handle,
@@ -428,20 +460,16 @@ impl<'a> Request<'a> {
                 offset,
                 len,
             } => {
-                w.u8(op::SEND_FILE)
-                    .handle(handle)
-                    .u64(file)
-                    .u64(offset)
-                    .u64(len);
+                w.handle(handle).u64(file).u64(offset).u64(len);
             }
             Request::ReleaseFile { file } => {
-                w.u8(op::RELEASE_FILE).u64(file);
+                w.u64(file);
             }
             Request::Pause { handle } => {
-                w.u8(op::PAUSE).handle(handle);
+                w.handle(handle);
             }
             Request::Handoff { handle, data } => {
-                w.u8(op::HANDOFF).handle(handle).bytes(data);
+                w.handle(handle).bytes(data);
             }
             Request::ServeFiles {
                 req,
@@ -450,21 +478,20 @@ impl<'a> Request<'a> {
                 idle_timeout_s,
                 socket,
             } => {
-                w.u8(op::SERVE_FILES)
-                    .u32(req)
+                w.u32(req)
                     .handle(listener)
                     .u32(header_timeout_s)
                     .u32(idle_timeout_s)
                     .bytes(socket);
             }
             Request::ServeDirect { handle, received } => {
-                w.u8(op::SERVE_DIRECT).handle(handle).u64(received);
+                w.handle(handle).u64(received);
             }
         }
     }
 
-    /// Bytes of header in front of the payload of an inline `Send`.
-    pub const SEND_HEADER: usize = 9;
+    /// Bytes of header in front of the payload of an inline `Send`: op, handle.
+    pub const SEND_HEADER: usize = OP_BYTES + HANDLE_BYTES;
 
     pub fn decode(bytes: &'a [u8]) -> Result<Request<'a>, DecodeError> {
         let mut r = Reader(bytes);
@@ -573,8 +600,25 @@ impl<'a> Request<'a> {
 }
 
 impl<'a> Event<'a> {
+    /// The op code this event is encoded with (its first byte).
+    pub fn op(&self) -> u8 {
+        match self {
+            Event::Done { .. } => op::DONE,
+            Event::Failed { .. } => op::FAILED,
+            Event::Accepted { .. } => op::ACCEPTED,
+            Event::Data { .. } => op::DATA,
+            Event::Eof { .. } => op::EOF,
+            Event::Sent { .. } => op::SENT,
+            Event::Error { .. } => op::ERROR,
+            Event::Closed { .. } => op::CLOSED,
+            Event::ProtocolError { .. } => op::PROTOCOL_ERROR,
+            Event::Paused { .. } => op::PAUSED,
+        }
+    }
+
     pub fn encode(&self, out: &mut Vec<u8>) {
         let mut w = Writer(out);
+        w.u8(self.op());
         match *self {
             Event::Done {
                 req,
@@ -582,14 +626,10 @@ impl<'a> Event<'a> {
                 local,
                 peer,
             } => {
-                w.u8(op::DONE)
-                    .u32(req)
-                    .handle(handle)
-                    .addr(local)
-                    .addr(peer);
+                w.u32(req).handle(handle).addr(local).addr(peer);
             }
             Event::Failed { req, errno } => {
-                w.u8(op::FAILED).u32(req).i32(errno);
+                w.u32(req).i32(errno);
             }
             Event::Accepted {
                 listener,
@@ -597,38 +637,34 @@ impl<'a> Event<'a> {
                 local,
                 peer,
             } => {
-                w.u8(op::ACCEPTED)
-                    .handle(listener)
-                    .handle(conn)
-                    .addr(local)
-                    .addr(peer);
+                w.handle(listener).handle(conn).addr(local).addr(peer);
             }
             Event::Data { handle, data } => {
-                w.u8(op::DATA).handle(handle).bytes(data);
+                w.handle(handle).bytes(data);
             }
             Event::Eof { handle } => {
-                w.u8(op::EOF).handle(handle);
+                w.handle(handle);
             }
             Event::Sent { handle, bytes } => {
-                w.u8(op::SENT).handle(handle).u32(bytes);
+                w.handle(handle).u32(bytes);
             }
             Event::Error { handle, errno } => {
-                w.u8(op::ERROR).handle(handle).i32(errno);
+                w.handle(handle).i32(errno);
             }
             Event::Closed { handle } => {
-                w.u8(op::CLOSED).handle(handle);
+                w.handle(handle);
             }
             Event::ProtocolError { op: o, errno } => {
-                w.u8(op::PROTOCOL_ERROR).u8(o).i32(errno);
+                w.u8(o).i32(errno);
             }
             Event::Paused { handle } => {
-                w.u8(op::PAUSED).handle(handle);
+                w.handle(handle);
             }
         }
     }
 
-    /// Bytes of header in front of the payload of an inline `Data`.
-    pub const DATA_HEADER: usize = 9;
+    /// Bytes of header in front of the payload of an inline `Data`: op, handle.
+    pub const DATA_HEADER: usize = OP_BYTES + HANDLE_BYTES;
 
     pub fn decode(bytes: &'a [u8]) -> Result<Event<'a>, DecodeError> {
         let mut r = Reader(bytes);
@@ -682,7 +718,8 @@ impl<'a> Event<'a> {
 }
 
 impl BufferMeta {
-    pub const BYTES: usize = 9;
+    /// Bytes of the encoding: op, handle.
+    pub const BYTES: usize = OP_BYTES + HANDLE_BYTES;
 
     pub fn encode(&self) -> [u8; Self::BYTES] {
         let (o, h) = match *self {

@@ -44,6 +44,7 @@ proptest! {
         };
         let mut buf = Vec::new();
         r.encode(&mut buf);
+        prop_assert_eq!(buf[0], r.op());
         prop_assert_eq!(Request::decode(&buf), Ok(r));
     }
 
@@ -67,6 +68,7 @@ proptest! {
         };
         let mut buf = Vec::new();
         ev.encode(&mut buf);
+        prop_assert_eq!(buf[0], ev.op());
         prop_assert_eq!(Event::decode(&buf), Ok(ev));
     }
 
@@ -172,4 +174,45 @@ fn send_and_data_headers_are_as_documented() {
     assert_eq!(buf.len(), Event::DATA_HEADER + 3);
     let m = BufferMeta::Send(Handle(9));
     assert_eq!(BufferMeta::decode(&m.encode()), Ok(m));
+    // Derived from the field widths; pinned because applications size inline sends with them.
+    assert_eq!(
+        (Request::SEND_HEADER, Event::DATA_HEADER, BufferMeta::BYTES),
+        (9, 9, 9)
+    );
+}
+
+/// The op codes are part of the protocol (a server reports them in `ProtocolError`): pinned.
+#[test]
+fn op_codes_are_pinned() {
+    let requests = [
+        op::HELLO,
+        op::LISTEN,
+        op::CONNECT,
+        op::SEND,
+        op::SHUTDOWN_WRITE,
+        op::CLOSE,
+        op::SET_OPTION,
+        op::CONSUMED,
+        op::SEND_FILE,
+        op::RELEASE_FILE,
+        op::PAUSE,
+        op::HANDOFF,
+        op::SERVE_FILES,
+        op::SERVE_DIRECT,
+    ];
+    assert_eq!(requests.to_vec(), (1..=14).collect::<Vec<u8>>());
+    let events = [
+        op::DONE,
+        op::FAILED,
+        op::ACCEPTED,
+        op::DATA,
+        op::EOF,
+        op::SENT,
+        op::ERROR,
+        op::CLOSED,
+        op::PROTOCOL_ERROR,
+        op::PAUSED,
+    ];
+    assert_eq!(events.to_vec(), (64..=73).collect::<Vec<u8>>());
+    assert_eq!((op::META_SEND, op::META_DATA), (128, 129));
 }

@@ -337,13 +337,16 @@ impl Worker {
         if let Some(stats) = &self.shared.stats {
             stats.update_worker(
                 self.id,
-                self.busy,
-                n,
-                conns,
-                listeners,
-                bin,
-                bout,
-                self.direct_responses,
+                &crate::stats::WorkerRow {
+                    busy_ns: self.busy.as_nanos() as u64,
+                    sessions: n,
+                    conns,
+                    listeners,
+                    bytes_in: bin,
+                    bytes_out: bout,
+                    updated_unix_ms: crate::stats::unix_ms(),
+                    direct_responses: self.direct_responses,
+                },
             );
             for (si, s) in self.sessions.iter().enumerate() {
                 let slot = self.id * crate::stats::SESSIONS_PER_WORKER + si;
@@ -351,17 +354,17 @@ impl Worker {
                     Some(s) if !s.dead => stats.update_session(
                         slot,
                         &crate::stats::SessionRow {
-                            worker: self.id as u32,
-                            pid: s.peer.pid,
-                            uid: s.peer.uid,
-                            name: &s.name,
-                            conns: s.conns,
-                            listeners: s.listeners,
+                            worker: self.id as u64,
+                            pid: s.peer.pid.into(),
+                            uid: s.peer.uid.into(),
+                            conns: s.conns.into(),
+                            listeners: s.listeners.into(),
                             bytes_in: s.bytes_in,
                             bytes_out: s.bytes_out,
                             ring_used: s.chan.tx_backlog(),
                             ring_size: s.chan.ring_bytes(),
                             outbox: s.outbox.len() as u64,
+                            name: crate::stats::SessionRow::name_field(&s.name),
                         },
                     ),
                     _ => stats.clear_session(slot),

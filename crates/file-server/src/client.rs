@@ -9,7 +9,7 @@
 use crate::directory::{DirectoryReader, Entry};
 use crate::path::{normalize, PathError};
 use crate::proto::{FailCode, Open, ProtoError, Reply, DIRECTORY_TAG};
-use crate::segment::{Segment, Version};
+use splitos_m2m::segment::{Segment, Version};
 use splitos_m2m::{Channel, ChannelConfig, Message, WaitPolicy};
 use std::collections::HashMap;
 use std::path::Path;

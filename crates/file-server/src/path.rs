@@ -9,7 +9,7 @@
 //! layer maps them to `index.html` or a redirect), everything else is refused.
 //! Percent-decoding is the HTTP layer's job and happens before [`normalize`].
 
-use rustix::fd::{AsFd, OwnedFd};
+use rustix::fd::{AsFd, BorrowedFd, OwnedFd};
 use rustix::fs::{fstat, openat2, FileType, Mode, OFlags, ResolveFlags, Stat};
 use rustix::io::Errno;
 use std::path::Path;
@@ -94,6 +94,13 @@ pub struct Opened {
     pub stat: Stat,
     /// The canonical relative path (the cache key).
     pub path: String,
+}
+
+/// So that an opened file can be copied into a segment: `Segment::load(&opened)`.
+impl AsFd for Opened {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
 }
 
 impl Root {

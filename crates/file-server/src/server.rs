@@ -12,8 +12,8 @@
 use crate::directory::{DirectoryWriter, Entry};
 use crate::path::{OpenError, Root};
 use crate::proto::{FailCode, Open, Reply, DIRECTORY_TAG};
-use crate::segment::{Segment, Version};
 use rustix::fd::AsFd;
+use splitos_m2m::segment::{Segment, Version};
 use splitos_m2m::{Channel, Listener, ListenerConfig, Message, WaitPolicy};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
@@ -374,7 +374,7 @@ impl State {
                 Ok(s) => s,
                 Err(e) => {
                     let code = match e {
-                        crate::segment::SegmentError::Unstable => FailCode::Unstable,
+                        splitos_m2m::segment::SegmentError::Unstable => FailCode::Unstable,
                         _ => FailCode::Io,
                     };
                     return Ok(Reply::Failed { req, code });

@@ -95,7 +95,7 @@ fn segments_hold_exact_sealed_content() {
     for size in [0usize, 1, 4096, (1 << 20) + 7] {
         let body: Vec<u8> = (0..size).map(|i| (i * 31 % 251) as u8).collect();
         std::fs::write(t.0.join("root/f.bin"), &body).unwrap();
-        let seg = Segment::load(&root.open("f.bin").unwrap()).unwrap();
+        let seg = Segment::load(root.open("f.bin").unwrap()).unwrap();
         assert_eq!(seg.len(), size as u64);
         assert!(seg.bytes() == body.as_slice(), "content of {size} bytes");
         if size > 0 {
@@ -114,10 +114,10 @@ fn segments_hold_exact_sealed_content() {
 fn a_changed_file_is_a_new_version_and_unsealed_memory_is_refused() {
     let (t, root) = tree("versions");
     std::fs::write(t.0.join("root/v.txt"), b"one").unwrap();
-    let v1 = Segment::load(&root.open("v.txt").unwrap()).unwrap();
+    let v1 = Segment::load(root.open("v.txt").unwrap()).unwrap();
     std::thread::sleep(std::time::Duration::from_millis(10));
     std::fs::write(t.0.join("root/v.txt"), b"two!").unwrap();
-    let v2 = Segment::load(&root.open("v.txt").unwrap()).unwrap();
+    let v2 = Segment::load(root.open("v.txt").unwrap()).unwrap();
     assert_ne!(v1.version(), v2.version());
     assert_ne!(v1.version().etag(), v2.version().etag());
     assert_eq!(v1.bytes(), b"one", "the old version stays intact");

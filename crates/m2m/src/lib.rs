@@ -27,9 +27,10 @@
 //! Module map: `layout` is the contract (shared memory and the setup socket's messages); `ring`
 //! the SPSC protocol; `region` the mapping and the only pointer arithmetic; `pool` payload
 //! buffers; `channel` the duplex end and its waiting; `connect` the socket handshake; `sys` every
-//! system call. `seqlock` is not part of a channel: it is the one implementation of the
-//! single-writer tables other crates publish in shared memory (the file server's directory, the
-//! TCP server's statistics).
+//! system call. Two modules are not part of a channel but are shared memory every side uses:
+//! `seqlock`, the one implementation of the single-writer tables other crates publish (the file
+//! server's directory, the TCP server's statistics), and `segment`, sealed memfds that carry
+//! file bytes no process can change.
 
 mod channel;
 mod connect;
@@ -40,6 +41,7 @@ mod region;
 mod ring;
 #[cfg(test)]
 mod ring_model;
+pub mod segment;
 pub mod seqlock;
 mod shm_ring;
 mod sys;

@@ -1,4 +1,5 @@
-//! The platform seam: every system call the crate makes goes through here (via rustix).
+//! The platform seam: every system call the crate makes goes through here (via rustix), except
+//! `mmap`, which memmap2 makes for `region.rs`, `seqlock.rs` and `segment.rs`.
 //!
 //! Keeping them in one file means the rest of the crate reads as protocol logic, and a port (or
 //! a seccomp policy) has one list to look at.
@@ -6,7 +7,7 @@
 use rustix::event::{epoll, eventfd, EventfdFlags};
 use rustix::fd::{AsFd, BorrowedFd, OwnedFd};
 use rustix::fs::{
-    fcntl_add_seals, fcntl_get_seals, fstat, ftruncate, memfd_create, MemfdFlags, SealFlags,
+    fcntl_add_seals, fcntl_get_seals, fstat, ftruncate, memfd_create, MemfdFlags, SealFlags, Stat,
 };
 use rustix::io::{read, write, Errno};
 use rustix::net::{
@@ -38,6 +39,38 @@ pub fn sealed_size(fd: BorrowedFd<'_>) -> io::Result<u64> {
         ));
     }
     Ok(fstat(fd)?.st_size as u64)
+}
+
+/// Seals that make a segment's contents immutable (and its size, which the contents imply).
+const CONTENT_SEALS: SealFlags = SIZE_SEALS.union(SealFlags::WRITE);
+
+/// A memfd of `size` bytes that can still be written, to be sealed with [`seal_contents`].
+pub fn create_sealable_memfd(name: &str, size: u64) -> io::Result<OwnedFd> {
+    let fd = memfd_create(name, MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)?;
+    ftruncate(&fd, size)?;
+    Ok(fd)
+}
+
+/// Seals a memfd against every change: writes, size changes and further seal changes.
+pub fn seal_contents(fd: BorrowedFd<'_>) -> io::Result<()> {
+    Ok(fcntl_add_seals(fd, CONTENT_SEALS | SealFlags::SEAL)?)
+}
+
+/// Whether a memfd received from a peer can no longer change (its contents and size sealed).
+pub fn contents_sealed(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    Ok(fcntl_get_seals(fd)?.contains(CONTENT_SEALS))
+}
+
+pub fn stat(fd: BorrowedFd<'_>) -> io::Result<Stat> {
+    Ok(fstat(fd)?)
+}
+
+pub fn pread(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    Ok(rustix::io::pread(fd, buf, offset)?)
+}
+
+pub fn pwrite(fd: BorrowedFd<'_>, buf: &[u8], offset: u64) -> io::Result<usize> {
+    Ok(rustix::io::pwrite(fd, buf, offset)?)
 }
 
 pub fn new_eventfd() -> io::Result<OwnedFd> {

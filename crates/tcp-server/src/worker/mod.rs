@@ -85,8 +85,8 @@ use rustix::fd::{AsFd, FromRawFd, OwnedFd};
 use rustix::io::Errno;
 use rustix::net::{self as rnet, sockopt, AddressFamily, SocketFlags, SocketType};
 use splitos_file_server::client::FileClient;
-use splitos_file_server::segment::Segment;
 use splitos_http::respond::Part;
+use splitos_m2m::segment::Segment;
 use splitos_m2m::{
     Channel, Error as M2mError, Message, PeerCredentials, Phase, RxBuffer, TxBuffer, WaitPolicy,
 };

@@ -1,25 +1,24 @@
-//! A file's bytes in sealed shared memory.
+//! Sealed segments: bytes in a memfd sealed against every change, shared between processes by
+//! descriptor and mapped read-only by each.
 //!
 //! The bytes are copied into a memfd, which is then sealed against writes, growth and
 //! shrinking (`F_SEAL_WRITE | F_SEAL_GROW | F_SEAL_SHRINK | F_SEAL_SEAL`). From then on no
 //! process can change them — the kernel refuses writes and writable mappings — so every reader,
 //! in any process, sees exactly one version of the file, and a reference into the mapping is
-//! sound. A changed file becomes a *new* segment; the old one lives until its last user drops
-//! it. The copy is checked against the file's size and modification time before and after, so a
-//! file rewritten during the copy is copied again rather than cached torn.
+//! sound (unlike a channel region, where design rule 2 forbids them). A changed file becomes a
+//! *new* segment; the old one lives until its last user drops it. The copy is checked against
+//! the file's size and modification time before and after, so a file rewritten during the copy
+//! is copied again rather than cached torn.
+//!
+//! The file server makes segments of cached files; applications and the TCP server receive
+//! them (with [`Segment::from_received`] and [`Segment::from_received_sealed`], which refuse
+//! memory that is not sealed) and send from them. It lives in m2m, next to the region and the
+//! memfd and seal calls in `sys.rs`, because all of those sides use it.
 
-use crate::path::Opened;
+use crate::sys;
 use memmap2::{Mmap, MmapOptions};
 use rustix::fd::{AsFd, BorrowedFd, OwnedFd};
-use rustix::fs::{
-    fcntl_add_seals, fcntl_get_seals, fstat, ftruncate, memfd_create, MemfdFlags, SealFlags,
-};
-use rustix::io::{pread, pwrite};
 
-const SEALS: SealFlags = SealFlags::WRITE
-    .union(SealFlags::SHRINK)
-    .union(SealFlags::GROW)
-    .union(SealFlags::SEAL);
 /// Copies of a file that keeps changing under us before we give up on caching it.
 const MAX_ATTEMPTS: usize = 3;
 
@@ -36,11 +35,8 @@ pub enum SegmentError {
     },
 }
 
-fn io(context: &'static str) -> impl Fn(rustix::io::Errno) -> SegmentError {
-    move |e| SegmentError::Io {
-        context,
-        source: e.into(),
-    }
+fn io(context: &'static str) -> impl Fn(std::io::Error) -> SegmentError {
+    move |source| SegmentError::Io { context, source }
 }
 
 /// The identity of one version of a file: inode, size, modification time.
@@ -77,28 +73,25 @@ pub struct Segment {
 
 impl Segment {
     /// Copies an opened file into a new sealed segment.
-    pub fn load(file: &Opened) -> Result<Segment, SegmentError> {
+    pub fn load(file: impl AsFd) -> Result<Segment, SegmentError> {
         Segment::load_range(file, 0, u64::MAX)
     }
 
     /// Copies up to `len` bytes from `offset` (one chunk of a large file) into a new sealed
     /// segment. The segment records the version of the whole file it came from.
-    pub fn load_range(file: &Opened, offset: u64, len: u64) -> Result<Segment, SegmentError> {
+    pub fn load_range(file: impl AsFd, offset: u64, len: u64) -> Result<Segment, SegmentError> {
+        let file = file.as_fd();
         for _ in 0..MAX_ATTEMPTS {
-            let before = Version::of(&fstat(&file.fd).map_err(io("reading file status"))?);
+            let before = Version::of(&sys::stat(file).map_err(io("reading file status"))?);
             let seg_len = before.size.saturating_sub(offset).min(len);
-            let fd = memfd_create(
-                "splitos-file",
-                MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
-            )
-            .map_err(io("creating shared memory"))?;
-            ftruncate(&fd, seg_len).map_err(io("sizing shared memory"))?;
+            let fd = sys::create_sealable_memfd("splitos-file", seg_len)
+                .map_err(io("creating shared memory"))?;
             let mut buf = vec![0u8; (seg_len as usize).clamp(1, 1 << 20)];
             let mut off = 0u64;
             let mut short = false;
             while off < seg_len {
                 let want = buf.len().min((seg_len - off) as usize);
-                let n = pread(&file.fd, &mut buf[..want], offset + off)
+                let n = sys::pread(file, &mut buf[..want], offset + off)
                     .map_err(io("reading the file"))?;
                 if n == 0 {
                     short = true; // truncated under us
@@ -106,16 +99,16 @@ impl Segment {
                 }
                 let mut done = 0;
                 while done < n {
-                    done += pwrite(&fd, &buf[done..n], off + done as u64)
+                    done += sys::pwrite(fd.as_fd(), &buf[done..n], off + done as u64)
                         .map_err(io("filling shared memory"))?;
                 }
                 off += n as u64;
             }
-            let after = Version::of(&fstat(&file.fd).map_err(io("reading file status"))?);
+            let after = Version::of(&sys::stat(file).map_err(io("reading file status"))?);
             if short || after != before {
                 continue;
             }
-            fcntl_add_seals(&fd, SEALS).map_err(io("sealing shared memory"))?;
+            sys::seal_contents(fd.as_fd()).map_err(io("sealing shared memory"))?;
             return Segment::map(fd, before, seg_len);
         }
         Err(SegmentError::Unstable)
@@ -124,12 +117,12 @@ impl Segment {
     /// Maps a segment of `len` bytes received from another process, after checking that it is
     /// sealed and of that size.
     pub fn from_received(fd: OwnedFd, version: Version, len: u64) -> Result<Segment, SegmentError> {
-        let seals = fcntl_get_seals(&fd).map_err(io("reading seals"))?;
-        let need = SealFlags::WRITE | SealFlags::SHRINK | SealFlags::GROW;
-        if !seals.contains(need) {
+        if !sys::contents_sealed(fd.as_fd()).map_err(io("reading seals"))? {
             return Err(SegmentError::NotSealed);
         }
-        let size = fstat(&fd).map_err(io("reading segment status"))?.st_size as u64;
+        let size = sys::stat(fd.as_fd())
+            .map_err(io("reading segment status"))?
+            .st_size as u64;
         if size != len {
             return Err(SegmentError::NotSealed);
         }
@@ -139,7 +132,9 @@ impl Segment {
     /// Maps a sealed segment whose file version the receiver does not need to know (e.g. the
     /// TCP server sending it on a connection): its size is taken from the memfd itself.
     pub fn from_received_sealed(fd: OwnedFd) -> Result<Segment, SegmentError> {
-        let size = fstat(&fd).map_err(io("reading segment status"))?.st_size as u64;
+        let size = sys::stat(fd.as_fd())
+            .map_err(io("reading segment status"))?
+            .st_size as u64;
         let v = Version {
             ino: 0,
             size,
@@ -192,5 +187,89 @@ impl Segment {
     /// The memfd, to hand to another process (which maps it with [`Segment::from_received`]).
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn temp_file(name: &str, body: &[u8]) -> std::fs::File {
+        let path = std::env::temp_dir().join(format!("m2m-seg-{}-{name}", std::process::id()));
+        let mut f = std::fs::File::create(&path).unwrap();
+        f.write_all(body).unwrap();
+        let f = std::fs::File::open(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        f
+    }
+
+    #[test]
+    fn a_loaded_segment_holds_the_bytes_and_cannot_change() {
+        for size in [0usize, 1, 4097, (1 << 20) + 7] {
+            let body: Vec<u8> = (0..size).map(|i| (i * 31 % 251) as u8).collect();
+            let seg = Segment::load(temp_file(&format!("load{size}"), &body)).unwrap();
+            assert_eq!(seg.len(), size as u64);
+            assert!(seg.bytes() == body.as_slice(), "content of {size} bytes");
+            assert_eq!(seg.version().size, size as u64);
+            if size > 0 {
+                assert!(
+                    sys::pwrite(seg.fd(), b"x", 0).is_err(),
+                    "write past the seal"
+                );
+            }
+            let dup = seg.fd().try_clone_to_owned().unwrap();
+            let other = Segment::from_received(dup, seg.version(), seg.len()).unwrap();
+            assert!(other.bytes() == body.as_slice());
+        }
+    }
+
+    #[test]
+    fn a_range_is_one_chunk_of_the_whole_files_version() {
+        let body: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
+        let f = temp_file("range", &body);
+        let seg = Segment::load_range(&f, 4096, 4096).unwrap();
+        assert_eq!(seg.bytes(), &body[4096..8192]);
+        assert_eq!(seg.version().size, 10_000);
+        let tail = Segment::load_range(&f, 8192, 4096).unwrap();
+        assert_eq!(tail.bytes(), &body[8192..]);
+        assert!(Segment::load_range(&f, 20_000, 4096).unwrap().is_empty());
+    }
+
+    #[test]
+    fn unsealed_or_misreported_memory_is_refused() {
+        let plain = sys::create_sealable_memfd("plain", 3).unwrap();
+        let v = Version {
+            ino: 0,
+            size: 3,
+            mtime_ns: 0,
+        };
+        assert!(matches!(
+            Segment::from_received(plain, v, 3),
+            Err(SegmentError::NotSealed)
+        ));
+        assert!(matches!(
+            Segment::from_received_sealed(sys::create_sealable_memfd("plain", 3).unwrap()),
+            Err(SegmentError::NotSealed)
+        ));
+        let seg = Segment::load(temp_file("sized", b"abc")).unwrap();
+        let dup = seg.fd().try_clone_to_owned().unwrap();
+        assert!(matches!(
+            Segment::from_received(dup, v, 4),
+            Err(SegmentError::NotSealed)
+        ));
+        let dup = seg.fd().try_clone_to_owned().unwrap();
+        let got = Segment::from_received_sealed(dup).unwrap();
+        assert_eq!((got.len(), got.bytes()), (3, &b"abc"[..]));
+    }
+
+    #[test]
+    fn etags_name_inode_size_and_mtime() {
+        let v = Version {
+            ino: 255,
+            size: 16,
+            mtime_ns: 4096,
+        };
+        assert_eq!(v.etag(), "\"ff-10-1000\"");
     }
 }

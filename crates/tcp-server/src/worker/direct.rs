@@ -18,7 +18,7 @@ impl Worker {
         let Kind::Conn(c) = &mut sock.kind else {
             self.violation(
                 si,
-                14,
+                op::SERVE_DIRECT,
                 Errno::NOTSOCK.raw_os_error(),
                 "serve-direct on a listener",
             );

@@ -15,7 +15,7 @@ impl Worker {
         let Some(c) = self.conn_mut(slot) else {
             self.violation(
                 si,
-                11,
+                op::PAUSE,
                 Errno::NOTSOCK.raw_os_error(),
                 "pause of a non-connection",
             );
@@ -62,7 +62,7 @@ impl Worker {
         if !ok {
             self.violation(
                 si,
-                12,
+                op::HANDOFF,
                 Errno::INVAL.raw_os_error(),
                 "hand-off of a connection that is not paused, failed, or not from a persistent listener",
             );

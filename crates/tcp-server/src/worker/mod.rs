@@ -91,7 +91,8 @@ use splitos_m2m::{
     Channel, Error as M2mError, Message, PeerCredentials, Phase, RxBuffer, TxBuffer, WaitPolicy,
 };
 use splitos_tcp_proto::{
-    listen_flags, BufferMeta, Event, Handle, Request, SockOpt, NO_ADDR, RECV_WINDOW, SEND_WINDOW,
+    listen_flags, op, BufferMeta, Event, Handle, Request, SockOpt, NO_ADDR, RECV_WINDOW,
+    SEND_WINDOW,
 };
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;

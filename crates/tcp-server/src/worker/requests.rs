@@ -41,7 +41,7 @@ impl Worker {
                     Ok(BufferMeta::Send(h)) => self.send_buffer(si, h, rx),
                     _ => self.violation(
                         si,
-                        0,
+                        op::META_SEND,
                         Errno::INVAL.raw_os_error(),
                         "buffer without a send header",
                     ),
@@ -147,7 +147,7 @@ impl Worker {
                     c.unacked = 0;
                     self.violation(
                         si,
-                        8,
+                        op::CONSUMED,
                         Errno::INVAL.raw_os_error(),
                         "consumed more than delivered",
                     );

@@ -84,7 +84,12 @@ impl Worker {
             return;
         };
         if c.unsent + data.len() as u64 > SEND_WINDOW as u64 {
-            self.violation(si, 4, Errno::NOBUFS.raw_os_error(), "send window exceeded");
+            self.violation(
+                si,
+                op::SEND,
+                Errno::NOBUFS.raw_os_error(),
+                "send window exceeded",
+            );
             return;
         }
         c.unsent += data.len() as u64;
@@ -115,7 +120,12 @@ impl Worker {
             return;
         };
         if c.unsent + rx.len() as u64 > SEND_WINDOW as u64 {
-            self.violation(si, 4, Errno::NOBUFS.raw_os_error(), "send window exceeded");
+            self.violation(
+                si,
+                op::SEND,
+                Errno::NOBUFS.raw_os_error(),
+                "send window exceeded",
+            );
             return;
         }
         c.unsent += rx.len() as u64;
@@ -165,7 +175,7 @@ impl Worker {
         let Some(seg) = self.file_segment(si, file) else {
             self.violation(
                 si,
-                9,
+                op::SEND_FILE,
                 Errno::BADF.raw_os_error(),
                 "unknown or unsealed file segment",
             );
@@ -175,7 +185,7 @@ impl Worker {
         if !in_range {
             self.violation(
                 si,
-                9,
+                op::SEND_FILE,
                 Errno::INVAL.raw_os_error(),
                 "file range out of bounds",
             );

@@ -35,6 +35,27 @@ pub struct ListenOptions {
     /// Keep the listening socket open in the server if this process dies, so that a restarted
     /// instance listening on the same address takes it over without refusing a connection.
     pub persistent: bool,
+    /// With `persistent`: the application marks each connection's request boundaries
+    /// ([`crate::reactor::Reactor::answered`]); if it dies, connections whose responses are
+    /// complete go to its successor with their unanswered requests, which it answers.
+    pub recoverable: bool,
+}
+
+impl ListenOptions {
+    /// The protocol's listen flags for these options (SO_REUSEADDR always, as std does on Unix).
+    pub(crate) fn flags(&self) -> u32 {
+        let mut flags = listen_flags::REUSE_ADDR;
+        if self.reuse_port {
+            flags |= listen_flags::REUSE_PORT;
+        }
+        if self.persistent {
+            flags |= listen_flags::PERSISTENT;
+            if self.recoverable {
+                flags |= listen_flags::RECOVERABLE;
+            }
+        }
+        flags
+    }
 }
 
 impl Default for ListenOptions {
@@ -43,6 +64,7 @@ impl Default for ListenOptions {
             backlog: 1024,
             reuse_port: false,
             persistent: false,
+            recoverable: false,
         }
     }
 }
@@ -65,13 +87,7 @@ impl TcpListener {
         addr: impl ToSocketAddrs,
         opts: ListenOptions,
     ) -> io::Result<TcpListener> {
-        let mut flags = listen_flags::REUSE_ADDR; // as std does on Unix
-        if opts.reuse_port {
-            flags |= listen_flags::REUSE_PORT;
-        }
-        if opts.persistent {
-            flags |= listen_flags::PERSISTENT;
-        }
+        let flags = opts.flags();
         let mut last = None;
         for a in resolve(addr)? {
             let r = session.call(Creates::Listener, |req| Request::Listen {

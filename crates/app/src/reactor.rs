@@ -23,7 +23,7 @@ use crate::net::ListenOptions;
 use crate::session::m2m_err;
 use splitos_file_server::client::FileView;
 use splitos_m2m::{Channel, ChannelConfig, Message, WaitPolicy};
-use splitos_tcp_proto::{listen_flags, BufferMeta, Event, Request, SockOpt, SEND_WINDOW};
+use splitos_tcp_proto::{BufferMeta, Event, Request, SockOpt, SEND_WINDOW};
 pub use splitos_tcp_proto::{Handle, MAX_HANDOFF};
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -140,6 +140,8 @@ enum Queued {
     Handoff(Vec<u8>),
     /// Give the connection back to the direct path, having seen this many bytes of it.
     ServeDirect(u64),
+    /// A request boundary: every request in this many bytes is answered (see `answered`).
+    Answered(u64),
 }
 
 #[derive(Default)]
@@ -230,13 +232,7 @@ impl Reactor {
         addr: SocketAddr,
         opts: ListenOptions,
     ) -> io::Result<(Handle, SocketAddr)> {
-        let mut flags = listen_flags::REUSE_ADDR;
-        if opts.reuse_port {
-            flags |= listen_flags::REUSE_PORT;
-        }
-        if opts.persistent {
-            flags |= listen_flags::PERSISTENT;
-        }
+        let flags = opts.flags();
         let req = self.req_id();
         self.push(Request::Listen {
             req,
@@ -530,6 +526,25 @@ impl Reactor {
         Ok(())
     }
 
+    /// Marks a request boundary on `conn`, after everything queued on it: every request it
+    /// received is answered except the last `unprocessed` bytes (a request not complete yet,
+    /// or pipelined ones not answered yet). On a listener with
+    /// [`ListenOptions::recoverable`](crate::net::ListenOptions), this is what lets the server
+    /// give the connection and those bytes to this application's successor if it dies: call it
+    /// after queueing each complete response. Elsewhere it costs one small request.
+    pub fn answered(&mut self, conn: Handle, unprocessed: usize) -> io::Result<()> {
+        let c = self.conn(conn)?;
+        let Some(mark) = c.received.checked_sub(unprocessed as u64) else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "more bytes unprocessed than this connection received",
+            ));
+        };
+        c.queue.push_back(Queued::Answered(mark));
+        self.drain_queue(conn);
+        Ok(())
+    }
+
     /// Connections this reactor has open.
     pub fn connections(&self) -> usize {
         self.conns.len()
@@ -583,6 +598,10 @@ impl Reactor {
                             data: &data,
                         }),
                         Queued::ServeDirect(received) => self.push(Request::ServeDirect {
+                            handle: conn,
+                            received,
+                        }),
+                        Queued::Answered(received) => self.push(Request::Answered {
                             handle: conn,
                             received,
                         }),

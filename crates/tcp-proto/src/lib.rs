@@ -57,7 +57,13 @@ pub mod listen_flags {
     /// Keep the listening socket open for a grace period if the session dies, so a restarted
     /// application that listens on the same address takes it over with no refused connection.
     pub const PERSISTENT: u32 = 4;
-    pub const ALL: u32 = REUSE_ADDR | REUSE_PORT | PERSISTENT;
+    /// With `PERSISTENT`: the application marks each connection's request boundaries
+    /// ([`Request::Answered`](super::Request::Answered)), and the server keeps a copy of what it
+    /// delivered after the last mark. If the application dies, a connection whose responses
+    /// are complete goes on to its successor with those bytes, which answers them: a crash
+    /// then fails no request.
+    pub const RECOVERABLE: u32 = 8;
+    pub const ALL: u32 = REUSE_ADDR | REUSE_PORT | PERSISTENT | RECOVERABLE;
 }
 
 /// Socket options of [`Request::SetOption`].
@@ -161,6 +167,16 @@ pub enum Request<'a> {
         handle: Handle,
         received: u64,
     },
+    /// A request boundary: every request in the first `received` bytes delivered on this
+    /// connection is answered, its response fully queued. On a `RECOVERABLE` listener's
+    /// connection the server forgets its copy of those bytes; if the application dies later,
+    /// the connection and the bytes after the mark go to its successor, provided nothing was
+    /// sent after the mark (a response half queued cannot be finished by someone else). A mark
+    /// past what was delivered is a protocol violation. No reply.
+    Answered {
+        handle: Handle,
+        received: u64,
+    },
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -248,6 +264,7 @@ pub mod op {
     pub const HANDOFF: u8 = 12;
     pub const SERVE_FILES: u8 = 13;
     pub const SERVE_DIRECT: u8 = 14;
+    pub const ANSWERED: u8 = 15;
 
     // Events (server → application).
     pub const DONE: u8 = 64;
@@ -413,6 +430,7 @@ impl<'a> Request<'a> {
             Request::Handoff { .. } => op::HANDOFF,
             Request::ServeFiles { .. } => op::SERVE_FILES,
             Request::ServeDirect { .. } => op::SERVE_DIRECT,
+            Request::Answered { .. } => op::ANSWERED,
         }
     }
 
@@ -484,7 +502,7 @@ impl<'a> Request<'a> {
                     .u32(idle_timeout_s)
                     .bytes(socket);
             }
-            Request::ServeDirect { handle, received } => {
+            Request::ServeDirect { handle, received } | Request::Answered { handle, received } => {
                 w.handle(handle).u64(received);
             }
         }
@@ -589,6 +607,10 @@ impl<'a> Request<'a> {
                 }
             }
             op::SERVE_DIRECT => Request::ServeDirect {
+                handle: r.handle()?,
+                received: r.u64()?,
+            },
+            op::ANSWERED => Request::Answered {
                 handle: r.handle()?,
                 received: r.u64()?,
             },

@@ -228,8 +228,7 @@ impl Worker {
     pub(super) fn defer(&mut self, slot: SlotIx, si: SessionIx, data: Vec<u8>) {
         let handle = self.handle(slot);
         if let Some(c) = self.conn_mut(slot) {
-            c.unacked += data.len() as u64;
-            c.delivered += data.len() as u64;
+            c.delivering(data.len(), |dst| dst.copy_from_slice(&data));
         }
         for part in data.chunks(INLINE_DATA_MAX) {
             self.emit(si, Event::Data { handle, data: part });

@@ -120,8 +120,7 @@ impl Worker {
                 // direct path like any received ones, so responses stay in order.
                 d.buf = std::mem::take(&mut data);
             } else {
-                c.unacked += data.len() as u64;
-                c.delivered += data.len() as u64;
+                c.delivering(data.len(), |dst| dst.copy_from_slice(&data));
             }
         }
         self.serve_direct(slot);

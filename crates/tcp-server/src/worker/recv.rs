@@ -115,8 +115,9 @@ impl Worker {
                 return;
             };
             if let Some(c) = self.conn_mut(slot) {
-                c.unacked += n as u64;
-                c.delivered += n as u64;
+                c.delivering(n, |dst| {
+                    buf.read_at(0, dst);
+                });
             }
             if let Some(s) = self.session(si) {
                 s.bytes_in += n as u64;

@@ -62,6 +62,9 @@ impl Worker {
             Some(c) if c.shutdown_wanted || c.failed => Errno::PIPE,
             Some(c) => {
                 c.written = true;
+                if let Some(r) = c.recovery.as_mut() {
+                    r.sent();
+                }
                 return Some(slot);
             }
         };

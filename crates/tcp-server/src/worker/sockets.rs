@@ -178,13 +178,15 @@ impl Worker {
         fd: OwnedFd,
     ) -> Option<SlotIx> {
         let max = self.shared.config.max_conns_per_session;
-        let (origin, route) = match self.sockets[listener].sock.as_ref().map(|s| &s.kind) {
-            Some(Kind::Listener(l)) => (
-                (l.flags & listen_flags::PERSISTENT != 0).then_some(l.addr),
-                l.route,
-            ),
-            _ => (None, None),
-        };
+        let (origin, route, recoverable) =
+            match self.sockets[listener].sock.as_ref().map(|s| &s.kind) {
+                Some(Kind::Listener(l)) => (
+                    (l.flags & listen_flags::PERSISTENT != 0).then_some(l.addr),
+                    l.route,
+                    l.flags & listen_flags::RECOVERABLE != 0,
+                ),
+                _ => (None, None, false),
+            };
         let s = self.live_session(si)?;
         if s.conns >= max {
             tracing::warn!(
@@ -200,6 +202,9 @@ impl Worker {
         let mut conn = Box::new(Conn::new());
         conn.origin = origin;
         conn.route = route;
+        if recoverable && origin.is_some() {
+            conn.recovery = Some(Recovery::default());
+        }
         conn.direct = route.map(|(route, serial)| {
             Box::new(crate::direct::Direct {
                 route,

@@ -192,6 +192,76 @@ pub(super) struct Conn {
     /// The direct-path route (slot, serial) of the listener it came from, so that the
     /// application can give it back (`ServeDirect`).
     pub(super) route: Option<(u32, u64)>,
+    /// On a `RECOVERABLE` listener's connection: what it takes to give it, unanswered
+    /// requests included, to the application's successor if the application dies.
+    pub(super) recovery: Option<Recovery>,
+}
+
+/// Bytes a recoverable connection keeps a copy of, delivered after the application's last
+/// request boundary. Requests are small; a connection that goes past this (a large upload,
+/// a pipeline the application is slow to answer) is simply not recoverable until its next
+/// boundary catches up with what was delivered.
+pub(super) const RETAIN_LIMIT: usize = 64 << 10;
+
+/// A recoverable connection's record of its application's progress (see
+/// `listen_flags::RECOVERABLE`): the bytes delivered after the last `Answered` mark, and
+/// whether a response may be half queued.
+#[derive(Default, Debug)]
+pub(super) struct Recovery {
+    /// Bytes delivered after the mark, unless `overflowed`.
+    retained: Vec<u8>,
+    /// `Conn::delivered` at the last mark.
+    answered: u64,
+    /// The application sent something after the mark: a response may be half queued.
+    sent_since: bool,
+    /// More than [`RETAIN_LIMIT`] was delivered after the mark.
+    overflowed: bool,
+}
+
+impl Recovery {
+    /// Keeps a copy of `n` bytes being delivered, filled in by `copy`.
+    pub(super) fn delivering(&mut self, n: usize, copy: impl FnOnce(&mut [u8])) {
+        if self.overflowed {
+            return;
+        }
+        if self.retained.len() + n > RETAIN_LIMIT {
+            self.overflowed = true;
+            self.retained = Vec::new();
+            return;
+        }
+        let at = self.retained.len();
+        self.retained.resize(at + n, 0);
+        copy(&mut self.retained[at..]);
+    }
+
+    pub(super) fn sent(&mut self) {
+        self.sent_since = true;
+    }
+
+    /// The application marked `received` (of `delivered`) bytes answered. Returns false for a
+    /// mark that is behind the last one or past what was delivered.
+    pub(super) fn mark(&mut self, received: u64, delivered: u64) -> bool {
+        if received < self.answered || received > delivered {
+            return false;
+        }
+        let done = (received - self.answered) as usize;
+        if self.overflowed {
+            if received == delivered {
+                self.overflowed = false;
+                self.retained.clear();
+            }
+        } else {
+            self.retained.drain(..done.min(self.retained.len()));
+        }
+        self.answered = received;
+        self.sent_since = false;
+        true
+    }
+
+    /// The bytes its successor must answer, if every response before them is complete.
+    pub(super) fn unanswered(&mut self) -> Option<Vec<u8>> {
+        (!self.sent_since && !self.overflowed).then(|| std::mem::take(&mut self.retained))
+    }
 }
 
 /// Chunks gathered into one `sendmsg`.
@@ -255,6 +325,7 @@ impl Conn {
             send_wanted: false,
             linger: false,
             direct: None,
+            recovery: None,
         }
     }
 
@@ -303,6 +374,37 @@ impl Conn {
     /// owed to the client, as the kernel would flush them).
     pub(super) fn abort_on_close(&self, abort: bool) -> bool {
         abort && self.handoff.is_none() && !self.linger
+    }
+
+    /// Counts `n` bytes delivered to the application, keeping a copy (filled by `copy`) where
+    /// the connection is recoverable.
+    pub(super) fn delivering(&mut self, n: usize, copy: impl FnOnce(&mut [u8])) {
+        self.unacked += n as u64;
+        self.delivered += n as u64;
+        if let Some(r) = self.recovery.as_mut() {
+            r.delivering(n, copy);
+        }
+    }
+
+    /// What goes to the application's successor with this connection if the application has
+    /// died now: the bytes after its last boundary, if it was at one (nothing half sent, no
+    /// end or failure it was told of, not closing); `None` if the connection cannot go on.
+    pub(super) fn successor_bytes(&mut self) -> Option<Vec<u8>> {
+        if self.origin.is_none() || self.failed || self.shutdown_wanted || self.handoff.is_some() {
+            return None;
+        }
+        if let Some(d) = self.direct.as_mut() {
+            // Answered by the server alone: the application owes it nothing.
+            let mut bytes = std::mem::take(&mut d.buf);
+            bytes.append(&mut self.held);
+            return Some(bytes);
+        }
+        if self.untouched() {
+            return Some(std::mem::take(&mut self.held));
+        }
+        let mut bytes = self.recovery.as_mut()?.unanswered()?;
+        bytes.append(&mut self.held);
+        Some(bytes)
     }
 
     /// Nothing queued and nothing in flight: the kernel holds every byte it was given.
@@ -510,5 +612,80 @@ mod tests {
         c.sendq.clear();
         c.shutdown_done = true;
         assert!(!c.may_shut_down_write(), "once only");
+    }
+
+    fn deliver(c: &mut Conn, bytes: &[u8]) {
+        c.delivering(bytes.len(), |dst| dst.copy_from_slice(bytes));
+    }
+
+    #[test]
+    fn a_recoverable_connection_keeps_what_follows_its_last_boundary() {
+        let mut c = conn();
+        c.recovery = Some(Recovery::default());
+        deliver(&mut c, b"GET /a HTTP/1.1\r\n\r\n");
+        deliver(&mut c, b"GET /b HTTP/1.1\r\n\r\n");
+        c.written = true;
+        c.recovery.as_mut().unwrap().sent();
+        assert_eq!(c.successor_bytes(), None, "a response may be half queued");
+        let first = b"GET /a HTTP/1.1\r\n\r\n".len() as u64;
+        assert!(c.recovery.as_mut().unwrap().mark(first, c.delivered));
+        assert_eq!(
+            c.successor_bytes().as_deref(),
+            Some(&b"GET /b HTTP/1.1\r\n\r\n"[..])
+        );
+    }
+
+    #[test]
+    fn marks_must_move_forward_within_what_was_delivered() {
+        let mut r = Recovery::default();
+        r.delivering(10, |d| d.fill(b'x'));
+        assert!(!r.mark(11, 10), "past what was delivered");
+        assert!(r.mark(4, 10));
+        assert!(!r.mark(3, 10), "behind the last mark");
+        assert!(r.mark(10, 10));
+        assert_eq!(r.unanswered(), Some(Vec::new()));
+    }
+
+    #[test]
+    fn a_connection_past_the_retain_limit_recovers_only_at_a_full_boundary() {
+        let mut c = conn();
+        c.recovery = Some(Recovery::default());
+        deliver(&mut c, &vec![b'a'; RETAIN_LIMIT]);
+        deliver(&mut c, b"b");
+        assert_eq!(c.successor_bytes(), None);
+        let delivered = c.delivered;
+        assert!(c.recovery.as_mut().unwrap().mark(delivered - 1, delivered));
+        assert_eq!(
+            c.successor_bytes(),
+            None,
+            "the copy was dropped at the limit"
+        );
+        assert!(c.recovery.as_mut().unwrap().mark(delivered, delivered));
+        deliver(&mut c, b"next");
+        assert_eq!(c.successor_bytes().as_deref(), Some(&b"next"[..]));
+    }
+
+    #[test]
+    fn direct_and_untouched_connections_go_on_without_marks() {
+        let mut c = conn();
+        c.held = b"late".to_vec();
+        assert_eq!(c.successor_bytes().as_deref(), Some(&b"late"[..]));
+        let mut c = conn();
+        c.delivered = 5;
+        assert_eq!(c.successor_bytes(), None, "touched, not recoverable");
+        c.direct = Some(Box::new(crate::direct::Direct {
+            route: 0,
+            serial: 1,
+            buf: b"GET / HTTP/1.1\r\n".to_vec(),
+            last_active: std::time::Instant::now(),
+            blocked: false,
+        }));
+        assert_eq!(
+            c.successor_bytes().as_deref(),
+            Some(&b"GET / HTTP/1.1\r\n"[..])
+        );
+        let mut c = conn();
+        c.origin = None;
+        assert_eq!(c.successor_bytes(), None, "no listener to go on to");
     }
 }

@@ -9,9 +9,15 @@
 //! receives that request's bytes and everything after as ordinary `Data`, so responses stay in
 //! order and the application keeps the last word on every odd case. When it has answered all
 //! of it, the application may give the connection back (`ServeDirect`).
+//!
+//! The connection loop itself (parse, pipelining, which requests are odd) is
+//! `splitos_http::conn`'s, shared with the application, so both read a byte stream alike; this
+//! module supplies the cache as the answer and lends the worker's connection state to it. The
+//! worker's timeout sweep applies the rules of `conn::Conn::expired` to the same state.
 
 use splitos_file_server::client::{lookup_of, FileClient, FileView};
-use splitos_http::request::{self, Body, Limits, Parsed};
+use splitos_http::conn::{self, Budget, Policy, Role, Timeouts};
+use splitos_http::request::Limits;
 use splitos_http::respond::{self, Answer, FileSource, Lookup, Part};
 use std::time::{Duration, Instant};
 
@@ -70,6 +76,9 @@ impl FileSource for Cached<'_> {
 }
 
 /// Answers the complete requests in `d.buf`; `push` queues each response part.
+///
+/// The worker keeps the buffer and the last activity in [`Direct`]; they are lent to a
+/// [`conn::Conn`] for the call (two moves, no copy).
 pub(crate) fn serve(
     route: &mut Route,
     d: &mut Direct,
@@ -77,48 +86,52 @@ pub(crate) fn serve(
     answered: &mut u64,
     mut push: impl FnMut(Part<FileView>),
 ) -> Outcome {
-    let limits = Limits::default();
-    let mut queued = queued;
-    loop {
-        if d.buf.is_empty() {
-            return Outcome::More;
-        }
-        if queued >= SENDQ_LIMIT {
-            d.blocked = true;
-            return Outcome::Blocked;
-        }
-        let (req, used) = match request::parse(&d.buf, &limits) {
-            Ok(Parsed::Complete(r, n)) => (r, n),
-            Ok(Parsed::Partial) => return Outcome::More,
-            Err(_) => return Outcome::Defer(std::mem::take(&mut d.buf)),
-        };
-        if req.body != Body::None {
-            return Outcome::Defer(std::mem::take(&mut d.buf));
-        }
-        match respond::respond(&mut Cached(&mut route.files), &req) {
+    let policy = route.policy();
+    let mut c = conn::Conn::from_parts(std::mem::take(&mut d.buf), d.last_active);
+    let files = &mut route.files;
+    let outcome = conn::serve(
+        &mut c,
+        &policy,
+        Budget::parts(SENDQ_LIMIT.saturating_sub(queued)),
+        |req| match respond::respond(&mut Cached(files), req) {
             Answer::Response(r) => {
-                d.buf.drain(..used);
                 *answered += 1;
-                queued += r.parts.len();
-                r.parts.into_iter().for_each(&mut push);
-                if !req.keep_alive {
-                    return Outcome::Close;
-                }
+                Some(r)
             }
-            Answer::NoIndex { .. } | Answer::Defer => {
-                return Outcome::Defer(std::mem::take(&mut d.buf))
-            }
+            // A directory (listing or 404 is the application's call) or not cached.
+            Answer::NoIndex { .. } | Answer::Defer => None,
+        },
+        |r| r.parts.into_iter().for_each(&mut push),
+    );
+    d.buf = c.into_buffer();
+    match outcome {
+        conn::Outcome::Wait => Outcome::More,
+        conn::Outcome::Budget => {
+            d.blocked = true;
+            Outcome::Blocked
+        }
+        conn::Outcome::Close(_) => Outcome::Close,
+        conn::Outcome::HandOver(bytes) => Outcome::Defer(bytes),
+    }
+}
+
+impl Route {
+    /// How this route's connections are served: only the plain cases, the rest deferred.
+    fn policy(&self) -> Policy {
+        Policy {
+            limits: Limits::default(),
+            role: Role::FastPath,
+            timeouts: Timeouts {
+                header: self.header_timeout,
+                idle: self.idle_timeout,
+            },
         }
     }
 }
 
 /// The 408 a direct connection gets when its head does not complete in time.
 pub(crate) fn timeout_response() -> Vec<u8> {
-    match respond::error_page::<FileView>(408, "Request Timeout", true, false)
-        .parts
-        .into_iter()
-        .next()
-    {
+    match conn::request_timeout::<FileView>().parts.into_iter().next() {
         Some(Part::Bytes(b)) => b,
         _ => Vec::new(),
     }

@@ -83,18 +83,10 @@ pub(crate) fn parse_bytes(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{s:?} is not a size like 4096, 64K, 256M or 1G"))
 }
 
-fn default_files_socket() -> PathBuf {
-    if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR") {
-        return PathBuf::from(d).join("splitos").join("files.sock");
-    }
-    PathBuf::from(format!(
-        "/tmp/splitos-{}/files.sock",
-        rustix::process::getuid().as_raw()
-    ))
-}
-
 fn run_file_server(a: FileServerArgs) -> Result<(), String> {
-    let socket = a.socket.unwrap_or_else(default_files_socket);
+    let socket = a
+        .socket
+        .unwrap_or_else(splitos_file_server::default_socket_path);
     if let Some(dir) = socket.parent() {
         if !dir.as_os_str().is_empty() && !dir.exists() {
             std::fs::create_dir_all(dir)

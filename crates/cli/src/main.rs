@@ -1,6 +1,5 @@
 //! The `splitos` command: runs the Split-OS servers and shows their state.
 
-mod http_app;
 mod serve;
 mod status;
 
@@ -46,7 +45,7 @@ enum Command {
     Reload(serve::ReloadArgs),
     /// One instance of serve's HTTP application (started by `splitos serve`, not by hand).
     #[command(hide = true)]
-    ServeApp(http_app::AppArgs),
+    ServeApp(serve::AppArgs),
     /// Run the memory-mapped file server: it caches the files beneath ROOT in sealed shared
     /// memory that readers map directly; nothing outside ROOT is ever served.
     FileServer(FileServerArgs),
@@ -205,13 +204,14 @@ fn main() -> ExitCode {
     let r = match cli.command {
         Command::TcpServer(a) => run_tcp_server(a),
         Command::FileServer(a) => run_file_server(a),
-        Command::Serve(a) => stop_on_signals().and_then(|stop| serve::run(a, stop)),
+        Command::Serve(a) => stop_on_signals().and_then(|stop| {
+            let reload = flag_on(signal_hook::consts::SIGHUP)?;
+            serve::run(a, &stop, &reload)
+        }),
         Command::Reload(a) => serve::reload(a),
         Command::ServeApp(a) => stop_on_signals().and_then(|stop| {
-            let drain = Arc::new(AtomicBool::new(false));
-            signal_hook::flag::register(signal_hook::consts::SIGUSR2, drain.clone())
-                .map_err(|e| format!("cannot install a signal handler: {e}"))?;
-            http_app::run(a, stop, drain)
+            let drain = flag_on(signal_hook::consts::SIGUSR2)?;
+            serve::run_app(a, &stop, &drain)
         }),
         Command::Status(a) => status::run(
             a.socket
@@ -236,6 +236,14 @@ fn stop_on_signals() -> Result<Arc<AtomicBool>, String> {
             .map_err(|e| format!("cannot install a signal handler: {e}"))?;
     }
     Ok(stop)
+}
+
+/// Sets the returned flag on `sig` (which then no longer has its default effect).
+fn flag_on(sig: std::ffi::c_int) -> Result<Arc<AtomicBool>, String> {
+    let flag = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(sig, flag.clone())
+        .map_err(|e| format!("cannot install a signal handler: {e}"))?;
+    Ok(flag)
 }
 
 fn run_tcp_server(a: TcpServerArgs) -> Result<(), String> {

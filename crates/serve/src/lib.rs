@@ -12,6 +12,8 @@
 //! parsing and the messages a person reads; the supervisor starts instances through whatever
 //! command it is given ([`supervisor::AppCommand`]), which must end up in [`app::run`].
 
+#![forbid(unsafe_code)]
+
 pub mod app;
 pub mod control;
 pub mod supervisor;

@@ -14,7 +14,7 @@
 //!    [`LISTENING`], and adopts every handed-off connection.
 //!
 //! A reload is asked for by the caller's `reload` flag (SIGHUP, in the `splitos` command) or
-//! over the [`control`](crate::control) socket. An instance that dies is restarted; the
+//! over the [`control`] socket. An instance that dies is restarted; the
 //! persistent listener keeps queueing connections meanwhile.
 
 use crate::app::{AppConfig, LISTENING, READY};

@@ -1,6 +1,5 @@
 //! The `splitos` command: runs the Split-OS servers and shows their state.
 
-mod http_app;
 mod serve;
 mod status;
 
@@ -46,7 +45,7 @@ enum Command {
     Reload(serve::ReloadArgs),
     /// One instance of serve's HTTP application (started by `splitos serve`, not by hand).
     #[command(hide = true)]
-    ServeApp(http_app::AppArgs),
+    ServeApp(serve::AppArgs),
     /// Run the memory-mapped file server: it caches the files beneath ROOT in sealed shared
     /// memory that readers map directly; nothing outside ROOT is ever served.
     FileServer(FileServerArgs),
@@ -83,18 +82,10 @@ pub(crate) fn parse_bytes(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{s:?} is not a size like 4096, 64K, 256M or 1G"))
 }
 
-fn default_files_socket() -> PathBuf {
-    if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR") {
-        return PathBuf::from(d).join("splitos").join("files.sock");
-    }
-    PathBuf::from(format!(
-        "/tmp/splitos-{}/files.sock",
-        rustix::process::getuid().as_raw()
-    ))
-}
-
 fn run_file_server(a: FileServerArgs) -> Result<(), String> {
-    let socket = a.socket.unwrap_or_else(default_files_socket);
+    let socket = a
+        .socket
+        .unwrap_or_else(splitos_file_server::default_socket_path);
     if let Some(dir) = socket.parent() {
         if !dir.as_os_str().is_empty() && !dir.exists() {
             std::fs::create_dir_all(dir)
@@ -213,13 +204,14 @@ fn main() -> ExitCode {
     let r = match cli.command {
         Command::TcpServer(a) => run_tcp_server(a),
         Command::FileServer(a) => run_file_server(a),
-        Command::Serve(a) => stop_on_signals().and_then(|stop| serve::run(a, stop)),
+        Command::Serve(a) => stop_on_signals().and_then(|stop| {
+            let reload = flag_on(signal_hook::consts::SIGHUP)?;
+            serve::run(a, &stop, &reload)
+        }),
         Command::Reload(a) => serve::reload(a),
         Command::ServeApp(a) => stop_on_signals().and_then(|stop| {
-            let drain = Arc::new(AtomicBool::new(false));
-            signal_hook::flag::register(signal_hook::consts::SIGUSR2, drain.clone())
-                .map_err(|e| format!("cannot install a signal handler: {e}"))?;
-            http_app::run(a, stop, drain)
+            let drain = flag_on(signal_hook::consts::SIGUSR2)?;
+            serve::run_app(a, &stop, &drain)
         }),
         Command::Status(a) => status::run(
             a.socket
@@ -244,6 +236,14 @@ fn stop_on_signals() -> Result<Arc<AtomicBool>, String> {
             .map_err(|e| format!("cannot install a signal handler: {e}"))?;
     }
     Ok(stop)
+}
+
+/// Sets the returned flag on `sig` (which then no longer has its default effect).
+fn flag_on(sig: std::ffi::c_int) -> Result<Arc<AtomicBool>, String> {
+    let flag = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(sig, flag.clone())
+        .map_err(|e| format!("cannot install a signal handler: {e}"))?;
+    Ok(flag)
 }
 
 fn run_tcp_server(a: TcpServerArgs) -> Result<(), String> {

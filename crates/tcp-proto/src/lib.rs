@@ -19,6 +19,9 @@
 use core::mem::size_of;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 
+mod socket_path;
+pub use socket_path::default_socket_path;
+
 pub const VERSION: u16 = 1;
 
 /// Bytes an application may have in flight to the server per connection.

@@ -28,20 +28,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-/// Where applications find the server when nothing else is said: `$SPLITOS_SOCKET`, else
-/// `$XDG_RUNTIME_DIR/splitos/tcp.sock`, else `/tmp/splitos-<uid>/tcp.sock`.
-pub fn default_socket_path() -> PathBuf {
-    if let Some(p) = std::env::var_os("SPLITOS_SOCKET") {
-        return PathBuf::from(p);
-    }
-    if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR") {
-        return PathBuf::from(d).join("splitos").join("tcp.sock");
-    }
-    PathBuf::from(format!(
-        "/tmp/splitos-{}/tcp.sock",
-        rustix::process::getuid().as_raw()
-    ))
-}
+// Defined with the protocol, so applications know it without linking the server.
+pub use splitos_tcp_proto::default_socket_path;
 
 #[derive(Clone, Debug)]
 pub struct ServerConfig {

@@ -232,6 +232,15 @@ fn pipelining_and_hostile_requests() {
             String::from_utf8_lossy(req)
         );
     }
+    // The redirect to a directory's slash names the normalized path, never `//host`.
+    let r = raw(
+        s.port,
+        b"GET ///docs?x=1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert!(
+        r.starts_with("HTTP/1.1 301") && r.contains("\r\nLocation: /docs/?x=1\r\n"),
+        "{r}"
+    );
     let long = format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(10_000));
     assert!(raw(s.port, long.as_bytes()).starts_with("HTTP/1.1 414"));
     let many: String = (0..200).map(|i| format!("X-{i}: v\r\n")).collect();

@@ -172,7 +172,7 @@ pub fn respond<S: FileSource>(src: &mut S, req: &Request) -> Answer<S::File> {
     let file = match src.open(&rel_file) {
         Lookup::Found(f) => f,
         Lookup::Directory => {
-            let location = format!("{}/", req.target.split('?').next().unwrap_or("/"));
+            let location = directory_location(&path, &req.target);
             let mut r = Response::default();
             let mut h = head_common(301, "Moved Permanently");
             let _ = write!(h, "Location: {location}\r\nContent-Length: 0\r\n\r\n");
@@ -274,6 +274,42 @@ pub fn respond<S: FileSource>(src: &mut S, req: &Request) -> Answer<S::File> {
         r.body_bytes = count;
     }
     Answer::Response(r)
+}
+
+/// What a path segment keeps unencoded in a `Location`: anything but controls, space, and the
+/// characters that would end or change the meaning of a path (`?`, `#`, `%`, quotes, angle
+/// brackets and the like). Non-ASCII is encoded as UTF-8.
+const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS
+    .add(b' ')
+    .add(b'"')
+    .add(b'#')
+    .add(b'%')
+    .add(b'/')
+    .add(b'<')
+    .add(b'>')
+    .add(b'?')
+    .add(b'\\')
+    .add(b'^')
+    .add(b'`')
+    .add(b'{')
+    .add(b'|')
+    .add(b'}');
+
+/// Where a request for directory `path` (decoded) is redirected: the same path, normalized
+/// (empty and `.` segments dropped, so it always starts with exactly one `/` and can never be
+/// read as `//host`), encoded again, with a slash and the target's query.
+fn directory_location(path: &str, target: &str) -> String {
+    let mut location = String::with_capacity(path.len() + 2);
+    for segment in path.split('/').filter(|s| !s.is_empty() && *s != ".") {
+        location.push('/');
+        location.extend(percent_encoding::utf8_percent_encode(segment, SEGMENT));
+    }
+    location.push('/');
+    if let Some((_, query)) = target.split_once('?') {
+        location.push('?');
+        location.push_str(query);
+    }
+    location
 }
 
 /// Whether an `Accept-Encoding` value accepts `coding` (present, and not with `q=0`).
@@ -469,5 +505,43 @@ mod tests {
         ));
         let a = respond(&mut s, &req("DELETE /a.txt HTTP/1.1\r\n\r\n"));
         assert!(head(&a).contains("405") && head(&a).contains("Allow: GET, HEAD"));
+    }
+
+    /// Every path is a directory.
+    struct Dirs;
+    impl FileSource for Dirs {
+        type File = Mem;
+        fn open(&mut self, _: &str) -> Lookup<Mem> {
+            Lookup::Directory
+        }
+    }
+
+    /// Finding A18: the redirect to a directory's slash echoed the raw target, so `GET ///docs`
+    /// got `Location: ///docs/`, which a browser reads as the host `docs`. It is built from the
+    /// decoded, normalized path, encoded again.
+    #[test]
+    fn directory_redirects_point_at_the_normalized_path() {
+        let location = |target: &str| {
+            let a = respond(&mut Dirs, &req(&format!("GET {target} HTTP/1.1\r\n\r\n")));
+            let h = head(&a);
+            assert!(h.starts_with("HTTP/1.1 301 "), "{h}");
+            h.lines()
+                .find_map(|l| l.strip_prefix("Location: "))
+                .unwrap_or_default()
+                .to_string()
+        };
+        assert_eq!(location("/docs"), "/docs/");
+        assert_eq!(location("///docs"), "/docs/");
+        assert_eq!(location("//evil.example"), "/evil.example/");
+        assert_eq!(location("/a//b/./c"), "/a/b/c/");
+        assert_eq!(location("/d?x=1"), "/d/?x=1");
+        assert_eq!(location("/a%20b"), "/a%20b/");
+        assert_eq!(location("/caf%C3%A9"), "/caf%C3%A9/");
+        // Decoded control characters never reach the header.
+        assert_eq!(
+            location("/x%0d%0aSet-Cookie:%20a=b"),
+            "/x%0D%0ASet-Cookie:%20a=b/"
+        );
+        assert_eq!(location("/%2F%2Fevil"), "/evil/");
     }
 }

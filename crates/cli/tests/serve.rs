@@ -322,10 +322,21 @@ fn access_log_in_common_log_format() {
         ]),
         "404"
     );
+    // A quote in the target must not end the request field early.
+    let r = raw(
+        s.port,
+        b"GET /q\"uote HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert!(r.starts_with("HTTP/1.1 404"), "{r}");
     drop(s); // SIGTERM: the log is flushed on the way out
     let text = std::fs::read_to_string(&log).unwrap();
     let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(lines.len(), 2, "{text}");
+    assert_eq!(lines.len(), 3, "{text}");
+    assert!(
+        lines[2].contains("\"GET /q\\x22uote HTTP/1.1\" 404 "),
+        "{}",
+        lines[2]
+    );
     assert!(lines[0].starts_with("127.0.0.1 - - ["), "{}", lines[0]);
     assert!(
         lines[0].ends_with("\"GET / HTTP/1.1\" 200 13"),

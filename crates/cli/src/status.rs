@@ -20,6 +20,28 @@ fn bytes(n: u64) -> String {
     }
 }
 
+/// Text a peer chose (an application's name), made safe to print on a terminal: control
+/// characters (escape sequences, bells, newlines) and the invisible ones that reorder or hide
+/// text (bidirectional overrides, zero-width characters) appear as `\u{..}`, and `\` as `\\`,
+/// so what is shown is what was sent, and nothing is interpreted.
+pub(crate) fn printable(s: &str) -> String {
+    let hidden = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{2069}' | '\u{feff}')
+    };
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c == '\\' {
+            out.push_str("\\\\");
+        } else if hidden(c) {
+            let _ = write!(out, "\\u{{{:x}}}", c as u32);
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 pub fn run(socket: PathBuf, json: bool) -> Result<(), String> {
     let text = render(&socket, json)?;
     // A reader that went away (`splitos status | head`) is not an error.
@@ -97,7 +119,11 @@ fn render(socket: &std::path::Path, json: bool) -> Result<String, String> {
             s.pid,
             s.uid,
             s.worker,
-            if s.name.is_empty() { "-" } else { &s.name },
+            if s.name.is_empty() {
+                "-".to_string()
+            } else {
+                printable(&s.name)
+            },
             s.connections,
             s.listeners,
             bytes(s.bytes_in),
@@ -107,4 +133,23 @@ fn render(socket: &std::path::Path, json: bool) -> Result<String, String> {
         );
     }
     Ok(o)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::printable;
+
+    #[test]
+    fn names_are_shown_without_anything_a_terminal_interprets() {
+        assert_eq!(printable("splitos-serve"), "splitos-serve");
+        assert_eq!(printable("café ✓"), "café ✓");
+        assert_eq!(printable("a\x1b[2Jb\x07"), "a\\u{1b}[2Jb\\u{7}");
+        assert_eq!(printable("x\ny\r"), "x\\u{a}y\\u{d}");
+        assert_eq!(printable("\u{202e}abc\u{200b}"), "\\u{202e}abc\\u{200b}");
+        assert_eq!(
+            printable("a\\u{1b}"),
+            "a\\\\u{1b}",
+            "a literal backslash is not an escape"
+        );
+    }
 }

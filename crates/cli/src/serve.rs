@@ -49,6 +49,10 @@ pub struct ServeArgs {
     /// while an access log is written, since the log is the application's.
     #[arg(long)]
     no_direct: bool,
+    /// Serve files and directories whose names start with "." (.git, .env, .htpasswd). By
+    /// default they are answered 404, except under /.well-known/.
+    #[arg(long)]
+    dotfiles: bool,
     /// How the TCP server and the HTTP application wait: block (sleep at once; the default,
     /// best when cores are shared, e.g. with a load generator), adaptive (spin 2 µs, then
     /// yield until ~30 µs, then sleep), or poll (spin; only with cores to spare).
@@ -97,6 +101,8 @@ pub struct AppArgs {
     /// Answer every request here, none in the TCP server.
     #[arg(long)]
     no_direct: bool,
+    #[arg(long)]
+    dotfiles: bool,
     /// Another instance holds the listener and is about to hand it over: retry until it does.
     #[arg(long)]
     takeover: bool,
@@ -116,6 +122,7 @@ impl From<AppArgs> for AppConfig {
             wait: a.wait,
             list_dirs: a.list_dirs,
             no_direct: a.no_direct,
+            dotfiles: a.dotfiles,
             takeover: a.takeover,
         }
     }
@@ -152,6 +159,7 @@ pub fn run(a: ServeArgs, stop: &AtomicBool, reload: &AtomicBool) -> Result<(), S
         idle_timeout: a.idle_timeout,
         list_dirs: a.list_dirs,
         no_direct: a.no_direct,
+        dotfiles: a.dotfiles,
         wait: a.wait,
         control_socket: a.control_socket,
         app: app_command(),
@@ -238,6 +246,7 @@ mod tests {
             wait: WaitPolicy::adaptive(),
             list_dirs: false,
             no_direct: false,
+            dotfiles: false,
             takeover: false,
         };
         let all = AppConfig {
@@ -245,6 +254,7 @@ mod tests {
             wait: "adaptive:50us".parse().unwrap_or(WaitPolicy::Poll),
             list_dirs: true,
             no_direct: true,
+            dotfiles: true,
             takeover: true,
             ..base.clone()
         };

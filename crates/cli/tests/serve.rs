@@ -772,3 +772,43 @@ fn requests_accepting_compression_are_answered_directly_when_no_sibling_exists()
     };
     assert_eq!(got, "gzipped");
 }
+
+/// Finding A28: files whose names start with a dot (`.git/config`, `.env`, `.htpasswd`) were
+/// served. By default they are not found (404), on the direct path as in the application,
+/// except under `/.well-known/` (RFC 8615: ACME challenges, security.txt); `--dotfiles`
+/// serves them.
+#[test]
+fn dotfiles_are_not_served_unless_asked() {
+    let hidden = serve("dotfiles");
+    let shown = serve_with("dotfiles-on", &["--dotfiles"]);
+    for s in [&hidden, &shown] {
+        std::fs::create_dir_all(s.site.join(".git")).unwrap();
+        std::fs::create_dir_all(s.site.join(".well-known")).unwrap();
+        std::fs::create_dir_all(s.site.join("sub")).unwrap();
+        std::fs::write(s.site.join(".git/config"), b"[core]").unwrap();
+        std::fs::write(s.site.join(".env"), b"SECRET=1").unwrap();
+        std::fs::write(s.site.join("sub/.htpasswd"), b"u:p").unwrap();
+        std::fs::write(s.site.join(".well-known/security.txt"), b"Contact: x").unwrap();
+    }
+    let url = |s: &Server, p: &str| format!("http://127.0.0.1:{}{p}", s.port);
+    // Twice each: the first request fills the cache, the second may be answered directly.
+    for _ in 0..2 {
+        for p in [
+            "/.git/config",
+            "/.env",
+            "/sub/.htpasswd",
+            "/%2egit/config",
+            "/.git/",
+        ] {
+            assert_eq!(code(&[&url(&hidden, p)]), "404", "{p}");
+        }
+        assert_eq!(
+            curl(&[&url(&hidden, "/.well-known/security.txt")]),
+            "Contact: x"
+        );
+        assert_eq!(curl(&[&url(&shown, "/.git/config")]), "[core]");
+        assert_eq!(curl(&[&url(&shown, "/.env")]), "SECRET=1");
+        assert_eq!(curl(&[&url(&shown, "/sub/.htpasswd")]), "u:p");
+    }
+    assert_eq!(curl(&[&url(&hidden, "/")]), "<h1>home</h1>");
+}

@@ -152,8 +152,55 @@ pub fn error_page<F>(status: u16, reason: &str, close: bool, head_only: bool) ->
     r
 }
 
-/// Answers a GET or HEAD for a static file (anything else: 405).
+/// What to do with a request for a dotfile: a path with a segment whose name starts with `.`
+/// (`/.git/config`, `/.env`, `/sub/.htpasswd`), other than a first segment `.well-known`
+/// (RFC 8615).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Dotfiles {
+    /// As if it did not exist: 404. A served directory is often a checkout or a project
+    /// directory, whose dotfiles hold what should not be published.
+    #[default]
+    Hide,
+    /// Serve them like any other file.
+    Serve,
+    /// Let another answerer decide ([`Answer::Defer`]): for a fast path that does not know
+    /// the server's setting.
+    Defer,
+}
+
+/// How requests are answered beyond what the request and the files say.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Options {
+    pub dotfiles: Dotfiles,
+}
+
+/// Whether decoded path `path` names a dotfile (see [`Dotfiles`]). `.` and `..` segments are
+/// not dotfiles: they are the file store's to normalize or refuse.
+pub fn is_dotfile(path: &str) -> bool {
+    path.split('/')
+        .filter(|s| !s.is_empty() && *s != "." && *s != "..")
+        .enumerate()
+        .any(|(i, s)| s.starts_with('.') && !(i == 0 && s == ".well-known"))
+}
+
+/// Answers a GET or HEAD for a static file (anything else: 405), deferring requests for
+/// dotfiles to another answerer: what a fast path that does not know the setting says.
 pub fn respond<S: FileSource>(src: &mut S, req: &Request) -> Answer<S::File> {
+    respond_with(
+        src,
+        req,
+        &Options {
+            dotfiles: Dotfiles::Defer,
+        },
+    )
+}
+
+/// Answers a GET or HEAD for a static file (anything else: 405), as `options` say.
+pub fn respond_with<S: FileSource>(
+    src: &mut S,
+    req: &Request,
+    options: &Options,
+) -> Answer<S::File> {
     let head_only = req.method == Method::Head;
     if !matches!(req.method, Method::Get | Method::Head) {
         return Answer::Response(error_page(405, "Method Not Allowed", false, false));
@@ -162,6 +209,12 @@ pub fn respond<S: FileSource>(src: &mut S, req: &Request) -> Answer<S::File> {
         Ok(p) => p,
         Err(e) => return Answer::Response(error_page(e.status, e.reason, false, head_only)),
     };
+    if options.dotfiles != Dotfiles::Serve && is_dotfile(&path) {
+        if options.dotfiles == Dotfiles::Defer {
+            return Answer::Defer;
+        }
+        return Answer::Response(error_page(404, "Not Found", false, head_only));
+    }
     let rel = path.trim_start_matches('/');
     let is_dir_request = rel.is_empty() || rel.ends_with('/');
     let rel_file = if is_dir_request {
@@ -505,6 +558,44 @@ mod tests {
         ));
         let a = respond(&mut s, &req("DELETE /a.txt HTTP/1.1\r\n\r\n"));
         assert!(head(&a).contains("405") && head(&a).contains("Allow: GET, HEAD"));
+    }
+
+    /// Finding A28: dotfiles were served. Hidden (404) unless asked for; a fast path that
+    /// does not know the setting defers them; `/.well-known/` is always served.
+    #[test]
+    fn dotfiles_follow_the_setting() {
+        let mut s = Store(HashMap::from([
+            (".git/config", Lookup::Found(Mem(6))),
+            ("sub/.htpasswd", Lookup::Found(Mem(3))),
+            (".well-known/security.txt", Lookup::Found(Mem(4))),
+            ("a.txt", Lookup::Found(Mem(1))),
+        ]));
+        let with = |s: &mut Store, dotfiles, target: &str| {
+            let a = respond_with(
+                s,
+                &req(&format!("GET {target} HTTP/1.1\r\n\r\n")),
+                &Options { dotfiles },
+            );
+            match a {
+                Answer::Defer => "defer".to_string(),
+                a => head(&a)[9..12].to_string(),
+            }
+        };
+        for t in ["/.git/config", "/%2Egit/config", "/sub/.htpasswd", "/.git/"] {
+            assert_eq!(with(&mut s, Dotfiles::Hide, t), "404", "{t}");
+            assert_eq!(with(&mut s, Dotfiles::Defer, t), "defer", "{t}");
+            let r = respond(&mut s, &req(&format!("GET {t} HTTP/1.1\r\n\r\n")));
+            assert!(matches!(r, Answer::Defer), "{t}");
+        }
+        assert_eq!(with(&mut s, Dotfiles::Serve, "/.git/config"), "200");
+        assert_eq!(with(&mut s, Dotfiles::Serve, "/sub/.htpasswd"), "200");
+        for d in [Dotfiles::Hide, Dotfiles::Serve, Dotfiles::Defer] {
+            assert_eq!(with(&mut s, d, "/.well-known/security.txt"), "200");
+            assert_eq!(with(&mut s, d, "/a.txt"), "200");
+        }
+        assert!(is_dotfile("/a/.well-known/x"), "only at the root");
+        assert!(!is_dotfile("/a/../b"));
+        assert!(!is_dotfile("/a.b/c."));
     }
 
     /// Every path is a directory.

@@ -21,7 +21,7 @@ use splitos::WaitPolicy;
 use splitos_file_server::path::{OpenError, Root};
 use splitos_http::conn::{self, Budget, Close, Expiry, Policy, Role, Timeouts};
 use splitos_http::request::{Limits, Request};
-use splitos_http::respond::{error_page, respond, Answer, Part, Response};
+use splitos_http::respond::{error_page, respond_with, Answer, Dotfiles, Options, Part, Response};
 use splitos_http::{access_log, listing};
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -58,6 +58,8 @@ pub struct AppConfig {
     pub list_dirs: bool,
     /// Answer every request here, none in the TCP server.
     pub no_direct: bool,
+    /// Serve dotfiles (names starting with `.`); by default they are not found.
+    pub dotfiles: bool,
     /// Another instance holds the listener and is about to hand it over: retry until it does.
     pub takeover: bool,
 }
@@ -86,6 +88,7 @@ impl AppConfig {
         for (on, flag) in [
             (self.list_dirs, "--list-dirs"),
             (self.no_direct, "--no-direct"),
+            (self.dotfiles, "--dotfiles"),
             (self.takeover, "--takeover"),
         ] {
             if on {
@@ -164,6 +167,7 @@ struct App {
     root: Option<Root>,
     log: Option<io::BufWriter<std::fs::File>>,
     policy: Policy,
+    options: Options,
     max_conns: usize,
 }
 
@@ -252,6 +256,13 @@ pub fn run(
                 max_body: conn::MAX_DISCARD,
             },
             timeouts: Timeouts::from_secs(config.header_timeout, config.idle_timeout),
+        },
+        options: Options {
+            dotfiles: if config.dotfiles {
+                Dotfiles::Serve
+            } else {
+                Dotfiles::Hide
+            },
         },
         max_conns: config.max_conns,
     };
@@ -470,6 +481,7 @@ fn serve_buffered(app: &mut App, reactor: &mut Reactor, h: Handle, c: &mut Clien
         root,
         log,
         policy,
+        options,
         ..
     } = app;
     let outcome = conn::serve(
@@ -477,7 +489,7 @@ fn serve_buffered(app: &mut App, reactor: &mut Reactor, h: Handle, c: &mut Clien
         policy,
         Budget::responses(PIPELINE_SLICE),
         |req| {
-            let reply = answer(files, root.as_ref(), req);
+            let reply = answer(files, root.as_ref(), options, req);
             if let Some(l) = log {
                 let line = access_log::line(
                     peer.ip(),
@@ -525,8 +537,8 @@ fn emit(reactor: &mut Reactor, h: Handle, reply: Reply) {
     }
 }
 
-fn answer(files: &mut FileClient, root: Option<&Root>, req: &Request) -> Reply {
-    match respond(files, req) {
+fn answer(files: &mut FileClient, root: Option<&Root>, options: &Options, req: &Request) -> Reply {
+    match respond_with(files, req, options) {
         Answer::Response(r) => r,
         Answer::NoIndex { dir, head_only } => match root {
             Some(root) => list(root, &dir, head_only),
@@ -578,6 +590,7 @@ mod tests {
             wait: WaitPolicy::Block,
             list_dirs: false,
             no_direct: false,
+            dotfiles: false,
             takeover: false,
         }
     }
@@ -614,6 +627,7 @@ mod tests {
             access_log: Some("/var/log/a.log".into()),
             list_dirs: true,
             no_direct: true,
+            dotfiles: true,
             takeover: true,
             ..config()
         }
@@ -626,6 +640,7 @@ mod tests {
                 "/var/log/a.log",
                 "--list-dirs",
                 "--no-direct",
+                "--dotfiles",
                 "--takeover"
             ]
         );

@@ -62,6 +62,8 @@ pub struct ServeConfig {
     pub idle_timeout: u64,
     pub list_dirs: bool,
     pub no_direct: bool,
+    /// Serve dotfiles (names starting with `.`); by default they are not found.
+    pub dotfiles: bool,
     /// How the TCP server and the HTTP application wait.
     pub wait: WaitPolicy,
     /// The control socket; by default [`default_control_socket`] of the address bound.
@@ -310,6 +312,7 @@ pub fn run(
         wait: config.wait,
         list_dirs: config.list_dirs,
         no_direct: config.no_direct,
+        dotfiles: config.dotfiles,
         takeover: false,
     };
     let mut app = Instance::spawn(&config.app, &base, false)?;
@@ -446,6 +449,7 @@ mod tests {
             wait: WaitPolicy::Block,
             list_dirs: false,
             no_direct: false,
+            dotfiles: false,
             takeover: false,
         }
     }
@@ -558,6 +562,7 @@ mod tests {
             idle_timeout: 1,
             list_dirs: false,
             no_direct: false,
+            dotfiles: false,
             wait: WaitPolicy::Block,
             control_socket: Some(dir.join("control.sock")),
             app: script("echo ready; echo 'listening 127.0.0.1:9'"),

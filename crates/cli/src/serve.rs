@@ -34,7 +34,8 @@ pub struct ServeArgs {
     /// Most connections at once; more are answered 503 and closed.
     #[arg(long, default_value_t = 10_000)]
     max_conns: usize,
-    /// Seconds a client may take to send a request head.
+    /// Seconds a client may take to send a request (its head, and a body), from its first
+    /// byte: a deadline, however slowly the bytes come.
     #[arg(long, default_value_t = 10)]
     header_timeout: u64,
     /// Seconds an idle keep-alive connection is kept.

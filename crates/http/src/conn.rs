@@ -14,7 +14,7 @@
 //! hands the connection over, with every byte it has not answered, at the first other one.
 
 use crate::request::{self, Body, Limits, Parsed, Request};
-use crate::respond::{error_page, Response};
+use crate::respond::{error_page, Part, Response};
 use crate::HttpError;
 use std::time::{Duration, Instant};
 
@@ -47,7 +47,8 @@ pub enum Role {
 /// How long a client may take.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Timeouts {
-    /// To complete a request head once its first byte arrived (then 408).
+    /// To complete a request once its first byte arrived: its head, and a body being read
+    /// (then 408). A deadline, not an inactivity timer: bytes trickled in do not extend it.
     pub header: Duration,
     /// To start another request on an idle keep-alive connection (then closed).
     pub idle: Duration,
@@ -127,7 +128,8 @@ pub enum Outcome {
 /// What [`Conn::expired`] found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Expiry {
-    /// A head started but did not complete in time: send [`request_timeout`] and close.
+    /// A request (its head, or a body being read) started but did not complete in time: send
+    /// [`request_timeout`] and close.
     Head,
     /// Nothing arrived for the idle timeout: close.
     Idle,
@@ -139,21 +141,47 @@ pub struct Conn {
     buf: Vec<u8>,
     /// Body bytes of the last request still to arrive and be thrown away.
     discard: u64,
+    /// The request whose body is being thrown away ([`Role::Final`]): it is answered once the
+    /// body is in, so that until then it is still whole in what was received.
+    pending: Option<Request>,
     last_active: Instant,
+    /// When the first byte of the request being received arrived (`None` between requests):
+    /// the header timeout is a deadline from here.
+    started: Option<Instant>,
 }
 
 impl Conn {
     pub fn new(now: Instant) -> Conn {
-        Conn::from_parts(Vec::new(), now)
+        Conn::from_parts_started(Vec::new(), now, None)
     }
 
     /// A connection whose unanswered bytes and last activity are kept elsewhere (the direct
-    /// path's connection state, until the worker holds a `Conn` itself).
+    /// path's connection state, until the worker holds a `Conn` itself). Bytes buffered are
+    /// taken to have started a request at `last_active`; [`Conn::from_parts_started`] says
+    /// when they did.
     pub fn from_parts(buf: Vec<u8>, last_active: Instant) -> Conn {
+        let started = (!buf.is_empty()).then_some(last_active);
+        Conn::from_parts_started(buf, last_active, started)
+    }
+
+    /// Like [`Conn::from_parts`], with the first byte of the request being received arriving at
+    /// `started` (what [`Conn::request_started`] said when the state was last given up).
+    pub fn from_parts_started(
+        buf: Vec<u8>,
+        last_active: Instant,
+        started: Option<Instant>,
+    ) -> Conn {
+        let started = if buf.is_empty() {
+            None
+        } else {
+            started.or(Some(last_active))
+        };
         Conn {
             buf,
             discard: 0,
+            pending: None,
             last_active,
+            started,
         }
     }
 
@@ -162,18 +190,25 @@ impl Conn {
         self.buf
     }
 
+    /// When the first byte of the request being received arrived: the header timeout runs
+    /// from here. `None` between requests.
+    pub fn request_started(&self) -> Option<Instant> {
+        self.started
+    }
+
     /// Bytes arrived from the client.
     pub fn received(&mut self, data: &[u8], now: Instant) {
-        self.last_active = now;
-        let skip = self.discard.min(data.len() as u64) as usize;
-        self.discard -= skip as u64;
-        self.buf.extend_from_slice(&data[skip..]);
+        self.received_with(data.len(), now, |dst| dst.copy_from_slice(data));
     }
 
     /// Like [`Conn::received`], for `n` bytes that `read` copies in place: a receiver whose
     /// bytes sit in memory it must copy out anyway (a provided buffer) copies them once.
     pub fn received_with(&mut self, n: usize, now: Instant, read: impl FnOnce(&mut [u8])) {
         self.last_active = now;
+        if n > 0 && self.started.is_none() {
+            // The first byte of a request (or of the rest of a body being read).
+            self.started = Some(now);
+        }
         let at = self.buf.len();
         self.buf.resize(at + n, 0);
         read(&mut self.buf[at..]);
@@ -196,24 +231,33 @@ impl Conn {
 
     /// Whether every byte received has been answered: the connection sits between requests.
     pub fn at_boundary(&self) -> bool {
-        self.buf.is_empty() && self.discard == 0
+        self.buf.is_empty() && self.discard == 0 && self.pending.is_none()
     }
 
     pub fn last_active(&self) -> Instant {
         self.last_active
     }
 
-    /// Whether the client has used up a timeout. Only the caller knows whether it is still
-    /// sending to the client, which may count as activity; it checks that itself.
+    /// Whether the client has used up a timeout: a request (head, or a body being read) not
+    /// complete [`Timeouts::header`] after its first byte, however recent the last byte, or
+    /// nothing at all for [`Timeouts::idle`] between requests. Only the caller knows whether
+    /// it is still sending to the client, which may count as activity; it checks that itself.
     pub fn expired(&self, now: Instant, t: &Timeouts) -> Option<Expiry> {
-        let quiet = now.saturating_duration_since(self.last_active);
-        if !self.buf.is_empty() && quiet > t.header {
-            Some(Expiry::Head)
-        } else if self.buf.is_empty() && quiet > t.idle {
-            Some(Expiry::Idle)
-        } else {
-            None
+        if let Some(started) = self.started {
+            return (now.saturating_duration_since(started) > t.header).then_some(Expiry::Head);
         }
+        let quiet = now.saturating_duration_since(self.last_active);
+        (self.at_boundary() && quiet > t.idle).then_some(Expiry::Idle)
+    }
+
+    /// After answering: between requests the deadline is off; a next request already begun
+    /// (its bytes came with the last one's, at the latest at the last receive) has its own.
+    fn answered_one(&mut self) {
+        self.started = if self.at_boundary() {
+            None
+        } else {
+            Some(self.last_active)
+        };
     }
 }
 
@@ -226,21 +270,57 @@ pub fn serve<F>(
     conn: &mut Conn,
     policy: &Policy,
     budget: Budget,
-    mut answer: impl FnMut(&Request) -> Option<Response<F>>,
+    answer: impl FnMut(&Request) -> Option<Response<F>>,
     mut send: impl FnMut(Response<F>),
 ) -> Outcome {
+    serve_marked(conn, policy, budget, answer, |r, _| send(r))
+}
+
+/// Like [`serve`], telling `send` with each response how many received bytes are still
+/// unanswered after it: the requests before them are all answered once it is sent, which is
+/// the request boundary an application marks for its successor
+/// (`splitos::reactor::Reactor::answered`). ([`Role::Final`] answers a request with a body
+/// only once the body is in, so the count is always at a boundary.)
+pub fn serve_marked<F>(
+    conn: &mut Conn,
+    policy: &Policy,
+    budget: Budget,
+    mut answer: impl FnMut(&Request) -> Option<Response<F>>,
+    mut send: impl FnMut(Response<F>, usize),
+) -> Outcome {
     let (mut responses, mut parts) = (0usize, 0usize);
-    let mut sent = |r: Response<F>, responses: &mut usize, parts: &mut usize| {
+    let mut sent = |r: Response<F>, rest: usize, responses: &mut usize, parts: &mut usize| {
         *responses += 1;
         *parts = parts.saturating_add(r.parts.len());
-        send(r);
+        send(r, rest);
     };
     loop {
-        if conn.discard > 0 || conn.buf.is_empty() {
+        if conn.discard > 0 {
+            return Outcome::Wait;
+        }
+        if conn.buf.is_empty() && conn.pending.is_none() {
             return Outcome::Wait;
         }
         if responses >= budget.responses || parts >= budget.parts {
             return Outcome::Budget;
+        }
+        if let Some(req) = conn.pending.take() {
+            // Its body is in: answer it now.
+            conn.answered_one();
+            let Some(r) = answer(&req) else {
+                sent(
+                    error_page(500, "Internal Server Error", true, false),
+                    conn.buf.len(),
+                    &mut responses,
+                    &mut parts,
+                );
+                return Outcome::Close(Close::Refused);
+            };
+            sent(r, conn.buf.len(), &mut responses, &mut parts);
+            if !req.keep_alive {
+                return Outcome::Close(Close::Asked);
+            }
+            continue;
         }
         let (req, used) = match request::parse(&conn.buf, &policy.limits) {
             Ok(Parsed::Complete(r, n)) => (r, n),
@@ -248,7 +328,7 @@ pub fn serve<F>(
             Err(e) => match policy.role {
                 Role::FastPath => return hand_over(conn),
                 Role::Final { .. } => {
-                    sent(refusal(e), &mut responses, &mut parts);
+                    sent(refusal(e), conn.buf.len(), &mut responses, &mut parts);
                     return Outcome::Close(Close::Refused);
                 }
             },
@@ -262,7 +342,8 @@ pub fn serve<F>(
                     return hand_over(conn);
                 };
                 conn.buf.drain(..used);
-                sent(r, &mut responses, &mut parts);
+                conn.answered_one();
+                sent(r, conn.buf.len(), &mut responses, &mut parts);
             }
             Role::Final { max_body } => {
                 conn.buf.drain(..used);
@@ -274,19 +355,36 @@ pub fn serve<F>(
                         conn.discard = n - here;
                     }
                     Err(e) => {
-                        sent(refusal(e), &mut responses, &mut parts);
+                        sent(refusal(e), conn.buf.len(), &mut responses, &mut parts);
                         return Outcome::Close(Close::Refused);
                     }
                 }
+                if conn.discard > 0 {
+                    if expects_continue(&req) {
+                        // The client waits for `100 Continue` before sending the body: give it
+                        // the final answer now instead, and close after it (the body will not
+                        // be read, so nothing after it could be told from body bytes).
+                        let r = answer(&req).unwrap_or_else(|| {
+                            error_page(500, "Internal Server Error", true, false)
+                        });
+                        sent(closing(r), conn.buf.len(), &mut responses, &mut parts);
+                        return Outcome::Close(Close::Refused);
+                    }
+                    // Answered when the body is in (at the top of the loop).
+                    conn.pending = Some(req);
+                    return Outcome::Wait;
+                }
+                conn.answered_one();
                 let Some(r) = answer(&req) else {
                     sent(
                         error_page(500, "Internal Server Error", true, false),
+                        conn.buf.len(),
                         &mut responses,
                         &mut parts,
                     );
                     return Outcome::Close(Close::Refused);
                 };
-                sent(r, &mut responses, &mut parts);
+                sent(r, conn.buf.len(), &mut responses, &mut parts);
             }
         }
         if !req.keep_alive {
@@ -312,6 +410,31 @@ pub fn request_timeout<F>() -> Response<F> {
     error_page(408, "Request Timeout", true, false)
 }
 
+/// Whether the client waits for `100 Continue` before it sends the body.
+fn expects_continue(req: &Request) -> bool {
+    req.version == crate::request::Version::Http11
+        && req
+            .header("expect")
+            .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"))
+}
+
+/// `r` with `Connection: close` in its head (the head is its first part, ending in an empty
+/// line), if it does not say so already.
+fn closing<F>(mut r: Response<F>) -> Response<F> {
+    if let Some(Part::Bytes(b)) = r.parts.first_mut() {
+        if let Some(end) = b.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = &b[..end + 2];
+            let has = head
+                .windows(19)
+                .any(|w| w.eq_ignore_ascii_case(b"connection: close\r\n"));
+            if !has {
+                b.splice(end + 2..end + 2, b"Connection: close\r\n".iter().copied());
+            }
+        }
+    }
+    r
+}
+
 fn refusal<F>(e: HttpError) -> Response<F> {
     error_page(e.status, e.reason, true, false)
 }
@@ -323,7 +446,6 @@ fn hand_over(conn: &mut Conn) -> Outcome {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::respond::Part;
 
     fn final_policy() -> Policy {
         Policy {
@@ -475,12 +597,19 @@ mod tests {
         let (first, rest) = body.split_at(10);
         c.received((head + first).as_bytes(), t);
         let (o, out) = run(&mut c, &final_policy(), Budget::responses(64), echo);
-        assert_eq!((o, out), (Outcome::Wait, vec!["/form".to_string()]));
+        // Answered once its body is in (see a_request_with_a_body_is_answered_when_the_body_is_in).
+        assert_eq!((o, out), (Outcome::Wait, vec![]));
         assert!(c.discarding() && !c.at_boundary() && c.buffered().is_empty());
         c.received((rest.to_string() + &get("/next")).as_bytes(), t);
         assert!(!c.discarding());
         let (o, out) = run(&mut c, &final_policy(), Budget::responses(64), echo);
-        assert_eq!((o, out), (Outcome::Wait, vec!["/next".to_string()]));
+        assert_eq!(
+            (o, out),
+            (
+                Outcome::Wait,
+                vec!["/form".to_string(), "/next".to_string()]
+            )
+        );
         // In place, too.
         let mut c = Conn::new(t);
         c.received(
@@ -540,6 +669,152 @@ mod tests {
         assert_eq!(Timeouts::from_secs(0, 0), Timeouts::from_secs(1, 1));
         let r = request_timeout::<u8>();
         assert_eq!(r.status, 408);
+    }
+
+    /// Finding A13: the header timeout measured inactivity, so one byte every
+    /// `header − 1` seconds kept a connection (and a `--max-conns` slot) for hours. It is a
+    /// deadline from the first byte of a request: the head, and a body being read, must arrive
+    /// whole within it however the bytes trickle in.
+    #[test]
+    fn a_trickled_head_expires_at_its_deadline_not_after_a_quiet_spell() {
+        let t = Instant::now();
+        let to = Timeouts::from_secs(10, 60);
+        let s = |n: u64| t + Duration::from_secs(n);
+        let mut c = Conn::new(t);
+        c.received(b"G", s(1));
+        for (i, b) in b"ET / HTTP/1.1\r\n".iter().enumerate() {
+            let at = s(2) + Duration::from_millis(500 * i as u64);
+            if at > s(11) {
+                break;
+            }
+            assert_eq!(c.expired(at, &to), None, "byte {i}");
+            c.received(&[*b], at);
+        }
+        // Bytes arrived a moment ago, but the head began 10 s ago.
+        assert_eq!(
+            c.expired(s(11) + Duration::from_millis(1), &to),
+            Some(Expiry::Head)
+        );
+        assert_eq!(c.request_started(), Some(s(1)));
+    }
+
+    #[test]
+    fn each_request_has_its_own_deadline() {
+        let t = Instant::now();
+        let to = Timeouts::from_secs(10, 60);
+        let s = |n: u64| t + Duration::from_secs(n);
+        let mut c = Conn::new(t);
+        // A request and the start of the next in one segment, at 9 s: the next one's deadline
+        // runs from then.
+        c.received(b"GET / HT", s(0));
+        c.received(b"TP/1.1\r\nHost: x\r\n\r\nGET /b", s(9));
+        let (o, out) = run(&mut c, &final_policy(), Budget::responses(64), echo);
+        assert_eq!((o, out.len()), (Outcome::Wait, 1));
+        assert_eq!(c.request_started(), Some(s(9)));
+        assert_eq!(c.expired(s(15), &to), None);
+        assert_eq!(c.expired(s(20), &to), Some(Expiry::Head));
+        // Answered whole: no deadline, the idle timeout applies.
+        c.received(b" HTTP/1.1\r\nHost: x\r\n\r\n", s(12));
+        run(&mut c, &final_policy(), Budget::responses(64), echo);
+        assert_eq!(c.request_started(), None);
+        assert_eq!(c.expired(s(30), &to), None);
+        assert_eq!(c.expired(s(73), &to), Some(Expiry::Idle));
+        // A body being read is part of its request: trickling it does not extend the deadline.
+        c.received(
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nab",
+            s(80),
+        );
+        run(&mut c, &final_policy(), Budget::responses(64), echo);
+        for i in 0..9 {
+            c.received(b"x", s(81 + i));
+        }
+        assert_eq!(c.expired(s(89), &to), None);
+        assert_eq!(c.expired(s(91), &to), Some(Expiry::Head));
+        // The direct path's adapter lends its state: the start travels with it.
+        let lent = Conn::from_parts_started(b"GE".to_vec(), s(5), Some(s(2)));
+        assert_eq!(lent.expired(s(13), &to), Some(Expiry::Head));
+        assert_eq!(
+            Conn::from_parts(b"GE".to_vec(), s(5)).request_started(),
+            Some(s(5))
+        );
+    }
+
+    /// The response to a request with a body goes out once the body is in: until then the
+    /// request can still be answered by someone else (an application's successor gets the
+    /// unanswered bytes, and must find a whole request there). Each response says how many
+    /// received bytes it leaves unanswered.
+    #[test]
+    fn a_request_with_a_body_is_answered_when_the_body_is_in() {
+        let t = Instant::now();
+        let mut c = Conn::new(t);
+        c.received(
+            b"POST /f HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\n\r\nabc",
+            t,
+        );
+        let mut marks = Vec::new();
+        let serve_now = |c: &mut Conn, marks: &mut Vec<(String, usize)>| {
+            serve_marked(
+                c,
+                &final_policy(),
+                Budget::responses(64),
+                echo,
+                |r, rest| match r.parts.first() {
+                    Some(Part::Bytes(b)) => marks.push((String::from_utf8_lossy(b).into(), rest)),
+                    _ => marks.push((String::new(), rest)),
+                },
+            )
+        };
+        assert_eq!(serve_now(&mut c, &mut marks), Outcome::Wait);
+        assert!(marks.is_empty(), "answered before its body was in");
+        assert!(c.discarding() && !c.at_boundary());
+        c.received(b"defGET /g HTTP/1.1\r\nHost: x\r\n\r\nGET /h", t);
+        assert_eq!(serve_now(&mut c, &mut marks), Outcome::Wait);
+        let rest_h = "GET /h".len();
+        let with_g = rest_h + "GET /g HTTP/1.1\r\nHost: x\r\n\r\n".len();
+        assert_eq!(
+            marks,
+            [("/f".to_string(), with_g), ("/g".to_string(), rest_h)]
+        );
+        assert_eq!(c.buffered(), b"GET /h");
+        // A body wholly in the first segment: answered at once.
+        let mut c = Conn::new(t);
+        c.received(
+            b"POST /i HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nz",
+            t,
+        );
+        marks.clear();
+        serve_now(&mut c, &mut marks);
+        assert_eq!(marks, [("/i".to_string(), 0)]);
+        assert!(c.at_boundary());
+    }
+
+    /// A client that asked for `100 Continue` waits for it before sending the body; rather
+    /// than make it wait, the final answer goes out at once and the connection closes after
+    /// it (the body will not be read).
+    #[test]
+    fn expect_continue_is_answered_at_once_and_closed() {
+        let t = Instant::now();
+        let mut c = Conn::new(t);
+        c.received(
+            b"POST /f HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 5000\r\n\r\n",
+            t,
+        );
+        let mut got = Vec::new();
+        let o = serve(&mut c, &final_policy(), Budget::responses(64), echo, |r| {
+            if let Some(Part::Bytes(b)) = r.parts.first() {
+                got.push(String::from_utf8_lossy(b).into_owned());
+            }
+        });
+        assert_eq!(o, Outcome::Close(Close::Refused));
+        assert_eq!(got, ["/f"]);
+        // With the body already in, it is an ordinary request.
+        let mut c = Conn::new(t);
+        c.received(
+            b"POST /f HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\nhi",
+            t,
+        );
+        let (o, out) = run(&mut c, &final_policy(), Budget::responses(64), echo);
+        assert_eq!((o, out.len()), (Outcome::Wait, 1));
     }
 
     #[test]

@@ -49,7 +49,8 @@ pub struct AppConfig {
     pub access_log: Option<PathBuf>,
     /// Most connections at once; more are answered 503 and closed.
     pub max_conns: usize,
-    /// Seconds a client may take to send a request head.
+    /// Seconds a client may take to send a request (its head, and a body), from its first
+    /// byte: a deadline, however slowly the bytes come.
     pub header_timeout: u64,
     /// Seconds an idle keep-alive connection is kept.
     pub idle_timeout: u64,

@@ -549,10 +549,9 @@ fn a_killed_application_is_restarted_and_no_connection_is_refused() {
         rustix::process::Signal::KILL,
     )
     .unwrap();
-    // Requests an application held when it died are lost, as with any crashed server (a
-    // connection it had not read from yet is passed on). So: once the supervisor has started
-    // the successor, and typically before that one listens, connect. The kernel accepts into
-    // the parked listener's backlog; the successor answers.
+    // Once the supervisor has started the successor, and typically before that one listens,
+    // connect. The kernel accepts into the parked listener's backlog; the successor answers.
+    // (Connections the application held go on to the successor too: see tests/crash.rs.)
     let t0 = std::time::Instant::now();
     while app_pid(s.child.id()).is_none_or(|p| p == old) {
         assert!(t0.elapsed() < Duration::from_secs(10), "no new instance");

@@ -5,11 +5,20 @@
 //! [`Reactor`] and to the file server through a [`FileClient`]; it never touches file bytes:
 //! a response is a head it writes and a body the TCP server sends from the file cache.
 //!
-//! Every request is handled to completion as soon as its head is parsed (opening a cached file
+//! Every request is handled to completion as soon as it is whole (opening a cached file
 //! costs a directory lookup in shared memory), so between two polls every connection sits at a
-//! request boundary, with at most an incomplete head buffered. That is what makes a hand-off
+//! request boundary, with at most an incomplete request buffered. That is what makes a hand-off
 //! simple: on `drain` the listener is parked for the next instance, every connection is paused
 //! and then handed off with its buffered bytes, and this process exits once all are gone.
+//!
+//! It is also what lets this process crash without failing a request. The listener is
+//! *recoverable*: after queueing each response, the application marks the boundary
+//! ([`Reactor::answered`], with the bytes it has not answered yet), and the TCP server keeps a
+//! copy of what it delivered since. If this process dies, every connection whose responses
+//! were complete goes, with its unanswered bytes, to the next instance, which answers them on
+//! the same client socket. A request with a body is answered once the body is in (at most
+//! [`MAX_BODY`] bytes, read and thrown away), so it is whole in those bytes too; only a
+//! response the TCP server received part of cannot be finished by another process.
 //!
 //! The supervisor learns how the start went from two lines this writes to its `reports`
 //! output ([`READY`], then [`LISTENING`] with the bound address).
@@ -128,6 +137,13 @@ pub struct Exit {
     pub handed_off: Option<usize>,
 }
 
+/// Largest request body read (and thrown away) before answering; larger ones are answered 413
+/// at once and the connection closed. Small enough that a request with its body (after a
+/// head of at most 16 KiB) stays within what the TCP server keeps for a recoverable
+/// connection (64 KiB), so a crash while it arrives loses nothing: the successor receives it
+/// whole and answers it.
+pub const MAX_BODY: u64 = 32 << 10;
+
 /// Responses one connection may produce per poll: a client pipelining thousands of requests
 /// is served in slices, so that others are not starved.
 const PIPELINE_SLICE: usize = 64;
@@ -210,6 +226,7 @@ pub fn run(
     let _ = writeln!(reports, "{READY}").and_then(|_| reports.flush());
     let opts = ListenOptions {
         persistent: true,
+        recoverable: true,
         ..ListenOptions::default()
     };
     let start = Instant::now();
@@ -253,9 +270,7 @@ pub fn run(
         log,
         policy: Policy {
             limits: Limits::default(),
-            role: Role::Final {
-                max_body: conn::MAX_DISCARD,
-            },
+            role: Role::Final { max_body: MAX_BODY },
             timeouts: Timeouts::from_secs(config.header_timeout, config.idle_timeout),
         },
         options: Options {
@@ -460,7 +475,7 @@ fn expire(
         }
         match c.http.expired(now, &app.policy.timeouts) {
             Some(Expiry::Head) => {
-                emit(reactor, h, conn::request_timeout());
+                let _ = emit(reactor, h, conn::request_timeout());
                 c.closing = true;
                 let _ = reactor.close(h);
             }
@@ -485,7 +500,7 @@ fn serve_buffered(app: &mut App, reactor: &mut Reactor, h: Handle, c: &mut Clien
         options,
         ..
     } = app;
-    let outcome = conn::serve(
+    let outcome = conn::serve_marked(
         &mut c.http,
         policy,
         Budget::responses(PIPELINE_SLICE),
@@ -503,7 +518,13 @@ fn serve_buffered(app: &mut App, reactor: &mut Reactor, h: Handle, c: &mut Clien
             }
             Some(reply)
         },
-        |reply| emit(reactor, h, reply),
+        |reply, unanswered| {
+            // The response is whole in the queue: from here, if this process dies, the next
+            // instance can answer what follows it.
+            if emit(reactor, h, reply) {
+                let _ = reactor.answered(h, unanswered);
+            }
+        },
     );
     match outcome {
         conn::Outcome::Wait => false,
@@ -524,7 +545,8 @@ fn serve_buffered(app: &mut App, reactor: &mut Reactor, h: Handle, c: &mut Clien
     }
 }
 
-fn emit(reactor: &mut Reactor, h: Handle, reply: Reply) {
+/// Queues a whole response; false if the connection is being closed instead.
+fn emit(reactor: &mut Reactor, h: Handle, reply: Reply) -> bool {
     for p in reply.parts {
         let r = match p {
             Part::Bytes(b) => reactor.send(h, &b),
@@ -533,9 +555,10 @@ fn emit(reactor: &mut Reactor, h: Handle, reply: Reply) {
         if r.is_err() {
             // The peer stopped reading (too much queued) or is gone: nothing more for it.
             let _ = reactor.close(h);
-            return;
+            return false;
         }
     }
+    true
 }
 
 fn answer(files: &mut FileClient, root: Option<&Root>, options: &Options, req: &Request) -> Reply {

@@ -86,12 +86,6 @@ fn run_file_server(a: FileServerArgs) -> Result<(), String> {
     let socket = a
         .socket
         .unwrap_or_else(splitos_file_server::default_socket_path);
-    if let Some(dir) = socket.parent() {
-        if !dir.as_os_str().is_empty() && !dir.exists() {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-        }
-    }
     let mut cfg =
         splitos_file_server::server::FileServerConfig::new(a.root.clone(), socket.clone());
     cfg.cache_bytes = a.cache_size;

@@ -112,8 +112,14 @@ fn status_escapes_application_names() {
         "{text}"
     );
     drop(_app);
+    drop(_stop); // SIGTERM: the daemon removes its socket and statistics file
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while daemon.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let _ = daemon.kill();
     let _ = daemon.wait();
+    assert!(!sock.exists(), "socket left behind");
 }
 
 /// Sends SIGTERM to a process when dropped (the test's cleanup, even when it fails).

@@ -75,11 +75,10 @@ impl Default for ServerConfig {
 pub enum ServerError {
     #[error("invalid configuration: {0}")]
     Config(String),
-    #[error("cannot create the socket directory {path}: {source}")]
-    SocketDir {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    /// The socket's directory is missing and cannot be made, or is not safe to use (see
+    /// [`splitos_m2m::runtime::socket_dir`]).
+    #[error("the socket directory: {0}")]
+    SocketDir(#[from] splitos_m2m::runtime::DirError),
     #[error(transparent)]
     Channel(#[from] splitos_m2m::Error),
     #[error("{context}: {source}")]
@@ -150,16 +149,10 @@ impl TcpServer {
         if let Some(bad) = config.cpus.iter().find(|&&c| c >= ncpu.max(1024)) {
             return Err(ServerError::Config(format!("cpu {bad} does not exist")));
         }
-        if let Some(dir) = config.socket.parent() {
-            if !dir.as_os_str().is_empty() && !dir.exists() {
-                std::fs::create_dir_all(dir).map_err(|source| ServerError::SocketDir {
-                    path: dir.to_path_buf(),
-                    source,
-                })?;
-                use std::os::unix::fs::PermissionsExt;
-                let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
-            }
-        }
+        // Created private (mode 0700 in the mkdir itself) if missing; this user's default
+        // directory is checked like one (owned by this user, no one else may write, not a
+        // symbolic link), and any other directory must not let others replace the socket.
+        splitos_m2m::runtime::socket_dir(&config.socket)?;
         let listener = Listener::bind(
             &config.socket,
             ListenerConfig {

@@ -32,7 +32,8 @@ enum Command {
     /// drives the kernel TCP stack with io_uring on its own threads.
     TcpServer(TcpServerArgs),
     /// Show the TCP server's applications, connections, traffic and thread load (read from its
-    /// statistics file; the server is not disturbed).
+    /// statistics file; the server is not disturbed), and for `splitos serve`, its HTTP
+    /// application, direct path, file cache hit ratio and budgets.
     Status(StatusArgs),
     /// Serve a directory over HTTP/1.1 on the split architecture: the TCP server and the file
     /// server run as threads of this process, the HTTP application as a child process, and file
@@ -171,9 +172,14 @@ struct TcpServerArgs {
 
 #[derive(clap::Args)]
 struct StatusArgs {
-    /// Socket of the TCP server to look at (default as for tcp-server).
-    #[arg(long)]
+    /// Socket of a TCP server to look at. Without it (and without --listen), every server of
+    /// this user is shown: the TCP server at the default socket (as for tcp-server), if it
+    /// runs, and every `splitos serve`.
+    #[arg(long, conflicts_with = "listen")]
     socket: Option<PathBuf>,
+    /// The `splitos serve` listening on this address (as given to `splitos serve --listen`).
+    #[arg(long)]
+    listen: Option<String>,
     /// Print JSON instead of tables.
     #[arg(long)]
     json: bool,
@@ -208,8 +214,10 @@ fn main() -> ExitCode {
             serve::run_app(a, &stop, &drain)
         }),
         Command::Status(a) => status::run(
-            a.socket
-                .unwrap_or_else(splitos_tcp_server::default_socket_path),
+            status::Target {
+                socket: a.socket,
+                listen: a.listen,
+            },
             a.json,
         ),
     };

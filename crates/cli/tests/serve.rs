@@ -31,6 +31,11 @@ fn serve(tag: &str) -> Server {
 }
 
 fn serve_with(tag: &str, extra: &[&str]) -> Server {
+    serve_env(tag, extra, &[])
+}
+
+/// `splitos serve` with more arguments and environment variables.
+fn serve_env(tag: &str, extra: &[&str], env: &[(&str, &std::path::Path)]) -> Server {
     let site =
         std::env::temp_dir().join(format!("splitos-serve-test-{}-{tag}", std::process::id()));
     std::fs::create_dir_all(site.join("docs")).unwrap();
@@ -42,6 +47,7 @@ fn serve_with(tag: &str, extra: &[&str]) -> Server {
         .args(["serve", "--listen", "127.0.0.1:0"])
         .args(extra)
         .arg(&site)
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -619,31 +625,33 @@ fn reload_without_a_server_says_so() {
     assert!(err.contains("no `splitos serve` answers"), "{err}");
 }
 
-/// Requests answered by the TCP server itself so far, from `splitos status`.
-fn direct_responses(s: &Server) -> u64 {
-    let socket = std::env::temp_dir()
-        .join(format!("splitos-serve-{}", s.child.id()))
-        .join("tcp.sock");
-    // The statistics are refreshed every 100 ms.
-    std::thread::sleep(Duration::from_millis(250));
+/// `splitos status --json --listen` of `s` (with `env`).
+fn status_json(s: &Server, env: &[(&str, &std::path::Path)]) -> serde_json::Value {
     let out = Command::new(BIN)
-        .args(["status", "--json", "--socket"])
-        .arg(&socket)
+        .args([
+            "status",
+            "--json",
+            "--listen",
+            &format!("127.0.0.1:{}", s.port),
+        ])
+        .envs(env.iter().copied())
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let key = "\"direct_responses\":";
-    text.match_indices(key)
-        .map(|(i, _)| {
-            text[i + key.len()..]
-                .trim_start()
-                .chars()
-                .take_while(|c| c.is_ascii_digit())
-                .collect::<String>()
-                .parse::<u64>()
-                .unwrap()
-        })
-        .sum()
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Requests answered by the TCP server itself so far, from `splitos status`.
+fn direct_responses(s: &Server) -> u64 {
+    // The statistics are refreshed every 100 ms.
+    std::thread::sleep(Duration::from_millis(250));
+    status_json(s, &[])["summary"]["direct_answers"]
+        .as_u64()
+        .unwrap()
 }
 
 /// The direct path: once the cache holds a file, the TCP server answers requests for it
@@ -873,4 +881,239 @@ fn a_trickled_head_gets_408_at_the_header_deadline_on_the_direct_path() {
         after.is_some_and(|d| d < Duration::from_secs(4)),
         "408 after {after:?}"
     );
+}
+
+/// A private runtime directory for one test: `XDG_RUNTIME_DIR` for the processes it starts.
+struct RuntimeDir(std::path::PathBuf);
+impl RuntimeDir {
+    fn new(tag: &str) -> RuntimeDir {
+        use std::os::unix::fs::PermissionsExt;
+        let d = std::env::temp_dir().join(format!("splitos-xdg-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700)).unwrap();
+        RuntimeDir(d)
+    }
+    fn env(&self) -> [(&'static str, &std::path::Path); 1] {
+        [("XDG_RUNTIME_DIR", self.0.as_path())]
+    }
+}
+impl Drop for RuntimeDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Item 3: `splitos status` finds a running `splitos serve` (it said there was no server):
+/// by `--listen`, or all of them with no argument, with connections, direct answers, the
+/// file cache's hit ratio and the budgets in use.
+#[test]
+fn status_finds_serve_instances_and_shows_cache_and_budgets() {
+    let rt = RuntimeDir::new("status");
+    let env = rt.env();
+    let a = serve_env("status-a", &["--max-conns", "500"], &env);
+    let b = serve_env("status-b", &["--no-direct"], &env);
+    let mut c = BufReader::new(TcpStream::connect(("127.0.0.1", a.port)).unwrap());
+    c.get_mut()
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    for _ in 0..6 {
+        c.get_mut()
+            .write_all(b"GET /data.bin HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let (status, body) = read_response(&mut c).unwrap();
+        assert_eq!((status.as_str(), body.len()), ("HTTP/1.1 200 OK", 100_000));
+    }
+    // The status file is rewritten twice a second.
+    std::thread::sleep(Duration::from_millis(1200));
+    let run = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .arg("status")
+            .args(args)
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, text, err) = run(&["--listen", &format!("127.0.0.1:{}", a.port)]);
+    assert!(ok, "{err}");
+    assert!(
+        text.contains(&format!("http://127.0.0.1:{}/", a.port)),
+        "{text}"
+    );
+    assert!(
+        text.contains("1 connections of 500 (--max-conns)"),
+        "{text}"
+    );
+    assert!(text.contains("direct path       on"), "{text}");
+    assert!(
+        text.contains("% hits") && text.contains("(--cache-size)"),
+        "{text}"
+    );
+    assert!(text.contains("splitos-serve"), "the session table: {text}");
+    let v = status_json(&a, &env);
+    assert!(v["summary"]["direct_answers"].as_u64() > Some(0), "{v}");
+    let ratio = v["summary"]["cache_hit_ratio"].as_f64().unwrap_or(0.0);
+    assert!(ratio > 0.5 && ratio < 1.0, "one miss, then hits: {v}");
+    assert_eq!(v["serve"]["app"]["connections"].as_u64(), Some(1), "{v}");
+    assert_eq!(v["serve"]["max_conns"].as_u64(), Some(500), "{v}");
+    assert!(
+        v["serve"]["files"]["cached_bytes"].as_u64() >= Some(100_000),
+        "{v}"
+    );
+    // No argument: every server of this user.
+    let (ok, text, err) = run(&[]);
+    assert!(ok, "{err}");
+    for s in [&a, &b] {
+        assert!(
+            text.contains(&format!("http://127.0.0.1:{}/", s.port)),
+            "{text}"
+        );
+    }
+    assert!(text.contains("direct path       off"), "{text}");
+    let (ok, text, _) = run(&["--json"]);
+    let all: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert!(ok && all.as_array().map(|a| a.len()) == Some(2), "{text}");
+    // An address nobody serves: says which ones are served.
+    let (ok, _, err) = run(&["--listen", "127.0.0.1:1"]);
+    assert!(!ok && err.contains("running ones listen on"), "{err}");
+    assert!(err.contains(&format!("127.0.0.1:{}", a.port)), "{err}");
+    drop((a, b));
+    let (ok, _, err) = run(&[]);
+    assert!(
+        !ok && err.contains("no Split-OS server of this user is running"),
+        "{err}"
+    );
+}
+
+/// Starts `splitos serve` with `env` and returns its exit status and stderr if it exits within
+/// 10 s (it is killed otherwise).
+fn serve_refusal(env: &[(&str, &std::path::Path)]) -> (bool, String) {
+    let site = std::env::temp_dir().join(format!("splitos-refusal-site-{}", std::process::id()));
+    std::fs::create_dir_all(&site).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .arg(&site)
+        .envs(env.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let exited = loop {
+        match child.try_wait() {
+            Ok(Some(st)) => break Some(st),
+            _ if std::time::Instant::now() > deadline => break None,
+            _ => std::thread::sleep(Duration::from_millis(20)),
+        }
+    };
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    let _ = std::fs::remove_dir_all(&site);
+    (
+        exited.is_some_and(|s| !s.success()),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Findings A6, A24: the runtime directory is used only if it is this user's own, writable
+/// by no one else and not a symbolic link (`splitos serve` refuses with a clear error);
+/// `$XDG_RUNTIME_DIR` comes first; the files of supervisors that were killed are removed at
+/// the next start.
+#[test]
+fn the_runtime_directory_is_checked_and_dead_servers_files_removed() {
+    use std::os::unix::fs::PermissionsExt;
+    let rt = RuntimeDir::new("runtime");
+    let env = rt.env();
+    let dir = rt.0.join("splitos");
+    // Writable by others.
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let (refused, err) = serve_refusal(&env);
+    assert!(
+        refused && err.contains("has mode 0777") && err.contains("chmod 700"),
+        "{err}"
+    );
+    // Another user's (root can make one).
+    if rustix::process::geteuid().is_root() {
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+        std::os::unix::fs::chown(&dir, Some(65534), Some(65534)).unwrap();
+        let (refused, err) = serve_refusal(&env);
+        assert!(refused && err.contains("belongs to uid 65534"), "{err}");
+    }
+    // A symbolic link to a good directory.
+    std::fs::remove_dir_all(&dir).unwrap();
+    let elsewhere = rt.0.join("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    std::fs::set_permissions(&elsewhere, std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, &dir).unwrap();
+    let (refused, err) = serve_refusal(&env);
+    assert!(refused && err.contains("symbolic link"), "{err}");
+    std::fs::remove_file(&dir).unwrap();
+
+    // What a killed supervisor leaves: its directory, the control socket it named, and (from
+    // older versions) a directory in /tmp.
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let mut child = Command::new("true").spawn().unwrap();
+    let dead = child.id();
+    child.wait().unwrap();
+    let stale = dir.join(format!("serve-{dead}"));
+    std::fs::create_dir_all(&stale).unwrap();
+    std::fs::write(stale.join("tcp.sock.stats"), b"").unwrap();
+    let control = dir.join("serve-127.0.0.1:9.sock");
+    drop(std::os::unix::net::UnixListener::bind(&control).unwrap());
+    std::fs::write(
+        stale.join("serve.json"),
+        serde_json::json!({
+            "pid": dead,
+            "listen": "127.0.0.1:9",
+            "root": "/",
+            "tcp_socket": stale.join("tcp.sock"),
+            "control_socket": control,
+            "generation": 1,
+            "app_pid": 0,
+            "direct": true,
+            "max_conns": 1,
+            "cache_limit": 1,
+            "files": {"requests": 0, "hits": 0, "misses": 0, "evictions": 0, "cached_bytes": 0},
+            "app": {"connections": 0, "responses": 0, "directory_hits": 0},
+            "updated_unix_ms": 0
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let legacy = std::env::temp_dir().join(format!("splitos-serve-{dead}"));
+    std::fs::create_dir_all(&legacy).unwrap();
+    std::fs::write(legacy.join("tcp.sock.stats"), b"").unwrap();
+    // A live server's control socket is never touched.
+    let live = dir.join("serve-127.0.0.1:10.sock");
+    let _live = std::os::unix::net::UnixListener::bind(&live).unwrap();
+
+    let s = serve_env("runtime", &[], &env);
+    assert!(!stale.exists(), "a dead supervisor's directory was left");
+    assert!(
+        !control.exists(),
+        "a dead supervisor's control socket was left"
+    );
+    assert!(!legacy.exists(), "an old version's /tmp directory was left");
+    assert!(live.exists());
+    // XDG_RUNTIME_DIR first: the new supervisor's directory and control socket are there.
+    let mine = dir.join(format!("serve-{}", s.child.id()));
+    assert!(mine.join("tcp.sock").exists(), "{}", mine.display());
+    let mode = std::fs::metadata(&mine).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700);
+    assert!(dir
+        .join(format!("serve-127.0.0.1:{}.sock", s.port))
+        .exists());
+    assert_eq!(
+        curl(&[&format!("http://127.0.0.1:{}/", s.port)]),
+        "<h1>home</h1>"
+    );
+    drop(s);
+    assert!(!mine.exists(), "a clean exit removes its directory");
 }

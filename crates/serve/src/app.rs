@@ -45,6 +45,10 @@ use std::time::{Duration, Instant, SystemTime};
 pub const READY: &str = "ready";
 /// The second report line, followed by the address bound: serving.
 pub const LISTENING: &str = "listening";
+/// Later report lines, when they change: `counters <connections> <responses> <directory
+/// hits>` (responses given and file lookups the shared directory answered, since this
+/// instance started), for `splitos status`.
+pub const COUNTERS: &str = "counters";
 
 /// What the supervisor tells each instance it starts.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -186,6 +190,8 @@ struct App {
     policy: Policy,
     options: Options,
     max_conns: usize,
+    /// Responses given so far.
+    responses: u64,
 }
 
 /// Runs one instance until `stop` (exit now) or `drain` (hand everything off, then exit),
@@ -281,7 +287,9 @@ pub fn run(
             },
         },
         max_conns: config.max_conns,
+        responses: 0,
     };
+    let mut reported = (0usize, 0u64, 0u64);
     let mut conns: HashMap<Handle, Client> = HashMap::new();
     let mut events = Events::new();
     // Connections with complete requests left over from a pipelining slice.
@@ -423,6 +431,16 @@ pub fn run(
         if now >= next_tick {
             next_tick = now + TICK;
             expire(&app, &mut reactor, &mut conns, now, direct);
+            let counters = (conns.len(), app.responses, app.files.directory_hits);
+            if counters != reported {
+                reported = counters;
+                let _ = writeln!(
+                    reports,
+                    "{COUNTERS} {} {} {}",
+                    counters.0, counters.1, counters.2
+                )
+                .and_then(|_| reports.flush());
+            }
             if let Some(l) = &mut app.log {
                 let _ = l.flush();
             }
@@ -498,6 +516,7 @@ fn serve_buffered(app: &mut App, reactor: &mut Reactor, h: Handle, c: &mut Clien
         log,
         policy,
         options,
+        responses,
         ..
     } = app;
     let outcome = conn::serve_marked(
@@ -521,6 +540,7 @@ fn serve_buffered(app: &mut App, reactor: &mut Reactor, h: Handle, c: &mut Clien
         |reply, unanswered| {
             // The response is whole in the queue: from here, if this process dies, the next
             // instance can answer what follows it.
+            *responses += 1;
             if emit(reactor, h, reply) {
                 let _ = reactor.answered(h, unanswered);
             }

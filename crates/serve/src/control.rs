@@ -16,13 +16,11 @@ const RELOAD: &str = "reload";
 const OK: &str = "ok: ";
 const ERROR: &str = "error: ";
 
-/// The control socket of a server listening on `addr`, when it was not given one: beside the
-/// TCP server's default socket, named after the address so that servers on several addresses
-/// do not collide.
+/// The control socket of a server listening on `addr`, when it was not given one: in this
+/// user's runtime directory ([`splitos_m2m::runtime::user_dir`]), named after the address so
+/// that servers on several addresses do not collide.
 pub fn default_control_socket(addr: SocketAddr) -> PathBuf {
-    let tcp = splitos_tcp_server::default_socket_path();
-    let dir = tcp.parent().unwrap_or(Path::new("/tmp"));
-    dir.join(format!("serve-{addr}.sock"))
+    splitos_m2m::runtime::user_dir().join(format!("serve-{addr}.sock"))
 }
 
 /// Why `splitos reload` did not happen.
@@ -66,8 +64,9 @@ pub fn request_reload(path: &Path, limit: Duration) -> Result<String, ReloadErro
 /// Why the control socket could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum BindError {
-    #[error("creating {}: {source}", path.display())]
-    CreateDir { path: PathBuf, source: io::Error },
+    /// Its directory is missing and cannot be made, or is not safe to use.
+    #[error("the control socket's directory: {0}")]
+    Dir(#[from] splitos_m2m::runtime::DirError),
     #[error("another `splitos serve` answers on {} (is one already running on this address?)", .0.display())]
     InUse(PathBuf),
     #[error("binding the control socket {}: {source}", path.display())]
@@ -84,12 +83,7 @@ pub(crate) struct Control {
 impl Control {
     /// Binds `path`, replacing a stale socket but never a live one.
     pub(crate) fn bind(path: &Path) -> Result<Control, BindError> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|source| BindError::CreateDir {
-                path: dir.to_path_buf(),
-                source,
-            })?;
-        }
+        splitos_m2m::runtime::socket_dir(path)?;
         if UnixStream::connect(path).is_ok() {
             return Err(BindError::InUse(path.to_path_buf()));
         }
@@ -98,8 +92,8 @@ impl Control {
             path: path.to_path_buf(),
             source,
         })?;
-        use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+        // Only this user may ask for a reload (the socket just made, nothing swapped in).
+        splitos_m2m::runtime::set_socket_mode(path, 0o600).map_err(BindError::Io)?;
         listener.set_nonblocking(true).map_err(BindError::Io)?;
         Ok(Control { listener })
     }
@@ -151,10 +145,7 @@ mod tests {
             p.file_name().and_then(|n| n.to_str()),
             Some("serve-127.0.0.1:8080.sock")
         );
-        assert_eq!(
-            p.parent(),
-            splitos_tcp_server::default_socket_path().parent()
-        );
+        assert_eq!(p.parent(), Some(splitos_m2m::runtime::user_dir().as_path()));
     }
 
     /// Runs one exchange: the supervisor side answers `outcome` to a reload request.

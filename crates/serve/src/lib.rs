@@ -5,7 +5,9 @@
 //!   application as a child process, restarts it when it dies and replaces it on a reload
 //!   without dropping a connection ([`control`] is how `splitos reload` asks for one);
 //! - [`app`]: one instance of the HTTP application, an event loop that answers from the file
-//!   cache through shared memory and hands its connections to its successor.
+//!   cache through shared memory and hands its connections to its successor;
+//! - [`rundir`]: the supervisor's private runtime directory (its servers' sockets, and the
+//!   status file `splitos status` reads), and finding the running instances.
 //!
 //! HTTP itself (parsing, the connection loop, responses, listings, log lines) is
 //! `splitos-http`'s; this crate wires it to the servers. The `splitos` command adds argument
@@ -16,4 +18,5 @@
 
 pub mod app;
 pub mod control;
+pub mod rundir;
 pub mod supervisor;

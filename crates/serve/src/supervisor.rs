@@ -17,10 +17,12 @@
 //! over the [`control`] socket. An instance that dies is restarted; the
 //! persistent listener keeps queueing connections meanwhile.
 
-use crate::app::{AppConfig, LISTENING, READY};
+use crate::app::{AppConfig, COUNTERS, LISTENING, READY};
 use crate::control::{self, default_control_socket, BindError, Control};
+use crate::rundir::{AppCounters, FileCounters, ServeDir, Status};
 use splitos::WaitPolicy;
 use splitos_file_server::server::{FileServer, FileServerConfig};
+use splitos_m2m::runtime::DirError;
 use splitos_tcp_server::{ServerConfig, TcpServer};
 use std::ffi::OsString;
 use std::io::{self, BufRead, BufReader};
@@ -40,6 +42,8 @@ const EXIT_LIMIT: Duration = Duration::from_secs(40);
 /// leaving. A client asking for one waits that long for the answer.
 pub const RELOAD_LIMIT: Duration =
     Duration::from_secs(2 * START_LIMIT.as_secs() + EXIT_LIMIT.as_secs());
+/// How often the status file is rewritten.
+const STATUS_EVERY: Duration = Duration::from_millis(500);
 /// Instances that die this soon after starting count as failing to start; after
 /// [`MAX_QUICK_DEATHS`] in a row, the supervisor gives up instead of restarting forever.
 const QUICK_DEATH: Duration = Duration::from_secs(2);
@@ -90,8 +94,9 @@ pub enum ServeError {
     CannotServe { dir: PathBuf, source: io::Error },
     #[error("{} is not a directory", .0.display())]
     NotADirectory(PathBuf),
-    #[error("creating {}: {source}", path.display())]
-    CreateDir { path: PathBuf, source: io::Error },
+    /// The runtime directory is not safe to use, or cannot be made.
+    #[error("runtime directory: {0}")]
+    RuntimeDir(#[from] DirError),
     #[error(transparent)]
     TcpServer(#[from] splitos_tcp_server::ServerError),
     #[error(transparent)]
@@ -172,6 +177,8 @@ struct Instance {
     child: Child,
     lines: mpsc::Receiver<String>,
     started: Instant,
+    /// The last counters it reported.
+    counters: AppCounters,
 }
 
 impl Instance {
@@ -205,7 +212,17 @@ impl Instance {
             child,
             lines,
             started: Instant::now(),
+            counters: AppCounters::default(),
         })
+    }
+
+    /// Reads the report lines that arrived, keeping the last counters.
+    fn read_reports(&mut self) {
+        while let Ok(l) = self.lines.try_recv() {
+            if let Some(c) = l.strip_prefix(COUNTERS).and_then(parse_counters) {
+                self.counters = c;
+            }
+        }
     }
 
     /// Waits for the instance to report `report` (a line starting with it) and returns the
@@ -267,6 +284,26 @@ impl Instance {
     }
 }
 
+/// `<connections> <responses> <directory hits>`, as [`crate::app`] reports them.
+fn parse_counters(s: &str) -> Option<AppCounters> {
+    let mut n = s.split_whitespace().map(|w| w.parse::<u64>().ok());
+    let c = AppCounters {
+        connections: n.next()??,
+        responses: n.next()??,
+        directory_hits: n.next()??,
+    };
+    n.next().is_none().then_some(c)
+}
+
+/// Counters of retired instances, plus the current one's.
+fn add(base: AppCounters, now: AppCounters) -> AppCounters {
+    AppCounters {
+        connections: now.connections,
+        responses: base.responses + now.responses,
+        directory_hits: base.directory_hits + now.directory_hits,
+    }
+}
+
 fn forward_lines(out: ChildStdout, tx: mpsc::Sender<String>) {
     for line in BufReader::new(out).lines() {
         let Ok(line) = line else { return };
@@ -285,12 +322,8 @@ pub fn run(
     mut notify: impl FnMut(Notice),
 ) -> Result<(), ServeError> {
     let root = served_root(&config.dir)?;
-    let private = std::env::temp_dir().join(format!("splitos-serve-{}", std::process::id()));
-    std::fs::create_dir_all(&private).map_err(|source| ServeError::CreateDir {
-        path: private.clone(),
-        source,
-    })?;
-    let _cleanup = RemoveOnDrop(private.clone());
+    let rundir = ServeDir::create()?;
+    let private = rundir.path().to_path_buf();
     let tcp = TcpServer::start(ServerConfig {
         socket: private.join("tcp.sock"),
         threads: config.threads,
@@ -301,7 +334,7 @@ pub fn run(
     fcfg.cache_bytes = config.cache_size;
     let files = FileServer::start(fcfg)?;
     let mut base = AppConfig {
-        root,
+        root: root.clone(),
         tcp_socket: tcp.socket_path().to_path_buf(),
         files_socket: private.join("files.sock"),
         listen: config.listen,
@@ -328,16 +361,56 @@ pub fn run(
         .clone()
         .unwrap_or_else(|| default_control_socket(local));
     let control = Control::bind(&control_path)?;
-    let _control_cleanup = RemoveOnDrop(control_path);
+    let _control_cleanup = RemoveOnDrop(control_path.clone());
+    let mut status = Status {
+        pid: std::process::id(),
+        listen: local.to_string(),
+        root,
+        tcp_socket: tcp.socket_path().to_path_buf(),
+        control_socket: control_path,
+        generation: 1,
+        direct: !config.no_direct && config.access_log.is_none(),
+        max_conns: config.max_conns,
+        cache_limit: config.cache_size,
+        ..Status::default()
+    };
+    // Counters of instances that are gone.
+    let mut retired = AppCounters::default();
+    let mut next_status = Instant::now();
+    let mut status_failed = false;
     notify(Notice::Serving { addr: local });
     let mut generation = 1u64;
     let mut quick_deaths = 0u32;
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(20));
+        app.read_reports();
+        if Instant::now() >= next_status {
+            next_status = Instant::now() + STATUS_EVERY;
+            let fs = files.stats();
+            let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+            status.files = FileCounters {
+                requests: get(&fs.requests),
+                hits: get(&fs.hits),
+                misses: get(&fs.misses),
+                evictions: get(&fs.evictions),
+                cached_bytes: get(&fs.cached_bytes),
+            };
+            status.app = add(retired, app.counters);
+            status.generation = generation;
+            status.app_pid = app.child.id();
+            status.updated_unix_ms = splitos_tcp_server::stats::unix_ms();
+            if let Err(e) = rundir.write_status(&status) {
+                if !std::mem::replace(&mut status_failed, true) {
+                    tracing::warn!("cannot write the status file (splitos status will not find this server): {e}");
+                }
+            }
+        }
         let asked = control.next_request();
         if asked.is_some() || reload.swap(false, Ordering::Relaxed) {
+            let before = app.counters;
             let outcome = match reload_app(&config.app, &base, app) {
                 Ok(new) => {
+                    retired = add(retired, before);
                     generation += 1;
                     let r = Reloaded {
                         generation,
@@ -370,6 +443,8 @@ pub fn run(
                 return Err(ServeError::KeepsDying(st));
             }
             notify(Notice::Restarting(st));
+            app.read_reports();
+            retired = add(retired, app.counters);
             // The persistent listener survived in the TCP server; the new instance takes it.
             let mut new = Instance::spawn(&config.app, &base, true)?;
             if let Err(e) = new
@@ -392,6 +467,8 @@ pub fn run(
 
 /// Starts a new instance and retires `old` in its favour. On failure the old one keeps
 /// serving and is given back.
+// Both variants carry an instance, moved once per reload: the size is of no consequence.
+#[allow(clippy::result_large_err)]
 fn reload_app(
     cmd: &AppCommand,
     base: &AppConfig,
@@ -420,15 +497,11 @@ fn reload_app(
     }
 }
 
-/// Removes a private directory or socket file when the supervisor is done with it.
+/// Removes a file (the control socket) when the supervisor is done with it.
 struct RemoveOnDrop(PathBuf);
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
-        if self.0.is_dir() {
-            let _ = std::fs::remove_dir_all(&self.0);
-        } else {
-            let _ = std::fs::remove_file(&self.0);
-        }
+        let _ = std::fs::remove_file(&self.0);
     }
 }
 

@@ -1,8 +1,9 @@
 //! The HTTP application of `splitos serve` crashes under load and no request fails: 50
 //! keep-alive clients fetch 16 KiB files while the application is killed with SIGKILL three
-//! times (once right after a reload has begun). Every request must succeed and no connection
-//! may be closed, with the TCP server's direct path on (the default) and with `--no-direct`
-//! (the application answers everything).
+//! times (once right after a reload has begun), and then once more the instance a reload is
+//! starting. Every request must succeed and no connection may be closed, with the TCP
+//! server's direct path on (the default) and with `--no-direct` (the application answers
+//! everything).
 //!
 //! The clients are a Python script (http.client, one thread per keep-alive connection) that
 //! counts requests, failed requests and closed connections exactly: a connection counts as
@@ -51,6 +52,7 @@ impl Server {
             .expect("start splitos serve");
         let mut line = String::new();
         if let Some(out) = child.stdout.take() {
+            let _watchdog = Watchdog::new(child.id(), Duration::from_secs(30));
             let _ = BufReader::new(out).read_line(&mut line);
         }
         let port = line
@@ -76,6 +78,30 @@ impl Server {
             .split_whitespace()
             .filter_map(|p| p.parse().ok())
             .collect()
+    }
+
+    /// Process ids of the applications connected to its TCP server (`splitos status`).
+    fn sessions(&self) -> Vec<u32> {
+        let out = Command::new(BIN)
+            .args([
+                "status",
+                "--json",
+                "--listen",
+                &format!("127.0.0.1:{}", self.port),
+            ])
+            .output();
+        let v: serde_json::Value = out
+            .ok()
+            .and_then(|o| serde_json::from_slice(&o.stdout).ok())
+            .unwrap_or_default();
+        v["tcp"]["sessions"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s["pid"].as_u64().map(|p| p as u32))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// The one application process, once there is exactly one (within 20 s).
@@ -107,6 +133,36 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.site);
+    }
+}
+
+/// Kills process `pid` if it is still running `limit` after this was made and this has not
+/// been dropped: a blocking read of its output then ends, and the test fails instead of
+/// hanging.
+struct Watchdog(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Watchdog {
+    fn new(pid: u32, limit: Duration) -> Watchdog {
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = done.clone();
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + limit;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                if Instant::now() > deadline {
+                    eprintln!("watchdog: process {pid} ran past {limit:?}; killing it");
+                    signal(pid, rustix::process::Signal::KILL);
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        Watchdog(done)
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -194,12 +250,13 @@ struct Counts {
     closed: u64,
 }
 
-/// The running Python clients, stopped on drop.
+/// The running Python clients, stopped on drop (and killed by a watchdog after 240 s).
 struct Clients {
     child: Child,
     input: Option<ChildStdin>,
     output: BufReader<ChildStdout>,
     errors: Vec<String>,
+    _watchdog: Watchdog,
 }
 
 impl Clients {
@@ -215,11 +272,13 @@ impl Clients {
             .expect("python3 (the clients)");
         let input = child.stdin.take();
         let output = BufReader::new(child.stdout.take().expect("clients' stdout"));
+        let watchdog = Watchdog::new(child.id(), Duration::from_secs(240));
         Clients {
             child,
             input,
             output,
             errors: Vec::new(),
+            _watchdog: watchdog,
         }
     }
 
@@ -266,13 +325,13 @@ impl Drop for Clients {
     }
 }
 
-/// Waits (up to 20 s) until the application `old` is gone and a single new one serves.
-fn wait_for_successor(s: &Server, old: u32) -> u32 {
+/// Waits (up to 20 s) until a single application serves that is none of `gone`.
+fn wait_for_successor(s: &Server, gone: &[u32]) -> u32 {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let apps = s.apps();
         if let [one] = apps[..] {
-            if one != old {
+            if !gone.contains(&one) {
                 return one;
             }
         }
@@ -281,16 +340,36 @@ fn wait_for_successor(s: &Server, old: u32) -> u32 {
     }
 }
 
-/// Runs the clients against `s` and kills its application three times (the last one right
-/// after asking for a reload); returns the figures of each kill and the total.
-fn three_kills(s: &Server, mut load: impl FnMut() -> Counts) -> (Vec<Counts>, u32) {
+/// How an application is killed.
+#[derive(Clone, Copy, Debug)]
+enum Kill {
+    /// The one serving, at a random moment of the load.
+    Serving,
+    /// The one serving, right after a reload began (its successor is starting).
+    OldDuringReload,
+    /// The successor a reload is starting, before it has taken over.
+    NewDuringReload,
+}
+
+/// The kills every test makes: three of the serving instance (one right after a reload
+/// began), then one of an instance a reload is starting.
+const KILLS: [Kill; 4] = [
+    Kill::Serving,
+    Kill::Serving,
+    Kill::OldDuringReload,
+    Kill::NewDuringReload,
+];
+
+/// Runs the kills against `s` while clients load it; `load` reads the clients' counters.
+/// Returns the figures of each kill.
+fn kill_rounds(s: &Server, mut load: impl FnMut() -> Counts) -> Vec<(Kill, Counts)> {
     std::thread::sleep(Duration::from_millis(1500));
     let mut per_kill = Vec::new();
-    let mut kills = 0;
-    for round in 0..3 {
+    for kill in KILLS {
         let before = load();
         let old = s.the_app();
-        let reload = (round == 2).then(|| {
+        let reloading = !matches!(kill, Kill::Serving);
+        let reload = reloading.then(|| {
             Command::new(BIN)
                 .args(["reload", "--listen", &format!("127.0.0.1:{}", s.port)])
                 .stdout(Stdio::null())
@@ -298,18 +377,36 @@ fn three_kills(s: &Server, mut load: impl FnMut() -> Counts) -> (Vec<Counts>, u3
                 .spawn()
                 .expect("splitos reload")
         });
-        if reload.is_some() {
-            // Right after the reload began: the supervisor has (typically) started the new
-            // instance, which has not taken over yet.
+        let mut gone = vec![old];
+        if reloading {
+            // Right after the reload began: the supervisor has started the new instance,
+            // which has not taken over yet.
             let deadline = Instant::now() + Duration::from_secs(5);
-            while s.apps().len() < 2 && Instant::now() < deadline {
+            let new = loop {
+                if let Some(&n) = s.apps().iter().find(|&&p| p != old) {
+                    break Some(n);
+                }
+                if Instant::now() > deadline {
+                    break None;
+                }
                 std::thread::sleep(Duration::from_millis(1));
+            };
+            if let Kill::NewDuringReload = kill {
+                let new = new.expect("the reload started no new instance");
+                // Once it has connected to the TCP server, so that it is typically taking
+                // over (the old one draining) when it dies. The old instance may stay (the
+                // new one died before it was ready) or be succeeded by a restarted one:
+                // either way, one that is not the victim serves next.
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while !s.sessions().contains(&new) && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                gone = vec![new];
             }
         }
-        signal(old, rustix::process::Signal::KILL);
-        kills += 1;
-        let new = wait_for_successor(s, old);
-        assert_ne!(new, old);
+        signal(gone[0], rustix::process::Signal::KILL);
+        let next = wait_for_successor(s, &gone);
+        assert!(!gone.contains(&next));
         if let Some(mut r) = reload {
             let deadline = Instant::now() + Duration::from_secs(60);
             while r.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
@@ -318,27 +415,30 @@ fn three_kills(s: &Server, mut load: impl FnMut() -> Counts) -> (Vec<Counts>, u3
             let _ = r.kill();
             let _ = r.wait();
         }
-        // Long enough (quick deaths in a row make the supervisor give up) and to see the
-        // successor serve.
+        // Long enough to see the successor serve, and for the supervisor not to count it
+        // among instances that die right after starting (five in a row make it give up).
         std::thread::sleep(Duration::from_millis(2500));
         let after = load();
-        per_kill.push(Counts {
-            requests: after.requests - before.requests,
-            failures: after.failures - before.failures,
-            closed: after.closed - before.closed,
-        });
+        per_kill.push((
+            kill,
+            Counts {
+                requests: after.requests - before.requests,
+                failures: after.failures - before.failures,
+                closed: after.closed - before.closed,
+            },
+        ));
     }
-    (per_kill, kills)
+    per_kill
 }
 
 fn crash_test(tag: &str, extra: &[&str]) {
     let s = Server::start(tag, extra);
     let mut clients = Clients::start(s.port);
-    let (per_kill, kills) = three_kills(&s, || clients.report());
+    let per_kill = kill_rounds(&s, || clients.report());
     let total = clients.stop();
-    for (i, k) in per_kill.iter().enumerate() {
+    for (i, (kill, k)) in per_kill.iter().enumerate() {
         eprintln!(
-            "{tag}: kill {}: {} requests, {} failed, {} connections closed",
+            "{tag}: kill {} ({kill:?}): {} requests, {} failed, {} connections closed",
             i + 1,
             k.requests,
             k.failures,
@@ -346,12 +446,15 @@ fn crash_test(tag: &str, extra: &[&str]) {
         );
     }
     eprintln!(
-        "{tag}: total over {kills} kills: {} requests, {} failed, {} connections closed",
-        total.requests, total.failures, total.closed
+        "{tag}: total over {} kills: {} requests, {} failed, {} connections closed",
+        per_kill.len(),
+        total.requests,
+        total.failures,
+        total.closed
     );
-    assert_eq!(kills, 3);
+    assert_eq!(per_kill.len(), KILLS.len());
     assert!(
-        per_kill.iter().all(|k| k.requests > 100),
+        per_kill.iter().all(|(_, k)| k.requests > 100),
         "the clients stalled: {per_kill:?}"
     );
     assert_eq!(
@@ -386,13 +489,13 @@ fn kill_9_under_wrk() {
     ] {
         let s = Server::start(tag, extra);
         let mut wrk = Command::new("wrk")
-            .args(["-t2", "-c50", "-d14s", "--timeout", "10s"])
+            .args(["-t2", "-c50", "-d20s", "--timeout", "10s"])
             .arg(format!("http://127.0.0.1:{}/f3.bin", s.port))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .expect("wrk");
-        let (_, kills) = three_kills(&s, Counts::default);
+        let kills = kill_rounds(&s, Counts::default).len();
         let out = {
             let deadline = Instant::now() + Duration::from_secs(60);
             while wrk.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
@@ -474,7 +577,7 @@ fn requests_in_progress_when_the_application_dies_are_answered() {
         std::thread::sleep(Duration::from_millis(300));
         let old = s.the_app();
         signal(old, rustix::process::Signal::KILL);
-        let new = wait_for_successor(&s, old);
+        let new = wait_for_successor(&s, &[old]);
         assert_ne!(old, new);
         get.get_mut().write_all(b"st: x\r\n\r\n").expect("write");
         post.get_mut().write_all(&body[100..]).expect("write");

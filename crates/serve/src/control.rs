@@ -29,6 +29,9 @@ pub enum ReloadError {
     /// Nothing listens on the control socket: no server, or one on another address.
     #[error("no `splitos serve` answers on {} ({source})", path.display())]
     NoServer { path: PathBuf, source: io::Error },
+    /// The socket belongs to a process of another user: not this user's server.
+    #[error("{} is served by uid {uid}, not by this user or root; refusing to talk to it", path.display())]
+    Untrusted { path: PathBuf, uid: u32 },
     #[error(transparent)]
     Io(io::Error),
     #[error("waiting for the outcome: {0}")]
@@ -47,6 +50,17 @@ pub fn request_reload(path: &Path, limit: Duration) -> Result<String, ReloadErro
         path: path.to_path_buf(),
         source,
     })?;
+    // Whoever could put a socket there must not be able to answer for the server.
+    let uid = rustix::net::sockopt::socket_peercred(&s)
+        .map_err(|e| ReloadError::Io(e.into()))?
+        .uid
+        .as_raw();
+    if uid != rustix::process::geteuid().as_raw() && uid != 0 {
+        return Err(ReloadError::Untrusted {
+            path: path.to_path_buf(),
+            uid,
+        });
+    }
     s.set_read_timeout(Some(limit)).map_err(ReloadError::Io)?;
     writeln!(s, "{RELOAD}").map_err(ReloadError::Io)?;
     let mut line = String::new();
@@ -181,6 +195,41 @@ mod tests {
             Err(ReloadError::Failed(m)) => assert_eq!(m, "the new instance exited"),
             other => panic!("{other:?}"),
         }
+    }
+
+    /// A control socket of another user's process is not asked anything (root only: the
+    /// impostor runs as nobody; skipped otherwise).
+    #[test]
+    fn another_users_socket_is_refused() {
+        use std::os::unix::process::CommandExt;
+        let python = Path::new("/usr/bin/python3");
+        if !rustix::process::geteuid().is_root() || !python.exists() {
+            return;
+        }
+        let path = temp("foreign");
+        let _ = std::fs::remove_file(&path);
+        let mut impostor = std::process::Command::new(python)
+            .args([
+                "-c",
+                "import socket,sys,time\ns=socket.socket(socket.AF_UNIX)\ns.bind(sys.argv[1])\ns.listen(8)\ntime.sleep(30)\n",
+            ])
+            .arg(&path)
+            .uid(65534)
+            .gid(65534)
+            .spawn()
+            .expect("python3 as nobody");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !path.exists() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let r = request_reload(&path, Duration::from_secs(2));
+        let _ = impostor.kill();
+        let _ = impostor.wait();
+        let _ = std::fs::remove_file(&path);
+        assert!(
+            matches!(r, Err(ReloadError::Untrusted { uid: 65534, .. })),
+            "{r:?}"
+        );
     }
 
     #[test]

@@ -16,4 +16,5 @@
 
 pub mod app;
 pub mod control;
+pub mod direct;
 pub mod supervisor;

@@ -22,10 +22,9 @@ const FILES: [(&str, usize); 3] = [("1k", 1 << 10), ("16k", 16 << 10), ("1m", 1 
 struct Proc(Child);
 impl Drop for Proc {
     fn drop(&mut self) {
-        let _ = rustix::process::kill_process(
-            rustix::process::Pid::from_raw(self.0.id() as i32).expect("child pid"),
-            rustix::process::Signal::TERM,
-        );
+        if let Some(pid) = rustix::process::Pid::from_raw(self.0.id() as i32) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.0.try_wait() {

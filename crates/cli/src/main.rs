@@ -1,5 +1,7 @@
 //! The `splitos` command: runs the Split-OS servers and shows their state.
 
+#![forbid(unsafe_code)]
+
 mod serve;
 mod status;
 

@@ -2,6 +2,9 @@
 //! keep-alive reuse), Python's http.client, raw sockets for pipelining and malformed requests,
 //! and 1,000 concurrent keep-alive connections with every body checked.
 
+// Test code: helpers outside #[test] functions may unwrap too; a panic is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};

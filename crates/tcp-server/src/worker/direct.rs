@@ -1,5 +1,6 @@
-//! The worker's glue for the direct path (`crate::direct`): routes on listeners, answering
-//! cached files without the application, giving connections to the application and back.
+//! The worker's glue for the direct path (`crate::direct`): routes opened beside the worker
+//! and installed on listeners, connections answered by their route without the application,
+//! deferred to the application and given back, and the routes' timeouts.
 
 use super::*;
 

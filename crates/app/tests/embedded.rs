@@ -2,6 +2,9 @@
 //! that are gone removed at the next start (finding A24: test runs left
 //! `/tmp/splitos-embedded-*.sock` and `.stats` files of killed processes that nothing removed).
 
+// Test code: helpers outside #[test] functions may unwrap too; a panic is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use splitos::embedded::{start_new, Options};
 
 #[test]

@@ -2,6 +2,9 @@
 //! past the send window wait in order behind each other, and a connection moves between two
 //! reactors (instances) with its unprocessed bytes, the client seeing one unbroken stream.
 
+// Test code: helpers outside #[test] functions may unwrap too; a panic is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use splitos::net::ListenOptions;
 use splitos::reactor::{Events, Handle, NetEvent, Reactor};
 use splitos::WaitPolicy;

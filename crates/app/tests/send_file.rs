@@ -1,6 +1,9 @@
 //! `send_file`: file bytes go from the file server's cache to the network through the TCP
 //! server, never through the application; checked byte for byte by a kernel client.
 
+// Test code: helpers outside #[test] functions may unwrap too; a panic is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::session;

@@ -1,5 +1,7 @@
 //! The `splitos` command: runs the Split-OS servers and shows their state.
 
+#![forbid(unsafe_code)]
+
 mod serve;
 mod status;
 
@@ -257,6 +259,8 @@ fn run_tcp_server(a: TcpServerArgs) -> Result<(), String> {
         persist_grace: Duration::from_secs(a.persist_grace),
         max_sessions: a.max_sessions,
         max_conns_per_session: a.max_conns,
+        // Applications of this server may have it answer their static files (ServeFiles).
+        direct: Some(std::sync::Arc::new(splitos_serve::direct::StaticFiles)),
         ..ServerConfig::default()
     };
     if let Some(s) = a.socket {

@@ -11,6 +11,9 @@
 //! quietly opened a new one. If `wrk` is on the PATH, a third test runs it through the same
 //! kills and requires no socket error and no non-2xx answer.
 
+// Test code: helpers outside #[test] functions may unwrap too; a panic is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};

@@ -2,6 +2,9 @@
 //! keep-alive reuse), Python's http.client, raw sockets for pipelining and malformed requests,
 //! and 1,000 concurrent keep-alive connections with every body checked.
 
+// Test code: helpers outside #[test] functions may unwrap too; a panic is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
@@ -869,11 +872,9 @@ fn a_trickled_head_gets_408_at_the_header_deadline() {
     }
 }
 
-/// The same through the TCP server's direct path (the default), whose timeout sweep is the
-/// worker's: it still measures inactivity until it asks `splitos_http::conn` (see the
-/// hardening report); ignored until then.
+/// The same through the TCP server's direct path (the default), whose deadline is the
+/// direct route's (`splitos_serve::direct`, from `DirectConn::pending_since`).
 #[test]
-#[ignore = "the direct path's sweep (crates/tcp-server/src/worker/direct.rs) must use conn::Conn::expired"]
 fn a_trickled_head_gets_408_at_the_header_deadline_on_the_direct_path() {
     let s = serve_with("loris-direct", &["--header-timeout", "2"]);
     let after = trickle_until_408(s.port, Duration::from_secs(8));

@@ -191,6 +191,13 @@ pub struct FileClient {
 }
 
 impl FileClient {
+    /// Who the file server is, from the kernel: a caller that serves others' requests from it
+    /// checks this rather than the socket file's owner, which a path swap could change
+    /// between a check and the connect.
+    pub fn server_credentials(&self) -> std::io::Result<splitos_m2m::PeerCredentials> {
+        self.chan.peer_credentials()
+    }
+
     /// Connects to the file server at `socket` and maps its directory.
     pub fn connect(socket: impl AsRef<Path>) -> Result<FileClient, ClientError> {
         let mut chan = Channel::connect(

@@ -13,6 +13,8 @@
 //! of processes can map them and no reader can ever see torn or changing bytes. They are
 //! `splitos_m2m::segment`, re-exported here for the crates that import them from this one.
 
+#![forbid(unsafe_code)]
+
 pub mod client;
 pub mod directory;
 pub mod path;

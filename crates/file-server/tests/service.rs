@@ -2,6 +2,9 @@
 //! concurrent rewrites, eviction under pressure without freed memory, chunked files, path
 //! safety through the client, and a `kill -9`ed server.
 
+// Test code: helpers outside #[test] functions may unwrap too; a panic is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use splitos_file_server::client::{ClientError, FileClient};
 use splitos_file_server::server::{FileServer, FileServerConfig};
 use std::path::{Path, PathBuf};

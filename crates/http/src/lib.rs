@@ -19,6 +19,8 @@
 //! Tokenizing is httparse's (the parser hyper uses); this crate adds the semantics and the
 //! limits. Nothing here panics on any input (property-tested).
 
+#![forbid(unsafe_code)]
+
 pub mod access_log;
 pub mod conditional;
 pub mod conn;

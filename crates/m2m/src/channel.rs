@@ -207,6 +207,12 @@ impl Channel {
         self.region.layout().params.buf_size as usize
     }
 
+    /// Who is at the other end, from the kernel (SO_PEERCRED of the setup socket): the
+    /// credentials the peer had when the channel was set up, which it cannot forge.
+    pub fn peer_credentials(&self) -> std::io::Result<sys::PeerCredentials> {
+        sys::peer_credentials(&self.socket)
+    }
+
     /// A file descriptor that becomes readable when the peer rings this end's doorbell or goes
     /// away. For event loops: call [`Channel::prepare_wait`] first, then wait for readability,
     /// then retry the operation. Blocking methods use the same fd.

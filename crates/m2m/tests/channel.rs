@@ -1,5 +1,8 @@
 //! Channel behaviour within one process (both ends from `Channel::pair`, on two threads).
 
+// Test code: helpers outside #[test] functions may unwrap too; a panic is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use splitos_m2m::{Channel, ChannelConfig, Error, Message, WaitPolicy};
 use std::thread;
 use std::time::{Duration, Instant};

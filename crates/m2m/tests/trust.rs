@@ -2,6 +2,9 @@
 //! traffic: a socket of another user is refused. Needs root (to run the "server" as another
 //! user); skipped otherwise.
 
+// Test code: helpers outside #[test] functions may unwrap too; a panic is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use splitos_m2m::{Channel, ChannelConfig, Error};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};

@@ -18,5 +18,6 @@
 
 pub mod app;
 pub mod control;
+pub mod direct;
 pub mod rundir;
 pub mod supervisor;

@@ -328,6 +328,7 @@ pub fn run(
         socket: private.join("tcp.sock"),
         threads: config.threads,
         wait: config.wait,
+        direct: Some(std::sync::Arc::new(crate::direct::StaticFiles)),
         ..ServerConfig::default()
     })?;
     let mut fcfg = FileServerConfig::new(root.clone(), private.join("files.sock"));

@@ -16,6 +16,8 @@
 //! whose metadata is a [`BufferMeta`]. Encoding is fixed little-endian; decoding checks every
 //! length and never panics on any input (see the property tests).
 
+#![forbid(unsafe_code)]
+
 use core::mem::size_of;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 

@@ -1,3 +1,6 @@
+//! Property and table tests of the protocol: every request and event round-trips, arbitrary
+//! bytes never panic the decoders, op codes and header sizes are pinned.
+
 use super::*;
 use proptest::prelude::*;
 

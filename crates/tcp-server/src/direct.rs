@@ -1,57 +1,94 @@
-//! The direct path: static-file requests answered inside the TCP server from the file cache.
+//! The direct path's seam: requests answered inside the TCP server, by a responder that is
+//! implemented above it.
 //!
-//! An application may install a route on a listener (`ServeFiles`): the worker then parses the
-//! requests of that listener's connections itself (with the same `splitos-http` responder the
-//! application uses) and queues each response as a head plus file ranges sent straight from the
-//! file server's sealed segments. The application is not woken for these requests at all. The
-//! first request the cache cannot answer (a miss, a directory, a body, a parse error, a sibling
-//! whose existence the cache does not know) turns the connection over to the application: it
-//! receives that request's bytes and everything after as ordinary `Data`, so responses stay in
-//! order and the application keeps the last word on every odd case. When it has answered all
-//! of it, the application may give the connection back (`ServeDirect`).
+//! An application may install a route on a listener (`ServeFiles`): the worker then hands the
+//! bytes of that listener's connections to the route's [`DirectRoute`] and queues what it
+//! answers — bytes, and ranges of sealed file segments sent straight from shared memory —
+//! without waking the application. The first request the responder will not answer turns the
+//! connection over to the application: it receives that request's bytes and everything after
+//! as ordinary `Data`, so responses stay in order and the application keeps the last word on
+//! every odd case. When it has answered all of it, the application may give the connection
+//! back (`ServeDirect`).
 //!
-//! The connection loop itself (parse, pipelining, which requests are odd) is
-//! `splitos_http::conn`'s, shared with the application, so both read a byte stream alike; this
-//! module supplies the cache as the answer and lends the worker's connection state to it. The
-//! worker's timeout sweep applies the rules of `conn::Conn::expired` to the same state.
+//! The TCP server knows no application protocol: what a request is, how it is answered and
+//! how long one may take to arrive are the responder's. `splitos serve` implements it for
+//! static files over HTTP/1.1 (`splitos_serve::direct`), with the same connection loop and
+//! responder its application uses. A server started without a [`DirectPath`] refuses
+//! `ServeFiles` with `EOPNOTSUPP`.
+//!
+//! Opening a route may block (it connects to another service), so the worker never does it:
+//! [`DirectPath::open`] runs on a thread of its own and the worker installs the result.
 
-use splitos_file_server::client::{lookup_of, FileClient, FileView};
-use splitos_http::conn::{self, Budget, Policy, Role, Timeouts};
-use splitos_http::request::Limits;
-use splitos_http::respond::{self, Answer, FileSource, Lookup, Part};
+use splitos_m2m::segment::Segment;
+use splitos_m2m::PeerCredentials;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Responses a direct connection may have queued before the server stops reading it (a
+/// Response parts a direct connection may have queued before the server stops reading it (a
 /// client that pipelines without reading gets back-pressure, not an unbounded queue).
-pub(crate) const SENDQ_LIMIT: usize = 256;
+pub const SENDQ_LIMIT: usize = 256;
 
-/// One installed route: a file-server reader of this worker, and the timeouts to apply.
-pub(crate) struct Route {
-    /// Unique per worker: a connection names its route by slot and serial, so a slot reused
-    /// by another listener's route is never mistaken for its own.
-    pub serial: u64,
-    pub files: FileClient,
-    pub header_timeout: Duration,
+/// What a route answers from and how patient it is, as the application asked (`ServeFiles`).
+#[derive(Clone, Debug)]
+pub struct RouteRequest {
+    /// What to answer from, as the application named it (for `splitos serve`: the path of its
+    /// file server's socket). Opaque to the TCP server.
+    pub source: Vec<u8>,
+    /// The application's credentials, from the kernel: a responder must not give one tenant
+    /// access to what only another may reach.
+    pub peer: PeerCredentials,
+    /// How long a request may take to arrive, from its first byte.
+    pub request_timeout: Duration,
+    /// How long a connection may sit idle (nothing received, nothing to send).
     pub idle_timeout: Duration,
 }
 
-/// A connection's state while the server answers it directly.
-pub(crate) struct Direct {
-    pub route: u32,
-    pub serial: u64,
-    /// Received bytes not yet answered (at most an incomplete head, or pipelined requests
-    /// held back by `SENDQ_LIMIT`).
-    pub buf: Vec<u8>,
-    pub last_active: Instant,
-    /// Reading stopped until the send queue drains.
-    pub blocked: bool,
+/// Opens routes: the part of a direct path that lives above the TCP server.
+pub trait DirectPath: Send + Sync {
+    /// A route for `request`, or the errno the application gets (`Failed`). Called on a thread
+    /// of its own, never on a worker, so it may block on a connect; it should still bound
+    /// every wait.
+    fn open(&self, request: &RouteRequest) -> Result<Box<dyn DirectRoute>, rustix::io::Errno>;
 }
 
-/// What the worker should do with a direct connection after [`serve`].
-pub(crate) enum Outcome {
+/// One route of one worker: answers the requests of its listener's connections.
+pub trait DirectRoute: Send {
+    /// Answers what it can of the requests at the front of `conn.pending`, queueing each
+    /// response's parts with `push` and counting answered requests in `answered`; at most
+    /// `room` parts fit in the connection's send queue now.
+    fn serve(
+        &mut self,
+        conn: &mut DirectConn,
+        room: usize,
+        answered: &mut u64,
+        push: &mut dyn FnMut(DirectPart),
+    ) -> Outcome;
+
+    /// Whether `conn` has outlived this route's patience at `now`.
+    fn expired(&self, conn: &DirectConn, now: Instant) -> Option<Expiry>;
+
+    /// What a connection whose request did not complete in time is sent before it is closed.
+    fn timeout_response(&self) -> Vec<u8>;
+}
+
+/// A response part.
+pub enum DirectPart {
+    /// Bytes the responder wrote (a head, a small body).
+    Bytes(Vec<u8>),
+    /// `len` bytes at `offset` of a sealed segment, sent from shared memory.
+    File {
+        segment: Arc<Segment>,
+        offset: u64,
+        len: u64,
+    },
+}
+
+/// What the worker does with a direct connection after [`DirectRoute::serve`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
     /// Wait for more bytes.
     More,
-    /// Responses are queued; close after them (the client asked).
+    /// Responses are queued; close after them.
     Close,
     /// The send queue is full: stop reading until it drains.
     Blocked,
@@ -59,192 +96,84 @@ pub(crate) enum Outcome {
     Defer(Vec<u8>),
 }
 
-/// The cache as the responder sees it: what is not cached is `Unavailable`, so a miss costs no
-/// wait on the disk (a cached file whose segment this worker does not map yet costs one round
-/// trip to the file server).
-struct Cached<'a>(&'a mut FileClient);
+/// Why a direct connection is ended by its route's timeouts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expiry {
+    /// A request began and did not complete in time: answer `timeout_response`, then close.
+    Request,
+    /// Nothing happened for too long: close.
+    Idle,
+}
 
-impl FileSource for Cached<'_> {
-    type File = FileView;
-    fn open(&mut self, path: &str) -> Lookup<FileView> {
-        match self.0.open_cached(path) {
-            Ok(Some(v)) => Lookup::Found(v),
-            Ok(None) => Lookup::Unavailable,
-            Err(e) => lookup_of(Err(e)),
+/// The TCP server's side of a direct connection: what it received and has not had answered,
+/// and when. Lent to the route for each call.
+#[derive(Debug)]
+pub struct DirectConn {
+    /// Received bytes not answered yet: at most an incomplete request, or pipelined ones
+    /// held back by [`SENDQ_LIMIT`].
+    pub pending: Vec<u8>,
+    /// When anything last arrived.
+    pub last_active: Instant,
+    /// When the first of the `pending` bytes arrived (`None` when nothing is pending): a
+    /// request's deadline runs from there, so trickling bytes do not extend it.
+    pub pending_since: Option<Instant>,
+}
+
+impl DirectConn {
+    pub fn new(now: Instant) -> DirectConn {
+        DirectConn {
+            pending: Vec::new(),
+            last_active: now,
+            pending_since: None,
+        }
+    }
+
+    /// Appends `n` received bytes, written by `fill`.
+    pub fn received(&mut self, n: usize, now: Instant, fill: impl FnOnce(&mut [u8])) {
+        let at = self.pending.len();
+        self.pending.resize(at + n, 0);
+        fill(&mut self.pending[at..]);
+        self.last_active = now;
+        if at == 0 && n > 0 {
+            self.pending_since = Some(now);
+        }
+    }
+
+    /// After a route took bytes from the front of `pending` (was `before` long): what is left
+    /// is a new request, whose time starts now.
+    pub(crate) fn answered_some(&mut self, before: usize, now: Instant) {
+        if self.pending.is_empty() {
+            self.pending_since = None;
+        } else if self.pending.len() != before {
+            self.pending_since = Some(now);
         }
     }
 }
 
-/// Answers the complete requests in `d.buf`; `push` queues each response part.
-///
-/// An adapter for the worker as it is: its [`Direct`] keeps the buffer and the last activity
-/// itself, so they are lent to a [`conn::Conn`] for the call (two moves, no copy). Once
-/// `Direct` holds a `Conn`, the worker calls [`serve_conn`] directly.
-pub(crate) fn serve(
-    route: &mut Route,
-    d: &mut Direct,
-    queued: usize,
-    answered: &mut u64,
-    push: impl FnMut(Part<FileView>),
-) -> Outcome {
-    let mut c = conn::Conn::from_parts(std::mem::take(&mut d.buf), d.last_active);
-    let outcome = serve_conn(route, &mut c, queued, answered, push);
-    d.buf = c.into_buffer();
-    if matches!(outcome, Outcome::Blocked) {
-        d.blocked = true;
-    }
-    outcome
+/// A connection's state while the server answers it directly.
+pub(crate) struct Direct {
+    pub route: u32,
+    pub serial: u64,
+    pub conn: DirectConn,
+    /// Reading stopped until the send queue drains.
+    pub blocked: bool,
 }
 
-/// Answers the complete requests buffered in `c` from the cache, given `queued` responses
-/// parts already in the connection's send queue; `push` queues each response part and
-/// `answered` counts the responses.
-pub(crate) fn serve_conn(
-    route: &mut Route,
-    c: &mut conn::Conn,
-    queued: usize,
-    answered: &mut u64,
-    mut push: impl FnMut(Part<FileView>),
-) -> Outcome {
-    let policy = route.policy();
-    let files = &mut route.files;
-    let outcome = conn::serve(
-        c,
-        &policy,
-        Budget::parts(SENDQ_LIMIT.saturating_sub(queued)),
-        |req| match respond::respond(&mut Cached(files), req) {
-            Answer::Response(r) => {
-                *answered += 1;
-                Some(r)
-            }
-            // A directory (listing or 404 is the application's call) or not cached.
-            Answer::NoIndex { .. } | Answer::Defer => None,
-        },
-        |r| r.parts.into_iter().for_each(&mut push),
-    );
-    match outcome {
-        conn::Outcome::Wait => Outcome::More,
-        conn::Outcome::Budget => Outcome::Blocked,
-        conn::Outcome::Close(_) => Outcome::Close,
-        conn::Outcome::HandOver(bytes) => Outcome::Defer(bytes),
-    }
-}
-
-impl Route {
-    /// How this route's connections are served: only the plain cases, the rest deferred; the
-    /// timeouts are what the worker's sweep should ask `conn::Conn::expired` about.
-    pub(crate) fn policy(&self) -> Policy {
-        Policy {
-            limits: Limits::default(),
-            role: Role::FastPath,
-            timeouts: Timeouts {
-                header: self.header_timeout,
-                idle: self.idle_timeout,
-            },
-        }
-    }
-}
-
-/// The 408 a direct connection gets when its head does not complete in time.
-pub(crate) fn timeout_response() -> Vec<u8> {
-    match conn::request_timeout::<FileView>().parts.into_iter().next() {
-        Some(Part::Bytes(b)) => b,
-        _ => Vec::new(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use splitos_file_server::server::{FileServer, FileServerConfig};
-
-    /// A file server over a directory holding `hot.txt` (cached) and `cold.txt` (not yet).
-    fn route(tag: &str) -> (FileServer, Route, std::path::PathBuf) {
-        let dir = std::env::temp_dir().join(format!("splitos-direct-{}-{tag}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(dir.join("site")).expect("test directory");
-        std::fs::write(dir.join("site/hot.txt"), b"hot!").expect("test file");
-        std::fs::write(dir.join("site/cold.txt"), b"cold").expect("test file");
-        let server = FileServer::start(FileServerConfig::new(
-            dir.join("site"),
-            dir.join("files.sock"),
-        ))
-        .expect("file server");
-        let mut files = FileClient::connect(dir.join("files.sock")).expect("file client");
-        files.open("hot.txt").expect("hot.txt");
-        let route = Route {
-            serial: 1,
-            files,
-            header_timeout: Duration::from_secs(10),
-            idle_timeout: Duration::from_secs(60),
-        };
-        (server, route, dir)
-    }
-
-    fn get(target: &str) -> String {
-        format!("GET {target} HTTP/1.1\r\nHost: x\r\n\r\n")
-    }
-
-    #[test]
-    fn cached_files_are_answered_and_the_first_miss_defers_everything_after_it() {
-        let (server, mut route, dir) = route("defer");
-        let mut d = Direct {
-            route: 0,
-            serial: 1,
-            buf: (get("/hot.txt") + &get("/hot.txt") + &get("/cold.txt") + &get("/hot.txt"))
-                .into_bytes(),
-            last_active: Instant::now(),
+impl Direct {
+    pub(crate) fn new(route: u32, serial: u64, now: Instant) -> Direct {
+        Direct {
+            route,
+            serial,
+            conn: DirectConn::new(now),
             blocked: false,
-        };
-        let (mut parts, mut answered) = (Vec::new(), 0);
-        let out = serve(&mut route, &mut d, 0, &mut answered, |p| parts.push(p));
-        assert_eq!(answered, 2);
-        // Each response is a head and the file's range.
-        assert!(matches!(
-            parts.as_slice(),
-            [
-                Part::Bytes(_),
-                Part::File(_, 0, 4),
-                Part::Bytes(_),
-                Part::File(_, 0, 4)
-            ]
-        ));
-        match out {
-            Outcome::Defer(bytes) => {
-                assert_eq!(bytes, (get("/cold.txt") + &get("/hot.txt")).into_bytes())
-            }
-            _ => panic!("not deferred"),
         }
-        assert!(d.buf.is_empty() && !d.blocked);
-        server.shutdown();
-        let _ = std::fs::remove_dir_all(&dir);
     }
+}
 
-    #[test]
-    fn a_full_send_queue_blocks_reading_and_a_partial_head_waits() {
-        let (server, mut route, dir) = route("blocked");
-        let mut d = Direct {
-            route: 0,
-            serial: 1,
-            buf: (get("/hot.txt") + &get("/hot.txt") + "GET /hot").into_bytes(),
-            last_active: Instant::now(),
-            blocked: false,
-        };
-        let mut answered = 0;
-        // Room for one response (two parts) only.
-        let out = serve(&mut route, &mut d, SENDQ_LIMIT - 2, &mut answered, |_| {});
-        assert!(matches!(out, Outcome::Blocked) && d.blocked);
-        assert_eq!(answered, 1);
-        d.blocked = false;
-        let out = serve(&mut route, &mut d, 0, &mut answered, |_| {});
-        assert!(matches!(out, Outcome::More) && !d.blocked);
-        assert_eq!((answered, d.buf.as_slice()), (2, &b"GET /hot"[..]));
-        d.buf
-            .extend_from_slice(b".txt HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-        let out = serve(&mut route, &mut d, 0, &mut answered, |_| {});
-        assert!(matches!(out, Outcome::Close));
-        assert_eq!(timeout_response().get(..13), Some(&b"HTTP/1.1 408 "[..]));
-        server.shutdown();
-        let _ = std::fs::remove_dir_all(&dir);
-    }
+/// One installed route of a worker.
+pub(crate) struct Route {
+    /// Unique per worker: a connection names its route by slot and serial, so a slot reused
+    /// by another listener's route is never mistaken for its own.
+    pub serial: u64,
+    pub route: Box<dyn DirectRoute>,
 }

@@ -11,7 +11,7 @@
 //! [`TcpServer::start`]; both use the same code.
 
 mod access;
-mod direct;
+pub mod direct;
 mod persist;
 pub mod stats;
 mod uring;
@@ -31,7 +31,7 @@ use std::time::Duration;
 // Defined with the protocol, so applications know it without linking the server.
 pub use splitos_tcp_proto::default_socket_path;
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ServerConfig {
     /// Unix socket applications connect to.
     pub socket: PathBuf,
@@ -51,6 +51,9 @@ pub struct ServerConfig {
     pub max_listeners_per_session: u32,
     /// Receive buffers provided to the kernel per session (taken from its m2m pool).
     pub recv_buffers: usize,
+    /// What answers `ServeFiles` routes (the direct path), if anything: the TCP server itself
+    /// knows no application protocol. `None`: `ServeFiles` fails with EOPNOTSUPP.
+    pub direct: Option<Arc<dyn direct::DirectPath>>,
 }
 
 impl Default for ServerConfig {
@@ -67,6 +70,7 @@ impl Default for ServerConfig {
             max_conns_per_session: 65536,
             max_listeners_per_session: 256,
             recv_buffers: 64,
+            direct: None,
         }
     }
 }

@@ -24,7 +24,7 @@ impl Worker {
         c.paused = true;
         // Bytes the direct path had not answered yet travel with the connection.
         if let Some(d) = c.direct.take() {
-            let mut bytes = d.buf;
+            let mut bytes = d.conn.pending;
             bytes.append(&mut c.held);
             c.held = bytes;
         }
@@ -113,12 +113,15 @@ impl Worker {
             "adopted a handed-off connection"
         );
         let mut data = h.data;
+        let now = self.now;
         if let Some(c) = self.conn_mut(slot) {
             c.eof = h.eof;
             if let Some(d) = c.direct.as_mut() {
                 // The listener's route is installed already: the handed bytes go through the
                 // direct path like any received ones, so responses stay in order.
-                d.buf = std::mem::take(&mut data);
+                let data = std::mem::take(&mut data);
+                d.conn
+                    .received(data.len(), now, |dst| dst.copy_from_slice(&data));
             } else {
                 c.delivering(data.len(), |dst| dst.copy_from_slice(&data));
             }

@@ -78,14 +78,13 @@ mod state;
 
 use state::*;
 
+use crate::direct::{DirectPart, Expiry, Outcome, RouteRequest, SENDQ_LIMIT};
 use crate::persist::Parked;
 use crate::uring::{BufRing, Completion, Op, Ring, Tag};
 use crate::Shared;
 use rustix::fd::{AsFd, FromRawFd, OwnedFd};
 use rustix::io::Errno;
 use rustix::net::{self as rnet, sockopt, AddressFamily, SocketFlags, SocketType};
-use splitos_file_server::client::FileClient;
-use splitos_http::respond::Part;
 use splitos_m2m::segment::Segment;
 use splitos_m2m::{
     Channel, Error as M2mError, Message, PeerCredentials, Phase, RxBuffer, TxBuffer, WaitPolicy,
@@ -120,6 +119,14 @@ const SESSION_LEVEL: SlotIx = SlotIx(u32::MAX);
 /// How long a shutting-down worker waits for the kernel to finish in-flight operations.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// A route a helper thread opened (or could not) for `ServeFiles`.
+struct OpenedRoute {
+    session: SessionIx,
+    req: u32,
+    listener: Handle,
+    route: Result<Box<dyn crate::direct::DirectRoute>, Errno>,
+}
+
 pub(crate) struct NewSession {
     pub chan: Channel,
     pub peer: PeerCredentials,
@@ -146,6 +153,9 @@ pub(crate) struct Worker {
     send_wanted: Vec<SlotIx>,
     /// Direct-path routes of this worker's listeners.
     routes: Vec<Option<crate::direct::Route>>,
+    /// Routes opened on helper threads (see `serve_files`), waiting to be installed.
+    opened_tx: std::sync::mpsc::Sender<OpenedRoute>,
+    opened_rx: Receiver<OpenedRoute>,
     /// The start of the current pass: a coarse clock for activity stamps.
     now: Instant,
     route_serial: u64,
@@ -169,6 +179,7 @@ impl Worker {
         inbox: Receiver<NewSession>,
         wake: OwnedFd,
     ) -> std::io::Result<Worker> {
+        let (opened_tx, opened_rx) = std::sync::mpsc::channel();
         Ok(Worker {
             id,
             ring: Ring::new(4096)?,
@@ -187,6 +198,8 @@ impl Worker {
             accept_retry: Vec::new(),
             send_wanted: Vec::new(),
             routes: Vec::new(),
+            opened_tx,
+            opened_rx,
             now: Instant::now(),
             route_serial: 0,
             direct_responses: 0,
@@ -217,6 +230,7 @@ impl Worker {
                 self.wake_armed = true;
             }
             let mut work = self.take_new_sessions();
+            work += self.take_opened_routes();
             if self.shared.registry.has_handed() {
                 work += self.adopt_handed();
             }

@@ -88,11 +88,10 @@ impl Worker {
             if let Some(d) = c.direct.as_mut() {
                 let n = res as usize;
                 if let Some(b) = &buf {
-                    let at = d.buf.len();
-                    d.buf.resize(at + n, 0);
-                    b.read_at(0, &mut d.buf[at..]);
+                    d.conn.received(n, self.now, |dst| {
+                        b.read_at(0, dst);
+                    });
                 }
-                d.last_active = self.now;
                 if let Some(b) = buf {
                     self.provide(si, b);
                 }

@@ -474,7 +474,7 @@ impl Worker {
         };
         let queued = c.sendq.len();
         let unblock = match c.direct.as_mut() {
-            Some(d) if d.blocked && queued < crate::direct::SENDQ_LIMIT / 2 => {
+            Some(d) if d.blocked && queued < SENDQ_LIMIT / 2 => {
                 d.blocked = false;
                 true
             }

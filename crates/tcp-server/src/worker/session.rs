@@ -63,6 +63,7 @@ impl Worker {
             departing: false,
             dead_since: None,
             violations: 0,
+            opening_route: false,
             conns: 0,
             listeners: 0,
             bytes_in: 0,

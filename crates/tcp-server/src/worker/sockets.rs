@@ -205,15 +205,8 @@ impl Worker {
         if recoverable && origin.is_some() {
             conn.recovery = Some(Recovery::default());
         }
-        conn.direct = route.map(|(route, serial)| {
-            Box::new(crate::direct::Direct {
-                route,
-                serial,
-                buf: Vec::new(),
-                last_active: self.now,
-                blocked: false,
-            })
-        });
+        conn.direct = route
+            .map(|(route, serial)| Box::new(crate::direct::Direct::new(route, serial, self.now)));
         let slot = self.alloc_socket(si, fd, Kind::Conn(conn));
         let conn = self.handle(slot);
         let listener = self.handle(listener);

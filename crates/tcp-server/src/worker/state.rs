@@ -92,6 +92,8 @@ pub(super) struct Session {
     /// [`LINGER_LIMIT`] after that.
     pub(super) dead_since: Option<Instant>,
     pub(super) violations: u32,
+    /// A `ServeFiles` route is being opened for it (one at a time).
+    pub(super) opening_route: bool,
     pub(super) conns: u32,
     pub(super) listeners: u32,
     pub(super) bytes_in: u64,
@@ -395,7 +397,7 @@ impl Conn {
         }
         if let Some(d) = self.direct.as_mut() {
             // Answered by the server alone: the application owes it nothing.
-            let mut bytes = std::mem::take(&mut d.buf);
+            let mut bytes = std::mem::take(&mut d.conn.pending);
             bytes.append(&mut self.held);
             return Some(bytes);
         }
@@ -673,13 +675,9 @@ mod tests {
         let mut c = conn();
         c.delivered = 5;
         assert_eq!(c.successor_bytes(), None, "touched, not recoverable");
-        c.direct = Some(Box::new(crate::direct::Direct {
-            route: 0,
-            serial: 1,
-            buf: b"GET / HTTP/1.1\r\n".to_vec(),
-            last_active: std::time::Instant::now(),
-            blocked: false,
-        }));
+        let mut d = crate::direct::Direct::new(0, 1, std::time::Instant::now());
+        d.conn.pending = b"GET / HTTP/1.1\r\n".to_vec();
+        c.direct = Some(Box::new(d));
         assert_eq!(
             c.successor_bytes().as_deref(),
             Some(&b"GET / HTTP/1.1\r\n"[..])

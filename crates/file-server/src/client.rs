@@ -21,6 +21,38 @@ const MAX_SEGMENTS: usize = 1024;
 /// How long a reader waits for the server to answer.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The largest chunk a server may use (its configuration allows 4 KiB to 1 GiB): nothing
+/// larger is ever mapped, whatever a reply or the directory says.
+pub const MAX_CHUNK_BYTES: u64 = 1 << 30;
+/// The smallest chunk of a file of several chunks.
+pub const MIN_CHUNK_BYTES: u64 = 4096;
+/// Most chunks a file may have (4 TiB in 4 MiB chunks): a reply announcing more is refused.
+pub const MAX_CHUNKS: u64 = 1 << 20;
+
+/// How a file of `size` bytes is split when its first chunk holds `first_len` bytes: the chunk
+/// size and the number of chunks, or `None` if no valid server splits a file that way. A file
+/// of one chunk is the whole file (its chunk size is then its length, at least 1).
+pub fn chunk_layout(size: u64, first_len: u64) -> Option<(u64, u64)> {
+    if first_len == size {
+        return (size <= MAX_CHUNK_BYTES).then_some((size.max(1), 1));
+    }
+    if !(MIN_CHUNK_BYTES..=MAX_CHUNK_BYTES).contains(&first_len) || first_len > size {
+        return None;
+    }
+    let count = size.div_ceil(first_len);
+    (count <= MAX_CHUNKS).then_some((first_len, count))
+}
+
+/// The length chunk `k` must have in a file of `size` bytes cut into `chunk_size` chunks
+/// (as [`chunk_layout`] returned), or `None` if there is no such chunk.
+pub fn chunk_len_of(size: u64, chunk_size: u64, k: u64) -> Option<u64> {
+    let start = k.checked_mul(chunk_size)?;
+    if k == 0 && size == 0 {
+        return Some(0);
+    }
+    (start < size).then(|| (size - start).min(chunk_size))
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("no such file")]
@@ -138,6 +170,15 @@ impl FileView {
     }
 }
 
+/// The file version a directory entry describes.
+fn entry_version(e: &Entry) -> Version {
+    Version {
+        ino: e.ino,
+        size: e.file_size,
+        mtime_ns: e.mtime_ns as i128,
+    }
+}
+
 impl splitos_http::respond::StaticFile for FileView {
     fn len(&self) -> u64 {
         self.version.size
@@ -242,12 +283,8 @@ impl FileClient {
         let path = normalize(path)?;
         for _ in 0..3 {
             let (first, e0) = self.chunk(&path, 0)?;
-            let chunk_size = if e0.file_size > e0.chunk_len as u64 {
-                e0.chunk_len as u64
-            } else {
-                e0.file_size.max(1)
-            };
-            let chunks = e0.file_size.div_ceil(chunk_size).max(1);
+            let (chunk_size, chunks) = chunk_layout(e0.file_size, e0.chunk_len as u64)
+                .ok_or(ClientError::Protocol("impossible file or chunk size"))?;
             let mut view = vec![first];
             let mut consistent = true;
             for k in 1..chunks {
@@ -255,6 +292,9 @@ impl FileClient {
                 if (e.file_size, e.mtime_ns, e.ino) != (e0.file_size, e0.mtime_ns, e0.ino) {
                     consistent = false;
                     break;
+                }
+                if Some(seg.len()) != chunk_len_of(e0.file_size, chunk_size, k) {
+                    return Err(ClientError::Protocol("a chunk of the wrong length"));
                 }
                 view.push(seg);
             }
@@ -295,7 +335,7 @@ impl FileClient {
                 return Err(ClientError::NotFound);
             }
             if let Some(seg) = self.segments.get(&e.id) {
-                if seg.len() == e.chunk_len as u64 {
+                if seg.len() == e.chunk_len as u64 && seg.version() == entry_version(&e) {
                     self.directory_hits += 1;
                     return Ok((seg.clone(), e));
                 }
@@ -331,14 +371,28 @@ impl FileClient {
             Reply::Opened {
                 req: r,
                 id,
+                chunk: c,
                 chunk_len,
+                chunk_size,
                 file_size,
                 mtime_ns,
                 ino,
-                ..
             } => {
-                if r != req || chunk_len > u32::MAX as u64 {
+                if r != req || c != chunk {
                     return Err(ClientError::Protocol("reply does not match the request"));
+                }
+                if id == 0 || id == crate::directory::ABSENT {
+                    return Err(ClientError::Protocol("reserved segment id"));
+                }
+                // The server's chunk size must be one it could use, and this chunk exactly as
+                // long as that size makes it: then the length is at most `MAX_CHUNK_BYTES`.
+                if !(MIN_CHUNK_BYTES..=MAX_CHUNK_BYTES).contains(&chunk_size)
+                    || chunk_len_of(file_size, chunk_size, chunk as u64) != Some(chunk_len)
+                    || file_size.div_ceil(chunk_size) > MAX_CHUNKS
+                {
+                    return Err(ClientError::Protocol(
+                        "impossible chunk, chunk or file size",
+                    ));
                 }
                 let (tag, mut fds) = self
                     .chan
@@ -378,5 +432,35 @@ impl FileClient {
                 ))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_layouts_a_server_could_produce_and_no_others() {
+        assert_eq!(chunk_layout(0, 0), Some((1, 1)));
+        assert_eq!(chunk_layout(10, 10), Some((10, 1)));
+        assert_eq!(chunk_layout(10_000, 4096), Some((4096, 3)));
+        assert_eq!(
+            chunk_layout(1, 0),
+            None,
+            "an empty first chunk of a longer file"
+        );
+        assert_eq!(chunk_layout(10_000, 100), None, "chunks under 4 KiB");
+        assert_eq!(chunk_layout(4 << 30, 4 << 30), None, "one chunk over 1 GiB");
+        assert_eq!(chunk_layout(1 << 62, 4096), None, "too many chunks");
+        assert_eq!(chunk_len_of(10_000, 4096, 0), Some(4096));
+        assert_eq!(chunk_len_of(10_000, 4096, 2), Some(10_000 - 8192));
+        assert_eq!(chunk_len_of(10_000, 4096, 3), None);
+        assert_eq!(chunk_len_of(0, 4096, 0), Some(0));
+        assert_eq!(chunk_len_of(0, 4096, 1), None);
+        assert_eq!(
+            chunk_len_of(u64::MAX, 1 << 30, u64::MAX),
+            None,
+            "no overflow"
+        );
     }
 }

@@ -43,6 +43,9 @@ pub const SLOT: usize = 256;
 pub const PROBE: usize = 8;
 /// Longest path a slot holds; longer paths are served, just never from the directory.
 pub const MAX_KEY_PATH: usize = 184;
+/// Most slots a directory has: the writer creates no more, and a reader maps no more (a
+/// region of 256 MiB), whatever a hostile server's header says.
+pub const MAX_SLOTS: usize = 1 << 20;
 /// Attempts a lookup makes at copying a slot the writer is changing before it counts as a
 /// miss: the direct path must never wait on the file server.
 const RETRIES: usize = 64;
@@ -212,7 +215,7 @@ pub struct DirectoryWriter {
 impl DirectoryWriter {
     /// Creates a directory of `slots` slots (rounded up to a power of two).
     pub fn create(slots: usize) -> Result<DirectoryWriter, DirectoryError> {
-        let slots = slots.next_power_of_two().clamp(PROBE, 1 << 20);
+        let slots = slots.next_power_of_two().clamp(PROBE, MAX_SLOTS);
         let len = HEADER + slots * SLOT;
         let fd = memfd_create(
             "splitos-directory",
@@ -321,10 +324,14 @@ impl DirectoryReader {
         if !seals.contains(SealFlags::SHRINK | SealFlags::GROW) {
             return Err(DirectoryError::Malformed("not size-sealed"));
         }
-        let len = fstat(&fd).map_err(io("reading directory size"))?.st_size as usize;
-        if len < HEADER + PROBE * SLOT {
+        let len = fstat(&fd).map_err(io("reading directory size"))?.st_size as u64;
+        if len < (HEADER + PROBE * SLOT) as u64 {
             return Err(DirectoryError::Malformed("too small"));
         }
+        if len > (HEADER + MAX_SLOTS * SLOT) as u64 {
+            return Err(DirectoryError::Malformed("larger than any directory"));
+        }
+        let len = len as usize;
         let words =
             SharedWords::map_read_only(fd.as_fd(), len).map_err(|e| DirectoryError::Io {
                 context: "mapping the directory",

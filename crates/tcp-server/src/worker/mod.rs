@@ -86,13 +86,13 @@ use rustix::io::Errno;
 use rustix::net::{self as rnet, sockopt, AddressFamily, SocketFlags, SocketType};
 use splitos_file_server::client::FileClient;
 use splitos_http::respond::Part;
-use splitos_m2m::segment::Segment;
+use splitos_m2m::segment::{PlainFile, Segment};
 use splitos_m2m::{
     Channel, Error as M2mError, Message, PeerCredentials, Phase, RxBuffer, TxBuffer, WaitPolicy,
 };
 use splitos_tcp_proto::{
-    listen_flags, op, BufferMeta, Event, Handle, Request, SockOpt, NO_ADDR, RECV_WINDOW,
-    SEND_WINDOW,
+    listen_flags, op, BufferMeta, Event, Handle, Request, SockOpt, NO_ADDR, PLAIN_FILE_TAG,
+    RECV_WINDOW, SEND_WINDOW,
 };
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;

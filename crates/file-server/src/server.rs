@@ -8,10 +8,17 @@
 //! the bytes alive — the kernel frees them when the last mapping goes, including when a reader
 //! dies holding it. Cached files are re-checked (size, modification time, inode) every
 //! `revalidate_every`, and changed or deleted ones are retired from the directory.
+//!
+//! A file larger than the by-reference threshold ([`FileServerConfig::by_reference_above`]) is
+//! never copied: the server opens it beneath the root and passes the read-only descriptor, which
+//! the reader reads with `pread` and the TCP server sends with `sendfile` from the page cache.
+//! So a file never takes more of the cache than the threshold, whatever its size, and a HEAD
+//! of a 4 GiB file costs an `openat2` and a descriptor message. A file of several chunks below
+//! it is described by `Lookup` without being loaded; each chunk is loaded when a reader asks.
 
 use crate::directory::{DirectoryWriter, Entry};
 use crate::path::{OpenError, Root};
-use crate::proto::{FailCode, Open, Reply, DIRECTORY_TAG};
+use crate::proto::{FailCode, Reply, Request, DIRECTORY_TAG};
 use rustix::fd::AsFd;
 use splitos_m2m::segment::{Segment, Version};
 use splitos_m2m::{Channel, Listener, ListenerConfig, Message, WaitPolicy};
@@ -32,6 +39,10 @@ pub struct FileServerConfig {
     pub cache_bytes: u64,
     /// Files are cached in chunks of this many bytes.
     pub chunk_size: u64,
+    /// Files larger than this are passed by reference (a descriptor of the file itself) and
+    /// never copied into the cache. `None`: the smaller of 4 chunks and 1/8 of the cache (see
+    /// [`FileServerConfig::by_reference_threshold`]).
+    pub by_reference_above: Option<u64>,
     /// Slots in the shared directory.
     pub directory_slots: usize,
     pub max_sessions: usize,
@@ -46,10 +57,27 @@ impl FileServerConfig {
             socket,
             cache_bytes: 256 << 20,
             chunk_size: 4 << 20,
+            by_reference_above: None,
             directory_slots: 16384,
             max_sessions: 1024,
             revalidate_every: Duration::from_millis(500),
         }
+    }
+}
+
+impl FileServerConfig {
+    /// The size above which a file is passed by reference. By default the smaller of:
+    ///
+    /// - 4 chunks: copying a large file buys nothing over `sendfile` from the page cache (both
+    ///   hand pages to the socket by reference) and costs a full read of it up front, shared
+    ///   memory that cannot be reclaimed, and a cache flush; a copy pays off for small, hot files
+    ///   (immutable versions, the TCP server's direct path, no `open` per request), and a few
+    ///   chunks cover those;
+    /// - 1/8 of the cache: no single file may take more than that, so a request for one big
+    ///   file cannot evict most of the cache.
+    pub fn by_reference_threshold(&self) -> u64 {
+        self.by_reference_above
+            .unwrap_or_else(|| (4 * self.chunk_size).min(self.cache_bytes / 8))
     }
 }
 
@@ -76,6 +104,8 @@ pub struct Stats {
     pub evictions: AtomicU64,
     pub retired: AtomicU64,
     pub cached_bytes: AtomicU64,
+    /// Opens answered with a descriptor of the file itself (files above the threshold).
+    pub by_reference: AtomicU64,
 }
 
 pub struct FileServer {
@@ -116,7 +146,9 @@ impl FileServer {
         .ok();
         let stop = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(Stats::default());
+        let by_reference_above = cfg.by_reference_threshold();
         let mut state = State {
+            by_reference_above,
             cfg,
             root,
             listener,
@@ -178,6 +210,7 @@ struct Cached {
 
 struct State {
     cfg: FileServerConfig,
+    by_reference_above: u64,
     root: Root,
     listener: Listener,
     directory: DirectoryWriter,
@@ -309,17 +342,26 @@ impl State {
             }
             n += 1;
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
-            let reply = match Open::decode(&req_buf) {
+            let reply = match Request::decode(&req_buf) {
                 Err(e) => {
                     tracing::debug!("session {i}: undecodable request: {e}");
+                    // Answered under its id if it has one, so the reader stays in step.
+                    let req = req_buf
+                        .get(1..5)
+                        .and_then(|b| b.try_into().ok())
+                        .map_or(0, u32::from_le_bytes);
                     Reply::Failed {
-                        req: 0,
+                        req,
                         code: FailCode::BadRequest,
                     }
                 }
-                Ok(open) => {
+                Ok(Request::Open(open)) => {
                     let path = open.path.to_string();
-                    self.open(i, open.req, &path, open.chunk)?
+                    self.open(i, open.req, &path, open.chunk, false)?
+                }
+                Ok(Request::Lookup(l)) => {
+                    let path = l.path.to_string();
+                    self.open(i, l.req, &path, 0, true)?
                 }
             };
             self.out.clear();
@@ -333,12 +375,15 @@ impl State {
     }
 
     /// Serves chunk `chunk` of `path`: from the cache if its version is current, else loaded.
+    /// A `lookup` (the reader's first question) of a file of several chunks loads none and
+    /// describes the file; a file above the by-reference threshold is passed as itself.
     fn open(
         &mut self,
         session: usize,
         req: u32,
         path: &str,
         chunk: u32,
+        lookup: bool,
     ) -> Result<Reply, splitos_m2m::Error> {
         let opened = match self.root.open(path) {
             Ok(o) => o,
@@ -353,12 +398,28 @@ impl State {
             }
         };
         let version = Version::of(&opened.stat);
+        // A file on FUSE is copied as before: a TCP server refuses such descriptors (a FUSE
+        // daemon can hold a read forever), and the copy is made here, where that wait is ours.
+        if version.size > self.by_reference_above
+            && !splitos_m2m::segment::on_fuse(opened.fd.as_fd())
+        {
+            return self.by_reference(session, req, opened, version);
+        }
         let cs = self.cfg.chunk_size;
         let chunks = version.size.div_ceil(cs).max(1);
         if chunk as u64 >= chunks {
             return Ok(Reply::Failed {
                 req,
                 code: FailCode::BadRequest,
+            });
+        }
+        if lookup && chunks > 1 {
+            return Ok(Reply::Info {
+                req,
+                chunk_size: cs,
+                file_size: version.size,
+                mtime_ns: version.mtime_ns as i64,
+                ino: version.ino,
             });
         }
         let key = (opened.path.clone(), chunk);
@@ -407,6 +468,30 @@ impl State {
             })?;
         self.sessions[session].send_fds(id, &[fd.as_fd()])?;
         Ok(reply)
+    }
+
+    /// Passes `opened` itself to the reader: a descriptor opened read-only beneath the root.
+    fn by_reference(
+        &mut self,
+        session: usize,
+        req: u32,
+        opened: crate::path::Opened,
+        version: Version,
+    ) -> Result<Reply, splitos_m2m::Error> {
+        // Readers of large files read them start to end: a larger readahead window (it belongs
+        // to the open file, which the descriptor shares) serves `sendfile` from the page cache.
+        let _ = rustix::fs::fadvise(&opened.fd, 0, None, rustix::fs::Advice::Sequential);
+        let id = self.next_id;
+        self.next_id += 1;
+        self.sessions[session].send_fds(id, &[opened.fd.as_fd()])?;
+        self.stats.by_reference.fetch_add(1, Ordering::Relaxed);
+        Ok(Reply::OpenedFile {
+            req,
+            id,
+            file_size: version.size,
+            mtime_ns: version.mtime_ns as i64,
+            ino: version.ino,
+        })
     }
 
     /// Publishes that `path` does not exist, if a change to it would be noticed: its directory

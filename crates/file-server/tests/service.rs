@@ -235,14 +235,18 @@ fn eviction_under_pressure_never_frees_what_a_reader_holds() {
 #[test]
 fn large_files_come_in_chunks_of_one_version() {
     let (_s, root, sock) = site("chunks");
-    let _srv = start(&root, &sock, |c| c.chunk_size = 64 << 10);
+    let _srv = start(&root, &sock, |c| {
+        c.chunk_size = 64 << 10;
+        c.by_reference_above = Some(1 << 20);
+    });
     let body: Vec<u8> = (0..(300 << 10) + 5)
         .map(|i: usize| (i * 7 % 251) as u8)
         .collect();
     std::fs::write(root.join("big.bin"), &body).unwrap();
     let mut c = FileClient::connect(&sock).unwrap();
     let v = c.open("big.bin").unwrap();
-    assert_eq!(v.chunks().len(), 5);
+    assert_eq!(v.chunk_count(), 5);
+    assert_eq!(v.mapped_chunks(), 0, "opening fetches no chunk");
     assert!(v.to_vec() == body);
     // A read across a chunk boundary.
     let mut buf = vec![0u8; 1000];

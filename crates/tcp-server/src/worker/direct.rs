@@ -2,6 +2,7 @@
 //! cached files without the application, giving connections to the application and back.
 
 use super::*;
+use splitos_file_server::client::Piece;
 
 impl Worker {
     /// Puts a connection the direct path had deferred back on it, if the application has seen
@@ -158,11 +159,18 @@ impl Worker {
         let outcome = crate::direct::serve(route, d, sendq.len(), answered, |part| match part {
             Part::Bytes(data) => sendq.push_back(Chunk::Direct { data, off: 0 }),
             Part::File(view, off, len) => {
-                for (seg, within, n) in view.pieces(off, len).unwrap_or_default() {
-                    sendq.push_back(Chunk::File {
-                        seg,
-                        off: within as usize,
-                        end: (within + n) as usize,
+                for piece in view.pieces(off, len).unwrap_or_default() {
+                    sendq.push_back(match piece {
+                        Piece::Mapped { seg, offset, len } => Chunk::File {
+                            seg,
+                            off: offset as usize,
+                            end: (offset + len) as usize,
+                        },
+                        Piece::Plain { file, offset, len } => Chunk::Plain {
+                            file,
+                            off: offset as usize,
+                            end: (offset + len) as usize,
+                        },
                     });
                 }
             }

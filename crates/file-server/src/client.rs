@@ -17,7 +17,9 @@
 //!
 //! A reader keeps the segments it fetched mapped for later hits, up to a byte budget
 //! ([`ClientConfig::max_mapped_bytes`]); past it the least recently used go (their memory goes
-//! when no view or send holds them).
+//! when no view or send holds them). A reply that comes after its request gave up waiting
+//! (the server stalled) is recognised by its request id and discarded, with its descriptor,
+//! so one timeout costs that request only.
 
 use crate::directory::{DirectoryReader, Entry, ABSENT};
 use crate::path::{normalize, PathError};
@@ -29,6 +31,9 @@ use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
+
+/// How long a new reader waits for the server's directory.
+const DIRECTORY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A reader's limits.
 #[derive(Clone, Copy, Debug)]
@@ -511,6 +516,9 @@ struct Link {
     segments: SegmentCache,
     plain: PlainCache,
     next_req: u32,
+    /// The oldest request that ended without its reply (timed out or failed), if any since the
+    /// last one answered in order: replies from there up to the current request are late.
+    unanswered_since: Option<u32>,
     out: Vec<u8>,
     cfg: ClientConfig,
     gone: bool,
@@ -530,7 +538,8 @@ impl Link {
     }
 
     /// Sends the request `encode` writes (given its id) and returns its reply, with the
-    /// descriptor that came before it if it has one.
+    /// descriptor that came before it if it has one. Late replies to earlier requests, and
+    /// their descriptors, are dropped on the way.
     fn round_trip(
         &mut self,
         encode: impl FnOnce(u32, &mut Vec<u8>),
@@ -543,36 +552,60 @@ impl Link {
         let sent = self.chan.send(&out);
         self.out = out;
         sent.map_err(|e| self.lost(e))?;
-        self.await_reply(req)
+        let r = self.await_reply(req);
+        if r.is_err() {
+            self.unanswered_since.get_or_insert(req);
+        }
+        r
     }
 
     fn await_reply(&mut self, req: u32) -> Result<(Reply, Option<OwnedFd>), ClientError> {
-        let reply = match self.chan.recv_timeout(self.cfg.reply_timeout) {
-            Err(e) => return Err(self.lost(e)),
-            Ok(None) => return Err(ClientError::Timeout),
-            Ok(Some(Message::Inline(b))) => Reply::decode(b).map_err(ClientError::BadReply)?,
-            Ok(Some(Message::Buffer(_))) => {
-                return Err(ClientError::Protocol("a buffer instead of a reply"))
-            }
-        };
-        let fd = match reply.descriptor() {
-            None => None,
-            Some(id) => {
-                let (tag, mut fds) = self
-                    .chan
-                    .try_recv_fds()
-                    .map_err(|e| self.lost(e))?
-                    .ok_or(ClientError::Protocol("descriptor missing"))?;
-                if tag != id || fds.len() != 1 {
-                    return Err(ClientError::Protocol("descriptor mislabelled"));
+        let deadline = Instant::now() + self.cfg.reply_timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let reply = match self.chan.recv_timeout(left) {
+                Err(e) => return Err(self.lost(e)),
+                Ok(None) => return Err(ClientError::Timeout),
+                Ok(Some(Message::Inline(b))) => Reply::decode(b).map_err(ClientError::BadReply)?,
+                Ok(Some(Message::Buffer(_))) => {
+                    return Err(ClientError::Protocol("a buffer instead of a reply"))
                 }
-                fds.pop()
+            };
+            // The descriptor a reply announces was sent just before it (replies and
+            // descriptors are in the same order), late ones included.
+            let fd = match reply.descriptor() {
+                None => None,
+                Some(id) => {
+                    let (tag, mut fds) = self
+                        .chan
+                        .try_recv_fds()
+                        .map_err(|e| self.lost(e))?
+                        .ok_or(ClientError::Protocol("descriptor missing"))?;
+                    if tag != id || fds.len() != 1 {
+                        return Err(ClientError::Protocol("descriptor mislabelled"));
+                    }
+                    fds.pop()
+                }
+            };
+            let r = reply.req();
+            if r == req {
+                // The server answers in order: everything before has arrived.
+                self.unanswered_since = None;
+                return Ok((reply, fd));
             }
-        };
-        if reply.req() != req {
-            return Err(ClientError::Protocol("a reply to no outstanding request"));
+            let late = self
+                .unanswered_since
+                .is_some_and(|first| req.wrapping_sub(r) <= req.wrapping_sub(first));
+            if !late {
+                return Err(ClientError::Protocol("a reply to no outstanding request"));
+            }
+            // A reply to a request that gave up waiting: dropped, descriptor and all.
+            tracing::debug!(
+                late = r,
+                waiting = req,
+                "discarding a late file-server reply"
+            );
         }
-        Ok((reply, fd))
     }
 
     /// Finds out what `path` is: from the directory if it can, else by asking (unless
@@ -825,7 +858,7 @@ impl FileClient {
                 wait: WaitPolicy::adaptive(),
             },
         )?;
-        let deadline = Instant::now() + cfg.reply_timeout;
+        let deadline = Instant::now() + DIRECTORY_TIMEOUT;
         let dir_fd = loop {
             if let Some((tag, mut fds)) = chan.try_recv_fds()? {
                 if tag == DIRECTORY_TAG && fds.len() == 1 {
@@ -868,6 +901,7 @@ impl FileClient {
                 max: cfg.max_plain_files,
             },
             next_req: 0,
+            unanswered_since: None,
             out: Vec::new(),
             cfg,
             gone: false,

@@ -7,7 +7,7 @@
 
 use rustix::fd::{AsFd, OwnedFd};
 use rustix::fs::{fcntl_add_seals, ftruncate, memfd_create, MemfdFlags, SealFlags};
-use splitos_file_server::client::FileClient;
+use splitos_file_server::client::{ClientConfig, ClientError, FileClient};
 use splitos_file_server::directory::DirectoryWriter;
 use splitos_file_server::proto::{Reply, DIRECTORY_TAG};
 use splitos_m2m::{Channel, Listener, ListenerConfig, Message};
@@ -107,6 +107,18 @@ fn chunk_of(b: &[u8]) -> u32 {
 fn sealed(len: u64) -> OwnedFd {
     let fd = memfd_create("hostile", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING).unwrap();
     ftruncate(&fd, len).unwrap();
+    fcntl_add_seals(
+        &fd,
+        SealFlags::WRITE | SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL,
+    )
+    .unwrap();
+    fd
+}
+
+/// A sealed memfd holding `body`.
+fn sealed_with(body: &[u8]) -> OwnedFd {
+    let fd = memfd_create("hostile", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING).unwrap();
+    rustix::io::pwrite(&fd, body, 0).unwrap();
     fcntl_add_seals(
         &fd,
         SealFlags::WRITE | SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL,
@@ -290,4 +302,48 @@ fn inconsistent_replies_are_errors() {
         });
         assert!(r.is_err(), "{what}: accepted as {r:?}");
     }
+}
+
+/// A12: a reply that arrives after its request gave up waiting used to be taken by the next
+/// request (and its descriptor too), leaving the reader off by one for good. Now late replies
+/// and their descriptors are recognised by request id and dropped.
+#[test]
+fn a_reader_resynchronises_after_a_reply_timeout() {
+    const BODY: &[u8] = b"<h1>late</h1>";
+    let seg = sealed_with(BODY);
+    let (mut n, mut id) = (0u32, 100u64);
+    let f = fake("late", Dir::Real, move |b, c| {
+        n += 1;
+        if n == 1 {
+            std::thread::sleep(Duration::from_millis(600)); // a stall: the reader gives up
+        }
+        id += 1;
+        let len = BODY.len() as u64;
+        let _ = c.send_fds(id, &[seg.as_fd()]);
+        let _ = c.send(&opened(req_of(b), id, chunk_of(b), len, 4 << 20, len));
+    });
+    let sock = f.sock.clone();
+    let r = bounded(Duration::from_secs(10), move || {
+        let cfg = ClientConfig {
+            reply_timeout: Duration::from_millis(200),
+            ..ClientConfig::default()
+        };
+        let mut c = FileClient::connect_with(&sock, cfg).map_err(|e| e.to_string())?;
+        match c.open("a.html") {
+            Err(ClientError::Timeout) => {}
+            other => return Err(format!("first open: {:?}", other.map(|v| v.len()))),
+        }
+        std::thread::sleep(Duration::from_millis(600)); // the stall ends; its reply is late
+
+        for i in 0..5 {
+            let v = c
+                .open("a.html")
+                .map_err(|e| format!("open {i} after it: {e}"))?;
+            if v.to_vec() != BODY {
+                return Err(format!("open {i} after it: wrong bytes"));
+            }
+        }
+        Ok(())
+    });
+    assert_eq!(r, Ok(()));
 }

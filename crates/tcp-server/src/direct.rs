@@ -10,7 +10,7 @@
 //! order and the application keeps the last word on every odd case. When it has answered all
 //! of it, the application may give the connection back (`ServeDirect`).
 
-use splitos_file_server::client::{lookup_of, FileClient, FileView};
+use splitos_file_server::client::{lookup_of, ClientError, FileClient, FileView};
 use splitos_http::request::{self, Body, Limits, Parsed};
 use splitos_http::respond::{self, Answer, FileSource, Lookup, Part};
 use std::time::{Duration, Instant};
@@ -53,9 +53,16 @@ pub(crate) enum Outcome {
     Defer(Vec<u8>),
 }
 
+/// How long the direct path waits for a file-server reply. It asks only for segments the
+/// server holds in memory (well under a millisecond); past this the worker stops waiting and
+/// the request goes to the application, so a stalled file server never freezes the worker's
+/// other connections for long. (A reply that comes later is recognised and dropped.)
+pub(crate) const FILE_SERVER_WAIT: Duration = Duration::from_millis(100);
+
 /// The cache as the responder sees it: what is not cached is `Unavailable`, so a miss costs no
 /// wait on the disk (a cached file whose segment this worker does not map yet costs one round
-/// trip to the file server).
+/// trip to the file server). So is any failure that is not an answer about the file (a slow,
+/// gone or lying file server): the application, which waits longer and reports errors, decides.
 struct Cached<'a>(&'a mut FileClient);
 
 impl FileSource for Cached<'_> {
@@ -64,7 +71,18 @@ impl FileSource for Cached<'_> {
         match self.0.open_cached(path) {
             Ok(Some(v)) => Lookup::Found(v),
             Ok(None) => Lookup::Unavailable,
-            Err(e) => lookup_of(Err(e)),
+            Err(
+                e @ (ClientError::NotFound
+                | ClientError::Directory
+                | ClientError::Escapes
+                | ClientError::BadPath(_)
+                | ClientError::Special
+                | ClientError::Denied),
+            ) => lookup_of(Err(e)),
+            Err(e) => {
+                tracing::debug!("direct path: file server: {e}; deferring");
+                Lookup::Unavailable
+            }
         }
     }
 }

@@ -84,7 +84,11 @@ impl Worker {
             tracing::warn!(session = si.0, path = %path.display(), "ServeFiles refused: the socket belongs to another user");
             return fail(self, Errno::ACCESS);
         }
-        let files = match FileClient::connect(path) {
+        let files = splitos_file_server::client::ClientConfig {
+            reply_timeout: crate::direct::FILE_SERVER_WAIT,
+            ..Default::default()
+        };
+        let files = match FileClient::connect_with(path, files) {
             Ok(f) => f,
             Err(e) => {
                 tracing::warn!(session = si.0, path = %path.display(), "ServeFiles: cannot reach the file server: {e}");

@@ -17,7 +17,9 @@
 //!
 //! A reader keeps the segments it fetched mapped for later hits, up to a byte budget
 //! ([`ClientConfig::max_mapped_bytes`]); past it the least recently used go (their memory goes
-//! when no view or send holds them). A reply that comes after its request gave up waiting
+//! when no view or send holds them). It notices a dead server (the channel's peer-death check,
+//! on every open and chunk fetch) and from then on answers [`ClientError::ServerGone`] instead
+//! of serving from a directory nobody updates. A reply that comes after its request gave up waiting
 //! (the server stalled) is recognised by its request id and discarded, with its descriptor,
 //! so one timeout costs that request only.
 
@@ -407,8 +409,9 @@ impl splitos_http::respond::FileSource for FileClient {
     }
 }
 
-/// A file client's answer as the shared responder sees it. A file not in the cache of a reader
-/// that must not wait is `Unavailable`: another source (the application) should answer.
+/// A file client's answer as the shared responder sees it. A server that is gone, or a file
+/// not in the cache of a reader that must not wait, is `Unavailable`: another source (the
+/// application, a reconnected client) should answer.
 pub fn lookup_of(r: Result<FileView, ClientError>) -> splitos_http::respond::Lookup<FileView> {
     use splitos_http::respond::Lookup;
     match r {
@@ -421,7 +424,7 @@ pub fn lookup_of(r: Result<FileView, ClientError>) -> splitos_http::respond::Loo
             | ClientError::Special
             | ClientError::Denied,
         ) => Lookup::Forbidden,
-        Err(ClientError::NotCached) => Lookup::Unavailable,
+        Err(ClientError::ServerGone | ClientError::NotCached) => Lookup::Unavailable,
         Err(e) => {
             tracing::warn!(path_error = %e, "file server");
             Lookup::Failed
@@ -537,6 +540,17 @@ impl Link {
         e.into()
     }
 
+    /// Fails once the server is gone: a directory nobody updates must not be served from
+    /// (files deleted or changed since would be served as they were, indefinitely). The check
+    /// costs a shared-memory load and a coarse clock read; the kernel is asked at most every
+    /// 10 ms, so a `kill -9`ed server is noticed within about that.
+    fn alive(&mut self) -> Result<(), ClientError> {
+        if self.gone {
+            return Err(ClientError::ServerGone);
+        }
+        self.chan.check_alive().map_err(|e| self.lost(e))
+    }
+
     /// Sends the request `encode` writes (given its id) and returns its reply, with the
     /// descriptor that came before it if it has one. Late replies to earlier requests, and
     /// their descriptors, are dropped on the way.
@@ -616,6 +630,7 @@ impl Link {
         path: &str,
         cached_only: bool,
     ) -> Result<Option<Found>, ClientError> {
+        self.alive()?;
         let content_type = splitos_http::mime::from_code(splitos_http::mime::code(path));
         let chunks = |chunk_size, count, cached_only| Chunks {
             chunk_size,
@@ -773,6 +788,7 @@ impl Link {
         chunk_size: u64,
         cached_only: bool,
     ) -> Result<Arc<Segment>, ClientError> {
+        self.alive()?;
         let want =
             chunk_len_of(version.size, chunk_size, k as u64).ok_or(ClientError::OutOfRange)?;
         let mut listed = false;
@@ -953,6 +969,12 @@ impl FileClient {
     /// Bytes of segments kept mapped for later hits.
     pub fn mapped_bytes(&self) -> u64 {
         relock(&self.link).segments.bytes
+    }
+
+    /// Whether the server has been found gone: every open then fails with `ServerGone`, and
+    /// the owner should connect a new client (views already open keep their bytes).
+    pub fn is_gone(&self) -> bool {
+        relock(&self.link).gone
     }
 }
 

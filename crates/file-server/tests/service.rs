@@ -291,7 +291,8 @@ fn killed_server_gives_a_clear_error_and_a_restarted_one_serves() {
     server.kill().unwrap();
     server.wait().unwrap();
     let start = Instant::now();
-    // Hits on segments already mapped may still succeed; a miss must fail cleanly.
+    // Every open fails cleanly (a hit too, once the death is noticed: see
+    // `a_dead_servers_directory_is_not_served_from`).
     let err = c
         .open("sub/../index.html")
         .err()
@@ -397,4 +398,41 @@ fn absence_is_published_and_retracted_when_the_file_appears() {
     // A missing directory is not recorded (nothing would notice it appear).
     assert!(matches!(c.open("nodir/x"), Err(ClientError::NotFound)));
     assert!(matches!(c.open_cached("nodir/x"), Ok(None)));
+}
+
+/// A14: after the file server dies, a reader must not go on answering from the directory it
+/// left behind (a file deleted meanwhile would be served for as long as the reader lives): it
+/// notices the death (the channel's peer-death check) and says `ServerGone`, which callers
+/// see as "unavailable" and answer some other way.
+#[test]
+fn a_dead_servers_directory_is_not_served_from() {
+    let (_s, root, sock) = site("frozen");
+    let mut server = spawn_server(&root, &sock);
+    let mut c = FileClient::connect(&sock).unwrap();
+    c.open("index.html").unwrap();
+    c.open("index.html").unwrap();
+    assert_eq!(c.directory_hits, 1, "the second open is a directory hit");
+    server.kill().unwrap();
+    server.wait().unwrap();
+    std::fs::remove_file(root.join("index.html")).unwrap();
+    let start = Instant::now();
+    loop {
+        match c.open("index.html") {
+            Err(ClientError::ServerGone) => break,
+            Ok(_) => assert!(
+                start.elapsed() < Duration::from_millis(500),
+                "still serving a deleted file from a dead server's directory"
+            ),
+            Err(e) => panic!("{e}"),
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(matches!(
+        c.open_cached("index.html"),
+        Err(ClientError::ServerGone)
+    ));
+    assert!(matches!(
+        splitos_file_server::client::lookup_of(c.open("index.html")),
+        splitos_http::respond::Lookup::Unavailable
+    ));
 }

@@ -1,7 +1,7 @@
 //! The TCP server's direct path in front of a file server that stalls or lies: a request it
-//! cannot answer completely goes to the application (which answers "deferred"); a stalled file
-//! server costs a short wait and a deferral, not a 500, and not the requests after it (review
-//! A12).
+//! cannot answer completely goes to the application (which answers "deferred"); it is never
+//! answered with a head whose body does not follow (review S6), and a stalled file server costs
+//! a short wait and a deferral, not a 500, and not the requests after it (review A12).
 
 use rustix::fd::{AsFd, OwnedFd};
 use rustix::fs::{fcntl_add_seals, memfd_create, MemfdFlags, SealFlags};
@@ -250,6 +250,36 @@ fn get(c: &mut TcpStream, path: &str) -> Result<(String, Vec<u8>), String> {
             Err(e) => return Err(format!("{e} after {:?}", String::from_utf8_lossy(&got))),
         }
     }
+}
+
+/// S6: a file of two chunks whose second chunk, when fetched, has the wrong length. The direct
+/// path had already queued a head with `Content-Length: 8192` when it found out, and then sent
+/// no body: the client waits for bytes that never come (or reads the next response as body).
+#[test]
+fn a_chunk_that_fails_to_fetch_defers_the_request_instead_of_desyncing_it() {
+    let first = sealed_with(&[b'a'; 4096]);
+    let liar = sealed_with(&[b'b'; 100]);
+    let f = fake(
+        "s6",
+        vec![
+            entry(5, "two.bin", 0, 4096, 8192),
+            entry(6, "two.bin", 1, 4096, 8192),
+        ],
+        move |b, c| match chunk_of(b) {
+            0 => send_opened(c, b, 5, &first, 4096, 4096, 8192),
+            _ => send_opened(c, b, 6, &liar, 100, 4096, 8192),
+        },
+    );
+    let a = app(f.sock.clone());
+    let mut c = TcpStream::connect(a.addr).unwrap();
+    let (status, body) = get(&mut c, "/two.bin").unwrap();
+    assert_eq!(
+        (status.as_str(), &body[..]),
+        ("HTTP/1.1 200 OK", &b"deferred"[..])
+    );
+    // The connection is still in step.
+    let (_, body) = get(&mut c, "/two.bin").unwrap();
+    assert_eq!(body, b"deferred");
 }
 
 /// A12 on the direct path: the file server stalls on the first request for longer than the

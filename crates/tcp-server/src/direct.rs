@@ -10,7 +10,7 @@
 //! order and the application keeps the last word on every odd case. When it has answered all
 //! of it, the application may give the connection back (`ServeDirect`).
 
-use splitos_file_server::client::{lookup_of, ClientError, FileClient, FileView};
+use splitos_file_server::client::{lookup_of, ClientError, FileClient, FileView, Piece};
 use splitos_http::request::{self, Body, Limits, Parsed};
 use splitos_http::respond::{self, Answer, FileSource, Lookup, Part};
 use std::time::{Duration, Instant};
@@ -87,13 +87,19 @@ impl FileSource for Cached<'_> {
     }
 }
 
+/// One part of a response, ready to queue: bytes, or a piece of a file already fetched.
+pub(crate) enum Out {
+    Bytes(Vec<u8>),
+    Piece(Piece),
+}
+
 /// Answers the complete requests in `d.buf`; `push` queues each response part.
 pub(crate) fn serve(
     route: &mut Route,
     d: &mut Direct,
     queued: usize,
     answered: &mut u64,
-    mut push: impl FnMut(Part<FileView>),
+    mut push: impl FnMut(Out),
 ) -> Outcome {
     let limits = Limits::default();
     let mut queued = queued;
@@ -115,10 +121,27 @@ pub(crate) fn serve(
         }
         match respond::respond(&mut Cached(&mut route.files), &req) {
             Answer::Response(r) => {
+                // Every file range becomes pieces before anything is queued: a chunk that
+                // cannot be had (evicted and not listed, changed, a reply that does not add
+                // up) sends the request to the application, instead of leaving a head whose
+                // promised body never follows.
+                let mut out = Vec::with_capacity(r.parts.len());
+                for part in r.parts {
+                    match part {
+                        Part::Bytes(b) => out.push(Out::Bytes(b)),
+                        Part::File(view, off, len) => match view.pieces(off, len) {
+                            Ok(pieces) => out.extend(pieces.into_iter().map(Out::Piece)),
+                            Err(e) => {
+                                tracing::debug!("direct path: {e}; deferring");
+                                return Outcome::Defer(std::mem::take(&mut d.buf));
+                            }
+                        },
+                    }
+                }
                 d.buf.drain(..used);
                 *answered += 1;
-                queued += r.parts.len();
-                r.parts.into_iter().for_each(&mut push);
+                queued += out.len();
+                out.into_iter().for_each(&mut push);
                 if !req.keep_alive {
                     return Outcome::Close;
                 }

@@ -2,6 +2,7 @@
 //! cached files without the application, giving connections to the application and back.
 
 use super::*;
+use crate::direct::Out;
 use splitos_file_server::client::Piece;
 
 impl Worker {
@@ -160,24 +161,20 @@ impl Worker {
         };
         let sendq = &mut c.sendq;
         let answered = &mut self.direct_responses;
-        let outcome = crate::direct::serve(route, d, sendq.len(), answered, |part| match part {
-            Part::Bytes(data) => sendq.push_back(Chunk::Direct { data, off: 0 }),
-            Part::File(view, off, len) => {
-                for piece in view.pieces(off, len).unwrap_or_default() {
-                    sendq.push_back(match piece {
-                        Piece::Mapped { seg, offset, len } => Chunk::File {
-                            seg,
-                            off: offset as usize,
-                            end: (offset + len) as usize,
-                        },
-                        Piece::Plain { file, offset, len } => Chunk::Plain {
-                            file,
-                            off: offset as usize,
-                            end: (offset + len) as usize,
-                        },
-                    });
-                }
-            }
+        let outcome = crate::direct::serve(route, d, sendq.len(), answered, |part| {
+            sendq.push_back(match part {
+                Out::Bytes(data) => Chunk::Direct { data, off: 0 },
+                Out::Piece(Piece::Mapped { seg, offset, len }) => Chunk::File {
+                    seg,
+                    off: offset as usize,
+                    end: (offset + len) as usize,
+                },
+                Out::Piece(Piece::Plain { file, offset, len }) => Chunk::Plain {
+                    file,
+                    off: offset as usize,
+                    end: (offset + len) as usize,
+                },
+            })
         });
         match outcome {
             crate::direct::Outcome::More | crate::direct::Outcome::Blocked => {}

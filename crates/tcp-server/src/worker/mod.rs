@@ -85,7 +85,6 @@ use rustix::fd::{AsFd, FromRawFd, OwnedFd};
 use rustix::io::Errno;
 use rustix::net::{self as rnet, sockopt, AddressFamily, SocketFlags, SocketType};
 use splitos_file_server::client::FileClient;
-use splitos_http::respond::Part;
 use splitos_m2m::segment::{PlainFile, Segment};
 use splitos_m2m::{
     Channel, Error as M2mError, Message, PeerCredentials, Phase, RxBuffer, TxBuffer, WaitPolicy,

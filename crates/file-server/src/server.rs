@@ -106,6 +106,9 @@ pub struct Stats {
     pub cached_bytes: AtomicU64,
     /// Opens answered with a descriptor of the file itself (files above the threshold).
     pub by_reference: AtomicU64,
+    /// Cached chunks that found no slot in the directory (their probe window full of other
+    /// files' chunks, absences already displaced): readers ask for them every time.
+    pub unpublished: AtomicU64,
 }
 
 pub struct FileServer {
@@ -568,7 +571,7 @@ impl State {
         let id = self.next_id;
         self.next_id += 1;
         let v = segment.version();
-        self.directory.publish(&Entry {
+        self.publish_cached(&Entry {
             id,
             path: key.0.clone(),
             chunk: key.1,
@@ -590,6 +593,27 @@ impl State {
         self.watch(dir_of(&key.0).to_string());
         self.clock.push_back(key);
         self.publish_stats();
+    }
+
+    /// Publishes a cached chunk's entry. Absences in its probe window give way to it (they are
+    /// only an optimisation for misses; a cached file's entry is what readers hit). One that
+    /// still finds no slot is counted and logged, never silently dropped: readers then miss
+    /// and ask, and are answered from the cache.
+    fn publish_cached(&mut self, e: &Entry) {
+        if e.path.len() > crate::directory::MAX_KEY_PATH || self.directory.publish(e) {
+            return; // published, or a path too long for any slot (served, never listed)
+        }
+        for absent in self.directory.absences_in_window(&e.path, e.chunk) {
+            self.forget_absent(&absent);
+        }
+        if !self.directory.publish(e) {
+            self.stats.unpublished.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(
+                path = e.path,
+                chunk = e.chunk,
+                "no directory slot for a cached chunk"
+            );
+        }
     }
 
     /// Watches the directory of a cached file, once.

@@ -436,3 +436,48 @@ fn a_dead_servers_directory_is_not_served_from() {
         splitos_http::respond::Lookup::Unavailable
     ));
 }
+
+/// Eight missing names whose hash lands on `index.html`'s home slot in a directory of 64.
+fn colliding_names(target: &str) -> Vec<String> {
+    use splitos_file_server::directory::key_hash;
+    let home = key_hash(target, 0) & 63;
+    (0u64..)
+        .map(|i| format!("x{i}.html"))
+        .filter(|n| key_hash(n, 0) & 63 == home)
+        .take(8)
+        .collect()
+}
+
+/// A15: requests for missing names whose hashes share `index.html`'s probe window fill it
+/// with absences; when `index.html` changes and is cached again, its entry used to find no
+/// slot and was silently left out of the directory (every direct-path request then deferred).
+/// A real file now displaces absences.
+#[test]
+fn absences_never_crowd_a_file_out_of_the_directory() {
+    let (_s, root, sock) = site("crowd");
+    let srv = start(&root, &sock, |c| c.directory_slots = 64);
+    let mut c = FileClient::connect(&sock).unwrap();
+    c.open("index.html").unwrap();
+    assert!(c.open_cached("index.html").unwrap().is_some());
+    let names = colliding_names("index.html");
+    for n in &names {
+        assert!(matches!(c.open(n), Err(ClientError::NotFound)));
+    }
+    // index.html changes: retired, its slot freed; the last name's absence takes it.
+    std::fs::write(root.join("index.html"), b"<h1>changed</h1>").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while c.open_cached("index.html").unwrap().is_some() {
+        assert!(Instant::now() < deadline, "change not noticed");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    for n in &names {
+        assert!(matches!(c.open(n), Err(ClientError::NotFound)));
+    }
+    // Cached again: it must be in the directory, whatever the absences.
+    assert_eq!(c.open("index.html").unwrap().to_vec(), b"<h1>changed</h1>");
+    assert!(
+        c.open_cached("index.html").unwrap().is_some(),
+        "index.html is cached but not in the directory"
+    );
+    assert_eq!(srv.stats().unpublished.load(Ordering::Relaxed), 0);
+}

@@ -21,7 +21,7 @@ use crate::path::{OpenError, Root};
 use crate::proto::{FailCode, Reply, Request, DIRECTORY_TAG};
 use rustix::fd::AsFd;
 use splitos_m2m::segment::{Segment, Version};
-use splitos_m2m::{Channel, Listener, ListenerConfig, Message, WaitPolicy};
+use splitos_m2m::{Channel, Incoming, Listener, ListenerConfig, Message, WaitPolicy};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -134,7 +134,7 @@ impl FileServer {
                 max_ring_bytes: 64 << 10,
                 max_buf_size: 4096,
                 max_buf_count: 1,
-                handshake_timeout: Duration::from_millis(500),
+                handshake_timeout: HANDSHAKE_TIMEOUT,
                 wait: WaitPolicy::Block,
                 ..ListenerConfig::default()
             },
@@ -157,6 +157,7 @@ impl FileServer {
             listener,
             directory,
             sessions: Vec::new(),
+            pending: VecDeque::new(),
             cache: HashMap::new(),
             clock: VecDeque::new(),
             bytes: 0,
@@ -218,6 +219,8 @@ struct State {
     listener: Listener,
     directory: DirectoryWriter,
     sessions: Vec<Channel>,
+    /// Connections whose hello has not arrived, oldest first, with their deadlines.
+    pending: VecDeque<(Incoming, Instant)>,
     cache: HashMap<Key, Cached>,
     clock: VecDeque<Key>,
     bytes: u64,
@@ -232,6 +235,12 @@ struct State {
     absent: HashSet<String>,
     absent_order: VecDeque<String>,
 }
+
+/// How long a connecting reader may take to say hello.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_millis(500);
+/// Connections waiting for their hello at most; past it the oldest is dropped, so silent
+/// connections cannot hold every place (a real reader's hello follows its connect at once).
+const MAX_PENDING: usize = 64;
 
 /// Absent paths recorded at most, as a share of the directory's slots: they must never crowd
 /// out the entries of cached files.
@@ -259,6 +268,7 @@ impl State {
         let mut next_check = Instant::now() + self.cfg.revalidate_every;
         while !stop.load(Ordering::Acquire) {
             let mut work = self.accept();
+            work += self.handshakes();
             let mut i = 0;
             while i < self.sessions.len() {
                 match self.serve(i) {
@@ -290,7 +300,7 @@ impl State {
         }
         if armed {
             let mut fds: Vec<rustix::event::PollFd<'_>> =
-                Vec::with_capacity(self.sessions.len() + 1);
+                Vec::with_capacity(self.sessions.len() + self.pending.len() + 1);
             fds.push(rustix::event::PollFd::new(
                 &self.listener,
                 rustix::event::PollFlags::IN,
@@ -301,6 +311,14 @@ impl State {
                     rustix::event::PollFlags::IN,
                 ));
             }
+            // A hello arriving wakes the loop; the oldest deadline ends the sleep.
+            for (inc, _) in &self.pending {
+                fds.push(rustix::event::PollFd::new(
+                    inc,
+                    rustix::event::PollFlags::IN,
+                ));
+            }
+            let until = self.pending.front().map_or(until, |(_, d)| until.min(*d));
             let t = until
                 .saturating_duration_since(Instant::now())
                 .min(Duration::from_millis(100));
@@ -315,14 +333,63 @@ impl State {
         }
     }
 
+    /// Takes new connections. None is set up here: its handshake waits in `pending` until its
+    /// hello arrives (see `handshakes`), so a connection that says nothing costs this thread
+    /// nothing.
     fn accept(&mut self) -> usize {
         let mut n = 0;
         while let Ok(incoming) = self.listener.accept() {
             n += 1;
-            if self.sessions.len() >= self.cfg.max_sessions {
+            if self.sessions.len() + self.pending.len() >= self.cfg.max_sessions {
+                // A fresh socket's buffer is empty: the refusal does not wait.
                 let _ = incoming.reject("the file server has its maximum number of readers");
                 continue;
             }
+            if self.pending.len() >= MAX_PENDING {
+                self.pending.pop_front(); // the oldest silent one goes
+            }
+            self.pending
+                .push_back((incoming, Instant::now() + HANDSHAKE_TIMEOUT));
+        }
+        n
+    }
+
+    /// Sets up the pending connections whose hello has arrived (then `establish` reads it at
+    /// once, and its reply fits the fresh socket's empty buffer), and drops those past their
+    /// deadline. Never waits.
+    fn handshakes(&mut self) -> usize {
+        if self.pending.is_empty() {
+            return 0;
+        }
+        let ready: Vec<bool> = {
+            let mut fds: Vec<rustix::event::PollFd<'_>> = self
+                .pending
+                .iter()
+                .map(|(inc, _)| rustix::event::PollFd::new(inc, rustix::event::PollFlags::IN))
+                .collect();
+            let zero = rustix::time::Timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            if rustix::event::poll(&mut fds, Some(&zero)).is_err() {
+                return 0;
+            }
+            // Readable, hung up or failed: either way `establish` will not wait.
+            fds.iter().map(|f| !f.revents().is_empty()).collect()
+        };
+        let now = Instant::now();
+        let mut n = 0;
+        let mut waiting = VecDeque::with_capacity(self.pending.len());
+        for ((incoming, deadline), ready) in
+            std::mem::take(&mut self.pending).into_iter().zip(ready)
+        {
+            if !ready {
+                if now < deadline {
+                    waiting.push_back((incoming, deadline));
+                }
+                continue; // past its deadline: dropped (closed)
+            }
+            n += 1;
             let Ok(mut chan) = incoming.establish() else {
                 continue;
             };
@@ -330,6 +397,7 @@ impl State {
                 self.sessions.push(chan);
             }
         }
+        self.pending = waiting;
         n
     }
 

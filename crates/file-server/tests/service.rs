@@ -481,3 +481,33 @@ fn absences_never_crowd_a_file_out_of_the_directory() {
     );
     assert_eq!(srv.stats().unpublished.load(Ordering::Relaxed), 0);
 }
+
+/// A16: the server ran each handshake inline with a 500 ms timeout, so every connection that
+/// sent no hello stalled its only thread, and with it every reader. Now a handshake proceeds
+/// only once its hello is there.
+#[test]
+fn silent_connections_do_not_stall_the_server() {
+    let (_s, root, sock) = site("silent");
+    let _srv = start(&root, &sock, |_| {});
+    let mut good = FileClient::connect(&sock).unwrap();
+    good.open("index.html").unwrap();
+    // More than the server keeps waiting (64): the oldest make way.
+    let silent: Vec<std::os::unix::net::UnixStream> = (0..100)
+        .map(|_| std::os::unix::net::UnixStream::connect(&sock).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(50));
+    std::fs::write(root.join("sub/new.html"), b"new").unwrap();
+    let start = Instant::now();
+    assert_eq!(good.open("sub/new.html").unwrap().to_vec(), b"new");
+    let took = start.elapsed();
+    assert!(took < Duration::from_millis(200), "an open waited {took:?}");
+    let start = Instant::now();
+    let mut late = FileClient::connect(&sock).unwrap();
+    late.open("index.html").unwrap();
+    let took = start.elapsed();
+    assert!(
+        took < Duration::from_millis(300),
+        "a new reader waited {took:?}"
+    );
+    drop(silent);
+}

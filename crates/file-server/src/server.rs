@@ -48,6 +48,11 @@ pub struct FileServerConfig {
     pub max_sessions: usize,
     /// How often cached files are checked for changes.
     pub revalidate_every: Duration,
+    /// Most directories watched with inotify at once (each watch counts against the user's
+    /// `fs.inotify.max_user_watches`, shared with their other programs). A directory is
+    /// watched while it holds a cached file or a recorded absence; beyond the limit, changes
+    /// are found by revalidation, and absences are not published (nothing would retract them).
+    pub max_watches: usize,
 }
 
 impl FileServerConfig {
@@ -61,6 +66,7 @@ impl FileServerConfig {
             directory_slots: 16384,
             max_sessions: 1024,
             revalidate_every: Duration::from_millis(500),
+            max_watches: 4096,
         }
     }
 }
@@ -167,6 +173,7 @@ impl FileServer {
             inotify,
             watches: HashMap::new(),
             watched_dirs: HashMap::new(),
+            dir_users: HashMap::new(),
             absent: HashSet::new(),
             absent_order: VecDeque::new(),
         };
@@ -231,6 +238,8 @@ struct State {
     /// Watched directories (relative to the root, "" for the root) by watch descriptor.
     watches: HashMap<i32, String>,
     watched_dirs: HashMap<String, i32>,
+    /// Cached chunks and recorded absences per directory: its watch goes with the last.
+    dir_users: HashMap<String, usize>,
     /// Paths published as absent, oldest first (bounded by `max_absent`).
     absent: HashSet<String>,
     absent_order: VecDeque<String>,
@@ -576,11 +585,13 @@ impl State {
             return;
         }
         let dir = dir_of(&path).to_string();
-        self.watch(dir.clone());
-        if !self.watched_dirs.contains_key(&dir) {
-            return; // no inotify, or the directory is missing too: nothing would retract it
-        }
-        if !matches!(self.root.open(&path), Err(OpenError::NotFound)) {
+        self.use_dir(&dir);
+        // No inotify, no watch to spare, or the directory is missing too: nothing would
+        // retract it. Or the file is there after all.
+        if !self.watched_dirs.contains_key(&dir)
+            || !matches!(self.root.open(&path), Err(OpenError::NotFound))
+        {
+            self.release_dir(&dir);
             return;
         }
         let max = (self.cfg.directory_slots / ABSENT_SHARE).max(1);
@@ -588,13 +599,13 @@ impl State {
             let Some(old) = self.absent_order.pop_front() else {
                 break;
             };
-            if self.absent.remove(&old) {
-                self.directory.remove(&old, 0);
-            }
+            self.forget_absent(&old);
         }
         if self.directory.publish(&Entry::absent(&path)) {
             self.absent.insert(path.clone());
             self.absent_order.push_back(path);
+        } else {
+            self.release_dir(&dir);
         }
     }
 
@@ -602,6 +613,7 @@ impl State {
     fn forget_absent(&mut self, path: &str) {
         if self.absent.remove(path) {
             self.directory.remove(path, 0);
+            self.release_dir(dir_of(path));
             // `absent_order` keeps the stale name; it is skipped when it comes up.
             if self.absent_order.len() > 2 * self.absent.len() + 64 {
                 let live = &self.absent;
@@ -612,10 +624,7 @@ impl State {
 
     fn insert(&mut self, key: Key, segment: Segment) {
         self.forget_absent(&key.0);
-        if let Some(old) = self.cache.remove(&key) {
-            self.bytes -= old.segment.len();
-            self.directory.remove(&key.0, key.1);
-        }
+        self.uncache(&key);
         let len = segment.len();
         while self.bytes + len > self.cfg.cache_bytes {
             let Some(k) = self.clock.pop_front() else {
@@ -627,11 +636,8 @@ impl State {
                     self.clock.push_back(k);
                 }
                 Some(_) => {
-                    if let Some(c) = self.cache.remove(&k) {
-                        self.bytes -= c.segment.len();
-                        self.directory.remove(&k.0, k.1);
-                        self.stats.evictions.fetch_add(1, Ordering::Relaxed);
-                    }
+                    self.uncache(&k);
+                    self.stats.evictions.fetch_add(1, Ordering::Relaxed);
                 }
                 None => {} // already replaced or retired
             }
@@ -658,7 +664,7 @@ impl State {
                 referenced: false,
             },
         );
-        self.watch(dir_of(&key.0).to_string());
+        self.use_dir(dir_of(&key.0));
         self.clock.push_back(key);
         self.publish_stats();
     }
@@ -684,10 +690,48 @@ impl State {
         }
     }
 
-    /// Watches the directory of a cached file, once.
-    fn watch(&mut self, dir: String) {
+    /// Drops a cached chunk: its bytes, its directory entry, its claim on its directory's
+    /// watch. Whether it was cached.
+    fn uncache(&mut self, key: &Key) -> bool {
+        let Some(c) = self.cache.remove(key) else {
+            return false;
+        };
+        self.bytes -= c.segment.len();
+        self.directory.remove(&key.0, key.1);
+        self.release_dir(dir_of(&key.0));
+        true
+    }
+
+    /// One more cached chunk or absence in `dir`: watched from now on, if it is not yet and a
+    /// watch is to be had.
+    fn use_dir(&mut self, dir: &str) {
+        *self.dir_users.entry(dir.to_string()).or_insert(0) += 1;
+        self.watch(dir);
+    }
+
+    /// One fewer in `dir`; its watch goes with the last.
+    fn release_dir(&mut self, dir: &str) {
+        let Some(n) = self.dir_users.get_mut(dir) else {
+            return;
+        };
+        *n = n.saturating_sub(1);
+        if *n > 0 {
+            return;
+        }
+        self.dir_users.remove(dir);
+        if let Some(wd) = self.watched_dirs.remove(dir) {
+            self.watches.remove(&wd);
+            if let Some(ino) = &self.inotify {
+                // Its IN_IGNORED event finds no directory for `wd`, and is skipped.
+                let _ = rustix::fs::inotify::remove_watch(ino, wd);
+            }
+        }
+    }
+
+    /// Watches `dir`, once, within the watch budget.
+    fn watch(&mut self, dir: &str) {
         let Some(ino) = &self.inotify else { return };
-        if self.watched_dirs.contains_key(&dir) {
+        if self.watched_dirs.contains_key(dir) || self.watched_dirs.len() >= self.cfg.max_watches {
             return;
         }
         use rustix::fs::inotify::WatchFlags as W;
@@ -702,10 +746,10 @@ impl State {
             | W::MOVE_SELF
             | W::DONT_FOLLOW
             | W::EXCL_UNLINK;
-        match rustix::fs::inotify::add_watch(ino, self.cfg.root.join(&dir), flags) {
+        match rustix::fs::inotify::add_watch(ino, self.cfg.root.join(dir), flags) {
             Ok(wd) => {
-                self.watches.insert(wd, dir.clone());
-                self.watched_dirs.insert(dir, wd);
+                self.watches.insert(wd, dir.to_string());
+                self.watched_dirs.insert(dir.to_string(), wd);
             }
             // Out of watches (or the directory just went away): revalidation still covers it.
             Err(e) => tracing::debug!("cannot watch {dir:?}: {e}"),
@@ -772,16 +816,15 @@ impl State {
             for a in gone {
                 self.forget_absent(&a);
             }
-            for key in doomed {
-                if let Some(c) = self.cache.remove(&key) {
-                    self.bytes -= c.segment.len();
-                }
-                self.directory.remove(&key.0, key.1);
-                self.stats.retired.fetch_add(1, Ordering::Relaxed);
-            }
             if whole_dir {
+                // The kernel dropped this watch (the directory went); what it covered goes next.
                 if let Some(wd) = self.watched_dirs.remove(&p) {
                     self.watches.remove(&wd);
+                }
+            }
+            for key in doomed {
+                if self.uncache(&key) {
+                    self.stats.retired.fetch_add(1, Ordering::Relaxed);
                 }
             }
         }
@@ -806,11 +849,7 @@ impl State {
                 .cache
                 .get(&key)
                 .is_some_and(|c| Some(c.segment.version()) != fresh);
-            if stale {
-                if let Some(c) = self.cache.remove(&key) {
-                    self.bytes -= c.segment.len();
-                }
-                self.directory.remove(&key.0, key.1);
+            if stale && self.uncache(&key) {
                 self.stats.retired.fetch_add(1, Ordering::Relaxed);
             }
         }

@@ -511,3 +511,93 @@ fn silent_connections_do_not_stall_the_server() {
     );
     drop(silent);
 }
+
+/// Watches this process holds on the directories `dirs` (by inode), from the fdinfo of its
+/// inotify descriptors.
+fn watches_on(dirs: &[PathBuf]) -> usize {
+    use std::os::unix::fs::MetadataExt;
+    let inodes: std::collections::HashSet<u64> = dirs
+        .iter()
+        .filter_map(|d| std::fs::metadata(d).ok().map(|m| m.ino()))
+        .collect();
+    let mut n = 0;
+    for fd in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
+        let inotify = std::fs::read_link(fd.path())
+            .is_ok_and(|l| l.to_string_lossy() == "anon_inode:inotify");
+        if !inotify {
+            continue;
+        }
+        let info = std::fs::read_to_string(format!(
+            "/proc/self/fdinfo/{}",
+            fd.file_name().to_string_lossy()
+        ))
+        .unwrap_or_default();
+        for line in info.lines().filter(|l| l.starts_with("inotify wd:")) {
+            let ino = line
+                .split_whitespace()
+                .find_map(|f| f.strip_prefix("ino:"))
+                .and_then(|h| u64::from_str_radix(h, 16).ok());
+            if ino.is_some_and(|i| inodes.contains(&i)) {
+                n += 1;
+            }
+        }
+    }
+    n
+}
+
+/// A22: a watch was added for the directory of every cached file and never released, so a
+/// tree with many directories used up the service user's inotify watches. A watch now goes
+/// when nothing cached or recorded absent is left in its directory.
+#[test]
+fn watches_go_with_the_files_they_watch() {
+    let (_s, root, sock) = site("watches");
+    let _srv = start(&root, &sock, |c| c.cache_bytes = 8 << 10);
+    let dirs: Vec<PathBuf> = (0..40).map(|i| root.join(format!("d{i}"))).collect();
+    for d in &dirs {
+        std::fs::create_dir_all(d).unwrap();
+        std::fs::write(d.join("f.html"), [b'x'; 1024]).unwrap();
+    }
+    let mut c = FileClient::connect(&sock).unwrap();
+    for i in 0..dirs.len() {
+        assert_eq!(c.open(&format!("d{i}/f.html")).unwrap().len(), 1024);
+    }
+    // The cache holds 8 of those files; their directories, and no others, are watched.
+    let held = watches_on(&dirs);
+    assert!(held <= 8, "{held} directories watched for 8 cached files");
+}
+
+/// The watch budget (`max_watches`): no more directories are watched than it allows; files in
+/// the others are still retired when they change (by revalidation), and absences there are
+/// not published (nothing would retract them).
+#[test]
+fn watches_stay_within_their_budget() {
+    let (_s, root, sock) = site("watch-budget");
+    let _srv = start(&root, &sock, |c| {
+        c.max_watches = 4;
+        c.revalidate_every = Duration::from_millis(50);
+    });
+    let dirs: Vec<PathBuf> = (0..10).map(|i| root.join(format!("d{i}"))).collect();
+    for d in &dirs {
+        std::fs::create_dir_all(d).unwrap();
+        std::fs::write(d.join("f.html"), b"old").unwrap();
+    }
+    let mut c = FileClient::connect(&sock).unwrap();
+    for i in 0..dirs.len() {
+        c.open(&format!("d{i}/f.html")).unwrap();
+    }
+    assert_eq!(watches_on(&dirs), 4);
+    assert!(matches!(c.open("d9/none.html"), Err(ClientError::NotFound)));
+    assert!(
+        matches!(c.open_cached("d9/none.html"), Ok(None)),
+        "an absence published in an unwatched directory"
+    );
+    std::fs::write(dirs[9].join("f.html"), b"new!").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while c.open("d9/f.html").unwrap().to_vec() != b"new!" {
+        assert!(
+            Instant::now() < deadline,
+            "a change in an unwatched directory was missed"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

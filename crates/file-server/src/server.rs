@@ -22,7 +22,8 @@ use crate::proto::{FailCode, Reply, Request, DIRECTORY_TAG};
 use rustix::fd::AsFd;
 use splitos_m2m::segment::{Segment, Version};
 use splitos_m2m::{Channel, Incoming, Listener, ListenerConfig, Message, WaitPolicy};
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::ops::Bound;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -115,6 +116,8 @@ pub struct Stats {
     /// Cached chunks that found no slot in the directory (their probe window full of other
     /// files' chunks, absences already displaced): readers ask for them every time.
     pub unpublished: AtomicU64,
+    /// Entries in the eviction (CLOCK) queue: at most about twice the cached chunks.
+    pub clock_entries: AtomicU64,
 }
 
 pub struct FileServer {
@@ -164,8 +167,10 @@ impl FileServer {
             directory,
             sessions: Vec::new(),
             pending: VecDeque::new(),
-            cache: HashMap::new(),
+            cache: BTreeMap::new(),
             clock: VecDeque::new(),
+            revalidated_to: None,
+            absent_revalidated_to: None,
             bytes: 0,
             next_id: 1,
             stats: stats.clone(),
@@ -174,7 +179,7 @@ impl FileServer {
             watches: HashMap::new(),
             watched_dirs: HashMap::new(),
             dir_users: HashMap::new(),
-            absent: HashSet::new(),
+            absent: BTreeSet::new(),
             absent_order: VecDeque::new(),
         };
         let s2 = stop.clone();
@@ -228,8 +233,15 @@ struct State {
     sessions: Vec<Channel>,
     /// Connections whose hello has not arrived, oldest first, with their deadlines.
     pending: VecDeque<(Incoming, Instant)>,
-    cache: HashMap<Key, Cached>,
-    clock: VecDeque<Key>,
+    /// Ordered, so that revalidation can go round it in laps (see `revalidate`).
+    cache: BTreeMap<Key, Cached>,
+    /// The CLOCK queue: (key, id of the chunk pushed). An entry whose key has been dropped or
+    /// cached again since (another id) is stale: skipped when it comes up, and compacted away
+    /// when stale ones could outnumber live ones.
+    clock: VecDeque<(Key, u64)>,
+    /// Where the last revalidation pass stopped (`None`: start from the first key).
+    revalidated_to: Option<Key>,
+    absent_revalidated_to: Option<String>,
     bytes: u64,
     next_id: u64,
     stats: Arc<Stats>,
@@ -241,9 +253,13 @@ struct State {
     /// Cached chunks and recorded absences per directory: its watch goes with the last.
     dir_users: HashMap<String, usize>,
     /// Paths published as absent, oldest first (bounded by `max_absent`).
-    absent: HashSet<String>,
+    absent: BTreeSet<String>,
     absent_order: VecDeque<String>,
 }
+
+/// Cached chunks (and as many absences) re-checked per revalidation pass; the next pass goes on
+/// from where this one stopped, so every one is checked within `n / 4096 + 1` passes.
+const REVALIDATE_BATCH: usize = 4096;
 
 /// How long a connecting reader may take to say hello.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_millis(500);
@@ -309,7 +325,7 @@ impl State {
         }
         if armed {
             let mut fds: Vec<rustix::event::PollFd<'_>> =
-                Vec::with_capacity(self.sessions.len() + self.pending.len() + 1);
+                Vec::with_capacity(self.sessions.len() + self.pending.len() + 2);
             fds.push(rustix::event::PollFd::new(
                 &self.listener,
                 rustix::event::PollFlags::IN,
@@ -317,6 +333,13 @@ impl State {
             for s in &self.sessions {
                 fds.push(rustix::event::PollFd::from_borrowed_fd(
                     s.wait_fd(),
+                    rustix::event::PollFlags::IN,
+                ));
+            }
+            // A change to a watched file wakes the loop at once, not at the next tick.
+            if let Some(ino) = &self.inotify {
+                fds.push(rustix::event::PollFd::new(
+                    ino,
                     rustix::event::PollFlags::IN,
                 ));
             }
@@ -627,19 +650,20 @@ impl State {
         self.uncache(&key);
         let len = segment.len();
         while self.bytes + len > self.cfg.cache_bytes {
-            let Some(k) = self.clock.pop_front() else {
+            let Some((k, id)) = self.clock.pop_front() else {
                 break;
             };
             match self.cache.get_mut(&k) {
+                Some(c) if c.id != id => {} // stale: cached again since, under a newer entry
                 Some(c) if c.referenced => {
                     c.referenced = false;
-                    self.clock.push_back(k);
+                    self.clock.push_back((k, id));
                 }
                 Some(_) => {
                     self.uncache(&k);
                     self.stats.evictions.fetch_add(1, Ordering::Relaxed);
                 }
-                None => {} // already replaced or retired
+                None => {} // retired or replaced
             }
         }
         let id = self.next_id;
@@ -665,7 +689,14 @@ impl State {
             },
         );
         self.use_dir(dir_of(&key.0));
-        self.clock.push_back(key);
+        self.clock.push_back((key, id));
+        // Entries of chunks retired or re-cached stay until they come up; while the cache is
+        // under budget nothing comes up, so they are swept here before they can pile up.
+        if self.clock.len() > 2 * self.cache.len() + 64 {
+            let cache = &self.cache;
+            self.clock
+                .retain(|(k, id)| cache.get(k).is_some_and(|c| c.id == *id));
+        }
         self.publish_stats();
     }
 
@@ -834,17 +865,55 @@ impl State {
         n
     }
 
-    /// Retires cached chunks whose file changed or went away, and absences that ended.
+    /// Retires cached chunks whose file changed or went away, and absences that ended: up to
+    /// `REVALIDATE_BATCH` of each per pass, going on from where the last pass stopped, so that
+    /// every one is checked in turn however many there are. A file of several chunks is
+    /// opened once for all of them.
     fn revalidate(&mut self) {
-        let absent: Vec<String> = self.absent.iter().take(4096).cloned().collect();
+        let absent: Vec<String> = match &self.absent_revalidated_to {
+            Some(from) => self
+                .absent
+                .range::<String, _>((Bound::Excluded(from), Bound::Unbounded))
+                .take(REVALIDATE_BATCH)
+                .cloned()
+                .collect(),
+            None => self.absent.iter().take(REVALIDATE_BATCH).cloned().collect(),
+        };
+        self.absent_revalidated_to = if absent.len() < REVALIDATE_BATCH {
+            None // the end of the lap: the next pass starts again from the first
+        } else {
+            absent.last().cloned()
+        };
         for path in absent {
             if !matches!(self.root.open(&path), Err(OpenError::NotFound)) {
                 self.forget_absent(&path);
             }
         }
-        let keys: Vec<Key> = self.cache.keys().take(4096).cloned().collect();
+        let keys: Vec<Key> = match &self.revalidated_to {
+            Some(from) => self
+                .cache
+                .range::<Key, _>((Bound::Excluded(from), Bound::Unbounded))
+                .take(REVALIDATE_BATCH)
+                .map(|(k, _)| k.clone())
+                .collect(),
+            None => self.cache.keys().take(REVALIDATE_BATCH).cloned().collect(),
+        };
+        self.revalidated_to = if keys.len() < REVALIDATE_BATCH {
+            None
+        } else {
+            keys.last().cloned()
+        };
+        // Keys are in (path, chunk) order: the chunks of one file come together.
+        let mut last: Option<(String, Option<Version>)> = None;
         for key in keys {
-            let fresh = self.root.open(&key.0).map(|o| Version::of(&o.stat)).ok();
+            let fresh = match &last {
+                Some((p, v)) if *p == key.0 => *v,
+                _ => {
+                    let v = self.root.open(&key.0).map(|o| Version::of(&o.stat)).ok();
+                    last = Some((key.0.clone(), v));
+                    v
+                }
+            };
             let stale = self
                 .cache
                 .get(&key)
@@ -858,6 +927,9 @@ impl State {
 
     fn publish_stats(&self) {
         self.stats.cached_bytes.store(self.bytes, Ordering::Relaxed);
+        self.stats
+            .clock_entries
+            .store(self.clock.len() as u64, Ordering::Relaxed);
     }
 }
 

@@ -54,6 +54,9 @@ pub struct FileServerConfig {
     /// watched while it holds a cached file or a recorded absence; beyond the limit, changes
     /// are found by revalidation, and absences are not published (nothing would retract them).
     pub max_watches: usize,
+    /// Whether paths may cross into file systems mounted beneath the root. Off: a file on
+    /// another mount (a bind mount of somewhere else) is refused as leaving the root.
+    pub follow_mounts: bool,
 }
 
 impl FileServerConfig {
@@ -68,6 +71,7 @@ impl FileServerConfig {
             max_sessions: 1024,
             revalidate_every: Duration::from_millis(500),
             max_watches: 4096,
+            follow_mounts: false,
         }
     }
 }
@@ -133,9 +137,11 @@ impl FileServer {
                 "chunk size must be 4 KiB to 1 GiB".into(),
             ));
         }
-        let root = Root::open_dir(&cfg.root).map_err(|source| ServerError::Root {
-            path: cfg.root.clone(),
-            source,
+        let root = Root::open_dir_with(&cfg.root, cfg.follow_mounts).map_err(|source| {
+            ServerError::Root {
+                path: cfg.root.clone(),
+                source,
+            }
         })?;
         let listener = Listener::bind(
             &cfg.socket,

@@ -112,7 +112,7 @@ impl FileTags {
 /// (fetching the chunks not mapped yet).
 pub(crate) fn pieces(file: &FileView, offset: u64, len: u64) -> std::io::Result<Vec<Piece>> {
     use splitos_file_server::client::ClientError;
-    file.pieces(offset, len).map_err(|e| match e {
+    file.ranges(offset, len).map_err(|e| match e {
         ClientError::OutOfRange => std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
             "range beyond the end of the file",

@@ -272,7 +272,7 @@ impl FileView {
 
     /// The pieces of the byte range `offset..offset+len`, in order, fetching the chunks they
     /// need. An empty range has no pieces.
-    pub fn pieces(&self, offset: u64, len: u64) -> Result<Vec<Piece>, ClientError> {
+    pub fn ranges(&self, offset: u64, len: u64) -> Result<Vec<Piece>, ClientError> {
         let end = offset
             .checked_add(len)
             .filter(|e| *e <= self.len())
@@ -314,6 +314,21 @@ impl FileView {
         }
     }
 
+    /// The mapped pieces of a range as (segment, offset within it, length), as before files
+    /// could be passed by reference: `None` if the range passes the end, a chunk cannot be
+    /// fetched, or the file is passed by reference (it has no segments). Kept for callers
+    /// written against it; [`FileView::ranges`] says why, and covers every file.
+    pub fn pieces(&self, offset: u64, len: u64) -> Option<Vec<(Arc<Segment>, u64, u64)>> {
+        self.ranges(offset, len)
+            .ok()?
+            .into_iter()
+            .map(|p| match p {
+                Piece::Mapped { seg, offset, len } => Some((seg, offset, len)),
+                Piece::Plain { .. } => None,
+            })
+            .collect()
+    }
+
     /// Chunk `k`, fetched (and checked to be of this view's version) on first use.
     fn chunk(&self, c: &Chunks, k: u64) -> Result<Arc<Segment>, ClientError> {
         let k = u32::try_from(k).map_err(|_| ClientError::OutOfRange)?;
@@ -339,7 +354,7 @@ impl FileView {
             return Ok(0);
         }
         let mut n = 0usize;
-        for piece in self.pieces(offset, want)? {
+        for piece in self.ranges(offset, want)? {
             match piece {
                 Piece::Mapped { seg, offset, len } => {
                     let bytes = seg.bytes();

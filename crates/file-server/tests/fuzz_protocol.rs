@@ -500,8 +500,9 @@ impl Reader {
             let mut buf = [0u8; 64];
             let _ = v.read_at(0, &mut buf);
             let _ = v.read_at(v.len().saturating_sub(1), &mut buf);
-            let _ = v.pieces(v.len() / 2, v.len().min(1));
-            let _ = v.pieces(0, u64::MAX);
+            let _ = v.ranges(v.len() / 2, v.len().min(1));
+            let _ = v.ranges(0, u64::MAX);
+            let _ = v.pieces(0, v.len().min(100));
         }
         if client.is_gone() {
             self.client = None;

@@ -129,7 +129,7 @@ pub(crate) fn serve(
                 for part in r.parts {
                     match part {
                         Part::Bytes(b) => out.push(Out::Bytes(b)),
-                        Part::File(view, off, len) => match view.pieces(off, len) {
+                        Part::File(view, off, len) => match view.ranges(off, len) {
                             Ok(pieces) => out.extend(pieces.into_iter().map(Out::Piece)),
                             Err(e) => {
                                 tracing::debug!("direct path: {e}; deferring");

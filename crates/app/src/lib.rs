@@ -27,7 +27,7 @@ pub use session::{Session, SessionOptions};
 /// Files through the memory-mapped file server: open a file, read it in place, and pass it to
 /// [`net::TcpStream::send_file`].
 pub mod files {
-    pub use splitos_file_server::client::{ClientError, FileClient, FileView};
+    pub use splitos_file_server::client::{ClientConfig, ClientError, FileClient, FileView, Piece};
 }
 pub use splitos_m2m::WaitPolicy;
 

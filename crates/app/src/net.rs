@@ -306,7 +306,10 @@ impl TcpStream {
     /// Transmits `len` bytes from `offset` of a file opened through the file server, straight
     /// from the shared cache: this process never touches the bytes. The file's sealed segments
     /// are handed to the TCP server once and reused; the bytes go out as the version `file`
-    /// holds, whatever happens to the file meanwhile. Returns once the send is queued.
+    /// holds, whatever happens to the file meanwhile. A file passed by reference (too large to
+    /// cache) goes out by `sendfile` from the file itself: if it shrinks meanwhile, the
+    /// connection fails (the response ends short), and if it is rewritten the bytes sent are
+    /// those it holds when they are sent. Returns once the send is queued.
     pub fn send_file(
         &self,
         file: &splitos_file_server::client::FileView,
@@ -316,12 +319,13 @@ impl TcpStream {
         let h = self.inner.handle;
         let pieces = crate::file_tags::pieces(file, offset, len)?;
         let mut st = self.inner.session.lock()?;
-        for (seg, within, part) in pieces {
+        for piece in pieces {
             let st = &mut *st;
-            let (tag, released) = st.files.tag(&mut st.chan, &seg).map_err(|e| st.fail(e))?;
-            if let Some(old) = released {
+            let (tag, released) = st.files.tag(&mut st.chan, &piece).map_err(|e| st.fail(e))?;
+            for old in released {
                 st.request(Request::ReleaseFile { file: old })?;
             }
+            let (within, part) = crate::file_tags::span(&piece);
             st.request(Request::SendFile {
                 handle: h,
                 file: tag,

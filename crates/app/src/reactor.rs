@@ -21,7 +21,7 @@
 use crate::file_tags::{pieces, FileTags};
 use crate::net::ListenOptions;
 use crate::session::m2m_err;
-use splitos_file_server::client::FileView;
+use splitos_file_server::client::{FileView, Piece};
 use splitos_m2m::{Channel, ChannelConfig, Message, WaitPolicy};
 use splitos_tcp_proto::{BufferMeta, Event, Request, SockOpt, SEND_WINDOW};
 pub use splitos_tcp_proto::{Handle, MAX_HANDOFF};
@@ -134,7 +134,8 @@ impl Events {
 /// An operation that must wait behind earlier sends of its connection.
 enum Queued {
     Bytes(Vec<u8>),
-    File(u64, u64, u64),
+    /// Registered (tagged) only when sent, so a registration cannot lapse while it waits.
+    File(Piece),
     Close,
     ShutdownWrite,
     Handoff(Vec<u8>),
@@ -432,24 +433,31 @@ impl Reactor {
         len: u64,
     ) -> io::Result<()> {
         self.conn(conn)?;
-        for (seg, within, part) in pieces(file, offset, len)? {
-            let (tag, released) = self.files.tag(&mut self.chan, &seg).map_err(m2m_err)?;
-            if let Some(old) = released {
-                self.push(Request::ReleaseFile { file: old });
-            }
+        for piece in pieces(file, offset, len)? {
             let c = self.conn(conn)?;
             if c.queue.is_empty() {
-                self.push(Request::SendFile {
-                    handle: conn,
-                    file: tag,
-                    offset: within,
-                    len: part,
-                });
+                self.send_piece(conn, &piece)?;
             } else {
-                c.queue.push_back(Queued::File(tag, within, part));
+                c.queue.push_back(Queued::File(piece));
             }
         }
         self.drain_queue(conn);
+        Ok(())
+    }
+
+    /// Registers the file of `piece` with the server if needed and requests its send.
+    fn send_piece(&mut self, conn: Handle, piece: &Piece) -> io::Result<()> {
+        let (tag, released) = self.files.tag(&mut self.chan, piece).map_err(m2m_err)?;
+        for old in released {
+            self.push(Request::ReleaseFile { file: old });
+        }
+        let (offset, len) = crate::file_tags::span(piece);
+        self.push(Request::SendFile {
+            handle: conn,
+            file: tag,
+            offset,
+            len,
+        });
         Ok(())
     }
 
@@ -585,12 +593,10 @@ impl Reactor {
                 _ => {
                     let Some(q) = c.queue.pop_front() else { return };
                     match q {
-                        Queued::File(file, offset, len) => self.push(Request::SendFile {
-                            handle: conn,
-                            file,
-                            offset,
-                            len,
-                        }),
+                        Queued::File(piece) => {
+                            // Fails only with the channel, which the next call reports.
+                            let _ = self.send_piece(conn, &piece);
+                        }
                         Queued::Close => self.push(Request::Close { handle: conn }),
                         Queued::ShutdownWrite => self.push(Request::ShutdownWrite { handle: conn }),
                         Queued::Handoff(data) => self.push(Request::Handoff {

@@ -170,6 +170,14 @@ pub struct Incoming {
     config: ListenerConfig,
 }
 
+/// The connection's socket: it becomes readable when the client's hello has arrived (then
+/// [`Incoming::establish`] does not wait), so an event loop can poll it among its others.
+impl AsFd for Incoming {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.stream.as_fd()
+    }
+}
+
 impl Incoming {
     /// Who is connecting, as the kernel reports it.
     pub fn peer(&self) -> PeerCredentials {

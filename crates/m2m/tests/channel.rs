@@ -223,6 +223,21 @@ fn dropping_one_end_wakes_the_other_with_peer_gone() {
     }
 }
 
+/// `check_alive` asks about the peer without consuming anything: a reader that otherwise
+/// only reads shared memory uses it to stop trusting what a dead peer left there.
+#[test]
+fn check_alive_reports_a_departed_peer_and_takes_no_message() {
+    let (mut a, mut b) = Channel::pair(config(WaitPolicy::adaptive())).unwrap();
+    a.send(b"kept").unwrap();
+    assert!(b.check_alive().is_ok());
+    drop(a);
+    assert!(matches!(b.check_alive(), Err(Error::PeerGone)));
+    match b.try_recv() {
+        Ok(Some(Message::Inline(m))) => assert_eq!(m, b"kept"),
+        other => panic!("the message left behind was lost: {other:?}"),
+    }
+}
+
 #[test]
 fn a_departed_peers_last_messages_are_delivered_even_after_a_send_noticed_it_left() {
     let (mut a, mut b) = Channel::pair(config(WaitPolicy::adaptive())).unwrap();

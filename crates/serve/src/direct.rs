@@ -9,7 +9,9 @@
 //! does not know) is deferred: the connection goes to the application with every byte from
 //! that request on.
 
-use splitos_file_server::client::{lookup_of, FileClient, FileView};
+use splitos_file_server::client::{
+    lookup_of, ClientConfig, ClientError, FileClient, FileView, Piece,
+};
 use splitos_http::conn::{self, Budget, Policy, Role, Timeouts};
 use splitos_http::request::Limits;
 use splitos_http::respond::{self, Answer, FileSource, Lookup, Part};
@@ -22,6 +24,11 @@ use std::path::Path;
 use std::time::Instant;
 
 use rustix::io::Errno;
+use std::time::Duration;
+
+/// How long a route waits for the file server before it defers a request to the application:
+/// the wait happens on a TCP-server worker, which serves everyone else meanwhile only after it.
+pub const FILE_SERVER_WAIT: Duration = Duration::from_millis(100);
 
 /// Routes that answer from a file server's cache (`ServeFiles { socket }` names its socket).
 pub struct StaticFiles;
@@ -33,7 +40,11 @@ impl DirectPath for StaticFiles {
         if !path.is_absolute() {
             return Err(Errno::INVAL);
         }
-        let files = FileClient::connect(path).map_err(|e| {
+        let config = ClientConfig {
+            reply_timeout: FILE_SERVER_WAIT,
+            ..ClientConfig::default()
+        };
+        let files = FileClient::connect_with(path, config).map_err(|e| {
             tracing::warn!(path = %path.display(), "ServeFiles: cannot reach the file server: {e}");
             Errno::CONNREFUSED
         })?;
@@ -75,7 +86,8 @@ struct FilesRoute {
 
 /// The cache as the responder sees it: what is not cached is `Unavailable`, so a miss costs no
 /// wait on the disk (a cached file whose segment this reader does not map yet costs one round
-/// trip to the file server).
+/// trip to the file server). Anything that is not a definite answer about the file (a slow or
+/// dead file server, a reply out of step) is `Unavailable` too: the application decides.
 struct Cached<'a>(&'a mut FileClient);
 
 impl FileSource for Cached<'_> {
@@ -84,9 +96,33 @@ impl FileSource for Cached<'_> {
         match self.0.open_cached(path) {
             Ok(Some(v)) => Lookup::Found(v),
             Ok(None) => Lookup::Unavailable,
-            Err(e) => lookup_of(Err(e)),
+            Err(
+                e @ (ClientError::NotFound
+                | ClientError::Directory
+                | ClientError::Escapes
+                | ClientError::BadPath(_)
+                | ClientError::Special
+                | ClientError::Denied),
+            ) => lookup_of(Err(e)),
+            Err(_) => Lookup::Unavailable,
         }
     }
+}
+
+/// The response's file ranges as pieces of mapped segments, if every one is: a range whose
+/// chunk cannot be fetched now, or a file passed by reference (a large one, whose `sendfile`
+/// could wait on the disk inside the worker), goes to the application instead — before any
+/// byte of the response is queued, so the connection stays in step.
+fn mapped_parts(parts: &[Part<FileView>]) -> Option<()> {
+    for part in parts {
+        if let Part::File(view, offset, len) = part {
+            let pieces = view.ranges(*offset, *len).ok()?;
+            if pieces.iter().any(|p| matches!(p, Piece::Plain { .. })) {
+                return None;
+            }
+        }
+    }
+    Some(())
 }
 
 impl DirectRoute for FilesRoute {
@@ -107,6 +143,7 @@ impl DirectRoute for FilesRoute {
             Budget::parts(room),
             |req| match respond::respond(&mut Cached(files), req) {
                 Answer::Response(r) => {
+                    mapped_parts(&r.parts)?;
                     *answered += 1;
                     Some(r)
                 }
@@ -118,14 +155,15 @@ impl DirectRoute for FilesRoute {
                     match part {
                         Part::Bytes(b) => push(DirectPart::Bytes(b)),
                         Part::File(view, offset, len) => {
-                            for (segment, offset, len) in
-                                view.pieces(offset, len).unwrap_or_default()
-                            {
-                                push(DirectPart::File {
-                                    segment,
-                                    offset,
-                                    len,
-                                });
+                            // Resolved (and fetched) by `mapped_parts` already.
+                            for piece in view.ranges(offset, len).unwrap_or_default() {
+                                if let Piece::Mapped { seg, offset, len } = piece {
+                                    push(DirectPart::File {
+                                        segment: seg,
+                                        offset,
+                                        len,
+                                    });
+                                }
                             }
                         }
                     }

@@ -36,6 +36,12 @@ pub const MAX_NAME: usize = 64;
 pub const MAX_SOCKET_PATH: usize = 107;
 /// Most unprocessed bytes a [`Request::Handoff`] may carry back to the server.
 pub const MAX_HANDOFF: usize = 32 << 10;
+/// Set in the tag of a descriptor message (and so in the `file` of the `SendFile` and
+/// `ReleaseFile` requests naming it) that carries a plain regular file rather than a sealed
+/// segment: a file too large for the file cache, passed by reference. The server accepts only
+/// a regular file there (`fstat` `S_ISREG`, not on FUSE), never maps it, and sends it with
+/// `sendfile`; if the file is shorter than a range sent from it, that connection fails.
+pub const PLAIN_FILE_TAG: u64 = 1 << 63;
 
 /// A socket, as named within one session: slot index and generation.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
@@ -119,7 +125,8 @@ pub enum Request<'a> {
         bytes: u32,
     },
     /// Send `len` bytes from `offset` of a sealed file segment straight from shared memory.
-    /// The segment's memfd was passed earlier as a descriptor message tagged `file`.
+    /// The segment's memfd was passed earlier as a descriptor message tagged `file`; with
+    /// [`PLAIN_FILE_TAG`] set in the tag, a plain file sent by `sendfile`.
     SendFile {
         handle: Handle,
         file: u64,

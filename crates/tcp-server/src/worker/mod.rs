@@ -85,13 +85,13 @@ use crate::Shared;
 use rustix::fd::{AsFd, FromRawFd, OwnedFd};
 use rustix::io::Errno;
 use rustix::net::{self as rnet, sockopt, AddressFamily, SocketFlags, SocketType};
-use splitos_m2m::segment::Segment;
+use splitos_m2m::segment::{PlainFile, Segment};
 use splitos_m2m::{
     Channel, Error as M2mError, Message, PeerCredentials, Phase, RxBuffer, TxBuffer, WaitPolicy,
 };
 use splitos_tcp_proto::{
-    listen_flags, op, BufferMeta, Event, Handle, Request, SockOpt, NO_ADDR, RECV_WINDOW,
-    SEND_WINDOW,
+    listen_flags, op, BufferMeta, Event, Handle, Request, SockOpt, NO_ADDR, PLAIN_FILE_TAG,
+    RECV_WINDOW, SEND_WINDOW,
 };
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;

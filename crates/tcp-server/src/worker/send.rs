@@ -24,6 +24,16 @@ pub(super) enum SendNow {
     Failed(i32),
 }
 
+/// Whether a chunk goes out by `sendfile` rather than a send from memory: large ranges of
+/// segments (by page reference), and plain files always (they are not in memory at all).
+pub(super) fn by_sendfile(ch: &Chunk) -> bool {
+    match ch {
+        Chunk::File { off, end, .. } => end - off >= SENDFILE_MIN,
+        Chunk::Plain { .. } => true,
+        Chunk::Inline { .. } | Chunk::Buf { .. } | Chunk::Direct { .. } => false,
+    }
+}
+
 /// Points `iov` at the unsent bytes of `chunks`; returns how many entries it filled.
 pub(super) fn fill_iov<'a>(
     iov: &mut [libc::iovec],
@@ -138,13 +148,13 @@ impl Worker {
         self.want_send(slot);
     }
 
-    /// The segment the application tagged `file`, taking newly passed descriptors as needed
+    /// The file the application tagged `file`, taking newly passed descriptors as needed
     /// (they were sent before the request that names them, so they are already here).
-    pub(super) fn file_segment(&mut self, si: SessionIx, file: u64) -> Option<Arc<Segment>> {
+    pub(super) fn file_segment(&mut self, si: SessionIx, file: u64) -> Option<SessionFile> {
         loop {
             let s = self.live_session(si)?;
-            if let Some(seg) = s.files.get(&file) {
-                return Some(seg.clone());
+            if let Some(f) = s.files.get(&file) {
+                return Some(f.clone());
             }
             let (tag, mut fds) = match s.chan.try_recv_fds() {
                 Ok(Some(m)) => m,
@@ -157,12 +167,25 @@ impl Worker {
             if fds.len() != 1 || s.files.len() >= MAX_FILES_PER_SESSION {
                 return None;
             }
-            // Only sealed segments are accepted: their bytes cannot change under a send.
-            match Segment::from_received_sealed(fds.remove(0)) {
-                Ok(seg) => {
-                    s.files.insert(tag, Arc::new(seg));
+            let fd = fds.remove(0);
+            let got = if tag & PLAIN_FILE_TAG != 0 {
+                // A plain file is never mapped (it could shrink under a mapping): it must be a
+                // regular file, which `sendfile` reads, and not on FUSE, whose reads another
+                // user's daemon could hold forever (this thread would wait with them).
+                PlainFile::from_received(fd)
+                    .ok()
+                    .map(|p| SessionFile::Plain(Arc::new(p)))
+            } else {
+                // Only sealed segments are mapped: their bytes cannot change under a send.
+                Segment::from_received_sealed(fd)
+                    .ok()
+                    .map(|seg| SessionFile::Segment(Arc::new(seg)))
+            };
+            match got {
+                Some(f) => {
+                    s.files.insert(tag, f);
                 }
-                Err(_) => return None,
+                None => return None,
             }
         }
     }
@@ -175,7 +198,7 @@ impl Worker {
         offset: u64,
         len: u64,
     ) {
-        let Some(seg) = self.file_segment(si, file) else {
+        let Some(f) = self.file_segment(si, file) else {
             self.violation(
                 si,
                 op::SEND_FILE,
@@ -184,7 +207,12 @@ impl Worker {
             );
             return;
         };
-        let in_range = offset.checked_add(len).is_some_and(|end| end <= seg.len());
+        // A plain file's size may change: a range past its end fails the connection when
+        // `sendfile` finds the end, so only the arithmetic is checked here.
+        let in_range = offset.checked_add(len).is_some_and(|end| match &f {
+            SessionFile::Segment(seg) => end <= seg.len(),
+            SessionFile::Plain(_) => end <= i64::MAX as u64,
+        });
         if !in_range {
             self.violation(
                 si,
@@ -201,10 +229,10 @@ impl Worker {
             return;
         };
         if len > 0 {
-            c.sendq.push_back(Chunk::File {
-                seg,
-                off: offset as usize,
-                end: (offset + len) as usize,
+            let (off, end) = (offset as usize, (offset + len) as usize);
+            c.sendq.push_back(match f {
+                SessionFile::Segment(seg) => Chunk::File { seg, off, end },
+                SessionFile::Plain(file) => Chunk::Plain { file, off, end },
             });
         }
         self.want_send(slot);
@@ -262,7 +290,7 @@ impl Worker {
             self.try_finish_close(slot);
             return;
         };
-        if matches!(front, Chunk::File { off, end, .. } if end - off >= SENDFILE_MIN) {
+        if by_sendfile(front) {
             // `SEND_NOW_ROUNDS` ran out with the socket still taking bytes: go on next pass
             // rather than copy a file range through the ring.
             self.want_send(slot);
@@ -273,7 +301,13 @@ impl Worker {
             session: si.0,
             socket: slot.0,
         };
-        let chunks = c.sendq.len().min(MAX_IOV);
+        // A gathered send stops before a plain file, which only `sendfile` can send.
+        let chunks = c
+            .sendq
+            .iter()
+            .take(MAX_IOV)
+            .take_while(|ch| !matches!(ch, Chunk::Plain { .. }))
+            .count();
         let r = if chunks == 1 {
             let (ptr, len) = front.span();
             // SAFETY: the bytes belong to the chunk at the front of this connection's queue.
@@ -316,19 +350,31 @@ impl Worker {
         if c.send.busy() || c.failed {
             return SendNow::NotApplicable;
         }
-        let Some(pos) =
-            c.sendq.iter().take(MAX_IOV).position(
-                |ch| matches!(ch, Chunk::File { off, end, .. } if end - off >= SENDFILE_MIN),
-            )
-        else {
+        let Some(pos) = c.sendq.iter().take(MAX_IOV).position(by_sendfile) else {
             return SendNow::NotApplicable;
         };
         let r = if pos == 0 {
-            let Some(Chunk::File { seg, off, end }) = c.sendq.front() else {
-                return SendNow::NotApplicable;
-            };
-            let mut at = *off as u64;
-            rustix::fs::sendfile(&sock.fd, seg.fd(), Some(&mut at), end - off)
+            match c.sendq.front() {
+                Some(Chunk::File { seg, off, end }) => {
+                    let mut at = *off as u64;
+                    rustix::fs::sendfile(&sock.fd, seg.fd(), Some(&mut at), end - off)
+                }
+                Some(Chunk::Plain { file, off, end }) => {
+                    let mut at = *off as u64;
+                    match rustix::fs::sendfile(&sock.fd, file.fd(), Some(&mut at), end - off) {
+                        // The end of the file before the end of the range: it shrank. The
+                        // client has a promise of more bytes that will never come, so the
+                        // connection ends now (never retried: that would spin).
+                        Ok(0) => {
+                            tracing::debug!("a file sent by reference ended early");
+                            let _ = rnet::shutdown(&sock.fd, rnet::Shutdown::Both);
+                            return SendNow::Failed(Errno::IO.raw_os_error());
+                        }
+                        r => r,
+                    }
+                }
+                _ => return SendNow::NotApplicable,
+            }
         } else {
             let mut iov = [libc::iovec {
                 iov_base: std::ptr::null_mut(),
@@ -454,7 +500,8 @@ impl Worker {
                 Chunk::Inline { off, .. }
                 | Chunk::Direct { off, .. }
                 | Chunk::Buf { off, .. }
-                | Chunk::File { off, .. } => *off += take,
+                | Chunk::File { off, .. }
+                | Chunk::Plain { off, .. } => *off += take,
             }
             n -= take;
             if front.remaining() == 0 {

@@ -80,8 +80,8 @@ pub(super) struct Session {
     pub(super) free_bids: Vec<u16>,
     pub(super) outbox: VecDeque<Out>,
     pub(super) sockets: HashSet<SlotIx>,
-    /// File segments the application passed for `SendFile`, by its tag.
-    pub(super) files: HashMap<u64, Arc<Segment>>,
+    /// Files the application passed for `SendFile`, by its tag.
+    pub(super) files: HashMap<u64, SessionFile>,
     /// Session-level operations in flight (the wait-fd poll).
     pub(super) inflight: u32,
     pub(super) dead: bool,
@@ -98,6 +98,15 @@ pub(super) struct Session {
     pub(super) listeners: u32,
     pub(super) bytes_in: u64,
     pub(super) bytes_out: u64,
+}
+
+/// A file an application passed for `SendFile`.
+#[derive(Clone)]
+pub(super) enum SessionFile {
+    /// A sealed segment of the file cache, mapped.
+    Segment(Arc<Segment>),
+    /// A regular file passed by reference (`PLAIN_FILE_TAG`), never mapped.
+    Plain(Arc<PlainFile>),
 }
 
 pub(super) enum Chunk {
@@ -122,6 +131,14 @@ pub(super) enum Chunk {
         off: usize,
         end: usize,
     },
+    /// Bytes of a regular file passed by reference: never mapped, always sent by `sendfile`
+    /// (from the page cache), never gathered into a ring send. Outside the send window like
+    /// `File`. A file that ends before `end` (it shrank) fails the connection.
+    Plain {
+        file: Arc<PlainFile>,
+        off: usize,
+        end: usize,
+    },
 }
 
 impl Chunk {
@@ -129,7 +146,7 @@ impl Chunk {
         match self {
             Chunk::Inline { data, off } | Chunk::Direct { data, off } => data.len() - off,
             Chunk::Buf { rx, off } => rx.len() - off,
-            Chunk::File { off, end, .. } => end - off,
+            Chunk::File { off, end, .. } | Chunk::Plain { off, end, .. } => end - off,
         }
     }
 
@@ -141,11 +158,17 @@ impl Chunk {
             }
             Chunk::Buf { rx, off } => (rx.as_ptr().wrapping_add(*off), rx.len() - off),
             Chunk::File { seg, off, end } => (seg.bytes()[*off..*end].as_ptr(), end - off),
+            // Not in memory: the send paths stop before a `Plain` chunk (see `send_now`), so
+            // no iovec is ever built from it; if one were, it would be empty.
+            Chunk::Plain { .. } => (std::ptr::NonNull::<u8>::dangling().as_ptr(), 0),
         }
     }
 
     pub(super) fn counts_against_window(&self) -> bool {
-        !matches!(self, Chunk::File { .. } | Chunk::Direct { .. })
+        !matches!(
+            self,
+            Chunk::File { .. } | Chunk::Direct { .. } | Chunk::Plain { .. }
+        )
     }
 }
 

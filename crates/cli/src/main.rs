@@ -4,6 +4,7 @@
 
 mod serve;
 mod status;
+mod switch;
 
 use clap::{Parser, Subcommand};
 use splitos_m2m::WaitPolicy;
@@ -51,6 +52,9 @@ enum Command {
     /// Run the memory-mapped file server: it caches the files beneath ROOT in sealed shared
     /// memory that readers map directly; nothing outside ROOT is ever served.
     FileServer(FileServerArgs),
+    /// Steer a virtual IP's TCP flows over several nodes with nftables (run on the router or
+    /// the lab's switch namespace): hashed buckets for new flows, moved, held and fenced flows.
+    Switch(switch::SwitchArgs),
 }
 
 #[derive(clap::Args)]
@@ -215,6 +219,7 @@ fn main() -> ExitCode {
             let drain = flag_on(signal_hook::consts::SIGUSR2)?;
             serve::run_app(a, &stop, &drain)
         }),
+        Command::Switch(a) => switch::run(a),
         Command::Status(a) => status::run(
             a.socket
                 .unwrap_or_else(splitos_tcp_server::default_socket_path),

@@ -2,6 +2,7 @@
 
 #![forbid(unsafe_code)]
 
+mod lab;
 mod serve;
 mod status;
 mod switch;
@@ -55,6 +56,9 @@ enum Command {
     /// Steer a virtual IP's TCP flows over several nodes with nftables (run on the router or
     /// the lab's switch namespace): hashed buckets for new flows, moved, held and fenced flows.
     Switch(switch::SwitchArgs),
+    /// A cluster of network namespaces on this machine: a client, the switch and N nodes
+    /// running `splitos serve` behind one virtual IP (up, exec, status, down; needs root).
+    Lab(lab::LabArgs),
 }
 
 #[derive(clap::Args)]
@@ -220,6 +224,7 @@ fn main() -> ExitCode {
             serve::run_app(a, &stop, &drain)
         }),
         Command::Switch(a) => switch::run(a),
+        Command::Lab(a) => lab::run(a),
         Command::Status(a) => status::run(
             a.socket
                 .unwrap_or_else(splitos_tcp_server::default_socket_path),

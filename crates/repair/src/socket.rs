@@ -164,6 +164,7 @@ impl Paused<'_> {
         let wscale = (info.options & crate::record::opt::WSCALE != 0)
             .then_some((info.snd_wscale, info.rcv_wscale));
         let window = sys::repair_window(fd).map_err(sys_err("TCP_REPAIR_WINDOW"))?;
+        sys::peek_offset_off(fd);
         let (rcv_nxt, recv_queue) = read_queue(fd, Queue::Recv, inq)?;
         let (write_seq, send_queue) = read_queue(fd, Queue::Send, outq)?;
         sys::select_queue(fd, Queue::None).map_err(sys_err("TCP_REPAIR_QUEUE"))?;

@@ -177,6 +177,18 @@ pub(crate) fn queue_lens(fd: BorrowedFd<'_>) -> io::Result<(u32, u32, u32)> {
     ))
 }
 
+/// Switches `SO_PEEK_OFF` off, so that `MSG_PEEK` reads a queue from its start (a socket
+/// whose owner used peek offsets would otherwise be saved short). Best effort: kernels before
+/// 6.10 do not support it on TCP, and there it cannot be on.
+pub(crate) fn peek_offset_off(fd: BorrowedFd<'_>) {
+    let _ = setsockopt(
+        fd,
+        libc::SOL_SOCKET,
+        libc::SO_PEEK_OFF,
+        &(-1 as libc::c_int),
+    );
+}
+
 /// `TCP_MAXSEG`; in repair mode the kernel reports the MSS clamp.
 pub(crate) fn mss(fd: BorrowedFd<'_>) -> io::Result<u32> {
     getsockopt_u32(fd, libc::IPPROTO_TCP, libc::TCP_MAXSEG)

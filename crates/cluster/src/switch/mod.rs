@@ -495,12 +495,17 @@ impl Switch {
         }
         let devs: Vec<&str> = nodes.iter().map(|n| n.dev.as_str()).collect();
         forwarding(&devs)?;
-        for n in nodes {
-            route_add(cfg.vip, n)?;
-        }
         let ids: Vec<NodeId> = ids.into_iter().collect();
         let b = buckets::initial(usize::from(cfg.buckets), &ids);
-        nft_apply(&script::create(table, &cfg, nodes, &b))?;
+        let made = nodes
+            .iter()
+            .try_for_each(|n| route_add(cfg.vip, n))
+            .and_then(|()| nft_apply(&script::create(table, &cfg, nodes, &b)));
+        if let Err(e) = made {
+            // Leave no half-made switch behind.
+            nodes.iter().for_each(route_del);
+            return Err(e);
+        }
         Ok(Switch {
             table: table.to_string(),
             state: State {
@@ -557,7 +562,10 @@ impl Switch {
         let new = buckets::with(&self.state.buckets, n.id, &ids);
         let mut s = script::add_node(&self.table, &n);
         s.push_str(&script::rebucket(&self.table, &self.state.buckets, &new));
-        nft_apply(&s)?;
+        if let Err(e) = nft_apply(&s) {
+            route_del(&n);
+            return Err(e);
+        }
         let moved = buckets::moved(&self.state.buckets, &new);
         self.state.buckets = new;
         self.state.nodes.insert(n.id, n);

@@ -2,7 +2,10 @@
 //! drop rule, saved, closed silently in repair mode, restored on the same 4-tuple through its
 //! record's bytes, and let through again; the client's next exchange works on the same socket
 //! and no RST is ever seen (an nft counter counts every RST in the namespace). For
-//! ESTABLISHED, CLOSE_WAIT and FIN_WAIT2, with data in the kernel queues in some iterations.
+//! ESTABLISHED, CLOSE_WAIT and FIN_WAIT2, with data in the kernel queues in some iterations:
+//! unread bytes in the receive queue; bytes written while silenced (lost, so sent-unacked,
+//! and a never-sent tail); bytes delivered whose ACKs were lost (a cut-over's hold). It
+//! prints how long the queued bytes took to arrive after the restore.
 //!
 //! Iterations: `SPLITOS_M4_ITERATIONS` (default 1000) per state, each state bounded to 150 s.
 
@@ -39,23 +42,30 @@ fn setup_namespace() {
             counter rsts {{}}
             counter dropped {{}}
             set silenced {{ type ipv4_addr . inet_service; }}
+            set ackless {{ type ipv4_addr . inet_service; }}
             chain input {{
                 type filter hook input priority -10; policy accept;
                 tcp flags & rst == rst counter name \"rsts\"
                 meta mark {:#x} accept
                 ip saddr . tcp sport @silenced counter name \"dropped\" drop
                 ip daddr . tcp dport @silenced counter name \"dropped\" drop
+                ip saddr . tcp sport @ackless counter name \"dropped\" drop
             }}
         }}",
         splitos_repair::REPAIR_MARK
     ));
 }
 
-fn silence(port: u16, on: bool) {
+/// Silences the flow both ways (`set` "silenced") or only the client's packets ("ackless").
+fn silence_in(set: &str, port: u16, on: bool) {
     let verb = if on { "add" } else { "delete" };
     nft(&format!(
-        "{verb} element inet m4 silenced {{ {CLIENT_IP} . {port} }}"
+        "{verb} element inet m4 {set} {{ {CLIENT_IP} . {port} }}"
     ));
+}
+
+fn silence(port: u16, on: bool) {
+    silence_in("silenced", port, on);
 }
 
 fn counter(name: &str) -> u64 {
@@ -116,6 +126,10 @@ struct Tally {
     with_unsent: usize,
     seq_above_2_31: usize,
     save_us: Vec<u128>,
+    /// From finish() to the client holding every byte the server had queued while silenced.
+    resync_ms: Vec<u128>,
+    /// With only the client's ACKs lost: from finish() to the answer of the next request.
+    acks_lost_ms: Vec<u128>,
     restore_us: Vec<u128>,
 }
 
@@ -141,6 +155,9 @@ fn iteration(listener: &TcpListener, state: TcpState, i: usize, tally: &mut Tall
     } else {
         Vec::new()
     };
+    // Every tenth iteration (7, 17, ...): the server's bytes reach the client but the client's
+    // ACKs are lost, as when the switch holds a flow's client packets during a cut-over.
+    let acks_lost = i % 10 == 7 && state != TcpState::FinWait2;
     client.write_all(&unread).unwrap();
     match state {
         TcpState::Established => {}
@@ -168,6 +185,12 @@ fn iteration(listener: &TcpListener, state: TcpState, i: usize, tally: &mut Tall
         }
     }
 
+    let delivered = pattern(i + 3, 8000);
+    if acks_lost {
+        silence_in("ackless", port, true);
+        server.as_mut().unwrap().write_all(&delivered).unwrap();
+        assert_eq!(read_exact(&mut client, delivered.len()), delivered);
+    }
     silence(port, true);
     let bang = i == 0 && state != TcpState::CloseWait;
     if bang {
@@ -194,6 +217,9 @@ fn iteration(listener: &TcpListener, state: TcpState, i: usize, tally: &mut Tall
     socket::close_silently(srv).unwrap();
     tally.save_us.push(t0.elapsed().as_micros());
     assert_eq!(saved.state, state);
+    if acks_lost {
+        assert_eq!(saved.send_queue, delivered, "delivered but unacknowledged");
+    }
     if saved.send_seq >= 1 << 31 || saved.recv_seq >= 1 << 31 {
         tally.seq_above_2_31 += 1;
     }
@@ -233,6 +259,10 @@ fn iteration(listener: &TcpListener, state: TcpState, i: usize, tally: &mut Tall
     };
     tally.restore_us.push(t1.elapsed().as_micros());
     silence(port, false);
+    if acks_lost {
+        silence_in("ackless", port, false);
+    }
+    let t2 = Instant::now();
     let mut server = TcpStream::from(restoring.finish().unwrap());
     server
         .set_read_timeout(Some(Duration::from_secs(10)))
@@ -252,6 +282,7 @@ fn iteration(listener: &TcpListener, state: TcpState, i: usize, tally: &mut Tall
     }
     if !queued_out.is_empty() {
         assert_eq!(read_exact(&mut client, queued_out.len()), queued_out);
+        tally.resync_ms.push(t2.elapsed().as_millis());
     }
     match state {
         TcpState::Established => {
@@ -260,6 +291,9 @@ fn iteration(listener: &TcpListener, state: TcpState, i: usize, tally: &mut Tall
             assert_eq!(read_exact(&mut server, ping.len()), ping.as_bytes());
             server.write_all(b"pong").unwrap();
             assert_eq!(read_exact(&mut client, 4), b"pong");
+            if acks_lost {
+                tally.acks_lost_ms.push(t2.elapsed().as_millis());
+            }
             client.shutdown(std::net::Shutdown::Write).unwrap();
             expect_eof(&mut server);
             drop(server);
@@ -269,6 +303,9 @@ fn iteration(listener: &TcpListener, state: TcpState, i: usize, tally: &mut Tall
             expect_eof(&mut server);
             server.write_all(b"last words").unwrap();
             assert_eq!(read_exact(&mut client, 10), b"last words");
+            if acks_lost {
+                tally.acks_lost_ms.push(t2.elapsed().as_millis());
+            }
             drop(server);
             expect_eof(&mut client);
         }
@@ -312,7 +349,7 @@ fn run_state(state: TcpState) {
         eprintln!(
             "M4 {state:?}: {} iterations in {:.1} s, 0 RST, {dropped} packets silenced; {} with a receive queue, {} with \
              unacked and {} with unsent send-queue bytes, {} with a sequence number ≥ 2^31; median save+close {} µs, parse+restore \
-             {} µs",
+             {} µs; queued bytes delivered after restore in median {} ms, max {} ms; with only ACKs lost, the next answer after restore in median {} ms, max {} ms",
             tally.iterations,
             start.elapsed().as_secs_f64(),
             tally.with_recv_queue,
@@ -321,6 +358,10 @@ fn run_state(state: TcpState) {
             tally.seq_above_2_31,
             median(&mut tally.save_us),
             median(&mut tally.restore_us),
+            median(&mut tally.resync_ms),
+            tally.resync_ms.iter().max().copied().unwrap_or(0),
+            median(&mut tally.acks_lost_ms),
+            tally.acks_lost_ms.iter().max().copied().unwrap_or(0),
         );
         tally
     });

@@ -239,6 +239,9 @@ fn build(cfg: &LabConfig, topo: &Topology, st: &mut LabState) -> Result<(), LabE
         let ns = topo.node(k);
         let tmp = st.dir.join(format!("node{k}"));
         std::fs::create_dir_all(&tmp).map_err(io("cannot create", &tmp))?;
+        // A runtime directory is private to its user.
+        std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .map_err(io("cannot protect", &tmp))?;
         let log = st.dir.join(format!("node{k}.log"));
         let out = std::fs::File::create(&log).map_err(io("cannot create", &log))?;
         let err = out.try_clone().map_err(io("cannot open", &log))?;
@@ -249,7 +252,9 @@ fn build(cfg: &LabConfig, topo: &Topology, st: &mut LabState) -> Result<(), LabE
             .args(["--listen", &listen.to_string()])
             .arg("--control-socket")
             .arg(tmp.join("control.sock"))
-            // serve keeps its private sockets under the temporary directory: the lab's.
+            // serve keeps its private sockets under its runtime (or, in older builds,
+            // temporary) directory: make both the lab's, so they go with it.
+            .env("XDG_RUNTIME_DIR", &tmp)
             .env("TMPDIR", &tmp)
             // The log is a file: no colour codes in it.
             .env("NO_COLOR", "1")

@@ -2,8 +2,10 @@
 
 #![forbid(unsafe_code)]
 
+mod lab;
 mod serve;
 mod status;
+mod switch;
 
 use clap::{Parser, Subcommand};
 use splitos_m2m::WaitPolicy;
@@ -52,6 +54,12 @@ enum Command {
     /// Run the memory-mapped file server: it caches the files beneath ROOT in sealed shared
     /// memory that readers map directly; nothing outside ROOT is ever served.
     FileServer(FileServerArgs),
+    /// Steer a virtual IP's TCP flows over several nodes with nftables (run on the router or
+    /// the lab's switch namespace): hashed buckets for new flows, moved, held and fenced flows.
+    Switch(switch::SwitchArgs),
+    /// A cluster of network namespaces on this machine: a client, the switch and N nodes
+    /// running `splitos serve` behind one virtual IP (up, exec, status, down; needs root).
+    Lab(lab::LabArgs),
 }
 
 #[derive(clap::Args)]
@@ -215,6 +223,8 @@ fn main() -> ExitCode {
             let drain = flag_on(signal_hook::consts::SIGUSR2)?;
             serve::run_app(a, &stop, &drain)
         }),
+        Command::Switch(a) => switch::run(a),
+        Command::Lab(a) => lab::run(a),
         Command::Status(a) => status::run(
             status::Target {
                 socket: a.socket,

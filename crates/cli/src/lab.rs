@@ -1,0 +1,159 @@
+//! `splitos lab`: a cluster of network namespaces on this machine — a client, the steering
+//! switch and N nodes each running `splitos serve` on the virtual IP — to try, test and
+//! measure the cooperative servers. What it prints is here; the work is
+//! `splitos_cluster::lab`'s.
+
+use splitos_cluster::lab::{self, LabConfig, LabState, DEFAULT_PREFIX};
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct LabArgs {
+    /// The lab's name: the prefix of its namespaces (PREFIX-client, PREFIX-switch,
+    /// PREFIX-node1, ...). Two labs with different names never collide.
+    #[arg(long = "name", default_value = DEFAULT_PREFIX, global = true)]
+    prefix: String,
+    #[command(subcommand)]
+    command: LabCommand,
+}
+
+#[derive(clap::Subcommand)]
+enum LabCommand {
+    /// Build the lab and start the switch and the nodes' servers (needs root).
+    Up {
+        /// How many nodes serve the virtual IP.
+        #[arg(long, default_value_t = 2)]
+        nodes: u16,
+        /// The directory the nodes serve [default: a small demo site].
+        #[arg(long)]
+        site: Option<PathBuf>,
+        /// The TCP port of the virtual IP.
+        #[arg(long, default_value_t = 80)]
+        port: u16,
+    },
+    /// Run a command inside a member of the lab: client, switch or nodeK.
+    Exec {
+        /// client, switch, node1, node2, ...
+        member: String,
+        /// The command and its arguments (after `--`).
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Show the lab's namespaces and processes and whether they are alive.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove every namespace, process and file of the lab (also after a crash).
+    Down,
+}
+
+fn name_flag(prefix: &str) -> String {
+    if prefix == DEFAULT_PREFIX {
+        String::new()
+    } else {
+        format!(" --name {prefix}")
+    }
+}
+
+pub fn run(a: LabArgs) -> Result<(), String> {
+    let p = a.prefix.as_str();
+    match a.command {
+        LabCommand::Up { nodes, site, port } => {
+            let exe = std::env::current_exe()
+                .map_err(|e| format!("lab: cannot find the splitos binary itself: {e}"))?;
+            let cfg = LabConfig {
+                prefix: p.to_string(),
+                nodes,
+                site,
+                port,
+                exe,
+            };
+            let st = lab::up(&cfg).map_err(|e| format!("lab up: {e}"))?;
+            print_up(&st);
+        }
+        LabCommand::Exec { member, command } => {
+            let (program, args) = command
+                .split_first()
+                .ok_or("lab exec: give the command after --")?;
+            let e = lab::exec(p, &member, program, args);
+            return Err(format!("lab exec: {e}"));
+        }
+        LabCommand::Status { json } => {
+            let s = lab::status(p).map_err(|e| format!("lab status: {e}"))?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&s).map_err(|e| e.to_string())?
+                );
+            } else {
+                let st = &s.state;
+                println!(
+                    "lab {}: {} nodes behind http://{}:{}/ (serving {})",
+                    st.prefix,
+                    st.nodes,
+                    st.vip,
+                    st.port,
+                    st.site.display()
+                );
+                for (n, ok) in st.namespaces.iter().zip(&s.namespaces_present) {
+                    println!(
+                        "  namespace {n:<28} {}",
+                        if *ok { "present" } else { "MISSING" }
+                    );
+                }
+                for (pr, ok) in st.processes.iter().zip(&s.processes_alive) {
+                    println!(
+                        "  pid {:<8} {:<24} {} ({})  log {}",
+                        pr.pid,
+                        pr.namespace,
+                        if *ok { "running" } else { "DEAD" },
+                        pr.what,
+                        pr.log.display()
+                    );
+                }
+            }
+        }
+        LabCommand::Down => {
+            let r = lab::down(p).map_err(|e| format!("lab down: {e}"))?;
+            println!(
+                "lab {p} is down: {} processes stopped, {} namespaces removed",
+                r.processes,
+                r.namespaces.len() - r.left.len()
+            );
+            if !r.left.is_empty() {
+                return Err(format!(
+                    "lab down: could not remove {} (try `ip netns del NAME`)",
+                    r.left.join(", ")
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_up(st: &LabState) {
+    let n = name_flag(&st.prefix);
+    let port = if st.port == 80 {
+        String::new()
+    } else {
+        format!(":{}", st.port)
+    };
+    println!(
+        "lab {} is up: {} nodes serve {} behind the virtual IP {}, port {}",
+        st.prefix,
+        st.nodes,
+        st.site.display(),
+        st.vip,
+        st.port
+    );
+    println!("  namespaces: {}", st.namespaces.join(", "));
+    println!("  reach it from the client namespace:");
+    println!(
+        "    splitos lab{n} exec client -- curl http://{}{port}/",
+        st.vip
+    );
+    println!("  see the switch:  splitos lab{n} exec switch -- splitos switch status");
+    println!("  see the lab:     splitos lab{n} status");
+    println!("  remove it:       splitos lab{n} down");
+}

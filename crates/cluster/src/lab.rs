@@ -1,0 +1,442 @@
+//! The lab: a Split-OS cluster made of network namespaces on one machine, for tests, demos and
+//! benchmarks. `up` builds the [`Topology`] (a client, a switch and N nodes), runs
+//! `splitos switch init` in the switch namespace and a real `splitos serve` of the site in
+//! every node, bound to the virtual IP on the node's loopback — the same commands a
+//! multi-machine deployment runs; the lab adds no behaviour of its own.
+//!
+//! Everything the lab makes is named by its prefix and written down in a state file
+//! (`state.json` under [`state_dir`]) before it is made, so `down` removes every namespace,
+//! process and file of the lab even after the lab itself crashed. Namespaces are matched by
+//! exact name (`PREFIX-client`, `PREFIX-switch`, `PREFIX-nodeN`), so a lab never touches
+//! another whose prefix merely starts the same way.
+
+use crate::netns::{self, NetnsError};
+use crate::topology::{self, Topology};
+use serde::{Deserialize, Serialize};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+/// The prefix unless told otherwise.
+pub const DEFAULT_PREFIX: &str = "splitos-lab";
+
+/// What went wrong in the lab.
+#[derive(Debug, thiserror::Error)]
+pub enum LabError {
+    #[error("{0}")]
+    Netns(#[from] NetnsError),
+    #[error(
+        "lab {0:?} is already up (see `splitos lab status`, remove it with `splitos lab down`)"
+    )]
+    AlreadyUp(String),
+    #[error("no lab {0:?} is up (start one with `splitos lab up`)")]
+    NotUp(String),
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the site {0} is not a directory")]
+    Site(PathBuf),
+    #[error(
+        "the lab's state file {path} is unreadable: {reason} (run `splitos lab down` to clean up)"
+    )]
+    State { path: PathBuf, reason: String },
+    #[error("{0}")]
+    Step(String),
+    #[error("unknown member {0:?}: expected client, switch or node1..node{1}")]
+    Member(String, u16),
+}
+
+fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> LabError + 'a {
+    move |source| LabError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// How to build a lab.
+#[derive(Clone, Debug)]
+pub struct LabConfig {
+    pub prefix: String,
+    pub nodes: u16,
+    /// The directory the nodes serve; `None`: a small demo site made in the state directory.
+    pub site: Option<PathBuf>,
+    pub port: u16,
+    /// The `splitos` binary the lab runs in the namespaces.
+    pub exe: PathBuf,
+}
+
+/// A process the lab started.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LabProcess {
+    pub namespace: String,
+    pub pid: i32,
+    pub what: String,
+    pub log: PathBuf,
+}
+
+/// What a lab is made of; written to `state.json` as it is built.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LabState {
+    pub prefix: String,
+    pub nodes: u16,
+    pub vip: Ipv4Addr,
+    pub port: u16,
+    pub site: PathBuf,
+    pub dir: PathBuf,
+    pub namespaces: Vec<String>,
+    pub processes: Vec<LabProcess>,
+}
+
+impl LabState {
+    /// The namespace of `member` (`client`, `switch` or `nodeK`).
+    pub fn namespace_of(&self, member: &str) -> Result<String, LabError> {
+        let ok = match member {
+            "client" | "switch" => true,
+            m => m
+                .strip_prefix("node")
+                .and_then(|k| k.parse::<u16>().ok())
+                .is_some_and(|k| (1..=self.nodes).contains(&k)),
+        };
+        if ok {
+            Ok(format!("{}-{member}", self.prefix))
+        } else {
+            Err(LabError::Member(member.to_string(), self.nodes))
+        }
+    }
+}
+
+/// Where a lab keeps its state: `$XDG_RUNTIME_DIR/splitos-lab/PREFIX`, else
+/// `/run/splitos-lab/PREFIX`.
+pub fn state_dir(prefix: &str) -> PathBuf {
+    let base = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .unwrap_or_else(|| PathBuf::from("/run"));
+    base.join("splitos-lab").join(prefix)
+}
+
+fn state_file(dir: &Path) -> PathBuf {
+    dir.join("state.json")
+}
+
+fn save(st: &LabState) -> Result<(), LabError> {
+    let path = state_file(&st.dir);
+    let tmp = st.dir.join("state.json.tmp");
+    let text = serde_json::to_vec_pretty(st).map_err(|e| LabError::State {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
+    std::fs::write(&tmp, text).map_err(io("cannot write", &tmp))?;
+    std::fs::rename(&tmp, &path).map_err(io("cannot write", &path))
+}
+
+/// The state of lab `prefix`, if it is up (or was, and crashed).
+pub fn load(prefix: &str) -> Result<LabState, LabError> {
+    netns::check_name(prefix)?;
+    let dir = state_dir(prefix);
+    let path = state_file(&dir);
+    let text = match std::fs::read(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(LabError::NotUp(prefix.to_string()))
+        }
+        Err(e) => return Err(io("cannot read", &path)(e)),
+    };
+    serde_json::from_slice(&text).map_err(|e| LabError::State {
+        path,
+        reason: e.to_string(),
+    })
+}
+
+/// The namespaces that belong to lab `prefix` by name (exactly `PREFIX-client`,
+/// `PREFIX-switch` or `PREFIX-nodeN`).
+pub fn namespaces_named(prefix: &str) -> Vec<String> {
+    let lead = format!("{prefix}-");
+    netns::list_with_prefix(&lead)
+        .into_iter()
+        .filter(|n| {
+            let rest = &n[lead.len()..];
+            rest == "client"
+                || rest == "switch"
+                || rest
+                    .strip_prefix("node")
+                    .is_some_and(|k| !k.is_empty() && k.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .collect()
+}
+
+const DEMO_INDEX: &str = "<!doctype html>\n<title>Split-OS lab</title>\n<h1>Split-OS lab</h1>\n\
+<p>Served by <code>splitos serve</code> on one of the lab's nodes, behind the steering switch.</p>\n";
+
+/// Builds lab `cfg.prefix` and returns its state. On failure everything made so far is
+/// removed again.
+pub fn up(cfg: &LabConfig) -> Result<LabState, LabError> {
+    netns::require_root()?;
+    netns::require_tool("nft", "--version")?;
+    let topo = Topology::new(&cfg.prefix, cfg.nodes)?;
+    let dir = state_dir(&cfg.prefix);
+    if dir.exists() || !namespaces_named(&cfg.prefix).is_empty() {
+        return Err(LabError::AlreadyUp(cfg.prefix.clone()));
+    }
+    if let Some(site) = &cfg.site {
+        if !site.is_dir() {
+            return Err(LabError::Site(site.clone()));
+        }
+    }
+    std::fs::create_dir_all(&dir).map_err(io("cannot create", &dir))?;
+    let site = match &cfg.site {
+        Some(s) => std::fs::canonicalize(s).map_err(io("cannot resolve", s))?,
+        None => {
+            let s = dir.join("site");
+            std::fs::create_dir_all(&s).map_err(io("cannot create", &s))?;
+            let index = s.join("index.html");
+            std::fs::write(&index, DEMO_INDEX).map_err(io("cannot write", &index))?;
+            s
+        }
+    };
+    let mut st = LabState {
+        prefix: cfg.prefix.clone(),
+        nodes: cfg.nodes,
+        vip: topo.vip,
+        port: cfg.port,
+        site,
+        dir: dir.clone(),
+        namespaces: topo.namespaces(),
+        processes: Vec::new(),
+    };
+    // Written down before anything is made, so that `down` finds it after a crash.
+    save(&st)?;
+    match build(cfg, &topo, &mut st) {
+        Ok(()) => Ok(st),
+        Err(e) => {
+            let _ = down(&cfg.prefix);
+            Err(e)
+        }
+    }
+}
+
+fn build(cfg: &LabConfig, topo: &Topology, st: &mut LabState) -> Result<(), LabError> {
+    topo.build()?;
+    // The switch: the same command a router of a real deployment runs.
+    let mut init = netns::command_in(&topo.switch(), &cfg.exe);
+    init.args(["switch", "init", "--vip", &topo.vip.to_string()])
+        .args(["--port", &cfg.port.to_string()]);
+    for n in topo.switch_nodes() {
+        init.arg("--node")
+            .arg(format!("{}={}@{}", n.id, n.via, n.dev));
+    }
+    netns::run(&mut init).map_err(|e| LabError::Step(format!("starting the switch: {e}")))?;
+    // The nodes: `splitos serve` of the site on the virtual IP.
+    let listen = SocketAddr::new(topo.vip.into(), cfg.port);
+    for k in 1..=topo.nodes {
+        let ns = topo.node(k);
+        let tmp = st.dir.join(format!("node{k}"));
+        std::fs::create_dir_all(&tmp).map_err(io("cannot create", &tmp))?;
+        // A runtime directory is private to its user.
+        std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .map_err(io("cannot protect", &tmp))?;
+        let log = st.dir.join(format!("node{k}.log"));
+        let out = std::fs::File::create(&log).map_err(io("cannot create", &log))?;
+        let err = out.try_clone().map_err(io("cannot open", &log))?;
+        let mut serve = netns::command_in(&ns, &cfg.exe);
+        serve
+            .arg("serve")
+            .arg(&st.site)
+            .args(["--listen", &listen.to_string()])
+            .arg("--control-socket")
+            .arg(tmp.join("control.sock"))
+            // serve keeps its private sockets under its runtime (or, in older builds,
+            // temporary) directory: make both the lab's, so they go with it.
+            .env("XDG_RUNTIME_DIR", &tmp)
+            .env("TMPDIR", &tmp)
+            // The log is a file: no colour codes in it.
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .process_group(0);
+        let child = serve
+            .spawn()
+            .map_err(|e| LabError::Step(format!("cannot start splitos serve in {ns}: {e}")))?;
+        st.processes.push(LabProcess {
+            namespace: ns.clone(),
+            pid: child.id() as i32,
+            what: format!("splitos serve {} on {listen}", st.site.display()),
+            log: log.clone(),
+        });
+        save(st)?;
+        // The child is not waited for: it outlives `up`, and `down` ends it.
+        drop(child);
+    }
+    for k in 1..=topo.nodes {
+        let ns = topo.node(k);
+        wait_serving(&ns, listen).map_err(|e| {
+            let log =
+                std::fs::read_to_string(st.dir.join(format!("node{k}.log"))).unwrap_or_default();
+            LabError::Step(format!("{e}; its log:\n{log}"))
+        })?;
+    }
+    Ok(())
+}
+
+/// Waits (at most 20 s) until something accepts connections on `addr` inside `ns`.
+fn wait_serving(ns: &str, addr: SocketAddr) -> Result<(), LabError> {
+    let until = Instant::now() + Duration::from_secs(20);
+    netns::run_in(ns, || loop {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return Ok(());
+        }
+        if Instant::now() >= until {
+            return Err(LabError::Step(format!(
+                "splitos serve in {ns} did not start listening on {addr} within 20 s"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    })?
+}
+
+/// Whether `pid` is a live (not zombie) process.
+pub fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().starts_with(['Z', 'X']))
+        })
+        .is_some_and(|dead| !dead)
+}
+
+/// What `down` did.
+#[derive(Debug, Default)]
+pub struct DownReport {
+    pub namespaces: Vec<String>,
+    pub processes: usize,
+    pub left: Vec<String>,
+}
+
+/// Removes lab `prefix`: its processes (TERM, then KILL), its namespaces (and whatever still
+/// runs in them) and its state directory. Works from the state file and, after a crash, from
+/// the namespaces' names alone.
+pub fn down(prefix: &str) -> Result<DownReport, LabError> {
+    netns::check_name(prefix)?;
+    netns::require_root()?;
+    let st = load(prefix).ok();
+    let dir = state_dir(prefix);
+    let mut namespaces = namespaces_named(prefix);
+    if let Some(st) = &st {
+        for n in &st.namespaces {
+            if !namespaces.contains(n) && netns::exists(n) {
+                namespaces.push(n.clone());
+            }
+        }
+    }
+    if st.is_none() && namespaces.is_empty() && !dir.exists() {
+        return Err(LabError::NotUp(prefix.to_string()));
+    }
+    let mut report = DownReport::default();
+    if let Some(st) = &st {
+        report.processes = stop_processes(&st.processes);
+    }
+    report.left = topology::destroy_prefixed(&namespaces);
+    report.namespaces = namespaces;
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).map_err(io("cannot remove", &dir))?;
+    }
+    // The parent directory goes too when no other lab is left in it.
+    if let Some(parent) = dir.parent() {
+        let _ = std::fs::remove_dir(parent);
+    }
+    Ok(report)
+}
+
+/// TERM to each live process, a grace period, then KILL; returns how many were live.
+fn stop_processes(ps: &[LabProcess]) -> usize {
+    use rustix::process::{kill_process, Pid, Signal};
+    let live: Vec<&LabProcess> = ps.iter().filter(|p| alive(p.pid)).collect();
+    for p in &live {
+        if let Some(pid) = Pid::from_raw(p.pid) {
+            let _ = kill_process(pid, Signal::TERM);
+        }
+    }
+    let until = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < until && live.iter().any(|p| alive(p.pid)) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for p in &live {
+        if alive(p.pid) {
+            if let Some(pid) = Pid::from_raw(p.pid) {
+                let _ = kill_process(pid, Signal::KILL);
+            }
+        }
+    }
+    live.len()
+}
+
+/// A lab's state with each process's and namespace's liveness.
+#[derive(Debug, Serialize)]
+pub struct LabStatus {
+    #[serde(flatten)]
+    pub state: LabState,
+    pub processes_alive: Vec<bool>,
+    pub namespaces_present: Vec<bool>,
+}
+
+pub fn status(prefix: &str) -> Result<LabStatus, LabError> {
+    let state = load(prefix)?;
+    Ok(LabStatus {
+        processes_alive: state.processes.iter().map(|p| alive(p.pid)).collect(),
+        namespaces_present: state.namespaces.iter().map(|n| netns::exists(n)).collect(),
+        state,
+    })
+}
+
+/// Replaces this process with `program args...` run inside lab `prefix`'s `member`
+/// namespace; returns only on failure.
+pub fn exec(prefix: &str, member: &str, program: &str, args: &[String]) -> LabError {
+    let st = match load(prefix) {
+        Ok(s) => s,
+        Err(e) => return e,
+    };
+    let ns = match st.namespace_of(member) {
+        Ok(n) => n,
+        Err(e) => return e,
+    };
+    let e = netns::command_in(&ns, program).args(args).exec();
+    LabError::Step(format!("cannot run {program} in {ns}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn members() {
+        let st = LabState {
+            prefix: "p".into(),
+            nodes: 2,
+            vip: topology::DEFAULT_VIP,
+            port: 80,
+            site: "/s".into(),
+            dir: "/d".into(),
+            namespaces: vec![],
+            processes: vec![],
+        };
+        assert_eq!(st.namespace_of("node2").unwrap(), "p-node2");
+        assert_eq!(st.namespace_of("client").unwrap(), "p-client");
+        for bad in ["node3", "node0", "nodex", "host", "node-1"] {
+            assert!(st.namespace_of(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn state_dir_is_per_prefix() {
+        assert!(state_dir("x").ends_with("splitos-lab/x"));
+    }
+}

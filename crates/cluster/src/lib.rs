@@ -1,0 +1,9 @@
+//! Split-OS on several nodes: the steering switch that spreads a virtual IP's flows over the
+//! nodes ([`switch`]), and the pieces that build a cluster out of network namespaces on one
+//! machine ([`netns`], [`topology`], and the [`lab`] that runs real servers in them) for
+//! tests, demos and benchmarks.
+
+pub mod lab;
+pub mod netns;
+pub mod switch;
+pub mod topology;

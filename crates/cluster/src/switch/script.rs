@@ -1,0 +1,240 @@
+//! The nftables side of the switch as text: the table that steers a virtual IP, and the
+//! transactions that change it. Pure string building; `nft -f -` applies each script as one
+//! atomic transaction (all of it or none of it).
+//!
+//! ```text
+//! table ip splitos {
+//!   set config   { type ipv4_addr . inet_service . mark . mark }  # vip . port . buckets . seed
+//!   set nodes    { type mark . ipv4_addr . ifname }               # id . next hop . interface
+//!   map buckets  { type mark : mark }           # 0x10000 + bucket -> node id
+//!   map owners   { type ipv4_addr . inet_service : mark }  # client . port -> node id (moved flows)
+//!   set hold     { type ipv4_addr . inet_service }         # flows being moved: dropped
+//!   set fences   { type ifname . ipv4_addr . inet_service }  # node interface . client . port
+//!   chain steer { prerouting, mangle:
+//!     VIP:ports from a held flow: drop
+//!     VIP:ports: mark = 0x10000 + jhash(client addr . client port) mod N
+//!     VIP:ports: mark = buckets[mark]
+//!     VIP:ports: mark = owners[client . port]   (a miss leaves the bucket's node)
+//!   }
+//!   chain fence { forward, filter:
+//!     from VIP:ports, arriving on a fenced node's interface for that client: drop }
+//! }
+//! ```
+//! The mark then picks the node's routing table (`ip rule fwmark ID lookup 1000+ID`), whose
+//! one route sends the VIP to that node: no NAT, and the nodes answer straight back.
+//!
+//! The bucket number travels through the mark because nft 1.0.6 crashes listing a map typed
+//! `typeof jhash ...` (checked on this machine), while `type mark : mark` lists fine.
+
+use super::{Flow, Node, NodeId, SwitchConfig};
+use std::fmt::Write as _;
+
+/// Marks at and above this carry a bucket number between two rules of `steer`.
+pub const BUCKET_MARK_BASE: u32 = 0x1_0000;
+
+fn ports(cfg: &SwitchConfig) -> String {
+    let p: Vec<String> = cfg.ports.iter().map(u16::to_string).collect();
+    format!("{{ {} }}", p.join(", "))
+}
+
+fn flow_key(f: &Flow) -> String {
+    format!("{} . {}", f.0.ip(), f.0.port())
+}
+
+fn fence_key(dev: &str, f: &Flow) -> String {
+    format!("\"{dev}\" . {}", flow_key(f))
+}
+
+fn node_key(n: &Node) -> String {
+    format!("{} . {} . \"{}\"", n.id, n.via, n.dev)
+}
+
+/// The whole table, with `nodes` and the bucket table `buckets` (index = bucket).
+pub fn create(table: &str, cfg: &SwitchConfig, nodes: &[Node], buckets: &[NodeId]) -> String {
+    let vip = cfg.vip;
+    let ports = ports(cfg);
+    let mut s = String::new();
+    let _ = writeln!(s, "table ip {table} {{");
+    let _ = writeln!(
+        s,
+        "  set config {{ type ipv4_addr . inet_service . mark . mark; }}"
+    );
+    let _ = writeln!(s, "  set nodes {{ type mark . ipv4_addr . ifname; }}");
+    let _ = writeln!(s, "  map buckets {{ type mark : mark; }}");
+    let _ = writeln!(
+        s,
+        "  map owners {{ type ipv4_addr . inet_service : mark; }}"
+    );
+    let _ = writeln!(s, "  set hold {{ type ipv4_addr . inet_service; }}");
+    let _ = writeln!(
+        s,
+        "  set fences {{ type ifname . ipv4_addr . inet_service; }}"
+    );
+    let _ = writeln!(s, "  counter held {{}}");
+    let _ = writeln!(s, "  counter fenced {{}}");
+    let _ = writeln!(s, "  chain steer {{");
+    let _ = writeln!(
+        s,
+        "    type filter hook prerouting priority mangle; policy accept;"
+    );
+    let _ = writeln!(
+        s,
+        "    ip daddr {vip} tcp dport {ports} ip saddr . tcp sport @hold counter name \"held\" drop"
+    );
+    let _ = writeln!(
+        s,
+        "    ip daddr {vip} tcp dport {ports} meta mark set jhash ip saddr . tcp sport mod {} seed {:#x} offset {:#x}",
+        cfg.buckets, cfg.seed, BUCKET_MARK_BASE
+    );
+    let _ = writeln!(
+        s,
+        "    ip daddr {vip} tcp dport {ports} meta mark set meta mark map @buckets"
+    );
+    let _ = writeln!(
+        s,
+        "    ip daddr {vip} tcp dport {ports} meta mark set ip saddr . tcp sport map @owners"
+    );
+    let _ = writeln!(s, "  }}");
+    let _ = writeln!(s, "  chain fence {{");
+    let _ = writeln!(
+        s,
+        "    type filter hook forward priority filter; policy accept;"
+    );
+    let _ = writeln!(
+        s,
+        "    ip saddr {vip} tcp sport {ports} iifname . ip daddr . tcp dport @fences counter name \"fenced\" drop"
+    );
+    let _ = writeln!(s, "  }}");
+    let _ = writeln!(s, "}}");
+    let cfg_elems: Vec<String> = cfg
+        .ports
+        .iter()
+        .map(|p| format!("{vip} . {p} . {} . {:#x}", cfg.buckets, cfg.seed))
+        .collect();
+    let _ = writeln!(
+        s,
+        "add element ip {table} config {{ {} }}",
+        cfg_elems.join(", ")
+    );
+    for n in nodes {
+        let _ = writeln!(s, "add element ip {table} nodes {{ {} }}", node_key(n));
+    }
+    s.push_str(&bucket_elements(table, "add", buckets, 0..buckets.len()));
+    s
+}
+
+/// `add`/`delete` lines for buckets `which` of `table_map`.
+fn bucket_elements(
+    table: &str,
+    verb: &str,
+    buckets: &[NodeId],
+    which: impl IntoIterator<Item = usize>,
+) -> String {
+    let elems: Vec<String> = which
+        .into_iter()
+        .filter_map(|i| {
+            buckets.get(i).map(|n| {
+                if verb == "delete" {
+                    format!("{:#x}", BUCKET_MARK_BASE + i as u32)
+                } else {
+                    format!("{:#x} : {n}", BUCKET_MARK_BASE + i as u32)
+                }
+            })
+        })
+        .collect();
+    if elems.is_empty() {
+        return String::new();
+    }
+    format!(
+        "{verb} element ip {table} buckets {{ {} }}\n",
+        elems.join(", ")
+    )
+}
+
+/// Rewrites the buckets that differ between `old` and `new` (delete then add, in one
+/// transaction with whatever else the script holds).
+pub fn rebucket(table: &str, old: &[NodeId], new: &[NodeId]) -> String {
+    let moved = super::buckets::moved(old, new);
+    let mut s = bucket_elements(table, "delete", old, moved.iter().copied());
+    s.push_str(&bucket_elements(table, "add", new, moved));
+    s
+}
+
+pub fn add_node(table: &str, n: &Node) -> String {
+    format!("add element ip {table} nodes {{ {} }}\n", node_key(n))
+}
+
+pub fn delete_node(table: &str, n: &Node) -> String {
+    format!("delete element ip {table} nodes {{ {} }}\n", node_key(n))
+}
+
+pub fn set_owner(table: &str, f: &Flow, node: NodeId) -> String {
+    format!(
+        "add element ip {table} owners {{ {} : {node} }}\n",
+        flow_key(f)
+    )
+}
+
+pub fn clear_owner(table: &str, f: &Flow) -> String {
+    format!("delete element ip {table} owners {{ {} }}\n", flow_key(f))
+}
+
+pub fn hold(table: &str, f: &Flow) -> String {
+    format!("add element ip {table} hold {{ {} }}\n", flow_key(f))
+}
+
+pub fn release(table: &str, f: &Flow) -> String {
+    format!("delete element ip {table} hold {{ {} }}\n", flow_key(f))
+}
+
+pub fn fence(table: &str, dev: &str, f: &Flow) -> String {
+    format!(
+        "add element ip {table} fences {{ {} }}\n",
+        fence_key(dev, f)
+    )
+}
+
+pub fn unfence(table: &str, dev: &str, f: &Flow) -> String {
+    format!(
+        "delete element ip {table} fences {{ {} }}\n",
+        fence_key(dev, f)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn create_script_reads_like_the_sketch() {
+        let cfg = SwitchConfig {
+            vip: "198.19.0.1".parse().unwrap(),
+            ports: vec![80, 8080],
+            buckets: 4,
+            seed: 0x5eed,
+        };
+        let nodes = [
+            Node::new(1, "198.18.1.2".parse().unwrap(), "n1").unwrap(),
+            Node::new(2, "198.18.2.2".parse().unwrap(), "n2").unwrap(),
+        ];
+        let s = create("splitos", &cfg, &nodes, &[1, 2, 1, 2]);
+        assert!(s.contains(
+            "ip daddr 198.19.0.1 tcp dport { 80, 8080 } meta mark set jhash ip saddr . tcp sport mod 4 seed 0x5eed offset 0x10000"
+        ));
+        assert!(s.contains("add element ip splitos nodes { 2 . 198.18.2.2 . \"n2\" }"));
+        assert!(s.contains(
+            "add element ip splitos buckets { 0x10000 : 1, 0x10001 : 2, 0x10002 : 1, 0x10003 : 2 }"
+        ));
+        assert!(s.contains("198.19.0.1 . 8080 . 4 . 0x5eed"));
+    }
+
+    #[test]
+    fn rebucket_touches_only_moved_buckets() {
+        let s = rebucket("t", &[1, 2, 3, 1], &[1, 2, 1, 1]);
+        assert_eq!(
+            s,
+            "delete element ip t buckets { 0x10002 }\nadd element ip t buckets { 0x10002 : 1 }\n"
+        );
+        assert_eq!(rebucket("t", &[1, 2], &[1, 2]), "");
+    }
+}

@@ -107,6 +107,24 @@ impl Server {
             .unwrap_or_default()
     }
 
+    /// Requests the TCP server answered itself so far (`splitos status`; refreshed every
+    /// 100 ms).
+    fn direct_answers(&self) -> u64 {
+        let out = Command::new(BIN)
+            .args([
+                "status",
+                "--json",
+                "--listen",
+                &format!("127.0.0.1:{}", self.port),
+            ])
+            .output();
+        let v: serde_json::Value = out
+            .ok()
+            .and_then(|o| serde_json::from_slice(&o.stdout).ok())
+            .unwrap_or_default();
+        v["summary"]["direct_answers"].as_u64().unwrap_or(0)
+    }
+
     /// The one application process, once there is exactly one (within 20 s).
     fn the_app(&self) -> u32 {
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -617,4 +635,36 @@ fn requests_in_progress_when_the_application_dies_are_answered() {
         // Quick deaths in a row make the supervisor give up: let the successor age.
         std::thread::sleep(Duration::from_millis(2100));
     }
+}
+
+/// The connections a crashed application's successor adopts go back to the direct path: the
+/// successor installs the route after it took them over, and they must get it too, or the
+/// application would answer them for the rest of their lives (found with `splitos status`:
+/// direct answers stopped growing after a kill).
+#[test]
+fn connections_handed_on_by_a_crash_return_to_the_direct_path() {
+    let s = Server::start("return", &[]);
+    let mut clients = Clients::start(s.port);
+    std::thread::sleep(Duration::from_millis(1500));
+    let old = s.the_app();
+    signal(old, rustix::process::Signal::KILL);
+    wait_for_successor(&s, &[old]);
+    std::thread::sleep(Duration::from_millis(1500));
+    let (d0, r0) = (s.direct_answers(), clients.report().requests);
+    std::thread::sleep(Duration::from_millis(2000));
+    let (d1, r1) = (s.direct_answers(), clients.report().requests);
+    let total = clients.stop();
+    assert_eq!(
+        (total.failures, total.closed),
+        (0, 0),
+        "{:#?}",
+        clients.errors
+    );
+    let (direct, all) = (d1 - d0, r1 - r0);
+    eprintln!("after the crash: {direct} of {all} requests answered by the direct path");
+    assert!(all > 100, "the clients stalled");
+    assert!(
+        direct * 2 > all,
+        "after the crash only {direct} of {all} requests took the direct path"
+    );
 }

@@ -152,6 +152,7 @@ impl Worker {
                     self.routes.len() - 1
                 }
             } as u32;
+            let mut addr = None;
             if let Some(Socket {
                 kind: Kind::Listener(l),
                 ..
@@ -159,6 +160,21 @@ impl Worker {
             {
                 if let Some((old, _)) = l.route.replace((idx, serial)) {
                     self.routes[old as usize] = None;
+                }
+                addr = Some(l.addr);
+            }
+            // Connections this session already has from the listener's address — handed on by
+            // an instance that crashed or reloaded, adopted before its successor installed the
+            // route — may be given back to the route too (`ServeDirect`), or they would stay
+            // with the application for life.
+            if let (Some(addr), Some(s)) = (addr, self.sessions[si].as_ref()) {
+                let conns: Vec<SlotIx> = s.sockets.iter().copied().collect();
+                for c in conns {
+                    if let Some(c) = self.conn_mut(c) {
+                        if c.route.is_none() && c.origin == Some(addr) {
+                            c.route = Some((idx, serial));
+                        }
+                    }
                 }
             }
             tracing::info!(session = si.0, "direct path installed");

@@ -243,7 +243,18 @@ fn a_crash_between_requests_loses_no_request_and_no_connection() {
 
     // The successor takes over the listener and the connection with its unanswered request.
     let mut b = Reactor::connect(srv.socket_path(), WaitPolicy::Block, "b").unwrap();
-    let (_l, baddr) = b.listen(addr, recoverable).unwrap();
+    // The server notices the death within milliseconds; until it has parked the listener, the
+    // address is still in use (as for any restart: the successor retries).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let baddr = loop {
+        match b.listen(addr, recoverable) {
+            Ok((_, a)) => break a,
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5))
+            }
+            Err(e) => panic!("the successor could not take the listener over: {e}"),
+        }
+    };
     assert_eq!(baddr, addr);
     let mut got = Vec::new();
     let mut conn = None;

@@ -1,0 +1,304 @@
+//! What the TCP server's integration tests share: a server in this process, and `RawApp`, an
+//! application that speaks the protocol by hand (so a test can play a hostile one).
+
+#![allow(dead_code)] // each test binary uses its own part of this
+
+use splitos_m2m::{Channel, ChannelConfig, Message, WaitPolicy};
+use splitos_tcp_proto::{BufferMeta, Event, Handle, Request};
+use splitos_tcp_server::{ServerConfig, TcpServer};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub const T: Duration = Duration::from_secs(10);
+
+/// The server removes its socket and statistics files when it stops.
+pub fn socket_path(tag: &str) -> PathBuf {
+    std::env::temp_dir().join(format!(
+        "splitos-srv-test-{}-{tag}.sock",
+        std::process::id()
+    ))
+}
+
+pub fn server(tag: &str) -> TcpServer {
+    server_with(tag, WaitPolicy::Block)
+}
+
+pub fn server_with(tag: &str, wait: WaitPolicy) -> TcpServer {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    TcpServer::start(ServerConfig {
+        socket: socket_path(tag),
+        threads: 2,
+        wait,
+        persist_grace: Duration::from_secs(5),
+        ..ServerConfig::default()
+    })
+    .expect("server starts")
+}
+
+/// An event with its payload copied out of the ring.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Ev {
+    Done(u32, Handle, SocketAddr, SocketAddr),
+    Failed(u32, i32),
+    Accepted(Handle, Handle, SocketAddr),
+    Data(Handle, Vec<u8>),
+    Eof(Handle),
+    Sent(Handle, u32),
+    Error(Handle, i32),
+    Closed(Handle),
+    ProtocolError(u8, i32),
+    Paused(Handle),
+}
+
+/// A minimal application speaking the protocol by hand.
+pub struct RawApp {
+    pub chan: Channel,
+    pub req: u32,
+    buf: Vec<u8>,
+}
+
+impl RawApp {
+    pub fn connect(path: &Path) -> RawApp {
+        RawApp::connect_with(
+            path,
+            ChannelConfig {
+                wait: WaitPolicy::adaptive(),
+                ..ChannelConfig::default()
+            },
+        )
+    }
+
+    pub fn connect_with(path: &Path, config: ChannelConfig) -> RawApp {
+        let chan = Channel::connect(path, config).expect("connect to server");
+        RawApp {
+            chan,
+            req: 0,
+            buf: Vec::new(),
+        }
+    }
+
+    pub fn send(&mut self, r: Request<'_>) {
+        self.buf.clear();
+        r.encode(&mut self.buf);
+        let b = std::mem::take(&mut self.buf);
+        self.chan.send(&b).expect("send request");
+        self.buf = b;
+    }
+
+    pub fn event(&mut self) -> Ev {
+        let m = self
+            .chan
+            .recv_timeout(T)
+            .expect("channel alive")
+            .expect("an event within 10 s");
+        decode(m)
+    }
+
+    /// Next event that is not a send confirmation.
+    pub fn event_skip_sent(&mut self) -> Ev {
+        loop {
+            match self.event() {
+                Ev::Sent(..) => {}
+                e => return e,
+            }
+        }
+    }
+
+    pub fn listen(&mut self, addr: &str, flags: u32) -> Result<(Handle, SocketAddr), i32> {
+        self.req += 1;
+        let req = self.req;
+        self.send(Request::Listen {
+            req,
+            addr: addr.parse().unwrap(),
+            backlog: 1024,
+            flags,
+        });
+        match self.event() {
+            Ev::Done(r, h, local, _) if r == req => Ok((h, local)),
+            Ev::Failed(r, errno) if r == req => Err(errno),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    /// Reads `n` bytes of connection `h`, acknowledging them.
+    pub fn read_exact(&mut self, h: Handle, n: usize) -> Vec<u8> {
+        let mut got = Vec::new();
+        while got.len() < n {
+            match self.event_skip_sent() {
+                Ev::Data(dh, d) if dh == h => {
+                    self.send(Request::Consumed {
+                        handle: h,
+                        bytes: d.len() as u32,
+                    });
+                    got.extend(d);
+                }
+                other => panic!("unexpected {other:?} while reading"),
+            }
+        }
+        got
+    }
+}
+
+/// The configuration `server` uses, for a test to adjust.
+pub fn config(tag: &str) -> ServerConfig {
+    ServerConfig {
+        socket: socket_path(tag),
+        threads: 2,
+        wait: WaitPolicy::Block,
+        persist_grace: Duration::from_secs(5),
+        ..ServerConfig::default()
+    }
+}
+
+pub fn start(config: ServerConfig) -> TcpServer {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    TcpServer::start(config).expect("server starts")
+}
+
+impl RawApp {
+    /// The next `Accepted` (skipping send credit): the new connection's handle.
+    pub fn accepted(&mut self) -> Handle {
+        match self.event_skip_sent() {
+            Ev::Accepted(_, c, _) => c,
+            other => panic!("expected Accepted, got {other:?}"),
+        }
+    }
+
+    /// Events until `want` matches one (skipping the others), for at most `within`; the
+    /// matching event, or `None` if time ran out or the channel ended.
+    pub fn wait_for(&mut self, within: Duration, want: impl Fn(&Ev) -> bool) -> Option<Ev> {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            let ev = match self.chan.recv_timeout(left) {
+                Ok(Some(m)) => decode(m),
+                Ok(None) | Err(_) => return None,
+            };
+            if want(&ev) {
+                return Some(ev);
+            }
+        }
+    }
+}
+
+fn decode(m: Message<'_>) -> Ev {
+    match m {
+        Message::Inline(b) => match Event::decode(b).expect("server sent a valid event") {
+            Event::Done {
+                req,
+                handle,
+                local,
+                peer,
+            } => Ev::Done(req, handle, local, peer),
+            Event::Failed { req, errno } => Ev::Failed(req, errno),
+            Event::Accepted {
+                listener,
+                conn,
+                peer,
+                ..
+            } => Ev::Accepted(listener, conn, peer),
+            Event::Data { handle, data } => Ev::Data(handle, data.to_vec()),
+            Event::Eof { handle } => Ev::Eof(handle),
+            Event::Sent { handle, bytes } => Ev::Sent(handle, bytes),
+            Event::Error { handle, errno } => Ev::Error(handle, errno),
+            Event::Closed { handle } => Ev::Closed(handle),
+            Event::ProtocolError { op, errno } => Ev::ProtocolError(op, errno),
+            Event::Paused { handle } => Ev::Paused(handle),
+        },
+        Message::Buffer(rx) => match BufferMeta::decode(rx.meta()) {
+            Ok(BufferMeta::Data(h)) => Ev::Data(h, rx.to_vec()),
+            other => panic!("unexpected buffer meta {other:?}"),
+        },
+    }
+}
+
+/// Resident memory of a process, from /proc.
+pub fn rss_bytes(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+pub fn count_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// A server in a process of its own (so that its memory and descriptors can be measured
+/// alone), until the returned child's stdin closes. The calling test binary must have a test
+/// named `server_process_entry` that calls [`server_process_main`]. `env` adjusts it:
+/// `SERVER_SOCKET_MODE` (octal), `SERVER_NOFILE` (a soft descriptor limit set before it starts),
+/// `SERVER_THREADS`.
+pub fn spawn_server_process(tag: &str, env: &[(&str, &str)]) -> (std::process::Child, PathBuf) {
+    use std::process::{Command, Stdio};
+    let path = socket_path(tag);
+    let mut cmd = Command::new(std::env::current_exe().expect("test binary"));
+    cmd.args([
+        "server_process_entry",
+        "--exact",
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .env("SERVER_SOCKET", &path)
+    .stdin(Stdio::piped())
+    .stdout(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let child = cmd.spawn().expect("spawn the server process");
+    let deadline = std::time::Instant::now() + T;
+    while splitos_tcp_server::stats::read(&path).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "server process did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (child, path)
+}
+
+/// The body of a test binary's `server_process_entry` (see [`spawn_server_process`]); does
+/// nothing when not run as one.
+pub fn server_process_main() {
+    use std::io::Read;
+    let Some(socket) = std::env::var_os("SERVER_SOCKET") else {
+        return;
+    };
+    let env = |k: &str| std::env::var(k).ok();
+    if let Some(n) = env("SERVER_NOFILE").and_then(|v| v.parse::<u64>().ok()) {
+        use rustix::process::{getrlimit, setrlimit, Resource};
+        let mut l = getrlimit(Resource::Nofile);
+        l.current = Some(n);
+        setrlimit(Resource::Nofile, l).expect("lower the descriptor limit");
+    }
+    let mut config = ServerConfig {
+        socket: PathBuf::from(socket),
+        threads: env("SERVER_THREADS")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1),
+        wait: WaitPolicy::Block,
+        persist_grace: Duration::from_secs(5),
+        ..ServerConfig::default()
+    };
+    if let Some(m) = env("SERVER_SOCKET_MODE").and_then(|v| u32::from_str_radix(&v, 8).ok()) {
+        config.socket_mode = m;
+    }
+    let srv = TcpServer::start(config).expect("server starts");
+    let mut b = [0u8; 1];
+    let _ = std::io::stdin().read(&mut b); // until the parent closes stdin
+    srv.shutdown();
+}

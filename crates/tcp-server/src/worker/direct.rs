@@ -156,9 +156,12 @@ impl Worker {
         let sendq = &mut c.sendq;
         let answered = &mut self.direct_responses;
         let outcome = crate::direct::serve(route, d, sendq.len(), answered, |part| match part {
+            // Never an empty chunk: it would never leave the queue (see `send_inline`).
+            Part::Bytes(data) if data.is_empty() => {}
             Part::Bytes(data) => sendq.push_back(Chunk::Direct { data, off: 0 }),
             Part::File(view, off, len) => {
-                for (seg, within, n) in view.pieces(off, len).unwrap_or_default() {
+                let pieces = view.pieces(off, len).unwrap_or_default();
+                for (seg, within, n) in pieces.into_iter().filter(|p| p.2 > 0) {
                     sendq.push_back(Chunk::File {
                         seg,
                         off: within as usize,
@@ -210,11 +213,9 @@ impl Worker {
         }
         for (slot, late_head) in expired {
             if let Some(c) = self.conn_mut(slot) {
-                if late_head {
-                    c.sendq.push_back(Chunk::Direct {
-                        data: crate::direct::timeout_response(),
-                        off: 0,
-                    });
+                let data = crate::direct::timeout_response();
+                if late_head && !data.is_empty() {
+                    c.sendq.push_back(Chunk::Direct { data, off: 0 });
                 }
                 c.direct = None;
                 c.linger = true;

@@ -79,6 +79,12 @@ impl Worker {
         let Some(slot) = self.writable(si, handle) else {
             return;
         };
+        if data.is_empty() {
+            // Nothing to send, and an empty chunk would never leave the queue: the kernel
+            // "sends" it as 0 bytes, which retires nothing, so it would be re-sent every pass
+            // and whatever follows it (a close) would wait forever.
+            return;
+        }
         let mut spare = self.spare.pop();
         let Some(c) = self.conn_mut(slot) else {
             return;

@@ -98,6 +98,8 @@ pub(super) struct Session {
     pub(super) bytes_out: u64,
 }
 
+/// Bytes queued on a connection. Never empty: an empty chunk would be "sent" as 0 bytes, which
+/// retires nothing, so it would stay at the front of the queue for good.
 pub(super) enum Chunk {
     Inline {
         data: Vec<u8>,

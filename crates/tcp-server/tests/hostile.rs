@@ -1,0 +1,50 @@
+//! The TCP server against hostile and careless applications: each test reproduces one finding
+//! of the security review (`/work/shared/reviews/security.md`, the `A`/`S` numbers) and checks
+//! that only the offender pays for it.
+
+mod common;
+
+use common::*;
+use splitos_tcp_proto::Request;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+#[test]
+fn server_process_entry() {
+    server_process_main();
+}
+
+/// A9: an empty `Send` used to become an empty chunk that the kernel "sent" (0 bytes) over and
+/// over, so the queue never drained and a `Close` behind it never finished.
+#[test]
+fn an_empty_send_neither_spins_nor_blocks_the_close_behind_it() {
+    let srv = server("a9-empty-send");
+    let mut app = RawApp::connect(srv.socket_path());
+    let (_, addr) = app.listen("127.0.0.1:0", 0).unwrap();
+    let mut client = TcpStream::connect(addr).unwrap();
+    let h = app.accepted();
+    app.send(Request::Send {
+        handle: h,
+        data: b"before",
+    });
+    std::thread::sleep(Duration::from_millis(50)); // so the empty send is a chunk of its own
+    app.send(Request::Send {
+        handle: h,
+        data: b"",
+    });
+    app.send(Request::Close { handle: h });
+    let closed = app.wait_for(
+        Duration::from_secs(3),
+        |e| matches!(e, Ev::Closed(c) if *c == h),
+    );
+    assert!(
+        closed.is_some(),
+        "the close behind an empty send never finished"
+    );
+    client.set_read_timeout(Some(T)).unwrap();
+    let mut got = Vec::new();
+    client.read_to_end(&mut got).unwrap();
+    assert_eq!(got, b"before");
+    let _ = client.write_all(b"x");
+}

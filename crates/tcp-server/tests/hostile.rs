@@ -48,3 +48,34 @@ fn an_empty_send_neither_spins_nor_blocks_the_close_behind_it() {
     assert_eq!(got, b"before");
     let _ = client.write_all(b"x");
 }
+
+/// A11: closing a listener did not give its place back, so after 256 listens over its
+/// lifetime a session could never listen again (EMFILE), and the statistics showed the
+/// cumulative count.
+#[test]
+fn closed_listeners_give_their_place_back() {
+    let srv = server("a11-listeners");
+    let mut app = RawApp::connect(srv.socket_path());
+    let max = splitos_tcp_server::ServerConfig::default().max_listeners_per_session;
+    for round in 0..=max {
+        let (h, _) = app
+            .listen("127.0.0.1:0", 0)
+            .unwrap_or_else(|errno| panic!("listen {round} refused with errno {errno}"));
+        app.send(Request::Close { handle: h });
+        assert_eq!(app.event_skip_sent(), Ev::Closed(h));
+    }
+    // The statistics count the listeners open now (none), not every one ever opened.
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let snap = splitos_tcp_server::stats::read(srv.socket_path()).unwrap();
+        let listeners: u64 = snap.workers.iter().map(|w| w.listeners).sum();
+        if listeners == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "statistics still show {listeners} listeners"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -103,6 +103,7 @@ impl Worker {
         self.sockets[slot].generation = self.sockets[slot].generation.wrapping_add(1);
         self.free_sockets.push(slot);
         let was_conn = matches!(sock.kind, Kind::Conn(_) | Kind::Connecting { .. });
+        let was_listener = matches!(sock.kind, Kind::Listener(_));
         // A socket whose connect failed never had a handle the application saw.
         let issued = !matches!(sock.kind, Kind::Connecting { .. });
         let uid = self.sessions[si].as_ref().map_or(u32::MAX, |s| s.peer.uid);
@@ -142,6 +143,9 @@ impl Worker {
             s.sockets.remove(&slot);
             if was_conn {
                 s.conns = s.conns.saturating_sub(1);
+            }
+            if was_listener {
+                s.listeners = s.listeners.saturating_sub(1);
             }
             if !s.dead && issued {
                 self.emit(si, Event::Closed { handle });

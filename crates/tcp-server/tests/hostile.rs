@@ -79,3 +79,31 @@ fn closed_listeners_give_their_place_back() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// A19: the `Hello` name is shown by `splitos status` on an operator's terminal; control bytes
+/// in it (escape sequences, newlines) must not get there.
+#[test]
+fn the_hello_name_is_stored_printable_only() {
+    let srv = server("a19-name");
+    let mut app = RawApp::connect(srv.socket_path());
+    let evil: &[u8] = b"\x1b]0;owned\x07\x1b[2Jfake\nline\r\x00\x9b31m\xff-ok";
+    app.send(Request::Hello {
+        version: splitos_tcp_proto::VERSION,
+        name: evil,
+    });
+    app.listen("127.0.0.1:0", 0).unwrap(); // a round trip: the Hello has been handled
+    let deadline = std::time::Instant::now() + T;
+    let name = loop {
+        let snap = splitos_tcp_server::stats::read(srv.socket_path()).unwrap();
+        if let Some(s) = snap.sessions.iter().find(|s| s.name.contains("ok")) {
+            break s.name.clone();
+        }
+        assert!(std::time::Instant::now() < deadline, "session never shown");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        name.chars().all(|c| c == ' ' || c.is_ascii_graphic()),
+        "name stored with unprintable characters: {name:?}"
+    );
+    assert!(name.contains("fake") && name.contains("-ok"), "{name:?}");
+}

@@ -2,6 +2,21 @@
 
 use super::*;
 
+/// An application's name as the server stores it (and `splitos status` prints it on an
+/// operator's terminal): printable ASCII only, anything else (escape sequences, newlines,
+/// non-UTF-8, other scripts) becomes `?`.
+pub(super) fn printable_name(name: &[u8]) -> String {
+    name.iter()
+        .map(|&b| {
+            if b == b' ' || b.is_ascii_graphic() {
+                b as char
+            } else {
+                '?'
+            }
+        })
+        .collect()
+}
+
 impl Worker {
     pub(super) fn serve_requests(&mut self, si: SessionIx) -> usize {
         let mut n = 0;
@@ -75,7 +90,7 @@ impl Worker {
         match req {
             Request::Hello { name, .. } => {
                 if let Some(s) = self.live_session(si) {
-                    s.name = String::from_utf8_lossy(name).into_owned();
+                    s.name = printable_name(name);
                 }
             }
             Request::Listen {
@@ -180,5 +195,18 @@ impl Worker {
                 self.serve_direct_again(si, handle, received)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn names_keep_printable_ascii_only() {
+        assert_eq!(super::printable_name(b"web-1 (v2)"), "web-1 (v2)");
+        assert_eq!(
+            super::printable_name(b"\x1b[2Jx\ny\x00\xff\x7f"),
+            "?[2Jx?y???"
+        );
+        assert_eq!(super::printable_name("caf\u{e9}".as_bytes()), "caf??");
     }
 }

@@ -114,6 +114,17 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    pub(crate) fn new(config: ServerConfig, stats: Option<stats::StatsWriter>) -> Shared {
+        Shared {
+            config,
+            registry: persist::Registry::default(),
+            shutdown: AtomicBool::new(false),
+            stats,
+            sessions: AtomicUsize::new(0),
+            wakes: std::sync::OnceLock::new(),
+        }
+    }
+
     pub(crate) fn wake_all(&self) {
         for w in self.wakes.get().into_iter().flatten() {
             ring_eventfd(w);
@@ -192,14 +203,7 @@ impl TcpServer {
                 None
             }
         };
-        let shared = Arc::new(Shared {
-            config: config.clone(),
-            registry: persist::Registry::default(),
-            shutdown: AtomicBool::new(false),
-            stats,
-            sessions: AtomicUsize::new(0),
-            wakes: std::sync::OnceLock::new(),
-        });
+        let shared = Arc::new(Shared::new(config.clone(), stats));
         let mut workers: Vec<WorkerHandle> = Vec::new();
         for id in 0..config.threads {
             let (tx, rx) = mpsc::channel();

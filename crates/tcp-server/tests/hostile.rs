@@ -107,3 +107,103 @@ fn the_hello_name_is_stored_printable_only() {
     );
     assert!(name.contains("fake") && name.contains("-ok"), "{name:?}");
 }
+
+/// A7: an application that says it has left (its CLOSED word) yet keeps writing requests used
+/// to hold its worker: the server served "the requests a departed application left" until the
+/// ring was empty, which a live writer never lets happen. No other session on that worker was
+/// served meanwhile.
+#[test]
+fn a_departed_application_that_keeps_writing_cannot_hold_the_worker() {
+    use splitos_tcp_proto::{Handle, SockOpt};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let srv = start(splitos_tcp_server::ServerConfig {
+        threads: 1, // both sessions on the same worker
+        ..config("a7-departing")
+    });
+    let mut good = RawApp::connect(srv.socket_path());
+    let (_, addr) = good.listen("127.0.0.1:0", 0).unwrap();
+    let mut evil = RawPeer::connect(srv.socket_path(), 4 << 20);
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    // Cheap to write, each answered by an event the server tries to deliver.
+    let writer = std::thread::spawn(move || {
+        let req = Request::SetOption {
+            req: 1,
+            handle: Handle::new(12345, 7),
+            opt: SockOpt::NoDelay(true),
+        };
+        while evil.push_request(req) {} // a full ring first
+        evil.declare_closed();
+        evil.ring_bell();
+        let start = std::time::Instant::now();
+        let mut pushed = 0u64;
+        while !stop2.load(Ordering::Relaxed) && start.elapsed() < Duration::from_secs(5) {
+            if evil.push_request(req) {
+                pushed += 1;
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+        (pushed, evil)
+    });
+    std::thread::sleep(Duration::from_millis(200)); // the server noticed the "departure"
+    let t0 = std::time::Instant::now();
+    let _client = TcpStream::connect(addr).unwrap();
+    let accepted = good.wait_for(Duration::from_secs(1), |e| matches!(e, Ev::Accepted(..)));
+    let waited = t0.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let (pushed, evil) = writer.join().unwrap();
+    eprintln!("the departed application pushed {pushed} more requests; Accepted after {waited:?}");
+    assert!(
+        accepted.is_some(),
+        "the other session was not served within 1 s"
+    );
+    // The offender is dropped (it wrote after declaring itself gone).
+    let deadline = std::time::Instant::now() + T;
+    while !evil.dropped_by_server() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "offender never dropped"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A7: `Consumed` naming a handle that was never this session's went unnoticed, so a flood of
+/// them cost the server work without ever counting as a violation.
+#[test]
+fn consumed_on_a_forged_handle_is_a_violation() {
+    let srv = server("a7-consumed");
+    let mut evil = RawApp::connect(srv.socket_path());
+    let forged = splitos_tcp_proto::Handle::new(4000, 3);
+    for _ in 0..100 {
+        if evil
+            .chan
+            .send(&{
+                let mut b = Vec::new();
+                Request::Consumed {
+                    handle: forged,
+                    bytes: 1,
+                }
+                .encode(&mut b);
+                b
+            })
+            .is_err()
+        {
+            break;
+        }
+    }
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a session forging handles was never dropped"
+        );
+        match evil.chan.recv_timeout(Duration::from_millis(100)) {
+            Err(splitos_m2m::Error::PeerGone) => break,
+            Err(e) => panic!("unexpected {e}"),
+            Ok(_) => {}
+        }
+    }
+}

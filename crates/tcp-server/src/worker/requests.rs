@@ -27,6 +27,7 @@ impl Worker {
                 self.msg = msg;
                 return n;
             };
+            let departing = s.departing;
             let item = match s.chan.try_recv() {
                 Ok(None) => {
                     self.msg = msg;
@@ -39,11 +40,41 @@ impl Worker {
                 Ok(Some(Message::Buffer(rx))) => Some(rx),
                 Err(e) => {
                     self.msg = msg;
-                    self.session_failed(si, &e);
+                    if departing {
+                        // Its last requests are served: the session ends now.
+                        self.kill_session(si);
+                    } else {
+                        self.session_failed(si, &e);
+                    }
                     return n;
                 }
             };
             n += 1;
+            if departing {
+                let len = match &item {
+                    None => msg.len(),
+                    Some(rx) => splitos_m2m::layout::descriptor::BYTES + rx.meta().len(),
+                };
+                let footprint = splitos_m2m::layout::record::footprint(len as u64);
+                let Some(s) = self.live_session(si) else {
+                    self.msg = msg;
+                    return n;
+                };
+                match s.drain_left.checked_sub(footprint) {
+                    Some(left) => s.drain_left = left,
+                    None => {
+                        tracing::warn!(
+                            worker = self.id,
+                            session = si.0,
+                            "application declared itself gone yet keeps writing requests; \
+                             treating its channel as corrupt and dropping it"
+                        );
+                        self.msg = msg;
+                        self.kill_session(si);
+                        return n;
+                    }
+                }
+            }
             match item {
                 None => match Request::decode(&msg) {
                     Ok(req) => self.handle_request(si, req),
@@ -65,6 +96,20 @@ impl Worker {
             self.msg = msg;
         }
         n
+    }
+
+    /// Whether `h` may name a socket session `si` held: its own socket still closing, or one
+    /// whose slot has moved on since (an older generation). A request on such a handle is a
+    /// race with a close the application has not heard of yet; on any other it is a forgery.
+    pub(super) fn maybe_stale(&self, si: SessionIx, h: Handle) -> bool {
+        let Some(slot) = self.sockets.get(h.index() as usize) else {
+            return false;
+        };
+        let age = slot.generation.wrapping_sub(h.generation());
+        match &slot.sock {
+            Some(sock) if age == 0 => sock.session == si,
+            _ => age > 0 && age < 1 << 31,
+        }
     }
 
     /// The socket `h` names, if it is open and belongs to session `si`.
@@ -155,9 +200,28 @@ impl Worker {
             }
             Request::Consumed { handle, bytes } => {
                 let Some(slot) = self.owned(si, handle) else {
+                    // A late acknowledgement of a connection that has just closed is normal;
+                    // one for a handle this session never had is not (and costs no event,
+                    // so it must count).
+                    if !self.maybe_stale(si, handle) {
+                        self.violation(
+                            si,
+                            op::CONSUMED,
+                            Errno::BADF.raw_os_error(),
+                            "consumed on a handle never issued to this session",
+                        );
+                    }
                     return;
                 };
-                let Some(c) = self.conn_mut(slot) else { return };
+                let Some(c) = self.conn_mut(slot) else {
+                    self.violation(
+                        si,
+                        op::CONSUMED,
+                        Errno::NOTSOCK.raw_os_error(),
+                        "consumed on a listener",
+                    );
+                    return;
+                };
                 if bytes as u64 > c.unacked {
                     c.unacked = 0;
                     self.violation(

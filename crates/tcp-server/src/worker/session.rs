@@ -75,6 +75,7 @@ impl Worker {
             inflight: 1,
             dead: false,
             departing: false,
+            drain_left: 0,
             dead_since: None,
             violations: 0,
             conns: 0,
@@ -125,11 +126,15 @@ impl Worker {
                 tracing::info!(worker, session = si.0, "application left");
                 // What it queued before it went still counts: an application that writes a
                 // reply, closes and exits expects the reply delivered, even when we notice
-                // the exit first (while sending it an event). Bounded: a departed peer adds
-                // nothing, so at most a ring's worth of requests is left.
+                // the exit first (while sending it an event). So the session stays, and the
+                // passes go on serving its requests (`REQUESTS_PER_PASS` at a time, like
+                // everyone's) until its ring is empty; then `serve_requests` ends it. A
+                // departed peer adds nothing, so that is at most a ring's worth: a "departed"
+                // peer that writes more is alive and lying (`drain_left`).
                 s.departing = true;
+                s.drain_left = s.chan.ring_bytes();
                 s.outbox.clear();
-                while self.serve_requests(si) > 0 {}
+                return;
             }
             other => tracing::warn!(worker, session = si.0, "dropping session: {other}"),
         }

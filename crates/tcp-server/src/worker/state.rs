@@ -88,6 +88,9 @@ pub(super) struct Session {
     /// The application has gone and the requests it left are being served (see
     /// `session_failed`).
     pub(super) departing: bool,
+    /// Ring bytes (record footprints) a departing session may still have served: what its
+    /// ring held when it went. More means it is still writing after declaring itself gone.
+    pub(super) drain_left: u64,
     /// When the application went away; its closed connections may flush until
     /// [`LINGER_LIMIT`] after that.
     pub(super) dead_since: Option<Instant>,

@@ -302,3 +302,139 @@ pub fn server_process_main() {
     let _ = std::io::stdin().read(&mut b); // until the parent closes stdin
     srv.shutdown();
 }
+
+/// An application that speaks m2m itself, straight on the shared region (the documented wire
+/// format, as `crates/m2m/tests/cross_process.rs` does): it can do what the `Channel` API never
+/// lets a well-behaved peer do, such as declaring itself gone and writing on.
+pub struct RawPeer {
+    sock: std::os::unix::net::UnixStream,
+    map: memmap2::MmapRaw,
+    /// The server's doorbell (an eventfd).
+    bell: rustix::fd::OwnedFd,
+    ring: u64,
+    ring_ctl: usize,
+    ring_data: usize,
+    tail: u64,
+}
+
+impl RawPeer {
+    /// Connects asking for a `ring_bytes` request ring (the server may grant less).
+    pub fn connect(path: &Path, ring_bytes: u64) -> RawPeer {
+        use rustix::net::{recvmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+        use splitos_m2m::layout::{self, Layout, Params};
+        use std::io::Write;
+        use std::mem::MaybeUninit;
+        let mut sock = std::os::unix::net::UnixStream::connect(path).expect("connect");
+        let mut hello = [0u8; 64];
+        hello[..8].copy_from_slice(b"SPOSHELO");
+        hello[8..12].copy_from_slice(&layout::VERSION.to_le_bytes());
+        hello[16..24].copy_from_slice(&ring_bytes.to_le_bytes());
+        hello[24..32].copy_from_slice(&4096u64.to_le_bytes());
+        hello[32..40].copy_from_slice(&4u64.to_le_bytes());
+        sock.write_all(&hello).expect("hello");
+        let mut reply = [0u8; 128];
+        let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(3))];
+        let mut anc = RecvAncillaryBuffer::new(&mut space);
+        recvmsg(
+            &sock,
+            &mut [std::io::IoSliceMut::new(&mut reply)],
+            &mut anc,
+            RecvFlags::empty(),
+        )
+        .expect("reply");
+        let mut fds = Vec::new();
+        for m in anc.drain() {
+            if let RecvAncillaryMessage::ScmRights(r) = m {
+                fds.extend(r);
+            }
+        }
+        assert_eq!(fds.len(), 3, "the server sent region and doorbells");
+        let word = |at: usize| u64::from_le_bytes(reply[at..at + 8].try_into().unwrap());
+        let params = Params {
+            ring_bytes: word(16),
+            buf_size: word(24),
+            buf_count: word(32),
+        };
+        let l = Layout::new(params).expect("a valid layout");
+        let map = memmap2::MmapOptions::new()
+            .len(l.region_size)
+            .map_raw(&fds[0])
+            .expect("map the region");
+        let bell = fds.swap_remove(1);
+        RawPeer {
+            sock,
+            map,
+            bell,
+            ring: params.ring_bytes,
+            ring_ctl: l.dirs[1].ring_ctl,
+            ring_data: l.dirs[1].ring_data,
+            tail: 0,
+        }
+    }
+
+    fn word(&self, off: usize) -> &std::sync::atomic::AtomicU64 {
+        assert!(off % 8 == 0 && off + 8 <= self.map.len());
+        // SAFETY: `off` is 8-aligned and inside the mapping, which lives as long as `self`;
+        // the word is shared with the server, hence accessed atomically only.
+        unsafe { std::sync::atomic::AtomicU64::from_ptr(self.map.as_mut_ptr().add(off).cast()) }
+    }
+
+    /// Writes one request record if the ring has room; false if it is full.
+    pub fn try_push(&mut self, msg: &[u8]) -> bool {
+        use splitos_m2m::layout::record;
+        use std::sync::atomic::Ordering;
+        let footprint = record::footprint(msg.len() as u64);
+        let head = self.word(self.ring_ctl).load(Ordering::Acquire);
+        if self.tail - head + footprint + record::HEADER_BYTES > self.ring {
+            return false;
+        }
+        let mask = self.ring - 1;
+        let mut padded = msg.to_vec();
+        padded.resize((footprint - record::HEADER_BYTES) as usize, 0);
+        for (i, w) in padded.chunks(8).enumerate() {
+            let at = (self.tail + record::HEADER_BYTES + 8 * i as u64) & mask;
+            let v = u64::from_le_bytes(w.try_into().unwrap());
+            self.word(self.ring_data + at as usize)
+                .store(v, Ordering::Relaxed);
+        }
+        let next = self.tail + footprint;
+        self.word(self.ring_data + (next & mask) as usize)
+            .store(0, Ordering::Relaxed);
+        let header = record::encode(record::KIND_INLINE, msg.len() as u32, self.tail);
+        self.word(self.ring_data + (self.tail & mask) as usize)
+            .store(header, Ordering::Release);
+        self.tail = next;
+        true
+    }
+
+    pub fn push_request(&mut self, r: Request<'_>) -> bool {
+        let mut b = Vec::new();
+        r.encode(&mut b);
+        self.try_push(&b)
+    }
+
+    /// Wakes the server's event loop.
+    pub fn ring_bell(&self) {
+        let _ = rustix::io::write(&self.bell, &1u64.to_ne_bytes());
+    }
+
+    /// Sets this side's CLOSED word: to the server, this application has left.
+    pub fn declare_closed(&self) {
+        use splitos_m2m::layout::header;
+        self.word(header::side_state(1) + header::CLOSED)
+            .store(1, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Whether the server has closed the channel (its end of the setup socket).
+    pub fn dropped_by_server(&self) -> bool {
+        let mut b = [0u8; 16];
+        matches!(
+            rustix::net::recv(
+                &self.sock,
+                &mut b,
+                rustix::net::RecvFlags::DONTWAIT | rustix::net::RecvFlags::PEEK
+            ),
+            Ok((0, _))
+        )
+    }
+}

@@ -207,3 +207,123 @@ fn consumed_on_a_forged_handle_is_a_violation() {
         }
     }
 }
+
+/// A file server in this process over a fresh directory holding `files`, each already loaded
+/// into its cache (the direct path answers only what the cache holds).
+fn file_server(
+    tag: &str,
+    files: &[(&str, usize)],
+) -> (
+    splitos_file_server::server::FileServer,
+    std::path::PathBuf,
+    std::path::PathBuf,
+) {
+    use splitos_file_server::server::{FileServer, FileServerConfig};
+    let root = std::env::temp_dir().join(format!("splitos-hostile-{}-{tag}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&root).unwrap();
+    for (name, len) in files {
+        std::fs::write(root.join(name), vec![b'x'; *len]).unwrap();
+    }
+    let socket = socket_path(&format!("{tag}-files"));
+    let fs = FileServer::start(FileServerConfig::new(root.clone(), socket.clone())).unwrap();
+    let mut reader = splitos_file_server::client::FileClient::connect(&socket).unwrap();
+    for (name, _) in files {
+        reader.open(name).unwrap();
+    }
+    (fs, socket, root)
+}
+
+/// Installs the direct path on `listener`, served from the file server at `files`.
+fn serve_files(app: &mut RawApp, listener: splitos_tcp_proto::Handle, files: &std::path::Path) {
+    use std::os::unix::ffi::OsStrExt;
+    app.req += 1;
+    let req = app.req;
+    app.send(Request::ServeFiles {
+        req,
+        listener,
+        header_timeout_s: 60,
+        idle_timeout_s: 60,
+        socket: files.as_os_str().as_bytes(),
+    });
+    match app.event_skip_sent() {
+        Ev::Done(r, ..) if r == req => {}
+        other => panic!("ServeFiles: {other:?}"),
+    }
+}
+
+/// Writes `chunk` to `s` until `max` bytes are written or a write blocks for `stall`; the
+/// bytes written.
+fn write_until_blocked(s: &mut TcpStream, chunk: &[u8], max: usize, stall: Duration) -> usize {
+    s.set_write_timeout(Some(stall)).unwrap();
+    let mut written = 0;
+    while written < max {
+        match s.write(chunk) {
+            Ok(n) => written += n,
+            Err(_) => break,
+        }
+    }
+    written
+}
+
+/// A1: on the direct path a client that pipelines requests without reading its responses
+/// gets back-pressure when the send queue fills ("blocked"), but the multishot receive that
+/// was already armed kept running and every byte went onto the server's heap: a remote client
+/// could make the TCP server (in `splitos serve`, the process that also holds the file
+/// server and its cache) grow without bound.
+#[test]
+fn a_pipelining_client_that_does_not_read_cannot_grow_the_direct_path_without_bound() {
+    let (_fs, files, root) = file_server("a1", &[("big.bin", 64 << 10)]);
+    let (mut server, path) = spawn_server_process("a1-direct", &[]);
+    let pid = server.id();
+    let mut app = RawApp::connect(&path);
+    let (lh, addr) = app.listen("127.0.0.1:0", 0).unwrap();
+    serve_files(&mut app, lh, &files);
+    let mut client = TcpStream::connect(addr).unwrap();
+    let gets = b"GET /big.bin HTTP/1.1\r\nHost: a\r\n\r\n".repeat(2000);
+    client.write_all(&gets).unwrap();
+    std::thread::sleep(Duration::from_millis(500)); // responses queue up; reading stops
+    let before = rss_bytes(pid);
+    let flood = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n".repeat(2400); // 64 KiB
+    let written = write_until_blocked(&mut client, &flood, 256 << 20, Duration::from_secs(2));
+    std::thread::sleep(Duration::from_millis(200));
+    let grew = rss_bytes(pid).saturating_sub(before);
+    eprintln!(
+        "the client wrote {} MiB more; the server grew by {} MiB",
+        written >> 20,
+        grew >> 20
+    );
+    // The client reads again: the direct path answers the GETs, then hands the connection
+    // (at the first request it cannot answer) to the application with what it buffered. That
+    // must not be more than the application's event queue holds (it used to be everything the
+    // client had sent, which got the application's session dropped).
+    let mut reader = client.try_clone().unwrap();
+    let drain = std::thread::spawn(move || {
+        reader
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .unwrap();
+        let mut b = vec![0u8; 1 << 20];
+        while matches!(reader.read(&mut b), Ok(n) if n > 0) {}
+    });
+    let deferred = app.wait_for(T, |e| matches!(e, Ev::Data(..)));
+    assert!(
+        deferred.is_some(),
+        "the application never got the connection"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        app.listen_amid_traffic("127.0.0.1:0"),
+        "the application's session did not survive"
+    );
+    let _ = client.shutdown(std::net::Shutdown::Both);
+    let _ = drain.join();
+    drop(server.stdin.take());
+    let _ = server.wait();
+    let _ = std::fs::remove_dir_all(root);
+    assert!(
+        written < 96 << 20,
+        "the server kept reading a blocked connection ({} MiB)",
+        written >> 20
+    );
+    assert!(grew < 64 << 20, "the server grew by {} MiB", grew >> 20);
+}

@@ -62,7 +62,8 @@
 //!    `RECV_WINDOW / 2` delivered bytes are unacknowledged (`Conn::unacked`, lowered by
 //!    `Consumed`). File ranges and the direct path's responses are outside the send window: a
 //!    file range holds a reference to a segment, not a copy, and the direct path stops reading
-//!    a connection whose queue reaches `direct::SENDQ_LIMIT` chunks.
+//!    (cancels the receive of) a connection whose queue reaches `direct::SENDQ_LIMIT` chunks
+//!    or that holds `recv::DIRECT_BUF_MAX` unanswered bytes.
 
 mod close;
 mod completions;

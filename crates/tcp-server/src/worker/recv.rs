@@ -3,6 +3,13 @@
 
 use super::*;
 
+/// Received bytes a direct-path connection may have waiting to be answered before the server
+/// stops reading it: several heads' worth (`splitos_http::request::Limits::default` allows
+/// 16 KiB each), for pipelining. Unanswered bytes pile up only while the connection is blocked
+/// (its send queue full); the receive is then cancelled, and what was already in flight
+/// (bounded by the session's buffer pool) is the most that lands beyond this.
+pub(super) const DIRECT_BUF_MAX: usize = 64 << 10;
+
 impl Worker {
     pub(super) fn maybe_arm_recv(&mut self, slot: SlotIx) {
         let Some(sock) = self.sockets[slot].sock.as_mut() else {
@@ -100,6 +107,7 @@ impl Worker {
                     s.bytes_in += n as u64;
                 }
                 self.serve_direct(slot);
+                self.stop_direct_reading(slot);
                 if !cqe.more {
                     self.maybe_arm_recv(slot);
                     self.try_finish_close(slot);
@@ -171,6 +179,19 @@ impl Worker {
         if !cqe.more {
             self.maybe_arm_recv(slot);
             self.try_finish_close(slot);
+        }
+    }
+
+    /// Cancels the receive of a direct-path connection that must not read more (blocked, or
+    /// holding `DIRECT_BUF_MAX` unanswered bytes): not re-arming it is not enough, because a
+    /// multishot receive goes on until cancelled. It is re-armed when the queue drains
+    /// (`advance_sent`) and `Conn::may_receive` allows.
+    pub(super) fn stop_direct_reading(&mut self, slot: SlotIx) {
+        let Some(c) = self.conn_mut(slot) else { return };
+        let full = c.direct.as_ref().is_some_and(|d| d.holds_back());
+        if full && c.recv == Recv::Armed {
+            c.recv = Recv::Cancelling;
+            self.cancel(slot, Op::Recv);
         }
     }
 

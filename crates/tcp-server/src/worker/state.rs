@@ -199,6 +199,15 @@ pub(super) struct Conn {
     pub(super) route: Option<(u32, u64)>,
 }
 
+impl crate::direct::Direct {
+    /// Whether the direct path must stop reading this connection: its send queue is full
+    /// (the client does not read its responses) or it holds `DIRECT_BUF_MAX` bytes it has not
+    /// answered yet.
+    pub(super) fn holds_back(&self) -> bool {
+        self.blocked || self.buf.len() >= super::recv::DIRECT_BUF_MAX
+    }
+}
+
 /// Chunks gathered into one `sendmsg`.
 pub(super) const MAX_IOV: usize = 8;
 
@@ -272,7 +281,7 @@ impl Conn {
             && !self.eof
             && !self.failed
             && self.unacked < RECV_WINDOW as u64 / 2
-            && !self.direct.as_ref().is_some_and(|d| d.blocked)
+            && !self.direct.as_ref().is_some_and(|d| d.holds_back())
     }
 
     /// Untouched by its application: accepted on a persistent listener but never read from,
@@ -424,6 +433,28 @@ mod tests {
         c.eof = false;
         c.failed = true;
         assert!(!c.may_receive(), "after a failure");
+    }
+
+    #[test]
+    fn a_direct_connection_stops_reading_when_blocked_or_holding_a_full_buffer() {
+        let mut c = conn();
+        c.direct = Some(Box::new(crate::direct::Direct {
+            route: 0,
+            serial: 1,
+            buf: vec![0; super::super::recv::DIRECT_BUF_MAX - 1],
+            last_active: Instant::now(),
+            blocked: false,
+        }));
+        assert!(c.may_receive());
+        if let Some(d) = c.direct.as_mut() {
+            d.buf.push(0);
+        }
+        assert!(!c.may_receive(), "the buffer is full");
+        if let Some(d) = c.direct.as_mut() {
+            d.buf.clear();
+            d.blocked = true;
+        }
+        assert!(!c.may_receive(), "the send queue is full");
     }
 
     #[test]

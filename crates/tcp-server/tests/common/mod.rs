@@ -163,6 +163,26 @@ pub fn start(config: ServerConfig) -> TcpServer {
 }
 
 impl RawApp {
+    /// A listen that skips whatever other events come first (a busy session's data): whether
+    /// it succeeded, within `T`.
+    pub fn listen_amid_traffic(&mut self, addr: &str) -> bool {
+        self.req += 1;
+        let req = self.req;
+        self.send(Request::Listen {
+            req,
+            addr: addr.parse().unwrap(),
+            backlog: 16,
+            flags: 0,
+        });
+        matches!(
+            self.wait_for(
+                T,
+                |e| matches!(e, Ev::Done(r, ..) | Ev::Failed(r, _) if *r == req)
+            ),
+            Some(Ev::Done(..))
+        )
+    }
+
     /// The next `Accepted` (skipping send credit): the new connection's handle.
     pub fn accepted(&mut self) -> Handle {
         match self.event_skip_sent() {

@@ -327,3 +327,131 @@ fn a_pipelining_client_that_does_not_read_cannot_grow_the_direct_path_without_bo
     );
     assert!(grew < 64 << 20, "the server grew by {} MiB", grew >> 20);
 }
+
+/// A2 (a): while a connection was paused, received bytes collected in the server (`held`),
+/// bounded only by the receive window, which `Consumed` reopened: an application that paused
+/// a connection and kept acknowledging made the shared server buffer whatever its client
+/// sent.
+#[test]
+fn a_paused_connection_holds_at_most_a_window() {
+    let (mut server, path) = spawn_server_process("a2-paused", &[]);
+    let pid = server.id();
+    let mut app = RawApp::connect(&path);
+    let (_, addr) = app.listen("127.0.0.1:0", 0).unwrap();
+    let client = TcpStream::connect(addr).unwrap();
+    let h = app.accepted();
+    app.send(Request::Pause { handle: h });
+    assert_eq!(app.event_skip_sent(), Ev::Paused(h));
+    let before = rss_bytes(pid);
+    let mut writer_sock = client.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        write_until_blocked(
+            &mut writer_sock,
+            &[7u8; 64 << 10],
+            512 << 20,
+            Duration::from_secs(2),
+        )
+    });
+    // Acknowledge as if reading, without ever being given a byte: enough each time to take
+    // the count below half the window (where the server reads again), paced so that the
+    // window has refilled by then; back off when told off.
+    let start = std::time::Instant::now();
+    let mut violations = 0;
+    while start.elapsed() < Duration::from_millis(2500) {
+        app.send(Request::Consumed {
+            handle: h,
+            bytes: 600_000,
+        });
+        std::thread::sleep(Duration::from_millis(3));
+        while let Ok(Some(m)) = app.chan.try_recv() {
+            if let splitos_m2m::Message::Inline(b) = m {
+                if let Ok(splitos_tcp_proto::Event::ProtocolError { .. }) =
+                    splitos_tcp_proto::Event::decode(b)
+                {
+                    violations += 1;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+        if violations > 40 {
+            break;
+        }
+    }
+    let written = writer.join().unwrap();
+    let grew = rss_bytes(pid).saturating_sub(before);
+    eprintln!(
+        "paused: the client wrote {} MiB, the server grew by {} MiB ({violations} violations)",
+        written >> 20,
+        grew >> 20
+    );
+    drop(client);
+    drop(server.stdin.take());
+    let _ = server.wait();
+    assert!(
+        written < 32 << 20,
+        "the server kept reading a paused connection ({} MiB)",
+        written >> 20
+    );
+    assert!(grew < 32 << 20, "the server grew by {} MiB", grew >> 20);
+}
+
+/// A2 (b): `SendFile` ranges count against no window (they hold a segment, not a copy), and
+/// nothing capped how many a connection queued: a million one-byte ranges on a connection
+/// whose client does not read were a million queue entries on the server's heap.
+#[test]
+fn file_ranges_queued_on_a_connection_are_capped() {
+    use rustix::fd::AsFd;
+    let (mut server, path) = spawn_server_process("a2-sendfile", &[]);
+    let pid = server.id();
+    let mut app = RawApp::connect(&path);
+    let (_, addr) = app.listen("127.0.0.1:0", 0).unwrap();
+    let client = TcpStream::connect(addr).unwrap(); // never reads
+    let h = app.accepted();
+    let seg = sealed_memfd(64 << 20);
+    app.chan.send_fds(1, &[seg.as_fd()]).unwrap();
+    // Fill the socket buffers first, so that what follows stays queued in the server.
+    app.send(Request::SendFile {
+        handle: h,
+        file: 1,
+        offset: 0,
+        len: 64 << 20,
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let before = rss_bytes(pid);
+    let mut refused = None;
+    let mut sent = 0u64;
+    'send: for _ in 0..3000 {
+        for _ in 0..1000 {
+            app.send(Request::SendFile {
+                handle: h,
+                file: 1,
+                offset: 0,
+                len: 1,
+            });
+            sent += 1;
+        }
+        while let Ok(Some(m)) = app.chan.try_recv() {
+            if let splitos_m2m::Message::Inline(b) = m {
+                if let Ok(splitos_tcp_proto::Event::Error { handle, errno }) =
+                    splitos_tcp_proto::Event::decode(b)
+                {
+                    if handle == h {
+                        refused = Some(errno);
+                        break 'send;
+                    }
+                }
+            }
+        }
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let grew = rss_bytes(pid).saturating_sub(before);
+    eprintln!(
+        "{sent} one-byte file ranges: the server grew by {} MiB, error {refused:?}",
+        grew >> 20
+    );
+    drop(client);
+    drop(server.stdin.take());
+    let _ = server.wait();
+    assert_eq!(refused, Some(105), "no ENOBUFS on the connection");
+    assert!(grew < 32 << 20, "the server grew by {} MiB", grew >> 20);
+}

@@ -5,8 +5,8 @@ use super::*;
 
 impl Worker {
     /// Stops delivering a connection's data to its application; `Paused` marks the end of what
-    /// was delivered, later bytes collect in `held` (bounded by the receive window, since the
-    /// application never acknowledges them).
+    /// was delivered, later bytes collect in `held` (at most `recv::HELD_MAX`: the application
+    /// is never given them, so no `Consumed` makes room for more).
     pub(super) fn pause(&mut self, si: SessionIx, handle: Handle) {
         let Some(slot) = self.owned(si, handle) else {
             self.bad_handle(si, handle);

@@ -10,6 +10,11 @@ use super::*;
 /// (bounded by the session's buffer pool) is the most that lands beyond this.
 pub(super) const DIRECT_BUF_MAX: usize = 64 << 10;
 
+/// Received bytes a paused connection may hold (see `Conn::held`): a receive window's worth.
+/// Reading stops there and resumes below half of it (it never does while the connection stays
+/// paused: held bytes leave only with a hand-off), plus what was in flight.
+pub(super) const HELD_MAX: usize = RECV_WINDOW as usize;
+
 impl Worker {
     pub(super) fn maybe_arm_recv(&mut self, slot: SlotIx) {
         let Some(sock) = self.sockets[slot].sock.as_mut() else {
@@ -61,7 +66,9 @@ impl Worker {
         let res = cqe.result;
         if c.paused {
             // Delivery is paused (for a hand-off): bytes, EOF and errors stay with the
-            // connection and travel with it.
+            // connection and travel with it. The application is given none of these bytes,
+            // so it cannot acknowledge them: they are bounded by `HELD_MAX` on their own, not
+            // by the receive window (which `Consumed` would reopen).
             if res > 0 {
                 let n = res as usize;
                 if let Some(b) = &buf {
@@ -69,8 +76,7 @@ impl Worker {
                     c.held.resize(at + n, 0);
                     b.read_at(0, &mut c.held[at..]);
                 }
-                c.unacked += n as u64;
-                if c.unacked >= RECV_WINDOW as u64 && c.recv == Recv::Armed {
+                if c.held.len() >= HELD_MAX && c.recv == Recv::Armed {
                     c.recv = Recv::Cancelling;
                     self.cancel(slot, Op::Recv);
                 }

@@ -11,6 +11,13 @@ pub(super) const MAX_FILES_PER_SESSION: usize = 4096;
 /// send that copies them; below it the copy is cheaper than the extra system call.
 pub(super) const SENDFILE_MIN: usize = 8 * 1024;
 
+/// Chunks a connection may have queued for a `SendFile` to add more. File ranges count
+/// against no send window (they hold a segment, not a copy), so this is what bounds them; the
+/// other kinds are bounded already (inline bytes by the window and coalescing, buffers by the
+/// application's pool, direct-path responses by `direct::SENDQ_LIMIT`). A connection over it
+/// fails with ENOBUFS, as a socket whose buffer the application overran.
+pub(super) const MAX_QUEUED_CHUNKS: usize = 1024;
+
 /// Synchronous sends one connection may make in a row before others get their turn.
 pub(super) const SEND_NOW_ROUNDS: usize = 16;
 
@@ -203,6 +210,15 @@ impl Worker {
         let Some(c) = self.conn_mut(slot) else {
             return;
         };
+        if c.sendq.len() >= MAX_QUEUED_CHUNKS {
+            tracing::debug!(
+                session = si.0,
+                slot = slot.0,
+                "too many file ranges queued on a connection; failing it"
+            );
+            self.overrun(slot, Errno::NOBUFS.raw_os_error());
+            return;
+        }
         if len > 0 {
             c.sendq.push_back(Chunk::File {
                 seg,
@@ -259,6 +275,10 @@ impl Worker {
         };
         if c.send.busy() {
             return;
+        }
+        if c.failed {
+            // Failed while a send was in flight (`overrun`): nothing more goes out.
+            c.sendq.clear();
         }
         let Some(front) = c.sendq.front() else {
             self.try_shutdown(slot);
@@ -408,6 +428,27 @@ impl Worker {
         }
         self.advance_sent(slot, res as usize);
         self.start_send(slot);
+    }
+
+    /// Fails a connection on which the application queued more than the server holds: it gets
+    /// `errno` on it (as for a failed send) and may write no more; its queue goes as soon as no
+    /// send reads it (now, or in `start_send` after the one in flight).
+    pub(super) fn overrun(&mut self, slot: SlotIx, errno: i32) {
+        let Some(sock) = self.sockets[slot].sock.as_mut() else {
+            return;
+        };
+        let si = sock.session;
+        let Kind::Conn(c) = &mut sock.kind else {
+            return;
+        };
+        c.failed = true;
+        c.unsent = 0;
+        if !c.send.busy() {
+            c.sendq.clear();
+        }
+        let handle = self.handle(slot);
+        self.emit(si, Event::Error { handle, errno });
+        self.try_finish_close(slot);
     }
 
     pub(super) fn send_failed(&mut self, slot: SlotIx, errno: i32) {

@@ -174,7 +174,8 @@ pub(super) struct Conn {
     pub(super) failed: bool,
     pub(super) shutdown_wanted: bool,
     pub(super) shutdown_done: bool,
-    /// The application paused delivery (`Pause`): received bytes wait in `held`.
+    /// The application paused delivery (`Pause`): received bytes wait in `held` (at most
+    /// `recv::HELD_MAX`, whatever the application acknowledges).
     pub(super) paused: bool,
     pub(super) held: Vec<u8>,
     /// Set by `Handoff`: once the send queue is flushed, the fd and these bytes (then `held`)
@@ -273,14 +274,16 @@ impl Conn {
     }
 
     /// Whether a receive may be armed: none is, the stream goes on, the application has
-    /// acknowledged enough of what it was given (the receive window), and the direct path is
-    /// not holding reads back for a full send queue. (The socket must not be closing either;
+    /// acknowledged enough of what it was given (the receive window), a paused connection
+    /// holds less than half of `recv::HELD_MAX`, and the direct path is not holding reads back
+    /// (a full send queue or buffer). (The socket must not be closing either;
     /// that is the socket's state, checked by the caller.)
     pub(super) fn may_receive(&self) -> bool {
         self.recv == Recv::Idle
             && !self.eof
             && !self.failed
             && self.unacked < RECV_WINDOW as u64 / 2
+            && (!self.paused || self.held.len() < super::recv::HELD_MAX / 2)
             && !self.direct.as_ref().is_some_and(|d| d.holds_back())
     }
 
@@ -433,6 +436,17 @@ mod tests {
         c.eof = false;
         c.failed = true;
         assert!(!c.may_receive(), "after a failure");
+    }
+
+    #[test]
+    fn a_paused_connection_stops_reading_at_its_held_limit_whatever_is_acknowledged() {
+        let mut c = conn();
+        c.paused = true;
+        c.held = vec![0; super::super::recv::HELD_MAX / 2 - 1];
+        assert!(c.may_receive());
+        c.held.push(0);
+        c.unacked = 0; // everything "acknowledged"
+        assert!(!c.may_receive(), "held bytes are bounded on their own");
     }
 
     #[test]

@@ -458,3 +458,16 @@ impl RawPeer {
         )
     }
 }
+
+/// A sealed memfd of `len` bytes (what `SendFile` accepts): sparse, so any size costs nothing.
+pub fn sealed_memfd(len: u64) -> rustix::fd::OwnedFd {
+    use rustix::fs::{fcntl_add_seals, ftruncate, memfd_create, MemfdFlags, SealFlags};
+    let fd = memfd_create(
+        "splitos-test",
+        MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
+    )
+    .expect("memfd");
+    ftruncate(&fd, len).expect("size the memfd");
+    fcntl_add_seals(&fd, SealFlags::WRITE | SealFlags::SHRINK | SealFlags::GROW).expect("seal");
+    fd
+}

@@ -13,17 +13,21 @@
 //! connection's address (the new instance's) adopts it, and until one does, it waits here for
 //! the grace period. The fd moves between workers; its unprocessed bytes move with it.
 
+use crate::budget::{Account, Ledger, Res};
 use rustix::fd::OwnedFd;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 /// A connection an application instance handed off, waiting for its next owner.
 pub struct Handed {
     pub fd: OwnedFd,
     pub uid: u32,
+    /// Charged for it (`Res::Handed`, and `Res::HandedBytes` for `data`) until it is adopted
+    /// or expires.
+    pub(crate) acct: Arc<Account>,
     /// Received bytes nobody has processed yet, in stream order.
     pub data: Vec<u8>,
     /// The peer had already shut down its side.
@@ -34,6 +38,8 @@ pub struct Handed {
 pub struct Parked {
     pub fd: OwnedFd,
     pub uid: u32,
+    /// Charged for it (`Res::Parked`) until it is taken over or expires.
+    pub(crate) acct: Arc<Account>,
     /// Connections accepted for the dead instance but never delivered to it.
     pub orphans: Vec<OwnedFd>,
     pub deadline: Instant,
@@ -48,24 +54,28 @@ pub struct Registry {
 }
 
 impl Registry {
-    pub fn park(&self, addr: SocketAddr, p: Parked) {
+    pub fn park(&self, addr: SocketAddr, p: Parked, ledger: &Ledger) {
         if let Ok(mut m) = self.parked.lock() {
             tracing::info!(%addr, orphans = p.orphans.len(), "parked persistent listener");
-            m.insert(addr, p);
+            if let Some(old) = m.insert(addr, p) {
+                ledger.give(&old.acct, Res::Parked, 1);
+            }
         }
     }
 
     /// Takes over a parked listener on `addr` if `uid` owns it. An address given with port 0
     /// never matches (it asks for a fresh ephemeral port).
-    pub fn take(&self, addr: SocketAddr, uid: u32) -> Option<Parked> {
+    pub fn take(&self, addr: SocketAddr, uid: u32, ledger: &Ledger) -> Option<Parked> {
         if addr.port() == 0 {
             return None;
         }
         let mut m = self.parked.lock().ok()?;
-        match m.get(&addr) {
+        let p = match m.get(&addr) {
             Some(p) if p.uid == uid => m.remove(&addr),
             _ => None,
-        }
+        }?;
+        ledger.give(&p.acct, Res::Parked, 1);
+        Some(p)
     }
 
     /// Leaves a connection accepted on `addr` for the next owner of that address.
@@ -82,7 +92,7 @@ impl Registry {
     }
 
     /// Takes the connections handed off on `addr` by applications of user `uid`.
-    pub fn take_handed(&self, addr: SocketAddr, uid: u32) -> Vec<Handed> {
+    pub fn take_handed(&self, addr: SocketAddr, uid: u32, ledger: &Ledger) -> Vec<Handed> {
         let Ok(mut m) = self.handed.lock() else {
             return Vec::new();
         };
@@ -95,15 +105,24 @@ impl Registry {
             m.remove(&addr);
         }
         self.handed_count.fetch_sub(mine.len(), Ordering::AcqRel);
+        for h in &mine {
+            give_handed(ledger, h);
+        }
         mine
     }
 
     /// Closes listeners and handed-off connections whose grace period has passed.
-    pub fn expire(&self, now: Instant) {
+    pub fn expire(&self, now: Instant, ledger: &Ledger) {
         if let Ok(mut m) = self.handed.lock() {
             for (addr, list) in m.iter_mut() {
                 let before = list.len();
-                list.retain(|h| h.deadline > now);
+                list.retain(|h| {
+                    let keep = h.deadline > now;
+                    if !keep {
+                        give_handed(ledger, h);
+                    }
+                    keep
+                });
                 if list.len() < before {
                     tracing::warn!(%addr, closed = before - list.len(), "handed-off connections found no new owner in time; closing them");
                     self.handed_count
@@ -117,6 +136,7 @@ impl Registry {
                 let keep = p.deadline > now;
                 if !keep {
                     tracing::info!(%addr, "persistent listener expired; closing it");
+                    ledger.give(&p.acct, Res::Parked, 1);
                 }
                 keep
             });
@@ -126,4 +146,10 @@ impl Registry {
     pub fn len(&self) -> usize {
         self.parked.lock().map(|m| m.len()).unwrap_or(0)
     }
+}
+
+/// Gives back what a handed-off connection was charged.
+fn give_handed(ledger: &Ledger, h: &Handed) {
+    ledger.give(&h.acct, Res::Handed, 1);
+    ledger.give(&h.acct, Res::HandedBytes, h.data.len() as u64);
 }

@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use splitos_tcp_proto::Request;
+use splitos_tcp_proto::{listen_flags, Request};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
@@ -56,7 +56,10 @@ fn an_empty_send_neither_spins_nor_blocks_the_close_behind_it() {
 fn closed_listeners_give_their_place_back() {
     let srv = server("a11-listeners");
     let mut app = RawApp::connect(srv.socket_path());
-    let max = splitos_tcp_server::ServerConfig::default().max_listeners_per_session;
+    let max = splitos_tcp_server::ServerConfig::default()
+        .budgets
+        .listeners
+        .session;
     for round in 0..=max {
         let (h, _) = app
             .listen("127.0.0.1:0", 0)
@@ -454,4 +457,356 @@ fn file_ranges_queued_on_a_connection_are_capped() {
     let _ = server.wait();
     assert_eq!(refused, Some(105), "no ENOBUFS on the connection");
     assert!(grew < 32 << 20, "the server grew by {} MiB", grew >> 20);
+}
+
+/// Another user than the server's, for tests of one tenant against another.
+const NOBODY: u32 = 65534;
+
+/// A10: nothing capped what one user could make the server hold, and the server never raised
+/// its descriptor limit: a tenant that parked listeners in a loop (listen on port 0,
+/// persistent, then hand it off) ran the whole server out of descriptors within seconds, and
+/// every other tenant's listen, accept and channel failed with EMFILE.
+#[test]
+fn a_tenant_that_parks_listeners_in_a_loop_runs_out_alone() {
+    if !can_switch_users() {
+        eprintln!("skipped: needs root to act as two users");
+        return;
+    }
+    // A server with the usual soft limit of a login session, open to every user.
+    let (mut server, path) = spawn_server_process(
+        "a10-park-loop",
+        &[("SERVER_NOFILE", "512"), ("SERVER_SOCKET_MODE", "666")],
+    );
+    let pid = server.id();
+    let mut evil = connect_as(NOBODY, &path);
+    let mut refused = None;
+    let mut parked = 0;
+    for _ in 0..3000 {
+        let (l, _) = match evil.listen("127.0.0.1:0", listen_flags::PERSISTENT) {
+            Ok(l) => l,
+            Err(errno) => {
+                refused = Some(errno);
+                break;
+            }
+        };
+        evil.send(Request::Handoff {
+            handle: l,
+            data: b"",
+        });
+        match evil.event_skip_sent() {
+            Ev::Closed(h) if h == l => parked += 1,
+            Ev::Error(h, errno) if h == l => {
+                refused = Some(errno);
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    eprintln!(
+        "the tenant parked {parked} listeners, then got errno {refused:?}; server fds {}, soft limit {}",
+        count_fds(pid),
+        soft_fd_limit(pid)
+    );
+    assert_eq!(refused, Some(24), "the tenant was never refused (EMFILE)");
+    // Everyone else: a new session, a listener, an accepted connection, an echo.
+    let mut good = RawApp::connect(&path);
+    let (_, addr) = good
+        .listen("127.0.0.1:0", 0)
+        .unwrap_or_else(|errno| panic!("another tenant's listen failed: errno {errno}"));
+    let mut client = TcpStream::connect(addr).unwrap();
+    let h = good.accepted();
+    client.write_all(b"ping").unwrap();
+    assert_eq!(good.read_exact(h, 4), b"ping");
+    drop(server.stdin.take());
+    let _ = server.wait();
+}
+
+/// A4: `SendFile` segments were mapped whole, whatever their size, and kept: sealed memfds
+/// `ftruncate`d to 1 TiB cost the sender nothing (they are sparse) and 128 of them fill the
+/// server's address space, after which its own mappings and allocations fail for everyone.
+#[test]
+fn huge_file_segments_are_refused_not_mapped() {
+    use rustix::fd::AsFd;
+    let (mut server, path) = spawn_server_process("a4-segments", &[]);
+    let pid = server.id();
+    let mut evil = RawApp::connect(&path);
+    let (_, addr) = evil.listen("127.0.0.1:0", 0).unwrap();
+    let _client = TcpStream::connect(addr).unwrap();
+    let h = evil.accepted();
+    // 64 GiB each (a single mapping of 1 TiB fails here with ENOMEM), 2100 of them: more
+    // than the 128 TiB of a 47-bit address space.
+    for tag in 1..=2100u64 {
+        let seg = sealed_memfd(1 << 36);
+        if tag % 64 == 0 {
+            // Leave the server time to take them: more than 256 unclaimed descriptor messages
+            // end the channel.
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if evil.chan.send_fds(tag, &[seg.as_fd()]).is_err() {
+            break;
+        }
+        let _ = evil.chan.send(&{
+            let mut b = Vec::new();
+            Request::SendFile {
+                handle: h,
+                file: tag,
+                offset: 0,
+                len: 1,
+            }
+            .encode(&mut b);
+            b
+        });
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let mapped = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmSize:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .unwrap_or(0)
+        * 1024;
+    eprintln!(
+        "server address space after 131 TiB offered: {} GiB",
+        mapped >> 30
+    );
+    // Another application still connects, echoes, and sends a (small) file segment.
+    let alive = std::panic::catch_unwind(|| {
+        let mut good = RawApp::connect(&path);
+        let (_, addr) = good.listen("127.0.0.1:0", 0).unwrap();
+        let mut c = TcpStream::connect(addr).unwrap();
+        let g = good.accepted();
+        c.write_all(b"ping").unwrap();
+        let mut got = good.read_exact(g, 4);
+        let seg = sealed_memfd(4096);
+        good.chan.send_fds(7, &[seg.as_fd()]).unwrap();
+        good.send(Request::SendFile {
+            handle: g,
+            file: 7,
+            offset: 0,
+            len: 16,
+        });
+        let mut body = [1u8; 16];
+        c.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        c.read_exact(&mut body).unwrap();
+        got.extend_from_slice(&body);
+        got
+    });
+    drop(server.stdin.take());
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(
+        matches!(&alive, Ok(b) if b[..4] == *b"ping" && b[4..] == [0u8; 16]),
+        "another application could not use the server"
+    );
+    assert!(mapped < 64 << 30, "the server mapped {} GiB", mapped >> 30);
+}
+
+/// A10: with a per-user connection budget, a tenant at its limit gets EMFILE for its connects
+/// and its listener refuses further clients, while another user connects as usual.
+#[test]
+fn over_its_connection_budget_a_user_gets_emfile_and_others_do_not_notice() {
+    if !can_switch_users() {
+        eprintln!("skipped: needs root to act as two users");
+        return;
+    }
+    let mut cfg = splitos_tcp_server::ServerConfig {
+        socket_mode: 0o666,
+        ..config("a10-conns")
+    };
+    cfg.budgets.conns.user = Some(4);
+    cfg.budgets.conns.total = 64;
+    let srv = start(cfg);
+    let target = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = target.local_addr().unwrap();
+    let mut evil = connect_as(NOBODY, srv.socket_path());
+    for req in 1..=4 {
+        evil.send(Request::Connect { req, addr });
+        assert!(matches!(evil.event(), Ev::Done(r, ..) if r == req));
+    }
+    evil.send(Request::Connect { req: 5, addr });
+    assert_eq!(
+        evil.event(),
+        Ev::Failed(5, 24),
+        "a fifth connection allowed"
+    );
+    // Its listener: clients beyond the budget are turned away, not queued.
+    let (_, laddr) = evil.listen("127.0.0.1:0", 0).unwrap();
+    let _c = TcpStream::connect(laddr).unwrap();
+    assert!(
+        evil.wait_for(Duration::from_millis(300), |e| matches!(
+            e,
+            Ev::Accepted(..)
+        ))
+        .is_none(),
+        "accepted beyond the budget"
+    );
+    // Another user has a budget of its own.
+    let mut good = RawApp::connect(srv.socket_path());
+    for req in 1..=4 {
+        good.send(Request::Connect { req, addr });
+        assert!(matches!(good.event(), Ev::Done(r, ..) if r == req));
+    }
+    // Closing gives the tenant its budget back.
+    drop(evil);
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let mut again = connect_as(NOBODY, srv.socket_path());
+        again.send(Request::Connect { req: 1, addr });
+        if matches!(again.event(), Ev::Done(1, ..)) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "budget never given back"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A10 (the outbox): an application that is slow to read its events, with many connections
+/// each sending small messages, reached `MAX_OUTBOX` queued events (each connection well within
+/// its receive window) and was dropped. Now the session's outbox budget (here its event-count
+/// half) stops its receives first: back-pressure to the clients, and the application keeps its
+/// session and gets every byte once it reads again.
+#[test]
+fn a_slow_application_gets_back_pressure_not_dropped() {
+    let srv = server("a10-outbox");
+    let mut app = RawApp::connect_with(
+        srv.socket_path(),
+        splitos_m2m::ChannelConfig {
+            ring_bytes: 64 << 10,
+            wait: splitos_m2m::WaitPolicy::adaptive(),
+            ..Default::default()
+        },
+    );
+    let (_, addr) = app.listen("127.0.0.1:0", 0).unwrap();
+    const CLIENTS: usize = 40;
+    const MESSAGES: usize = 2500;
+    let writers: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut c = TcpStream::connect(addr).unwrap();
+                c.set_nodelay(true).unwrap();
+                // One small message a millisecond: each arrives, and is read, on its own.
+                for _ in 0..MESSAGES {
+                    if c.write_all(&[3u8; 64]).is_err() {
+                        break; // reset: the session was dropped (the test fails below)
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                c
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(3)); // not reading events meanwhile
+    let mut got = 0usize;
+    let mut events = 0usize;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while got < CLIENTS * MESSAGES * 64 {
+        assert!(std::time::Instant::now() < deadline, "got {got} bytes");
+        let (handle, n) = match app.chan.recv_timeout(Duration::from_secs(5)) {
+            Ok(Some(splitos_m2m::Message::Inline(b))) => {
+                match splitos_tcp_proto::Event::decode(b).unwrap() {
+                    splitos_tcp_proto::Event::Data { handle, data } => (handle, data.len()),
+                    _ => continue,
+                }
+            }
+            Ok(Some(splitos_m2m::Message::Buffer(rx))) => {
+                match splitos_tcp_proto::BufferMeta::decode(rx.meta()) {
+                    Ok(splitos_tcp_proto::BufferMeta::Data(h)) => (h, rx.len()),
+                    _ => continue,
+                }
+            }
+            Ok(None) => continue,
+            Err(e) => panic!("the application's session was dropped: {e} (after {got} bytes)"),
+        };
+        got += n;
+        events += 1;
+        app.send(Request::Consumed {
+            handle,
+            bytes: n as u32,
+        });
+    }
+    eprintln!("{events} data events for {got} bytes");
+    for w in writers {
+        w.join().unwrap();
+    }
+}
+
+/// The server raises its soft descriptor limit to what its budgets need; when the hard limit
+/// is lower it refuses to start, and says how to fix it.
+#[test]
+fn budgets_beyond_the_hard_descriptor_limit_are_refused_with_advice() {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "server_process_entry",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("SERVER_SOCKET", socket_path("a10-rlimit"))
+        .env("SERVER_NOFILE", "300")
+        .env("SERVER_NOFILE_HARD", "1")
+        .env("SERVER_LIMITS", "total.conns=10000")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "started anyway: {err}");
+    assert!(
+        err.contains("START FAILED") && err.contains("ulimit -Hn") && err.contains("--limit"),
+        "{err}"
+    );
+}
+
+/// A4: file segments count against a session's budgets (count and bytes): one over them
+/// fails the connection that names it (EMFILE, ENOBUFS), releasing one makes room again.
+#[test]
+fn file_segments_are_counted_against_the_session_budgets() {
+    use rustix::fd::AsFd;
+    let mut cfg = config("a4-budget");
+    cfg.budgets.files.session = 2;
+    cfg.budgets.file_bytes.session = 64 << 10;
+    let srv = start(cfg);
+    let mut app = RawApp::connect(srv.socket_path());
+    let (_, addr) = app.listen("127.0.0.1:0", 0).unwrap();
+    let mut conn = || {
+        let c = TcpStream::connect(addr).unwrap();
+        c.set_read_timeout(Some(T)).unwrap();
+        (c, app.accepted())
+    };
+    let (mut c1, h1) = conn();
+    let (_c2, h2) = conn();
+    let (mut c3, h3) = conn();
+    let (_c4, h4) = conn();
+    let segs: Vec<_> = [4096u64, 4096, 4096, 1 << 20]
+        .iter()
+        .map(|&n| sealed_memfd(n))
+        .collect();
+    let send_file = |app: &mut RawApp, handle, file| {
+        app.send(Request::SendFile {
+            handle,
+            file,
+            offset: 0,
+            len: 8,
+        })
+    };
+    for (tag, seg) in (1..).zip(&segs[..3]) {
+        app.chan.send_fds(tag, &[seg.as_fd()]).unwrap();
+    }
+    send_file(&mut app, h1, 1);
+    send_file(&mut app, h1, 2);
+    let mut b = [1u8; 16];
+    c1.read_exact(&mut b).unwrap();
+    assert_eq!(b, [0u8; 16]);
+    send_file(&mut app, h2, 3); // a third segment: over the count
+    assert_eq!(app.event_skip_sent(), Ev::Error(h2, 24));
+    app.send(Request::ReleaseFile { file: 1 });
+    app.chan.send_fds(4, &[segs[3].as_fd()]).unwrap();
+    send_file(&mut app, h4, 4); // 1 MiB: over the bytes
+    assert_eq!(app.event_skip_sent(), Ev::Error(h4, 105));
+    app.chan.send_fds(5, &[segs[2].as_fd()]).unwrap();
+    send_file(&mut app, h3, 5); // room again after the release
+    c3.read_exact(&mut b[..8]).unwrap();
+    assert_eq!(b[..8], [0u8; 8]);
 }

@@ -547,13 +547,13 @@ fn access_policy_refuses_privileged_ports_to_other_users() {
 
 #[test]
 fn connection_limit_covers_outbound_connects() {
-    let srv = TcpServer::start(ServerConfig {
+    let mut config = ServerConfig {
         socket: socket_path("limit"),
         wait: WaitPolicy::Block,
-        max_conns_per_session: 2,
         ..ServerConfig::default()
-    })
-    .unwrap();
+    };
+    config.budgets.conns.session = 2;
+    let srv = TcpServer::start(config).unwrap();
     let target = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = target.local_addr().unwrap();
     let mut app = RawApp::connect(srv.socket_path());

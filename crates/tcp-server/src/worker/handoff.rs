@@ -22,12 +22,16 @@ impl Worker {
             return;
         };
         c.paused = true;
-        // Bytes the direct path had not answered yet travel with the connection.
+        // Bytes the direct path had not answered yet travel with the connection (and count
+        // as held from now on).
+        let mut moved = 0;
         if let Some(d) = c.direct.take() {
             let mut bytes = d.buf;
+            moved = bytes.len() as u64;
             bytes.append(&mut c.held);
             c.held = bytes;
         }
+        self.charge_arrived(si, Res::HeldBytes, moved);
         self.emit(si, Event::Paused { handle });
     }
 
@@ -39,21 +43,59 @@ impl Worker {
             self.bad_handle(si, handle);
             return;
         };
+        let Some(acct) = self.live_session(si).map(|s| s.acct.clone()) else {
+            return;
+        };
+        // What is parked or handed off outlives the session and is charged to its user when
+        // it is released; a hand-off that could not be is refused now (EMFILE, ENOBUFS), and
+        // the socket stays this session's.
+        let refuse = |w: &mut Worker, r: Res, over| {
+            let errno = w.over_budget(si, r, over);
+            w.emit(si, Event::Error { handle, errno });
+        };
         // A persistent listener handed off is parked for the next instance, as if its session
         // had died, while this session finishes with its connections.
-        if let Some(Socket {
-            kind: Kind::Listener(l),
-            ..
-        }) = self.sockets[slot].sock.as_mut()
-        {
-            if l.flags & listen_flags::PERSISTENT != 0 && data.is_empty() {
+        let persistent_listener = matches!(
+            self.sockets[slot].sock.as_ref().map(|s| &s.kind),
+            Some(Kind::Listener(l)) if l.flags & listen_flags::PERSISTENT != 0
+        );
+        if persistent_listener && data.is_empty() {
+            if let Err(over) = self.shared.ledger.fits(&acct, Res::Parked, 1) {
+                return refuse(self, Res::Parked, over);
+            }
+            if let Some(Socket {
+                kind: Kind::Listener(l),
+                ..
+            }) = self.sockets[slot].sock.as_mut()
+            {
                 l.park = true;
-                self.begin_close(slot, false);
-                return;
+            }
+            self.begin_close(slot, false);
+            return;
+        }
+        let held = match self.conn_mut(slot) {
+            Some(c) if c.paused && c.origin.is_some() && !c.failed => Some(c.held.len()),
+            _ => None,
+        };
+        if let Some(held) = held {
+            let bytes = (held + data.len()) as u64;
+            let fits = self
+                .shared
+                .ledger
+                .fits(&acct, Res::Handed, 1)
+                .map_err(|o| (Res::Handed, o));
+            let fits = fits.and_then(|()| {
+                self.shared
+                    .ledger
+                    .fits(&acct, Res::HandedBytes, bytes)
+                    .map_err(|o| (Res::HandedBytes, o))
+            });
+            if let Err((r, over)) = fits {
+                return refuse(self, r, over);
             }
         }
         let ok = match self.conn_mut(slot) {
-            Some(c) if c.paused && c.origin.is_some() && !c.failed => {
+            Some(c) if held.is_some() => {
                 c.handoff = Some(data.to_vec());
                 true
             }
@@ -94,7 +136,11 @@ impl Worker {
         }
         let mut n = 0;
         for (si, lslot, addr, uid) in targets {
-            for h in self.shared.registry.take_handed(addr, uid) {
+            for h in self
+                .shared
+                .registry
+                .take_handed(addr, uid, &self.shared.ledger)
+            {
                 n += 1;
                 self.adopt(si, lslot, h);
             }

@@ -17,16 +17,35 @@ pub(super) const HELD_MAX: usize = RECV_WINDOW as usize;
 
 impl Worker {
     pub(super) fn maybe_arm_recv(&mut self, slot: SlotIx) {
-        let Some(sock) = self.sockets[slot].sock.as_mut() else {
+        let Some(sock) = self.sockets[slot].sock.as_ref() else {
             return;
         };
         let si = sock.session;
-        let Kind::Conn(c) = &mut sock.kind else {
+        let Kind::Conn(c) = &sock.kind else {
             return;
         };
         if sock.closing || !c.may_receive() {
             return;
         }
+        // Session-wide budgets of bytes that arrive unasked: held for paused connections, and
+        // queued for an application behind on its events. Over one, the connection waits
+        // (`budget_waiters`, retried when room is made and at housekeeping).
+        let paused = c.paused;
+        if (paused && self.budget_full(si, Res::HeldBytes)) || self.outbox_full(si) {
+            if let Some(c) = self.conn_mut(slot) {
+                if !c.budget_wait {
+                    c.budget_wait = true;
+                    self.budget_waiters.push(slot);
+                }
+            }
+            return;
+        }
+        let Some(sock) = self.sockets[slot].sock.as_mut() else {
+            return;
+        };
+        let Kind::Conn(c) = &mut sock.kind else {
+            return;
+        };
         let Some(s) = self.sessions.get(si.ix()).and_then(|s| s.as_ref()) else {
             return;
         };
@@ -71,14 +90,21 @@ impl Worker {
             // by the receive window (which `Consumed` would reopen).
             if res > 0 {
                 let n = res as usize;
+                let mut kept = 0;
                 if let Some(b) = &buf {
                     let at = c.held.len();
                     c.held.resize(at + n, 0);
                     b.read_at(0, &mut c.held[at..]);
+                    kept = n as u64;
                 }
-                if c.held.len() >= HELD_MAX && c.recv == Recv::Armed {
-                    c.recv = Recv::Cancelling;
-                    self.cancel(slot, Op::Recv);
+                let full = c.held.len() >= HELD_MAX;
+                // Charged as they arrive (they must be kept); over a budget, reading stops.
+                let over_budget = self.charge_arrived(si, Res::HeldBytes, kept);
+                if let Some(c) = self.conn_mut(slot) {
+                    if (full || over_budget) && c.recv == Recv::Armed {
+                        c.recv = Recv::Cancelling;
+                        self.cancel(slot, Op::Recv);
+                    }
                 }
             } else if res == 0 {
                 c.eof = true;
@@ -149,8 +175,10 @@ impl Worker {
             } else {
                 self.emit_buffer(si, buf, n, BufferMeta::Data(handle));
             }
+            let outbox_full = self.outbox_full(si);
             if let Some(c) = self.conn_mut(slot) {
-                if c.unacked >= RECV_WINDOW as u64 && c.recv == Recv::Armed {
+                let stop = c.unacked >= RECV_WINDOW as u64 || outbox_full;
+                if stop && c.recv == Recv::Armed {
                     c.recv = Recv::Cancelling;
                     self.cancel(slot, Op::Recv);
                 }
@@ -198,6 +226,16 @@ impl Worker {
         if full && c.recv == Recv::Armed {
             c.recv = Recv::Cancelling;
             self.cancel(slot, Op::Recv);
+        }
+    }
+
+    /// Retries the receives that waited for a session budget (see `maybe_arm_recv`).
+    pub(super) fn retry_budget_waiters(&mut self) {
+        for slot in std::mem::take(&mut self.budget_waiters) {
+            if let Some(c) = self.conn_mut(slot) {
+                c.budget_wait = false;
+            }
+            self.maybe_arm_recv(slot);
         }
     }
 

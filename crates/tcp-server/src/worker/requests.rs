@@ -243,7 +243,10 @@ impl Worker {
             } => self.send_file(si, handle, file, offset, len),
             Request::ReleaseFile { file } => {
                 if let Some(s) = self.live_session(si) {
-                    s.files.remove(&file);
+                    s.refused_files.remove(&file);
+                    if let Some(seg) = s.files.remove(&file) {
+                        self.release_file(si, seg);
+                    }
                 }
             }
             Request::Pause { handle } => self.pause(si, handle),

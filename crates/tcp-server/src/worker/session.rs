@@ -8,8 +8,10 @@ impl Worker {
         let mut n = 0;
         while let Ok(ns) = self.inbox.try_recv() {
             n += 1;
+            let acct = ns.acct.clone();
             if let Err(e) = self.add_session(ns) {
                 tracing::warn!(worker = self.id, "could not set up a session: {e}");
+                self.shared.ledger.give(&acct, Res::Sessions, 1);
             }
         }
         n
@@ -61,7 +63,6 @@ impl Worker {
             uid = ns.peer.uid,
             "session started"
         );
-        self.shared.sessions.fetch_add(1, Ordering::AcqRel);
         self.sessions[si] = Some(Session {
             chan,
             peer: ns.peer,
@@ -72,14 +73,16 @@ impl Worker {
             outbox: VecDeque::new(),
             sockets: HashSet::new(),
             files: HashMap::new(),
+            refused_files: HashMap::new(),
+            releasing: Vec::new(),
             inflight: 1,
             dead: false,
             departing: false,
             drain_left: 0,
             dead_since: None,
             violations: 0,
-            conns: 0,
-            listeners: 0,
+            acct: ns.acct,
+            used: Default::default(),
             bytes_in: 0,
             bytes_out: 0,
         });
@@ -133,7 +136,7 @@ impl Worker {
                 // peer that writes more is alive and lying (`drain_left`).
                 s.departing = true;
                 s.drain_left = s.chan.ring_bytes();
-                s.outbox.clear();
+                self.clear_outbox(si);
                 return;
             }
             other => tracing::warn!(worker, session = si.0, "dropping session: {other}"),
@@ -150,8 +153,8 @@ impl Worker {
         }
         s.dead = true;
         s.dead_since = Some(Instant::now());
-        s.outbox.clear();
         let socks: Vec<SlotIx> = s.sockets.iter().copied().collect();
+        self.clear_outbox(si);
         let tag = Tag {
             op: Op::Cancel,
             session: si.0,
@@ -195,6 +198,7 @@ impl Worker {
             }
             if let Some(s) = self.sessions[si].take() {
                 let si = SessionIx(si as u32);
+                self.refund_all(&s);
                 match self.ring.unregister_buf_ring(s.bufs.group()) {
                     Ok(()) => self.free_sessions.push(si),
                     Err(e) => {
@@ -204,7 +208,6 @@ impl Worker {
                         self.retire_slot(si, s.bufs, &e);
                     }
                 }
-                self.shared.sessions.fetch_sub(1, Ordering::AcqRel);
                 tracing::debug!(worker = self.id, session = si.0, "session memory released");
             }
         }
@@ -267,7 +270,8 @@ mod tests {
             let peer = incoming.peer();
             let chan = incoming.establish().unwrap();
             self.apps.push(app.join().unwrap());
-            NewSession { chan, peer }
+            let acct = self.worker.shared.ledger.account(peer.uid);
+            NewSession { chan, peer, acct }
         }
 
         /// Ends session `si` and runs the worker until its memory is released.

@@ -82,6 +82,10 @@ pub(super) struct Session {
     pub(super) sockets: HashSet<SlotIx>,
     /// File segments the application passed for `SendFile`, by its tag.
     pub(super) files: HashMap<u64, Arc<Segment>>,
+    /// Tags of segments refused over a budget, with the errno (see `send::MAX_REFUSED_FILES`).
+    pub(super) refused_files: HashMap<u64, i32>,
+    /// Segments released while queued sends still read them: still charged until then.
+    pub(super) releasing: Vec<Arc<Segment>>,
     /// Session-level operations in flight (the wait-fd poll).
     pub(super) inflight: u32,
     pub(super) dead: bool,
@@ -95,8 +99,10 @@ pub(super) struct Session {
     /// [`LINGER_LIMIT`] after that.
     pub(super) dead_since: Option<Instant>,
     pub(super) violations: u32,
-    pub(super) conns: u32,
-    pub(super) listeners: u32,
+    /// Its user's budget account (see `crate::budget`), and what this session holds of each
+    /// budget (its connections and listeners among them).
+    pub(super) acct: Arc<crate::budget::Account>,
+    pub(super) used: super::budget::Used,
     pub(super) bytes_in: u64,
     pub(super) bytes_out: u64,
 }
@@ -190,6 +196,11 @@ pub(super) struct Conn {
     pub(super) written: bool,
     /// Queued for a send at the end of this pass (see `want_send`).
     pub(super) send_wanted: bool,
+    /// Waiting in `Worker::budget_waiters` for its session's budget to allow a receive.
+    pub(super) budget_wait: bool,
+    /// `SendFile` ranges queued and charged to the session (`file-ranges`), given back as
+    /// they are sent or when the connection is released.
+    pub(super) file_ranges: u64,
     /// The application closed or shut down this connection: its queued bytes go out even if
     /// the application then goes away (up to [`LINGER_LIMIT`]).
     pub(super) linger: bool,
@@ -268,6 +279,8 @@ impl Conn {
             delivered: 0,
             written: false,
             send_wanted: false,
+            budget_wait: false,
+            file_ranges: 0,
             linger: false,
             direct: None,
         }

@@ -261,8 +261,10 @@ pub fn count_fds(pid: u32) -> usize {
 /// A server in a process of its own (so that its memory and descriptors can be measured
 /// alone), until the returned child's stdin closes. The calling test binary must have a test
 /// named `server_process_entry` that calls [`server_process_main`]. `env` adjusts it:
-/// `SERVER_SOCKET_MODE` (octal), `SERVER_NOFILE` (a soft descriptor limit set before it starts),
-/// `SERVER_THREADS`.
+/// `SERVER_SOCKET_MODE` (octal), `SERVER_NOFILE` (a soft descriptor limit set before it starts;
+/// the hard one too if `SERVER_NOFILE_HARD` is set), `SERVER_LIMITS` (`--limit` settings,
+/// comma-separated), `SERVER_THREADS`. A server that fails to start says so on stderr
+/// (`START FAILED: ...`) and exits with status 3.
 pub fn spawn_server_process(tag: &str, env: &[(&str, &str)]) -> (std::process::Child, PathBuf) {
     use std::process::{Command, Stdio};
     let path = socket_path(tag);
@@ -303,6 +305,9 @@ pub fn server_process_main() {
         use rustix::process::{getrlimit, setrlimit, Resource};
         let mut l = getrlimit(Resource::Nofile);
         l.current = Some(n);
+        if env("SERVER_NOFILE_HARD").is_some() {
+            l.maximum = Some(n);
+        }
         setrlimit(Resource::Nofile, l).expect("lower the descriptor limit");
     }
     let mut config = ServerConfig {
@@ -317,7 +322,16 @@ pub fn server_process_main() {
     if let Some(m) = env("SERVER_SOCKET_MODE").and_then(|v| u32::from_str_radix(&v, 8).ok()) {
         config.socket_mode = m;
     }
-    let srv = TcpServer::start(config).expect("server starts");
+    for l in env("SERVER_LIMITS").iter().flat_map(|v| v.split(',')) {
+        config.budgets.set(&l.parse().expect("a valid limit"));
+    }
+    let srv = match TcpServer::start(config) {
+        Ok(srv) => srv,
+        Err(e) => {
+            eprintln!("START FAILED: {e}");
+            std::process::exit(3);
+        }
+    };
     let mut b = [0u8; 1];
     let _ = std::io::stdin().read(&mut b); // until the parent closes stdin
     srv.shutdown();
@@ -470,4 +484,40 @@ pub fn sealed_memfd(len: u64) -> rustix::fd::OwnedFd {
     ftruncate(&fd, len).expect("size the memfd");
     fcntl_add_seals(&fd, SealFlags::WRITE | SealFlags::SHRINK | SealFlags::GROW).expect("seal");
     fd
+}
+
+/// Whether this process may act as other users (tests of what one user can do to another).
+pub fn can_switch_users() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+/// Connects a `RawApp` as user `uid`: the server sees that uid (SO_PEERCRED records the
+/// credentials of the connecting thread, which switches only its own effective uid, and back).
+pub fn connect_as(uid: u32, path: &Path) -> RawApp {
+    use rustix::process::Uid;
+    use rustix::thread::set_thread_res_uid;
+    set_thread_res_uid(None, Some(Uid::from_raw(uid)), None).expect("switch the thread's uid");
+    let app = Channel::connect(
+        path,
+        ChannelConfig {
+            wait: WaitPolicy::adaptive(),
+            ..ChannelConfig::default()
+        },
+    );
+    set_thread_res_uid(None, Some(Uid::ROOT), None).expect("switch back");
+    RawApp {
+        chan: app.expect("connect to the server as another user"),
+        req: 0,
+        buf: Vec::new(),
+    }
+}
+
+/// The soft "Max open files" limit of a process.
+pub fn soft_fd_limit(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }

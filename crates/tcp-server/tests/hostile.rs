@@ -810,3 +810,110 @@ fn file_segments_are_counted_against_the_session_budgets() {
     c3.read_exact(&mut b[..8]).unwrap();
     assert_eq!(b[..8], [0u8; 8]);
 }
+
+/// A free port on 127.0.0.1 (for a test to listen on by number).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A5: parked listeners were keyed by address alone, and `park` dropped whatever was parked
+/// there. Two sessions of one application on one address (REUSE_PORT|PERSISTENT, the
+/// documented scale-out pattern) both park when it dies: the second park closed the first
+/// parked socket, resetting every connection in its backlog.
+#[test]
+fn two_persistent_reuse_port_sessions_of_one_application_both_survive_a_restart() {
+    use splitos_tcp_proto::listen_flags::{PERSISTENT, REUSE_ADDR, REUSE_PORT};
+    let srv = server("a5-two-parked");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let flags = PERSISTENT | REUSE_PORT | REUSE_ADDR;
+    let mut a1 = RawApp::connect(srv.socket_path());
+    let mut a2 = RawApp::connect(srv.socket_path());
+    let (_, target) = a1.listen(&addr, flags).unwrap();
+    a2.listen(&addr, flags).unwrap();
+    // The first instance dies; connections keep coming and land on either socket (the
+    // kernel spreads them): those on the first wait in its parked backlog.
+    drop(a1);
+    std::thread::sleep(Duration::from_millis(300));
+    let clients: Vec<TcpStream> = (0..20)
+        .map(|_| TcpStream::connect(target).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(100));
+    drop(a2);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(srv.parked_listeners(), 2, "both listeners parked");
+    // The next instance: two sessions again, taking both over. Every connection made since
+    // the first death reaches it (those the second session accepted are handed on to it).
+    let mut b1 = RawApp::connect(srv.socket_path());
+    let mut b2 = RawApp::connect(srv.socket_path());
+    b1.listen(&addr, flags).unwrap();
+    b2.listen(&addr, flags).unwrap();
+    assert_eq!(srv.parked_listeners(), 0, "both taken over");
+    let mut accepted = 0;
+    let deadline = std::time::Instant::now() + T;
+    while accepted < clients.len() && std::time::Instant::now() < deadline {
+        for b in [&mut b1, &mut b2] {
+            if b.wait_for(Duration::from_millis(50), |e| matches!(e, Ev::Accepted(..)))
+                .is_some()
+            {
+                accepted += 1;
+            }
+        }
+    }
+    assert_eq!(accepted, clients.len(), "connections lost in the restart");
+}
+
+/// A5: every listening socket is the server's, so the kernel's rule that only sockets of one
+/// uid share a port (SO_REUSEPORT) always passed: another user could join a tenant's
+/// REUSE_PORT group (and get a share of its connections), bind the more specific address
+/// (and get all of them), or join a parked listener's group.
+#[test]
+fn another_user_cannot_share_or_steal_a_tenants_port() {
+    use splitos_tcp_proto::listen_flags::{PERSISTENT, REUSE_PORT};
+    if !can_switch_users() {
+        eprintln!("skipped: needs root to act as two users");
+        return;
+    }
+    let srv = start(splitos_tcp_server::ServerConfig {
+        socket_mode: 0o666,
+        ..config("a5-ports")
+    });
+    let mut owner = RawApp::connect(srv.socket_path());
+    let mut other = connect_as(NOBODY, srv.socket_path());
+    let (p, q, s) = (free_port(), free_port(), free_port());
+    owner.listen(&format!("127.0.0.1:{p}"), REUSE_PORT).unwrap();
+    owner.listen(&format!("0.0.0.0:{q}"), REUSE_PORT).unwrap();
+    let (l, _) = owner
+        .listen(&format!("127.0.0.1:{s}"), REUSE_PORT | PERSISTENT)
+        .unwrap();
+    owner.send(Request::Handoff {
+        handle: l,
+        data: b"",
+    });
+    assert_eq!(owner.event_skip_sent(), Ev::Closed(l)); // parked
+    for (addr, what) in [
+        (format!("127.0.0.1:{p}"), "joined another user's group"),
+        (
+            format!("0.0.0.0:{p}"),
+            "took the wildcard over another user's port",
+        ),
+        (format!("127.0.0.1:{q}"), "bound a more specific address"),
+        (
+            format!("[::]:{q}"),
+            "bound the IPv6 wildcard over another user's port",
+        ),
+        (format!("127.0.0.1:{s}"), "joined a parked listener's group"),
+    ] {
+        assert_eq!(
+            other.listen(&addr, REUSE_PORT).err(),
+            Some(98),
+            "{what} ({addr})"
+        );
+    }
+    // Its own ports, and the owner's again, are fine.
+    assert!(other.listen("127.0.0.1:0", REUSE_PORT).is_ok());
+    assert!(owner.listen(&format!("127.0.0.1:{p}"), REUSE_PORT).is_ok());
+}

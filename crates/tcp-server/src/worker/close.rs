@@ -152,26 +152,34 @@ impl Worker {
             if let Some((r, _)) = l.route {
                 self.routes[r as usize] = None;
             }
-            if l.park {
-                match ledger.take(&acct, Res::Parked, 1) {
-                    Ok(()) => shared.registry.park(
-                        l.addr,
-                        Parked {
-                            fd: sock.fd,
+            // A parked listener keeps its user's claim on the port; a closed one gives it up.
+            let parked = l.park
+                && match ledger.take(&acct, Res::Parked, 1) {
+                    Ok(()) => {
+                        shared.registry.park(
+                            l.addr,
+                            Parked {
+                                fd: sock.fd,
+                                uid,
+                                acct,
+                                orphans: l.orphans,
+                                deadline: grace,
+                            },
+                        );
+                        true
+                    }
+                    Err(over) => {
+                        tracing::warn!(
+                            addr = %l.addr,
                             uid,
-                            acct,
-                            orphans: l.orphans,
-                            deadline: grace,
-                        },
-                        ledger,
-                    ),
-                    Err(over) => tracing::warn!(
-                        addr = %l.addr,
-                        uid,
-                        "a persistent listener is over {over} budget of parked listeners; \
-                         closing it instead"
-                    ),
-                }
+                            "a persistent listener is over {over} budget of parked listeners; \
+                             closing it instead"
+                        );
+                        false
+                    }
+                };
+            if !parked {
+                shared.registry.release_port(l.addr, uid);
             }
         }
         if was_conn {

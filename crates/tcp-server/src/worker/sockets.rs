@@ -94,13 +94,20 @@ impl Worker {
             self.emit(si, Event::Failed { req, errno });
             return;
         }
-        let (fd, orphans) = match self.shared.registry.take(addr, uid, &self.shared.ledger) {
+        let registry = &self.shared.registry;
+        let taken = registry.take(addr, uid, &self.shared.ledger);
+        let (fd, orphans, local) = match taken {
             Some(p) => {
                 tracing::info!(%addr, session = si.0, orphans = p.orphans.len(), "took over a persistent listener");
-                (p.fd, p.orphans)
+                let local = sock_addr(rnet::getsockname(&p.fd));
+                (p.fd, p.orphans, local)
             }
-            None => match open_listener(addr, backlog, flags) {
-                Ok(fd) => (fd, Vec::new()),
+            None => match registry.open_listener(addr, uid, || {
+                let fd = open_listener(addr, backlog, flags)?;
+                let local = rnet::getsockname(&fd).map(|a| sock_addr(Ok(a)))?;
+                Ok((fd, local))
+            }) {
+                Ok((fd, local)) => (fd, Vec::new(), local),
                 Err(e) => {
                     self.refund(si, Res::Listeners, 1);
                     self.emit(
@@ -114,7 +121,6 @@ impl Worker {
                 }
             },
         };
-        let local = sock_addr(rnet::getsockname(&fd));
         let slot = self.alloc_socket(
             si,
             fd,

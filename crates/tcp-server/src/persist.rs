@@ -24,7 +24,7 @@ use crate::budget::{Account, Ledger, Res};
 use rustix::fd::OwnedFd;
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -82,6 +82,8 @@ pub struct Registry {
     handed: Mutex<HashMap<SocketAddr, Vec<Handed>>>,
     /// Connections in `handed`, read without the lock on every worker pass.
     handed_count: AtomicUsize,
+    /// Bumped by every hand-off, so a worker looks for owners only when something new waits.
+    handed_version: AtomicU64,
 }
 
 impl Registry {
@@ -179,7 +181,13 @@ impl Registry {
         if let Ok(mut m) = self.handed.lock() {
             m.entry(addr).or_default().push(h);
             self.handed_count.fetch_add(1, Ordering::AcqRel);
+            self.handed_version.fetch_add(1, Ordering::AcqRel);
         }
+    }
+
+    /// Changes whenever a connection is handed off (see `Worker::adopt_handed`).
+    pub fn handed_version(&self) -> u64 {
+        self.handed_version.load(Ordering::Acquire)
     }
 
     /// Whether any handed-off connection waits for an owner.

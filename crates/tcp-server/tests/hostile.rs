@@ -917,3 +917,86 @@ fn another_user_cannot_share_or_steal_a_tenants_port() {
     assert!(other.listen("127.0.0.1:0", REUSE_PORT).is_ok());
     assert!(owner.listen(&format!("127.0.0.1:{p}"), REUSE_PORT).is_ok());
 }
+
+/// Median of round-trip times: one byte from a client through `app` (echoed) and back.
+fn echo_median(
+    app: &mut RawApp,
+    h: splitos_tcp_proto::Handle,
+    c: &mut TcpStream,
+    n: usize,
+) -> Duration {
+    let mut times = Vec::with_capacity(n);
+    let mut b = [0u8; 1];
+    for _ in 0..n {
+        let t = std::time::Instant::now();
+        c.write_all(b"x").unwrap();
+        let d = app.read_exact(h, 1);
+        app.send(Request::Send {
+            handle: h,
+            data: &d,
+        });
+        c.read_exact(&mut b).unwrap();
+        times.push(t.elapsed());
+    }
+    times.sort();
+    times[n / 2]
+}
+
+/// A27: while any handed-off connection waited for its next owner (up to the grace period),
+/// every pass of every worker walked every socket of every session looking for persistent
+/// listeners: with thousands of connections, every request of every tenant paid for it.
+#[test]
+fn a_waiting_hand_off_does_not_make_every_pass_walk_every_socket() {
+    use splitos_tcp_proto::listen_flags::{PERSISTENT, REUSE_ADDR};
+    let srv = start(splitos_tcp_server::ServerConfig {
+        threads: 1,
+        persist_grace: Duration::from_secs(60),
+        ..config("a27-adopt")
+    });
+    // A busy tenant: thousands of idle connections (their clients gone at once).
+    let mut busy = RawApp::connect(srv.socket_path());
+    let (_, baddr) = busy.listen("127.0.0.1:0", 0).unwrap();
+    const IDLE: usize = 6000;
+    for _ in 0..IDLE {
+        drop(TcpStream::connect(baddr).unwrap());
+    }
+    let (mut accepted, mut ended) = (0, 0);
+    while accepted < IDLE || ended < IDLE {
+        match busy.event() {
+            Ev::Accepted(..) => accepted += 1,
+            Ev::Eof(_) => ended += 1,
+            Ev::Sent(..) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let mut c = TcpStream::connect(baddr).unwrap();
+    c.set_nodelay(true).unwrap();
+    c.set_read_timeout(Some(T)).unwrap();
+    let h = busy.accepted();
+    let quiet = echo_median(&mut busy, h, &mut c, 400);
+    // Another tenant hands a connection off with no successor listening yet.
+    let mut leaving = RawApp::connect(srv.socket_path());
+    let (l, addr) = leaving
+        .listen("127.0.0.1:0", PERSISTENT | REUSE_ADDR)
+        .unwrap();
+    let _client = TcpStream::connect(addr).unwrap();
+    let conn = leaving.accepted();
+    leaving.send(Request::Handoff {
+        handle: l,
+        data: b"",
+    });
+    assert_eq!(leaving.event_skip_sent(), Ev::Closed(l));
+    leaving.send(Request::Pause { handle: conn });
+    assert_eq!(leaving.event_skip_sent(), Ev::Paused(conn));
+    leaving.send(Request::Handoff {
+        handle: conn,
+        data: b"",
+    });
+    assert_eq!(leaving.event_skip_sent(), Ev::Closed(conn));
+    let waiting = echo_median(&mut busy, h, &mut c, 400);
+    eprintln!("echo median: {quiet:?} quiet, {waiting:?} with a hand-off waiting ({IDLE} idle connections)");
+    assert!(
+        waiting < quiet * 2 + Duration::from_micros(100),
+        "a waiting hand-off slowed every request: {quiet:?} -> {waiting:?}"
+    );
+}

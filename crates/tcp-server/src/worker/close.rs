@@ -149,6 +149,7 @@ impl Worker {
                 }
             }
         } else if let Kind::Listener(l) = sock.kind {
+            self.persistent.remove(&slot);
             if let Some((r, _)) = l.route {
                 self.routes[r as usize] = None;
             }

@@ -114,25 +114,32 @@ impl Worker {
     }
 
     /// Adopts connections other instances handed off, for every live persistent listener here.
+    /// Only when there may be something new to find: a hand-off since the last look
+    /// (`Registry::handed_version`) or a new persistent listener here; and then only the
+    /// persistent listeners are looked at (`Worker::persistent`), not every socket (which, with
+    /// a hand-off waiting out its grace period, every pass used to do).
     pub(super) fn adopt_handed(&mut self) -> usize {
+        let version = self.shared.registry.handed_version();
+        if version == self.handed_seen && !self.persistent_added {
+            return 0;
+        }
+        self.handed_seen = version;
+        self.persistent_added = false;
         let mut targets = Vec::new();
-        for si in self.session_ixs() {
-            let Some(s) = self.sessions[si].as_ref().filter(|s| !s.dead) else {
+        for &slot in &self.persistent {
+            let Some(Socket {
+                session,
+                kind: Kind::Listener(l),
+                closing: false,
+                ..
+            }) = self.sockets[slot].sock.as_ref()
+            else {
                 continue;
             };
-            let uid = s.peer.uid;
-            for &slot in &s.sockets {
-                if let Some(Socket {
-                    kind: Kind::Listener(l),
-                    closing: false,
-                    ..
-                }) = self.sockets[slot].sock.as_ref()
-                {
-                    if l.flags & listen_flags::PERSISTENT != 0 {
-                        targets.push((si, slot, l.addr, uid));
-                    }
-                }
-            }
+            let Some(s) = self.sessions[*session].as_ref().filter(|s| !s.dead) else {
+                continue;
+            };
+            targets.push((*session, slot, l.addr, s.peer.uid));
         }
         let mut n = 0;
         for (si, lslot, addr, uid) in targets {

@@ -157,6 +157,12 @@ pub(crate) struct Worker {
     budget_waiters: Vec<SlotIx>,
     /// Connections given bytes this pass, whose send starts once all requests are read.
     send_wanted: Vec<SlotIx>,
+    /// This worker's persistent listeners (where handed-off connections may be adopted), and
+    /// whether one was added since `adopt_handed` last looked, which also remembers the
+    /// registry's hand-off version it saw.
+    persistent: HashSet<SlotIx>,
+    persistent_added: bool,
+    handed_seen: u64,
     /// Direct-path routes of this worker's listeners.
     routes: Vec<Option<crate::direct::Route>>,
     /// The start of the current pass: a coarse clock for activity stamps.
@@ -200,6 +206,9 @@ impl Worker {
             accept_retry: Vec::new(),
             budget_waiters: Vec::new(),
             send_wanted: Vec::new(),
+            persistent: HashSet::new(),
+            persistent_added: false,
+            handed_seen: 0,
             routes: Vec::new(),
             now: Instant::now(),
             route_serial: 0,

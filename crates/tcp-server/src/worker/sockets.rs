@@ -133,6 +133,10 @@ impl Worker {
                 orphans: Vec::new(),
             }),
         );
+        if flags & listen_flags::PERSISTENT != 0 {
+            self.persistent.insert(slot);
+            self.persistent_added = true;
+        }
         let handle = self.handle(slot);
         self.emit(
             si,

@@ -428,6 +428,19 @@ impl Worker {
             for s in self.sessions.drain(..).flatten() {
                 std::mem::forget(s);
             }
+            // Their sockets too: a send in flight reads its connection's queued chunks and
+            // gathered iovecs, which would otherwise be freed when the worker drops, after the
+            // ring is closed but maybe before the kernel has finished tearing it down. The
+            // descriptors are closed (the kernel keeps its own reference while it needs one).
+            for slot in self.sockets.drain(..) {
+                if let Some(sock) = slot.sock {
+                    if sock.inflight > 0 {
+                        let Socket { fd, kind, .. } = sock;
+                        std::mem::forget(kind);
+                        drop(fd);
+                    }
+                }
+            }
         }
     }
 }

@@ -35,6 +35,8 @@ pub struct Embedded {
 }
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
+/// Embedded servers' socket names start with this, then the process id.
+const PREFIX: &str = "embedded-";
 static PROCESS_SERVER: OnceLock<Embedded> = OnceLock::new();
 
 /// Starts an embedded server (the first call per process; later calls return the same one).
@@ -47,10 +49,21 @@ pub fn start(options: Options) -> io::Result<Embedded> {
 }
 
 /// Starts a separate embedded server (tests that need several).
+///
+/// Its socket (and statistics file beside it) is `embedded-<pid>-<n>.sock` in this user's
+/// runtime directory ([`splitos_m2m::runtime::user_dir`], checked before use). A process
+/// that ends without dropping its server — a `static` one is never dropped, and a killed
+/// process drops nothing — leaves them behind; each start removes those of processes that
+/// are gone (and those an older version left directly in `/tmp`).
 pub fn start_new(options: Options) -> io::Result<Embedded> {
+    use splitos_m2m::runtime;
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let socket =
-        std::env::temp_dir().join(format!("splitos-embedded-{}-{n}.sock", std::process::id()));
+    let dir = runtime::user_dir();
+    runtime::private_dir(&dir)
+        .map_err(|e| io::Error::other(format!("starting the embedded TCP server: {e}")))?;
+    runtime::remove_dead(&dir, PREFIX);
+    runtime::remove_dead(&std::env::temp_dir(), "splitos-embedded-");
+    let socket = dir.join(format!("{PREFIX}{}-{n}.sock", std::process::id()));
     let server = TcpServer::start(ServerConfig {
         socket,
         threads: options.threads,

@@ -7,9 +7,13 @@
 //! Which server: the process's default [`Session`] connects to `$SPLITOS_SOCKET`, else to
 //! `$XDG_RUNTIME_DIR/splitos/tcp.sock`, else `/tmp/splitos-<uid>/tcp.sock` (where
 //! `splitos tcp-server` listens by default). With `SPLITOS_EMBEDDED=1`, or after
-//! [`embedded::start`], the server instead runs as threads inside this process — same code,
+//! `embedded::start`, the server instead runs as threads inside this process — same code,
 //! same shared-memory path, no daemon needed.
+//!
+//! Features: `embedded` (default) links the TCP server for that mode; without it the library
+//! is the client side only. `tokio` adds async sockets, `axum` an `axum::serve` listener.
 
+#[cfg(feature = "embedded")]
 pub mod embedded;
 mod file_tags;
 pub mod net;
@@ -23,7 +27,7 @@ pub use session::{Session, SessionOptions};
 /// Files through the memory-mapped file server: open a file, read it in place, and pass it to
 /// [`net::TcpStream::send_file`].
 pub mod files {
-    pub use splitos_file_server::client::{ClientError, FileClient, FileView};
+    pub use splitos_file_server::client::{ClientConfig, ClientError, FileClient, FileView, Piece};
 }
 pub use splitos_m2m::WaitPolicy;
 
@@ -42,15 +46,30 @@ pub fn default_session() -> io::Result<Session> {
         return Ok(s.clone());
     }
     let s = if std::env::var_os("SPLITOS_EMBEDDED").is_some_and(|v| v == "1") {
-        embedded::start(embedded::Options::default())?.session()?
+        embedded_session()?
     } else {
         Session::connect(
-            splitos_tcp_server::default_socket_path(),
+            splitos_tcp_proto::default_socket_path(),
             SessionOptions::default(),
         )?
     };
     *slot = Some(s.clone());
     Ok(s)
+}
+
+#[cfg(feature = "embedded")]
+fn embedded_session() -> io::Result<Session> {
+    embedded::start(embedded::Options::default())?.session()
+}
+
+/// Asked for embedded mode, built without it: say so rather than quietly using a daemon the
+/// user did not ask for.
+#[cfg(not(feature = "embedded"))]
+fn embedded_session() -> io::Result<Session> {
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        "SPLITOS_EMBEDDED=1, but this build of the splitos library has no embedded mode (cargo feature `embedded`)",
+    ))
 }
 
 /// Makes `session` the default for `TcpListener::bind`/`TcpStream::connect`.

@@ -35,6 +35,27 @@ pub struct ListenOptions {
     /// Keep the listening socket open in the server if this process dies, so that a restarted
     /// instance listening on the same address takes it over without refusing a connection.
     pub persistent: bool,
+    /// With `persistent`: the application marks each connection's request boundaries
+    /// ([`crate::reactor::Reactor::answered`]); if it dies, connections whose responses are
+    /// complete go to its successor with their unanswered requests, which it answers.
+    pub recoverable: bool,
+}
+
+impl ListenOptions {
+    /// The protocol's listen flags for these options (SO_REUSEADDR always, as std does on Unix).
+    pub(crate) fn flags(&self) -> u32 {
+        let mut flags = listen_flags::REUSE_ADDR;
+        if self.reuse_port {
+            flags |= listen_flags::REUSE_PORT;
+        }
+        if self.persistent {
+            flags |= listen_flags::PERSISTENT;
+            if self.recoverable {
+                flags |= listen_flags::RECOVERABLE;
+            }
+        }
+        flags
+    }
 }
 
 impl Default for ListenOptions {
@@ -43,6 +64,7 @@ impl Default for ListenOptions {
             backlog: 1024,
             reuse_port: false,
             persistent: false,
+            recoverable: false,
         }
     }
 }
@@ -65,13 +87,7 @@ impl TcpListener {
         addr: impl ToSocketAddrs,
         opts: ListenOptions,
     ) -> io::Result<TcpListener> {
-        let mut flags = listen_flags::REUSE_ADDR; // as std does on Unix
-        if opts.reuse_port {
-            flags |= listen_flags::REUSE_PORT;
-        }
-        if opts.persistent {
-            flags |= listen_flags::PERSISTENT;
-        }
+        let flags = opts.flags();
         let mut last = None;
         for a in resolve(addr)? {
             let r = session.call(Creates::Listener, |req| Request::Listen {
@@ -290,7 +306,10 @@ impl TcpStream {
     /// Transmits `len` bytes from `offset` of a file opened through the file server, straight
     /// from the shared cache: this process never touches the bytes. The file's sealed segments
     /// are handed to the TCP server once and reused; the bytes go out as the version `file`
-    /// holds, whatever happens to the file meanwhile. Returns once the send is queued.
+    /// holds, whatever happens to the file meanwhile. A file passed by reference (too large to
+    /// cache) goes out by `sendfile` from the file itself: if it shrinks meanwhile, the
+    /// connection fails (the response ends short), and if it is rewritten the bytes sent are
+    /// those it holds when they are sent. Returns once the send is queued.
     pub fn send_file(
         &self,
         file: &splitos_file_server::client::FileView,
@@ -300,12 +319,13 @@ impl TcpStream {
         let h = self.inner.handle;
         let pieces = crate::file_tags::pieces(file, offset, len)?;
         let mut st = self.inner.session.lock()?;
-        for (seg, within, part) in pieces {
+        for piece in pieces {
             let st = &mut *st;
-            let (tag, released) = st.files.tag(&mut st.chan, &seg).map_err(|e| st.fail(e))?;
-            if let Some(old) = released {
+            let (tag, released) = st.files.tag(&mut st.chan, &piece).map_err(|e| st.fail(e))?;
+            for old in released {
                 st.request(Request::ReleaseFile { file: old })?;
             }
+            let (within, part) = crate::file_tags::span(&piece);
             st.request(Request::SendFile {
                 handle: h,
                 file: tag,

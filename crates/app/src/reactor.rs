@@ -21,9 +21,9 @@
 use crate::file_tags::{pieces, FileTags};
 use crate::net::ListenOptions;
 use crate::session::m2m_err;
-use splitos_file_server::client::FileView;
+use splitos_file_server::client::{FileView, Piece};
 use splitos_m2m::{Channel, ChannelConfig, Message, WaitPolicy};
-use splitos_tcp_proto::{listen_flags, BufferMeta, Event, Request, SockOpt, SEND_WINDOW};
+use splitos_tcp_proto::{BufferMeta, Event, Request, SockOpt, SEND_WINDOW};
 pub use splitos_tcp_proto::{Handle, MAX_HANDOFF};
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -134,12 +134,15 @@ impl Events {
 /// An operation that must wait behind earlier sends of its connection.
 enum Queued {
     Bytes(Vec<u8>),
-    File(u64, u64, u64),
+    /// Registered (tagged) only when sent, so a registration cannot lapse while it waits.
+    File(Piece),
     Close,
     ShutdownWrite,
     Handoff(Vec<u8>),
     /// Give the connection back to the direct path, having seen this many bytes of it.
     ServeDirect(u64),
+    /// A request boundary: every request in this many bytes is answered (see `answered`).
+    Answered(u64),
 }
 
 #[derive(Default)]
@@ -230,13 +233,7 @@ impl Reactor {
         addr: SocketAddr,
         opts: ListenOptions,
     ) -> io::Result<(Handle, SocketAddr)> {
-        let mut flags = listen_flags::REUSE_ADDR;
-        if opts.reuse_port {
-            flags |= listen_flags::REUSE_PORT;
-        }
-        if opts.persistent {
-            flags |= listen_flags::PERSISTENT;
-        }
+        let flags = opts.flags();
         let req = self.req_id();
         self.push(Request::Listen {
             req,
@@ -436,24 +433,31 @@ impl Reactor {
         len: u64,
     ) -> io::Result<()> {
         self.conn(conn)?;
-        for (seg, within, part) in pieces(file, offset, len)? {
-            let (tag, released) = self.files.tag(&mut self.chan, &seg).map_err(m2m_err)?;
-            if let Some(old) = released {
-                self.push(Request::ReleaseFile { file: old });
-            }
+        for piece in pieces(file, offset, len)? {
             let c = self.conn(conn)?;
             if c.queue.is_empty() {
-                self.push(Request::SendFile {
-                    handle: conn,
-                    file: tag,
-                    offset: within,
-                    len: part,
-                });
+                self.send_piece(conn, &piece)?;
             } else {
-                c.queue.push_back(Queued::File(tag, within, part));
+                c.queue.push_back(Queued::File(piece));
             }
         }
         self.drain_queue(conn);
+        Ok(())
+    }
+
+    /// Registers the file of `piece` with the server if needed and requests its send.
+    fn send_piece(&mut self, conn: Handle, piece: &Piece) -> io::Result<()> {
+        let (tag, released) = self.files.tag(&mut self.chan, piece).map_err(m2m_err)?;
+        for old in released {
+            self.push(Request::ReleaseFile { file: old });
+        }
+        let (offset, len) = crate::file_tags::span(piece);
+        self.push(Request::SendFile {
+            handle: conn,
+            file: tag,
+            offset,
+            len,
+        });
         Ok(())
     }
 
@@ -530,6 +534,25 @@ impl Reactor {
         Ok(())
     }
 
+    /// Marks a request boundary on `conn`, after everything queued on it: every request it
+    /// received is answered except the last `unprocessed` bytes (a request not complete yet,
+    /// or pipelined ones not answered yet). On a listener with
+    /// [`ListenOptions::recoverable`](crate::net::ListenOptions), this is what lets the server
+    /// give the connection and those bytes to this application's successor if it dies: call it
+    /// after queueing each complete response. Elsewhere it costs one small request.
+    pub fn answered(&mut self, conn: Handle, unprocessed: usize) -> io::Result<()> {
+        let c = self.conn(conn)?;
+        let Some(mark) = c.received.checked_sub(unprocessed as u64) else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "more bytes unprocessed than this connection received",
+            ));
+        };
+        c.queue.push_back(Queued::Answered(mark));
+        self.drain_queue(conn);
+        Ok(())
+    }
+
     /// Connections this reactor has open.
     pub fn connections(&self) -> usize {
         self.conns.len()
@@ -570,12 +593,10 @@ impl Reactor {
                 _ => {
                     let Some(q) = c.queue.pop_front() else { return };
                     match q {
-                        Queued::File(file, offset, len) => self.push(Request::SendFile {
-                            handle: conn,
-                            file,
-                            offset,
-                            len,
-                        }),
+                        Queued::File(piece) => {
+                            // Fails only with the channel, which the next call reports.
+                            let _ = self.send_piece(conn, &piece);
+                        }
                         Queued::Close => self.push(Request::Close { handle: conn }),
                         Queued::ShutdownWrite => self.push(Request::ShutdownWrite { handle: conn }),
                         Queued::Handoff(data) => self.push(Request::Handoff {
@@ -583,6 +604,10 @@ impl Reactor {
                             data: &data,
                         }),
                         Queued::ServeDirect(received) => self.push(Request::ServeDirect {
+                            handle: conn,
+                            received,
+                        }),
+                        Queued::Answered(received) => self.push(Request::Answered {
                             handle: conn,
                             received,
                         }),

@@ -9,7 +9,7 @@
 
 use crate::net::{try_read, try_write};
 use crate::session::{Creates, Session, Shared, WaitKey};
-use splitos_tcp_proto::{listen_flags, Handle, Request};
+use splitos_tcp_proto::{Handle, Request};
 use std::future::poll_fn;
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -137,13 +137,7 @@ impl TcpListener {
         addr: impl ToSocketAddrs,
         opts: crate::net::ListenOptions,
     ) -> io::Result<TcpListener> {
-        let mut flags = listen_flags::REUSE_ADDR;
-        if opts.reuse_port {
-            flags |= listen_flags::REUSE_PORT;
-        }
-        if opts.persistent {
-            flags |= listen_flags::PERSISTENT;
-        }
+        let flags = opts.flags();
         let mut last = None;
         for a in addr.to_socket_addrs()? {
             let r = call(session, Creates::Listener, |req| Request::Listen {

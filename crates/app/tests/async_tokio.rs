@@ -1,4 +1,7 @@
 //! The tokio flavour: an async echo and an axum router over Split-OS, driven by kernel clients.
+
+// Test code: helpers outside #[test] functions may unwrap too; a panic is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 #![cfg(feature = "axum")]
 
 mod common;

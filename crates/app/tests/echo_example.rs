@@ -1,6 +1,9 @@
 //! The echo example binary itself (embedded mode), checked with Rust std::net, curl and
 //! Python's socket module.
 
+// Test code: helpers outside #[test] functions may unwrap too; a panic is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::{curl_telnet, python_echo_check};

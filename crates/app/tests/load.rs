@@ -1,6 +1,9 @@
 //! Many connections, big transfers and a slow reader, through the library and the embedded
 //! TCP server, against kernel clients. Every loop is bounded in count and time.
 
+// Test code: helpers outside #[test] functions may unwrap too; a panic is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::{echo_conn, session};

@@ -1,5 +1,8 @@
 //! The library against real kernel clients: Rust std::net, curl and Python's socket module.
 
+// Test code: helpers outside #[test] functions may unwrap too; a panic is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::{curl_telnet, echo_conn, python_echo_check, session};

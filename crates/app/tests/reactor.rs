@@ -2,6 +2,9 @@
 //! past the send window wait in order behind each other, and a connection moves between two
 //! reactors (instances) with its unprocessed bytes, the client seeing one unbroken stream.
 
+// Test code: helpers outside #[test] functions may unwrap too; a panic is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use splitos::net::ListenOptions;
 use splitos::reactor::{Events, Handle, NetEvent, Reactor};
 use splitos::WaitPolicy;
@@ -161,4 +164,124 @@ fn sends_past_the_window_queue_in_order_and_connections_move_between_instances()
     assert_eq!(tail, b"from-B");
     // Operations on a handle that is gone fail cleanly.
     assert!(a.send(conn, b"x").is_err());
+}
+
+/// Reads from `client` until `want` bytes came (bounded by its read timeout).
+fn read_exactly(client: &mut TcpStream, want: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; want];
+    client.read_exact(&mut buf).unwrap();
+    buf
+}
+
+/// An application that dies (its reactor dropped without a word: to the server that is a
+/// crash) between requests on a recoverable listener: the response it had queued completes,
+/// and the request it had received but not answered goes, with its bytes, to the next
+/// instance, which answers it on the same client socket. A connection that died half way
+/// through a response cannot be finished by anyone and is closed.
+#[test]
+fn a_crash_between_requests_loses_no_request_and_no_connection() {
+    let srv = server("recover");
+    let recoverable = ListenOptions {
+        persistent: true,
+        recoverable: true,
+        ..ListenOptions::default()
+    };
+    let mut a = Reactor::connect(srv.socket_path(), WaitPolicy::Block, "a").unwrap();
+    let (listener, addr) = a
+        .listen("127.0.0.1:0".parse().unwrap(), recoverable)
+        .unwrap();
+    let mut ev = Events::new();
+    let mut clean = TcpStream::connect(addr).unwrap();
+    let mut torn = TcpStream::connect(addr).unwrap();
+    for c in [&clean, &torn] {
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    }
+    let mut conns = Vec::new();
+    until(&mut a, &mut ev, |e| {
+        if let NetEvent::Accepted {
+            listener: l, conn, ..
+        } = e
+        {
+            assert_eq!(*l, listener);
+            conns.push(*conn);
+        }
+        (conns.len() == 2).then_some(())
+    });
+
+    // Each connection gets one request that A answers and marks, then one it only reads.
+    clean.write_all(b"one\n").unwrap();
+    torn.write_all(b"one\n").unwrap();
+    let mut seen = 0;
+    until(&mut a, &mut ev, |e| {
+        if let NetEvent::Data { data, .. } = e {
+            seen += data.len();
+        }
+        (seen == 8).then_some(())
+    });
+    for &c in &conns {
+        a.send(c, b"answer one\n").unwrap();
+        a.answered(c, 0).unwrap();
+    }
+    a.flush().unwrap();
+    assert_eq!(read_exactly(&mut clean, 11), b"answer one\n");
+    assert_eq!(read_exactly(&mut torn, 11), b"answer one\n");
+    clean.write_all(b"two\n").unwrap();
+    torn.write_all(b"two\n").unwrap();
+    let mut seen = 0;
+    until(&mut a, &mut ev, |e| {
+        if let NetEvent::Data { data, .. } = e {
+            seen += data.len();
+        }
+        (seen == 8).then_some(())
+    });
+    // On the second connection A has begun its answer: that one cannot go on.
+    let torn_conn = conns[1];
+    a.send(torn_conn, b"answ").unwrap();
+    a.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    drop(a); // the crash
+
+    // The successor takes over the listener and the connection with its unanswered request.
+    let mut b = Reactor::connect(srv.socket_path(), WaitPolicy::Block, "b").unwrap();
+    let (_l, baddr) = b.listen(addr, recoverable).unwrap();
+    assert_eq!(baddr, addr);
+    let mut got = Vec::new();
+    let mut conn = None;
+    until(&mut b, &mut ev, |e| {
+        match e {
+            NetEvent::Accepted { conn: c, .. } => conn = Some(*c),
+            NetEvent::Data { data, .. } => got.extend_from_slice(data),
+            _ => {}
+        }
+        (got.len() >= 4).then_some(())
+    });
+    assert_eq!(
+        got, b"two\n",
+        "the unanswered request went to the successor"
+    );
+    let conn = conn.expect("the connection was adopted");
+    b.send(conn, b"answer two\n").unwrap();
+    b.answered(conn, 0).unwrap();
+    b.flush().unwrap();
+    let end = Instant::now() + Duration::from_secs(10);
+    let mut reply = Vec::new();
+    clean
+        .set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    while reply.len() < 11 {
+        assert!(Instant::now() < end, "no answer from the successor");
+        b.poll(&mut ev, Some(Duration::from_millis(10))).unwrap();
+        let mut buf = [0u8; 64];
+        match clean.read(&mut buf) {
+            Ok(0) => panic!("the recovered connection was closed"),
+            Ok(n) => reply.extend_from_slice(&buf[..n]),
+            Err(_) => {}
+        }
+    }
+    assert_eq!(reply, b"answer two\n", "same client socket, next answer");
+
+    // The torn one: its half answer went out (the kernel had it), then the connection ended.
+    let mut rest = Vec::new();
+    let _ = torn.read_to_end(&mut rest);
+    assert_eq!(rest, b"answ");
 }

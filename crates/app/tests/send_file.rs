@@ -1,6 +1,9 @@
 //! `send_file`: file bytes go from the file server's cache to the network through the TCP
 //! server, never through the application; checked byte for byte by a kernel client.
 
+// Test code: helpers outside #[test] functions may unwrap too; a panic is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::session;
@@ -73,10 +76,11 @@ fn send_file_one_byte_whole_file_and_ranges_across_chunks() {
     let mut site = Site::new("ranges", &[("big.bin", &big), ("one.txt", b"x")], |cfg| {
         cfg.chunk_size = 4 << 20;
         cfg.cache_bytes = 256 << 20;
+        cfg.by_reference_above = Some(u64::MAX); // in chunks (see send_plain_file.rs)
     });
     let one = site.client.open("one.txt").unwrap();
     let bigv = site.client.open("big.bin").unwrap();
-    assert_eq!(bigv.chunks().len(), 25);
+    assert_eq!(bigv.chunk_count(), 25);
 
     let l = TcpListener::bind_with(&session(), "127.0.0.1:0", Default::default()).unwrap();
     // (offset, len) requests, sent back to back on one connection.
@@ -112,6 +116,7 @@ fn a_file_changed_or_evicted_mid_send_goes_out_as_one_version() {
     let mut site = Site::new("version", &[("f.bin", &old)], |cfg| {
         cfg.cache_bytes = 8 << 20; // smaller than the file: its chunks are evicted as it is read
         cfg.chunk_size = 1 << 20;
+        cfg.by_reference_above = Some(u64::MAX); // copied in chunks, not passed by reference
     });
     let view = site.client.open("f.bin").unwrap();
     let l = TcpListener::bind_with(&session(), "127.0.0.1:0", Default::default()).unwrap();

@@ -60,10 +60,28 @@ enum Suite {
         #[arg(long)]
         no_pin: bool,
     },
-    /// `splitos serve` vs nginx (same directory, wrk keep-alive, 50 connections) for 1 KiB,
-    /// 16 KiB and 1 MiB files: req/s, p99 latency and requests per server CPU-second. Needs
-    /// nginx and wrk on the PATH and the splitos binary built next to this one.
-    Http(Common),
+    /// `splitos serve` vs nginx, lighttpd and h2o, and a ceiling (a minimal server answering
+    /// from memory), serving the same directory under wrk (keep-alive, 50 connections per wrk
+    /// thread) for 1 KiB, 16 KiB and 1 MiB files: req/s, p99 latency and requests per server
+    /// CPU-second, with splitos as a fraction of the best peer and of the ceiling. Needs wrk
+    /// and the peers on the PATH (missing peers are skipped) and the splitos binary built next
+    /// to this one.
+    Http {
+        #[command(flatten)]
+        common: Common,
+        /// Worker threads (processes) per server, and wrk threads.
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+    },
+    #[command(hide = true)]
+    HttpCeiling {
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        size: usize,
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+    },
     /// Cached file reads (shared cache vs pread vs mmap) and file transmission (Split-OS
     /// send_file vs sendfile(2)) for 1 KiB, 64 KiB and 4 MiB files.
     File(Common),
@@ -156,10 +174,18 @@ fn main() -> ExitCode {
             };
             finish(echo::report(&opts), common.json)
         }
-        Suite::Http(c) => finish(
-            http_suite::run(&http_suite::Options { quick: c.quick }),
-            c.json,
+        Suite::Http { common, threads } => finish(
+            http_suite::run(&http_suite::Options {
+                quick: common.quick,
+                threads,
+            }),
+            common.json,
         ),
+        Suite::HttpCeiling {
+            port,
+            size,
+            threads,
+        } => http_suite::ceiling_main(port, size, threads),
         Suite::File(c) => finish(
             file_suite::run(&file_suite::Options { quick: c.quick }),
             c.json,

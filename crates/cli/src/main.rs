@@ -1,6 +1,7 @@
 //! The `splitos` command: runs the Split-OS servers and shows their state.
 
-mod http_app;
+#![forbid(unsafe_code)]
+
 mod serve;
 mod status;
 
@@ -33,7 +34,8 @@ enum Command {
     /// drives the kernel TCP stack with io_uring on its own threads.
     TcpServer(TcpServerArgs),
     /// Show the TCP server's applications, connections, traffic and thread load (read from its
-    /// statistics file; the server is not disturbed).
+    /// statistics file; the server is not disturbed), and for `splitos serve`, its HTTP
+    /// application, direct path, file cache hit ratio and budgets.
     Status(StatusArgs),
     /// Serve a directory over HTTP/1.1 on the split architecture: the TCP server and the file
     /// server run as threads of this process, the HTTP application as a child process, and file
@@ -46,7 +48,7 @@ enum Command {
     Reload(serve::ReloadArgs),
     /// One instance of serve's HTTP application (started by `splitos serve`, not by hand).
     #[command(hide = true)]
-    ServeApp(http_app::AppArgs),
+    ServeApp(serve::AppArgs),
     /// Run the memory-mapped file server: it caches the files beneath ROOT in sealed shared
     /// memory that readers map directly; nothing outside ROOT is ever served.
     FileServer(FileServerArgs),
@@ -83,24 +85,10 @@ pub(crate) fn parse_bytes(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{s:?} is not a size like 4096, 64K, 256M or 1G"))
 }
 
-fn default_files_socket() -> PathBuf {
-    if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR") {
-        return PathBuf::from(d).join("splitos").join("files.sock");
-    }
-    PathBuf::from(format!(
-        "/tmp/splitos-{}/files.sock",
-        rustix::process::getuid().as_raw()
-    ))
-}
-
 fn run_file_server(a: FileServerArgs) -> Result<(), String> {
-    let socket = a.socket.unwrap_or_else(default_files_socket);
-    if let Some(dir) = socket.parent() {
-        if !dir.as_os_str().is_empty() && !dir.exists() {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-        }
-    }
+    let socket = a
+        .socket
+        .unwrap_or_else(splitos_file_server::default_socket_path);
     let mut cfg =
         splitos_file_server::server::FileServerConfig::new(a.root.clone(), socket.clone());
     cfg.cache_bytes = a.cache_size;
@@ -204,9 +192,14 @@ struct TcpServerArgs {
 
 #[derive(clap::Args)]
 struct StatusArgs {
-    /// Socket of the TCP server to look at (default as for tcp-server).
-    #[arg(long)]
+    /// Socket of a TCP server to look at. Without it (and without --listen), every server of
+    /// this user is shown: the TCP server at the default socket (as for tcp-server), if it
+    /// runs, and every `splitos serve`.
+    #[arg(long, conflicts_with = "listen")]
     socket: Option<PathBuf>,
+    /// The `splitos serve` listening on this address (as given to `splitos serve --listen`).
+    #[arg(long)]
+    listen: Option<String>,
     /// Print JSON instead of tables.
     #[arg(long)]
     json: bool,
@@ -231,17 +224,20 @@ fn main() -> ExitCode {
     let r = match cli.command {
         Command::TcpServer(a) => run_tcp_server(a),
         Command::FileServer(a) => run_file_server(a),
-        Command::Serve(a) => stop_on_signals().and_then(|stop| serve::run(a, stop)),
+        Command::Serve(a) => stop_on_signals().and_then(|stop| {
+            let reload = flag_on(signal_hook::consts::SIGHUP)?;
+            serve::run(a, &stop, &reload)
+        }),
         Command::Reload(a) => serve::reload(a),
         Command::ServeApp(a) => stop_on_signals().and_then(|stop| {
-            let drain = Arc::new(AtomicBool::new(false));
-            signal_hook::flag::register(signal_hook::consts::SIGUSR2, drain.clone())
-                .map_err(|e| format!("cannot install a signal handler: {e}"))?;
-            http_app::run(a, stop, drain)
+            let drain = flag_on(signal_hook::consts::SIGUSR2)?;
+            serve::run_app(a, &stop, &drain)
         }),
         Command::Status(a) => status::run(
-            a.socket
-                .unwrap_or_else(splitos_tcp_server::default_socket_path),
+            status::Target {
+                socket: a.socket,
+                listen: a.listen,
+            },
             a.json,
         ),
     };
@@ -264,6 +260,14 @@ fn stop_on_signals() -> Result<Arc<AtomicBool>, String> {
     Ok(stop)
 }
 
+/// Sets the returned flag on `sig` (which then no longer has its default effect).
+fn flag_on(sig: std::ffi::c_int) -> Result<Arc<AtomicBool>, String> {
+    let flag = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(sig, flag.clone())
+        .map_err(|e| format!("cannot install a signal handler: {e}"))?;
+    Ok(flag)
+}
+
 fn run_tcp_server(a: TcpServerArgs) -> Result<(), String> {
     let mut config = ServerConfig {
         threads: a.threads,
@@ -271,6 +275,8 @@ fn run_tcp_server(a: TcpServerArgs) -> Result<(), String> {
         wait: a.wait,
         socket_mode: a.socket_mode,
         persist_grace: Duration::from_secs(a.persist_grace),
+        // Applications of this server may have it answer their static files (ServeFiles).
+        direct: Some(std::sync::Arc::new(splitos_serve::direct::StaticFiles)),
         ..ServerConfig::default()
     };
     if let Some(n) = a.max_sessions {

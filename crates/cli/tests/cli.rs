@@ -67,6 +67,69 @@ fn daemon_status_and_clean_shutdown() {
     assert!(!sock.exists(), "socket left behind");
 }
 
+/// Finding A19: an application's name (any 64 bytes it chose in its hello) was printed raw, so
+/// one could send terminal escapes to the operator running `splitos status`. The TCP server
+/// stores printable ASCII only (anything else becomes `?`), and `status` escapes control and
+/// bidirectional-override characters in whatever it reads.
+#[test]
+fn status_escapes_application_names() {
+    let sock = std::env::temp_dir().join(format!("splitos-cli-names-{}.sock", std::process::id()));
+    let mut daemon = Command::new(BIN)
+        .args(["tcp-server", "--wait", "block", "--socket"])
+        .arg(&sock)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _stop = KillOnDrop(daemon.id());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let evil = "\x1b]0;owned\x07\x1b[2Jx\u{202e}y\\z";
+    let _app = loop {
+        match splitos::reactor::Reactor::connect(&sock, splitos::WaitPolicy::Block, evil) {
+            Ok(r) => break r,
+            Err(e) => assert!(Instant::now() < deadline, "no TCP server: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let text = loop {
+        let out = Command::new(BIN)
+            .args(["status", "--socket"])
+            .arg(&sock)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !text.contains("no applications connected") && out.status.success() {
+            break text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the session never showed: {text}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!text.contains('\x1b') && !text.contains('\x07'), "{text:?}");
+    assert!(!text.contains('\u{202e}'), "{text:?}");
+    assert!(text.contains("?]0;owned??[2Jx???y\\\\z"), "{text}");
+    drop(_app);
+    drop(_stop); // SIGTERM: the daemon removes its socket and statistics file
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while daemon.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    assert!(!sock.exists(), "socket left behind");
+}
+
+/// Sends SIGTERM to a process when dropped (the test's cleanup, even when it fails).
+struct KillOnDrop(u32);
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(pid) = rustix::process::Pid::from_raw(self.0 as i32) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
+    }
+}
+
 #[test]
 fn errors_say_what_to_do() {
     let out = Command::new(BIN)

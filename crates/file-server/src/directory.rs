@@ -11,8 +11,9 @@
 //! half of.
 //!
 //! A key (path and chunk number) lives in one of `PROBE` slots from its hash; a lookup checks all
-//! of them, so removal needs no tombstones. An entry that finds no free slot is simply not
-//! published: readers miss and ask the server, which still has it.
+//! of them, so removal needs no tombstones. An entry that finds no free slot is not published:
+//! readers miss and ask the server, which still has it (the server first displaces absences
+//! from the window, and counts what it still cannot place).
 //!
 //! An entry may also record that a path does *not* exist ([`ABSENT`]): the server publishes one
 //! after a lookup failed, once it watches the directory, and retracts it when the directory
@@ -43,6 +44,9 @@ pub const SLOT: usize = 256;
 pub const PROBE: usize = 8;
 /// Longest path a slot holds; longer paths are served, just never from the directory.
 pub const MAX_KEY_PATH: usize = 184;
+/// Most slots a directory has: the writer creates no more, and a reader maps no more (a
+/// region of 256 MiB), whatever a hostile server's header says.
+pub const MAX_SLOTS: usize = 1 << 20;
 /// Attempts a lookup makes at copying a slot the writer is changing before it counts as a
 /// miss: the direct path must never wait on the file server.
 const RETRIES: usize = 64;
@@ -212,7 +216,7 @@ pub struct DirectoryWriter {
 impl DirectoryWriter {
     /// Creates a directory of `slots` slots (rounded up to a power of two).
     pub fn create(slots: usize) -> Result<DirectoryWriter, DirectoryError> {
-        let slots = slots.next_power_of_two().clamp(PROBE, 1 << 20);
+        let slots = slots.next_power_of_two().clamp(PROBE, MAX_SLOTS);
         let len = HEADER + slots * SLOT;
         let fd = memfd_create(
             "splitos-directory",
@@ -295,6 +299,19 @@ impl DirectoryWriter {
         true
     }
 
+    /// The paths of the absence entries in the probe window of `path`/`chunk`: the entries a
+    /// real file's may displace when its window is full.
+    pub fn absences_in_window(&self, path: &str, chunk: u32) -> Vec<String> {
+        let start = key_hash(path, chunk) as usize;
+        let mask = self.map.slots - 1;
+        (0..PROBE)
+            .filter_map(|i| match &self.owners[(start + i) & mask] {
+                Some((ABSENT, p, _)) => Some(p.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Removes the entry for `path`/`chunk`, if published.
     pub fn remove(&mut self, path: &str, chunk: u32) {
         let start = key_hash(path, chunk) as usize;
@@ -321,10 +338,14 @@ impl DirectoryReader {
         if !seals.contains(SealFlags::SHRINK | SealFlags::GROW) {
             return Err(DirectoryError::Malformed("not size-sealed"));
         }
-        let len = fstat(&fd).map_err(io("reading directory size"))?.st_size as usize;
-        if len < HEADER + PROBE * SLOT {
+        let len = fstat(&fd).map_err(io("reading directory size"))?.st_size as u64;
+        if len < (HEADER + PROBE * SLOT) as u64 {
             return Err(DirectoryError::Malformed("too small"));
         }
+        if len > (HEADER + MAX_SLOTS * SLOT) as u64 {
+            return Err(DirectoryError::Malformed("larger than any directory"));
+        }
+        let len = len as usize;
         let words =
             SharedWords::map_read_only(fd.as_fd(), len).map_err(|e| DirectoryError::Io {
                 context: "mapping the directory",
@@ -438,6 +459,18 @@ mod tests {
             .filter(|i| r.lookup(&format!("f{i}"), 0).is_some())
             .count();
         assert_eq!(found, 8);
+    }
+
+    #[test]
+    fn absences_in_a_window_are_listed_for_displacement() {
+        let mut w = DirectoryWriter::create(8).unwrap();
+        assert!(w.publish(&entry(1, "real")));
+        assert!(w.publish(&Entry::absent("gone-a")));
+        assert!(w.publish(&Entry::absent("gone-b")));
+        // With 8 slots every key's window is the whole table.
+        let mut found = w.absences_in_window("anything", 0);
+        found.sort();
+        assert_eq!(found, ["gone-a", "gone-b"]);
     }
 
     #[test]

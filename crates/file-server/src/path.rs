@@ -3,9 +3,11 @@
 //! Two layers. [`normalize`] rejects what is malformed or suspicious on its face (NUL bytes,
 //! absolute paths, `..` segments, over-long paths) and collapses `.` and repeated slashes, so
 //! the cache has one key per file. [`Root::open`] then opens the result with `openat2(2)` and
-//! `RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS`, so the kernel itself refuses any resolution —
-//! through symlinks included — that would leave the root, and `O_NONBLOCK` keeps a FIFO from
-//! blocking the open. Only regular files are served; directories are reported as such (an HTTP
+//! `RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV`, so the kernel itself refuses
+//! any resolution — through symlinks included — that would leave the root or cross into another
+//! file system mounted beneath it (a bind mount of somewhere else is outside the tree the
+//! operator pointed at, whatever its path; [`Root::open_dir_with`] can allow it), and
+//! `O_NONBLOCK` keeps a FIFO from blocking the open. Only regular files are served; directories are reported as such (an HTTP
 //! layer maps them to `index.html` or a redirect), everything else is refused.
 //! Percent-decoding is the HTTP layer's job and happens before [`normalize`].
 
@@ -86,6 +88,7 @@ pub enum OpenError {
 /// A directory whose contents may be served, and nothing outside it.
 pub struct Root {
     dir: OwnedFd,
+    resolve: ResolveFlags,
 }
 
 /// An opened regular file beneath the root.
@@ -104,7 +107,15 @@ impl AsFd for Opened {
 }
 
 impl Root {
+    /// The directory at `path`; paths beneath it never cross into another mount.
     pub fn open_dir(path: &Path) -> Result<Root, OpenError> {
+        Root::open_dir_with(path, false)
+    }
+
+    /// [`Root::open_dir`], choosing whether paths may cross into file systems mounted beneath
+    /// the root (`follow_mounts`: content bind-mounted into the tree on purpose). Symlinks and
+    /// `..` still cannot leave it either way.
+    pub fn open_dir_with(path: &Path, follow_mounts: bool) -> Result<Root, OpenError> {
         let dir = rustix::fs::open(
             path,
             OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
@@ -115,7 +126,11 @@ impl Root {
             Errno::NOTDIR => OpenError::Special,
             e => OpenError::Io(e.into()),
         })?;
-        Ok(Root { dir })
+        let mut resolve = ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS;
+        if !follow_mounts {
+            resolve |= ResolveFlags::NO_XDEV;
+        }
+        Ok(Root { dir, resolve })
     }
 
     /// Opens `request` (already percent-decoded) beneath the root.
@@ -126,7 +141,7 @@ impl Root {
             path.trim_end_matches('/'),
             OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NONBLOCK | OFlags::NOCTTY,
             Mode::empty(),
-            ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS,
+            self.resolve,
         )
         .map_err(|e| match e {
             Errno::NOENT | Errno::NOTDIR => OpenError::NotFound,
@@ -168,7 +183,7 @@ impl Root {
             path.as_str(),
             OFlags::RDONLY | OFlags::CLOEXEC | OFlags::DIRECTORY,
             Mode::empty(),
-            ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS,
+            self.resolve,
         )
         .map_err(|e| match e {
             Errno::NOENT | Errno::NOTDIR => OpenError::NotFound,

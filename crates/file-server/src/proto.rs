@@ -6,9 +6,21 @@
 //! decode it instead of misreading it.
 //!
 //! A session starts with the server sending the directory region (descriptor message tagged
-//! [`DIRECTORY_TAG`]). A reader that misses in the directory, or finds an entry whose segment it
-//! does not have yet, sends `Open`; the server answers `Opened` after sending the segment's
-//! memfd as a descriptor message tagged with the segment id, or `Failed`.
+//! [`DIRECTORY_TAG`]). A reader that misses in the directory sends `Lookup`; the server answers
+//! with what the file is, without loading more than a response could need:
+//!
+//! - `Opened`: a file of one chunk (most files), whose segment it has loaded;
+//! - `Info`: a file of several chunks, described but not loaded; the reader asks for each
+//!   chunk it needs with `Open`, which is answered with `Opened` too;
+//! - `OpenedFile`: a file above the server's by-reference threshold, which it never copies: it
+//!   sends a read-only descriptor of the file itself (opened beneath the root), which the
+//!   reader reads with `pread` and the TCP server sends with `sendfile`;
+//! - `Failed`.
+//!
+//! `Opened` and `OpenedFile` follow a descriptor message tagged with their `id`, so the
+//! descriptor is always there when the reply is read. Every reply names its request (`req`): a
+//! reader that gave up waiting recognises, and discards, late replies (and their descriptors).
+//! `Open` of a file that has become large may be answered with `OpenedFile` too.
 
 use core::ops::Range;
 
@@ -48,8 +60,11 @@ u8_codes! {
     /// The first byte of every message.
     enum Op {
         Open = 1,
+        Lookup = 2,
         Opened = 64,
         Failed = 65,
+        Info = 66,
+        OpenedFile = 67,
     }
 }
 
@@ -90,6 +105,13 @@ mod field {
         pub const PATH: usize = CHUNK.end;
     }
 
+    /// `Lookup`: op | req u32 | path (UTF-8, the rest of the message).
+    pub mod lookup {
+        use super::{next, Range, OP};
+        pub const REQ: Range<usize> = next(OP, 4);
+        pub const PATH: usize = REQ.end;
+    }
+
     /// `Opened`: op | req u32 | chunk u32 | id u64 | chunk_len u64 | chunk_size u64 |
     /// file_size u64 | mtime_ns i64 | ino u64.
     pub mod opened {
@@ -100,6 +122,28 @@ mod field {
         pub const CHUNK_LEN: Range<usize> = next(ID, 8);
         pub const CHUNK_SIZE: Range<usize> = next(CHUNK_LEN, 8);
         pub const FILE_SIZE: Range<usize> = next(CHUNK_SIZE, 8);
+        pub const MTIME: Range<usize> = next(FILE_SIZE, 8);
+        pub const INO: Range<usize> = next(MTIME, 8);
+        pub const BYTES: usize = INO.end;
+    }
+
+    /// `Info`: op | req u32 | chunk_size u64 | file_size u64 | mtime_ns i64 | ino u64.
+    pub mod info {
+        use super::{next, Range, OP};
+        pub const REQ: Range<usize> = next(OP, 4);
+        pub const CHUNK_SIZE: Range<usize> = next(REQ, 8);
+        pub const FILE_SIZE: Range<usize> = next(CHUNK_SIZE, 8);
+        pub const MTIME: Range<usize> = next(FILE_SIZE, 8);
+        pub const INO: Range<usize> = next(MTIME, 8);
+        pub const BYTES: usize = INO.end;
+    }
+
+    /// `OpenedFile`: op | req u32 | id u64 | file_size u64 | mtime_ns i64 | ino u64.
+    pub mod opened_file {
+        use super::{next, Range, OP};
+        pub const REQ: Range<usize> = next(OP, 4);
+        pub const ID: Range<usize> = next(REQ, 8);
+        pub const FILE_SIZE: Range<usize> = next(ID, 8);
         pub const MTIME: Range<usize> = next(FILE_SIZE, 8);
         pub const INO: Range<usize> = next(MTIME, 8);
         pub const BYTES: usize = INO.end;
@@ -117,8 +161,11 @@ mod field {
 // The format in numbers: changing one changes bytes on the wire between builds.
 const _: () = {
     assert!(field::open::PATH == 9);
+    assert!(field::lookup::PATH == 5);
     assert!(field::opened::BYTES == 57);
     assert!(field::failed::BYTES == 6);
+    assert!(field::info::BYTES == 37);
+    assert!(field::opened_file::BYTES == 37);
 };
 
 /// Why bytes are not a message of this protocol.
@@ -208,6 +255,64 @@ impl Open<'_> {
     }
 }
 
+/// "What is this file?": the first question about a path the directory does not answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lookup<'a> {
+    pub req: u32,
+    pub path: &'a str,
+}
+
+impl Lookup<'_> {
+    /// Bytes before the path.
+    pub const HEADER: usize = field::lookup::PATH;
+
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let mut h = [0u8; Self::HEADER];
+        h[field::OP.start] = Op::Lookup as u8;
+        h[field::lookup::REQ].copy_from_slice(&self.req.to_le_bytes());
+        out.extend_from_slice(&h);
+        out.extend_from_slice(self.path.as_bytes());
+    }
+}
+
+/// A request, as the server decodes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Request<'a> {
+    Open(Open<'a>),
+    Lookup(Lookup<'a>),
+}
+
+impl Request<'_> {
+    pub fn decode(b: &[u8]) -> Result<Request<'_>, ProtoError> {
+        match op(b)? {
+            Op::Open => Open::decode(b).map(Request::Open),
+            Op::Lookup => {
+                if b.len() < Lookup::HEADER {
+                    return Err(ProtoError::Short {
+                        what: "Lookup",
+                        len: b.len(),
+                        need: Lookup::HEADER,
+                    });
+                }
+                Ok(Request::Lookup(Lookup {
+                    req: u32_at(b, field::lookup::REQ),
+                    path: std::str::from_utf8(&b[field::lookup::PATH..])
+                        .map_err(|_| ProtoError::PathNotUtf8)?,
+                }))
+            }
+            other => Err(ProtoError::WrongOp(other as u8)),
+        }
+    }
+
+    /// The request id (to answer a request that is otherwise refused).
+    pub fn req(&self) -> u32 {
+        match self {
+            Request::Open(o) => o.req,
+            Request::Lookup(l) => l.req,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Reply {
     Opened {
@@ -224,6 +329,22 @@ pub enum Reply {
         req: u32,
         code: FailCode,
     },
+    /// A file of several chunks, not loaded: the reader asks for the chunks it needs.
+    Info {
+        req: u32,
+        chunk_size: u64,
+        file_size: u64,
+        mtime_ns: i64,
+        ino: u64,
+    },
+    /// A file passed by reference: the descriptor message tagged `id` carries it.
+    OpenedFile {
+        req: u32,
+        id: u64,
+        file_size: u64,
+        mtime_ns: i64,
+        ino: u64,
+    },
 }
 
 impl Reply {
@@ -231,6 +352,28 @@ impl Reply {
     pub const OPENED_BYTES: usize = field::opened::BYTES;
     /// Bytes of a `Failed` reply.
     pub const FAILED_BYTES: usize = field::failed::BYTES;
+    /// Bytes of an `Info` reply.
+    pub const INFO_BYTES: usize = field::info::BYTES;
+    /// Bytes of an `OpenedFile` reply.
+    pub const OPENED_FILE_BYTES: usize = field::opened_file::BYTES;
+
+    /// The request this answers.
+    pub fn req(&self) -> u32 {
+        match *self {
+            Reply::Opened { req, .. }
+            | Reply::Failed { req, .. }
+            | Reply::Info { req, .. }
+            | Reply::OpenedFile { req, .. } => req,
+        }
+    }
+
+    /// The tag of the descriptor message sent just before this reply, if it has one.
+    pub fn descriptor(&self) -> Option<u64> {
+        match *self {
+            Reply::Opened { id, .. } | Reply::OpenedFile { id, .. } => Some(id),
+            Reply::Failed { .. } | Reply::Info { .. } => None,
+        }
+    }
 
     pub fn encode(&self, out: &mut Vec<u8>) {
         match *self {
@@ -263,6 +406,40 @@ impl Reply {
                 b[field::OP.start] = Op::Failed as u8;
                 b[f::REQ].copy_from_slice(&req.to_le_bytes());
                 b[f::CODE.start] = code as u8;
+                out.extend_from_slice(&b);
+            }
+            Reply::Info {
+                req,
+                chunk_size,
+                file_size,
+                mtime_ns,
+                ino,
+            } => {
+                use field::info as f;
+                let mut b = [0u8; Self::INFO_BYTES];
+                b[field::OP.start] = Op::Info as u8;
+                b[f::REQ].copy_from_slice(&req.to_le_bytes());
+                b[f::CHUNK_SIZE].copy_from_slice(&chunk_size.to_le_bytes());
+                b[f::FILE_SIZE].copy_from_slice(&file_size.to_le_bytes());
+                b[f::MTIME].copy_from_slice(&mtime_ns.to_le_bytes());
+                b[f::INO].copy_from_slice(&ino.to_le_bytes());
+                out.extend_from_slice(&b);
+            }
+            Reply::OpenedFile {
+                req,
+                id,
+                file_size,
+                mtime_ns,
+                ino,
+            } => {
+                use field::opened_file as f;
+                let mut b = [0u8; Self::OPENED_FILE_BYTES];
+                b[field::OP.start] = Op::OpenedFile as u8;
+                b[f::REQ].copy_from_slice(&req.to_le_bytes());
+                b[f::ID].copy_from_slice(&id.to_le_bytes());
+                b[f::FILE_SIZE].copy_from_slice(&file_size.to_le_bytes());
+                b[f::MTIME].copy_from_slice(&mtime_ns.to_le_bytes());
+                b[f::INO].copy_from_slice(&ino.to_le_bytes());
                 out.extend_from_slice(&b);
             }
         }
@@ -302,6 +479,28 @@ impl Reply {
                 Ok(Reply::Failed {
                     req: u32_at(b, f::REQ),
                     code: FailCode::from_u8(code).ok_or(ProtoError::UnknownFailCode(code))?,
+                })
+            }
+            Op::Info => {
+                use field::info as f;
+                exact("Info", Self::INFO_BYTES)?;
+                Ok(Reply::Info {
+                    req: u32_at(b, f::REQ),
+                    chunk_size: u64_at(b, f::CHUNK_SIZE),
+                    file_size: u64_at(b, f::FILE_SIZE),
+                    mtime_ns: u64_at(b, f::MTIME) as i64,
+                    ino: u64_at(b, f::INO),
+                })
+            }
+            Op::OpenedFile => {
+                use field::opened_file as f;
+                exact("OpenedFile", Self::OPENED_FILE_BYTES)?;
+                Ok(Reply::OpenedFile {
+                    req: u32_at(b, f::REQ),
+                    id: u64_at(b, f::ID),
+                    file_size: u64_at(b, f::FILE_SIZE),
+                    mtime_ns: u64_at(b, f::MTIME) as i64,
+                    ino: u64_at(b, f::INO),
                 })
             }
             other => Err(ProtoError::WrongOp(other as u8)),
@@ -367,6 +566,80 @@ mod tests {
             assert_eq!(b, [65, 4, 0, 0, 0, code]);
             assert_eq!(Reply::decode(&b), Ok(f));
         }
+    }
+
+    #[test]
+    fn lookups_info_and_opened_files_round_trip() {
+        let l = Lookup {
+            req: 7,
+            path: "big.iso",
+        };
+        let b = encoded(|b| l.encode(b));
+        assert_eq!(b[0], 2);
+        assert_eq!(&b[1..5], &7u32.to_le_bytes());
+        assert_eq!(&b[5..], b"big.iso");
+        assert_eq!(Request::decode(&b), Ok(Request::Lookup(l)));
+        assert_eq!(
+            Request::decode(&[2, 0, 0]),
+            Err(ProtoError::Short {
+                what: "Lookup",
+                len: 3,
+                need: 5
+            })
+        );
+        let o = Open {
+            req: 1,
+            chunk: 2,
+            path: "x",
+        };
+        assert_eq!(
+            Request::decode(&encoded(|b| o.encode(b))),
+            Ok(Request::Open(o))
+        );
+        assert_eq!(Request::decode(&[64; 57]), Err(ProtoError::WrongOp(64)));
+        for r in [
+            Reply::Info {
+                req: 3,
+                chunk_size: 4 << 20,
+                file_size: 10 << 20,
+                mtime_ns: -1,
+                ino: 9,
+            },
+            Reply::OpenedFile {
+                req: 4,
+                id: 11,
+                file_size: 4 << 30,
+                mtime_ns: 5,
+                ino: 6,
+            },
+        ] {
+            let b = encoded(|b| r.encode(b));
+            assert_eq!(b.len(), 37);
+            assert_eq!(Reply::decode(&b), Ok(r));
+            for n in 0..b.len() {
+                assert!(Reply::decode(&b[..n]).is_err());
+            }
+        }
+        assert_eq!(
+            encoded(|b| Reply::Info {
+                req: 0,
+                chunk_size: 0,
+                file_size: 0,
+                mtime_ns: 0,
+                ino: 0
+            }
+            .encode(b))[0],
+            66
+        );
+        let f = Reply::OpenedFile {
+            req: 4,
+            id: 11,
+            file_size: 1,
+            mtime_ns: 0,
+            ino: 0,
+        };
+        assert_eq!((f.req(), f.descriptor()), (4, Some(11)));
+        assert_eq!(encoded(|b| f.encode(b))[0], 67);
     }
 
     #[test]

@@ -8,14 +8,22 @@
 //! the bytes alive — the kernel frees them when the last mapping goes, including when a reader
 //! dies holding it. Cached files are re-checked (size, modification time, inode) every
 //! `revalidate_every`, and changed or deleted ones are retired from the directory.
+//!
+//! A file larger than the by-reference threshold ([`FileServerConfig::by_reference_above`]) is
+//! never copied: the server opens it beneath the root and passes the read-only descriptor, which
+//! the reader reads with `pread` and the TCP server sends with `sendfile` from the page cache.
+//! So a file never takes more of the cache than the threshold, whatever its size, and a HEAD
+//! of a 4 GiB file costs an `openat2` and a descriptor message. A file of several chunks below
+//! it is described by `Lookup` without being loaded; each chunk is loaded when a reader asks.
 
 use crate::directory::{DirectoryWriter, Entry};
 use crate::path::{OpenError, Root};
-use crate::proto::{FailCode, Open, Reply, DIRECTORY_TAG};
+use crate::proto::{FailCode, Reply, Request, DIRECTORY_TAG};
 use rustix::fd::AsFd;
 use splitos_m2m::segment::{Segment, Version};
-use splitos_m2m::{Channel, Listener, ListenerConfig, Message, WaitPolicy};
-use std::collections::{HashMap, HashSet, VecDeque};
+use splitos_m2m::{Channel, Incoming, Listener, ListenerConfig, Message, WaitPolicy};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::ops::Bound;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -32,11 +40,23 @@ pub struct FileServerConfig {
     pub cache_bytes: u64,
     /// Files are cached in chunks of this many bytes.
     pub chunk_size: u64,
+    /// Files larger than this are passed by reference (a descriptor of the file itself) and
+    /// never copied into the cache. `None`: the smaller of 4 chunks and 1/8 of the cache (see
+    /// [`FileServerConfig::by_reference_threshold`]).
+    pub by_reference_above: Option<u64>,
     /// Slots in the shared directory.
     pub directory_slots: usize,
     pub max_sessions: usize,
     /// How often cached files are checked for changes.
     pub revalidate_every: Duration,
+    /// Most directories watched with inotify at once (each watch counts against the user's
+    /// `fs.inotify.max_user_watches`, shared with their other programs). A directory is
+    /// watched while it holds a cached file or a recorded absence; beyond the limit, changes
+    /// are found by revalidation, and absences are not published (nothing would retract them).
+    pub max_watches: usize,
+    /// Whether paths may cross into file systems mounted beneath the root. Off: a file on
+    /// another mount (a bind mount of somewhere else) is refused as leaving the root.
+    pub follow_mounts: bool,
 }
 
 impl FileServerConfig {
@@ -46,10 +66,29 @@ impl FileServerConfig {
             socket,
             cache_bytes: 256 << 20,
             chunk_size: 4 << 20,
+            by_reference_above: None,
             directory_slots: 16384,
             max_sessions: 1024,
             revalidate_every: Duration::from_millis(500),
+            max_watches: 4096,
+            follow_mounts: false,
         }
+    }
+}
+
+impl FileServerConfig {
+    /// The size above which a file is passed by reference. By default the smaller of:
+    ///
+    /// - 4 chunks: copying a large file buys nothing over `sendfile` from the page cache (both
+    ///   hand pages to the socket by reference) and costs a full read of it up front, shared
+    ///   memory that cannot be reclaimed, and a cache flush; a copy pays off for small, hot files
+    ///   (immutable versions, the TCP server's direct path, no `open` per request), and a few
+    ///   chunks cover those;
+    /// - 1/8 of the cache: no single file may take more than that, so a request for one big
+    ///   file cannot evict most of the cache.
+    pub fn by_reference_threshold(&self) -> u64 {
+        self.by_reference_above
+            .unwrap_or_else(|| (4 * self.chunk_size).min(self.cache_bytes / 8))
     }
 }
 
@@ -76,6 +115,13 @@ pub struct Stats {
     pub evictions: AtomicU64,
     pub retired: AtomicU64,
     pub cached_bytes: AtomicU64,
+    /// Opens answered with a descriptor of the file itself (files above the threshold).
+    pub by_reference: AtomicU64,
+    /// Cached chunks that found no slot in the directory (their probe window full of other
+    /// files' chunks, absences already displaced): readers ask for them every time.
+    pub unpublished: AtomicU64,
+    /// Entries in the eviction (CLOCK) queue: at most about twice the cached chunks.
+    pub clock_entries: AtomicU64,
 }
 
 pub struct FileServer {
@@ -91,9 +137,11 @@ impl FileServer {
                 "chunk size must be 4 KiB to 1 GiB".into(),
             ));
         }
-        let root = Root::open_dir(&cfg.root).map_err(|source| ServerError::Root {
-            path: cfg.root.clone(),
-            source,
+        let root = Root::open_dir_with(&cfg.root, cfg.follow_mounts).map_err(|source| {
+            ServerError::Root {
+                path: cfg.root.clone(),
+                source,
+            }
         })?;
         let listener = Listener::bind(
             &cfg.socket,
@@ -101,7 +149,7 @@ impl FileServer {
                 max_ring_bytes: 64 << 10,
                 max_buf_size: 4096,
                 max_buf_count: 1,
-                handshake_timeout: Duration::from_millis(500),
+                handshake_timeout: HANDSHAKE_TIMEOUT,
                 wait: WaitPolicy::Block,
                 ..ListenerConfig::default()
             },
@@ -116,14 +164,19 @@ impl FileServer {
         .ok();
         let stop = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(Stats::default());
+        let by_reference_above = cfg.by_reference_threshold();
         let mut state = State {
+            by_reference_above,
             cfg,
             root,
             listener,
             directory,
             sessions: Vec::new(),
-            cache: HashMap::new(),
+            pending: VecDeque::new(),
+            cache: BTreeMap::new(),
             clock: VecDeque::new(),
+            revalidated_to: None,
+            absent_revalidated_to: None,
             bytes: 0,
             next_id: 1,
             stats: stats.clone(),
@@ -131,7 +184,8 @@ impl FileServer {
             inotify,
             watches: HashMap::new(),
             watched_dirs: HashMap::new(),
-            absent: HashSet::new(),
+            dir_users: HashMap::new(),
+            absent: BTreeSet::new(),
             absent_order: VecDeque::new(),
         };
         let s2 = stop.clone();
@@ -178,12 +232,22 @@ struct Cached {
 
 struct State {
     cfg: FileServerConfig,
+    by_reference_above: u64,
     root: Root,
     listener: Listener,
     directory: DirectoryWriter,
     sessions: Vec<Channel>,
-    cache: HashMap<Key, Cached>,
-    clock: VecDeque<Key>,
+    /// Connections whose hello has not arrived, oldest first, with their deadlines.
+    pending: VecDeque<(Incoming, Instant)>,
+    /// Ordered, so that revalidation can go round it in laps (see `revalidate`).
+    cache: BTreeMap<Key, Cached>,
+    /// The CLOCK queue: (key, id of the chunk pushed). An entry whose key has been dropped or
+    /// cached again since (another id) is stale: skipped when it comes up, and compacted away
+    /// when stale ones could outnumber live ones.
+    clock: VecDeque<(Key, u64)>,
+    /// Where the last revalidation pass stopped (`None`: start from the first key).
+    revalidated_to: Option<Key>,
+    absent_revalidated_to: Option<String>,
     bytes: u64,
     next_id: u64,
     stats: Arc<Stats>,
@@ -192,10 +256,22 @@ struct State {
     /// Watched directories (relative to the root, "" for the root) by watch descriptor.
     watches: HashMap<i32, String>,
     watched_dirs: HashMap<String, i32>,
+    /// Cached chunks and recorded absences per directory: its watch goes with the last.
+    dir_users: HashMap<String, usize>,
     /// Paths published as absent, oldest first (bounded by `max_absent`).
-    absent: HashSet<String>,
+    absent: BTreeSet<String>,
     absent_order: VecDeque<String>,
 }
+
+/// Cached chunks (and as many absences) re-checked per revalidation pass; the next pass goes on
+/// from where this one stopped, so every one is checked within `n / 4096 + 1` passes.
+const REVALIDATE_BATCH: usize = 4096;
+
+/// How long a connecting reader may take to say hello.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_millis(500);
+/// Connections waiting for their hello at most; past it the oldest is dropped, so silent
+/// connections cannot hold every place (a real reader's hello follows its connect at once).
+const MAX_PENDING: usize = 64;
 
 /// Absent paths recorded at most, as a share of the directory's slots: they must never crowd
 /// out the entries of cached files.
@@ -223,6 +299,7 @@ impl State {
         let mut next_check = Instant::now() + self.cfg.revalidate_every;
         while !stop.load(Ordering::Acquire) {
             let mut work = self.accept();
+            work += self.handshakes();
             let mut i = 0;
             while i < self.sessions.len() {
                 match self.serve(i) {
@@ -254,7 +331,7 @@ impl State {
         }
         if armed {
             let mut fds: Vec<rustix::event::PollFd<'_>> =
-                Vec::with_capacity(self.sessions.len() + 1);
+                Vec::with_capacity(self.sessions.len() + self.pending.len() + 2);
             fds.push(rustix::event::PollFd::new(
                 &self.listener,
                 rustix::event::PollFlags::IN,
@@ -265,6 +342,21 @@ impl State {
                     rustix::event::PollFlags::IN,
                 ));
             }
+            // A change to a watched file wakes the loop at once, not at the next tick.
+            if let Some(ino) = &self.inotify {
+                fds.push(rustix::event::PollFd::new(
+                    ino,
+                    rustix::event::PollFlags::IN,
+                ));
+            }
+            // A hello arriving wakes the loop; the oldest deadline ends the sleep.
+            for (inc, _) in &self.pending {
+                fds.push(rustix::event::PollFd::new(
+                    inc,
+                    rustix::event::PollFlags::IN,
+                ));
+            }
+            let until = self.pending.front().map_or(until, |(_, d)| until.min(*d));
             let t = until
                 .saturating_duration_since(Instant::now())
                 .min(Duration::from_millis(100));
@@ -279,14 +371,63 @@ impl State {
         }
     }
 
+    /// Takes new connections. None is set up here: its handshake waits in `pending` until its
+    /// hello arrives (see `handshakes`), so a connection that says nothing costs this thread
+    /// nothing.
     fn accept(&mut self) -> usize {
         let mut n = 0;
         while let Ok(incoming) = self.listener.accept() {
             n += 1;
-            if self.sessions.len() >= self.cfg.max_sessions {
+            if self.sessions.len() + self.pending.len() >= self.cfg.max_sessions {
+                // A fresh socket's buffer is empty: the refusal does not wait.
                 let _ = incoming.reject("the file server has its maximum number of readers");
                 continue;
             }
+            if self.pending.len() >= MAX_PENDING {
+                self.pending.pop_front(); // the oldest silent one goes
+            }
+            self.pending
+                .push_back((incoming, Instant::now() + HANDSHAKE_TIMEOUT));
+        }
+        n
+    }
+
+    /// Sets up the pending connections whose hello has arrived (then `establish` reads it at
+    /// once, and its reply fits the fresh socket's empty buffer), and drops those past their
+    /// deadline. Never waits.
+    fn handshakes(&mut self) -> usize {
+        if self.pending.is_empty() {
+            return 0;
+        }
+        let ready: Vec<bool> = {
+            let mut fds: Vec<rustix::event::PollFd<'_>> = self
+                .pending
+                .iter()
+                .map(|(inc, _)| rustix::event::PollFd::new(inc, rustix::event::PollFlags::IN))
+                .collect();
+            let zero = rustix::time::Timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            if rustix::event::poll(&mut fds, Some(&zero)).is_err() {
+                return 0;
+            }
+            // Readable, hung up or failed: either way `establish` will not wait.
+            fds.iter().map(|f| !f.revents().is_empty()).collect()
+        };
+        let now = Instant::now();
+        let mut n = 0;
+        let mut waiting = VecDeque::with_capacity(self.pending.len());
+        for ((incoming, deadline), ready) in
+            std::mem::take(&mut self.pending).into_iter().zip(ready)
+        {
+            if !ready {
+                if now < deadline {
+                    waiting.push_back((incoming, deadline));
+                }
+                continue; // past its deadline: dropped (closed)
+            }
+            n += 1;
             let Ok(mut chan) = incoming.establish() else {
                 continue;
             };
@@ -294,6 +435,7 @@ impl State {
                 self.sessions.push(chan);
             }
         }
+        self.pending = waiting;
         n
     }
 
@@ -309,17 +451,26 @@ impl State {
             }
             n += 1;
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
-            let reply = match Open::decode(&req_buf) {
+            let reply = match Request::decode(&req_buf) {
                 Err(e) => {
                     tracing::debug!("session {i}: undecodable request: {e}");
+                    // Answered under its id if it has one, so the reader stays in step.
+                    let req = req_buf
+                        .get(1..5)
+                        .and_then(|b| b.try_into().ok())
+                        .map_or(0, u32::from_le_bytes);
                     Reply::Failed {
-                        req: 0,
+                        req,
                         code: FailCode::BadRequest,
                     }
                 }
-                Ok(open) => {
+                Ok(Request::Open(open)) => {
                     let path = open.path.to_string();
-                    self.open(i, open.req, &path, open.chunk)?
+                    self.open(i, open.req, &path, open.chunk, false)?
+                }
+                Ok(Request::Lookup(l)) => {
+                    let path = l.path.to_string();
+                    self.open(i, l.req, &path, 0, true)?
                 }
             };
             self.out.clear();
@@ -333,12 +484,15 @@ impl State {
     }
 
     /// Serves chunk `chunk` of `path`: from the cache if its version is current, else loaded.
+    /// A `lookup` (the reader's first question) of a file of several chunks loads none and
+    /// describes the file; a file above the by-reference threshold is passed as itself.
     fn open(
         &mut self,
         session: usize,
         req: u32,
         path: &str,
         chunk: u32,
+        lookup: bool,
     ) -> Result<Reply, splitos_m2m::Error> {
         let opened = match self.root.open(path) {
             Ok(o) => o,
@@ -353,12 +507,28 @@ impl State {
             }
         };
         let version = Version::of(&opened.stat);
+        // A file on FUSE is copied as before: a TCP server refuses such descriptors (a FUSE
+        // daemon can hold a read forever), and the copy is made here, where that wait is ours.
+        if version.size > self.by_reference_above
+            && !splitos_m2m::segment::on_fuse(opened.fd.as_fd())
+        {
+            return self.by_reference(session, req, opened, version);
+        }
         let cs = self.cfg.chunk_size;
         let chunks = version.size.div_ceil(cs).max(1);
         if chunk as u64 >= chunks {
             return Ok(Reply::Failed {
                 req,
                 code: FailCode::BadRequest,
+            });
+        }
+        if lookup && chunks > 1 {
+            return Ok(Reply::Info {
+                req,
+                chunk_size: cs,
+                file_size: version.size,
+                mtime_ns: version.mtime_ns as i64,
+                ino: version.ino,
             });
         }
         let key = (opened.path.clone(), chunk);
@@ -409,6 +579,30 @@ impl State {
         Ok(reply)
     }
 
+    /// Passes `opened` itself to the reader: a descriptor opened read-only beneath the root.
+    fn by_reference(
+        &mut self,
+        session: usize,
+        req: u32,
+        opened: crate::path::Opened,
+        version: Version,
+    ) -> Result<Reply, splitos_m2m::Error> {
+        // Readers of large files read them start to end: a larger readahead window (it belongs
+        // to the open file, which the descriptor shares) serves `sendfile` from the page cache.
+        let _ = rustix::fs::fadvise(&opened.fd, 0, None, rustix::fs::Advice::Sequential);
+        let id = self.next_id;
+        self.next_id += 1;
+        self.sessions[session].send_fds(id, &[opened.fd.as_fd()])?;
+        self.stats.by_reference.fetch_add(1, Ordering::Relaxed);
+        Ok(Reply::OpenedFile {
+            req,
+            id,
+            file_size: version.size,
+            mtime_ns: version.mtime_ns as i64,
+            ino: version.ino,
+        })
+    }
+
     /// Publishes that `path` does not exist, if a change to it would be noticed: its directory
     /// is watched first and the path checked again after, so a file created in between is
     /// either seen by the check or reported by inotify.
@@ -420,11 +614,13 @@ impl State {
             return;
         }
         let dir = dir_of(&path).to_string();
-        self.watch(dir.clone());
-        if !self.watched_dirs.contains_key(&dir) {
-            return; // no inotify, or the directory is missing too: nothing would retract it
-        }
-        if !matches!(self.root.open(&path), Err(OpenError::NotFound)) {
+        self.use_dir(&dir);
+        // No inotify, no watch to spare, or the directory is missing too: nothing would
+        // retract it. Or the file is there after all.
+        if !self.watched_dirs.contains_key(&dir)
+            || !matches!(self.root.open(&path), Err(OpenError::NotFound))
+        {
+            self.release_dir(&dir);
             return;
         }
         let max = (self.cfg.directory_slots / ABSENT_SHARE).max(1);
@@ -432,13 +628,13 @@ impl State {
             let Some(old) = self.absent_order.pop_front() else {
                 break;
             };
-            if self.absent.remove(&old) {
-                self.directory.remove(&old, 0);
-            }
+            self.forget_absent(&old);
         }
         if self.directory.publish(&Entry::absent(&path)) {
             self.absent.insert(path.clone());
             self.absent_order.push_back(path);
+        } else {
+            self.release_dir(&dir);
         }
     }
 
@@ -446,6 +642,7 @@ impl State {
     fn forget_absent(&mut self, path: &str) {
         if self.absent.remove(path) {
             self.directory.remove(path, 0);
+            self.release_dir(dir_of(path));
             // `absent_order` keeps the stale name; it is skipped when it comes up.
             if self.absent_order.len() > 2 * self.absent.len() + 64 {
                 let live = &self.absent;
@@ -456,34 +653,29 @@ impl State {
 
     fn insert(&mut self, key: Key, segment: Segment) {
         self.forget_absent(&key.0);
-        if let Some(old) = self.cache.remove(&key) {
-            self.bytes -= old.segment.len();
-            self.directory.remove(&key.0, key.1);
-        }
+        self.uncache(&key);
         let len = segment.len();
         while self.bytes + len > self.cfg.cache_bytes {
-            let Some(k) = self.clock.pop_front() else {
+            let Some((k, id)) = self.clock.pop_front() else {
                 break;
             };
             match self.cache.get_mut(&k) {
+                Some(c) if c.id != id => {} // stale: cached again since, under a newer entry
                 Some(c) if c.referenced => {
                     c.referenced = false;
-                    self.clock.push_back(k);
+                    self.clock.push_back((k, id));
                 }
                 Some(_) => {
-                    if let Some(c) = self.cache.remove(&k) {
-                        self.bytes -= c.segment.len();
-                        self.directory.remove(&k.0, k.1);
-                        self.stats.evictions.fetch_add(1, Ordering::Relaxed);
-                    }
+                    self.uncache(&k);
+                    self.stats.evictions.fetch_add(1, Ordering::Relaxed);
                 }
-                None => {} // already replaced or retired
+                None => {} // retired or replaced
             }
         }
         let id = self.next_id;
         self.next_id += 1;
         let v = segment.version();
-        self.directory.publish(&Entry {
+        self.publish_cached(&Entry {
             id,
             path: key.0.clone(),
             chunk: key.1,
@@ -502,15 +694,81 @@ impl State {
                 referenced: false,
             },
         );
-        self.watch(dir_of(&key.0).to_string());
-        self.clock.push_back(key);
+        self.use_dir(dir_of(&key.0));
+        self.clock.push_back((key, id));
+        // Entries of chunks retired or re-cached stay until they come up; while the cache is
+        // under budget nothing comes up, so they are swept here before they can pile up.
+        if self.clock.len() > 2 * self.cache.len() + 64 {
+            let cache = &self.cache;
+            self.clock
+                .retain(|(k, id)| cache.get(k).is_some_and(|c| c.id == *id));
+        }
         self.publish_stats();
     }
 
-    /// Watches the directory of a cached file, once.
-    fn watch(&mut self, dir: String) {
+    /// Publishes a cached chunk's entry. Absences in its probe window give way to it (they are
+    /// only an optimisation for misses; a cached file's entry is what readers hit). One that
+    /// still finds no slot is counted and logged, never silently dropped: readers then miss
+    /// and ask, and are answered from the cache.
+    fn publish_cached(&mut self, e: &Entry) {
+        if e.path.len() > crate::directory::MAX_KEY_PATH || self.directory.publish(e) {
+            return; // published, or a path too long for any slot (served, never listed)
+        }
+        for absent in self.directory.absences_in_window(&e.path, e.chunk) {
+            self.forget_absent(&absent);
+        }
+        if !self.directory.publish(e) {
+            self.stats.unpublished.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(
+                path = e.path,
+                chunk = e.chunk,
+                "no directory slot for a cached chunk"
+            );
+        }
+    }
+
+    /// Drops a cached chunk: its bytes, its directory entry, its claim on its directory's
+    /// watch. Whether it was cached.
+    fn uncache(&mut self, key: &Key) -> bool {
+        let Some(c) = self.cache.remove(key) else {
+            return false;
+        };
+        self.bytes -= c.segment.len();
+        self.directory.remove(&key.0, key.1);
+        self.release_dir(dir_of(&key.0));
+        true
+    }
+
+    /// One more cached chunk or absence in `dir`: watched from now on, if it is not yet and a
+    /// watch is to be had.
+    fn use_dir(&mut self, dir: &str) {
+        *self.dir_users.entry(dir.to_string()).or_insert(0) += 1;
+        self.watch(dir);
+    }
+
+    /// One fewer in `dir`; its watch goes with the last.
+    fn release_dir(&mut self, dir: &str) {
+        let Some(n) = self.dir_users.get_mut(dir) else {
+            return;
+        };
+        *n = n.saturating_sub(1);
+        if *n > 0 {
+            return;
+        }
+        self.dir_users.remove(dir);
+        if let Some(wd) = self.watched_dirs.remove(dir) {
+            self.watches.remove(&wd);
+            if let Some(ino) = &self.inotify {
+                // Its IN_IGNORED event finds no directory for `wd`, and is skipped.
+                let _ = rustix::fs::inotify::remove_watch(ino, wd);
+            }
+        }
+    }
+
+    /// Watches `dir`, once, within the watch budget.
+    fn watch(&mut self, dir: &str) {
         let Some(ino) = &self.inotify else { return };
-        if self.watched_dirs.contains_key(&dir) {
+        if self.watched_dirs.contains_key(dir) || self.watched_dirs.len() >= self.cfg.max_watches {
             return;
         }
         use rustix::fs::inotify::WatchFlags as W;
@@ -525,10 +783,10 @@ impl State {
             | W::MOVE_SELF
             | W::DONT_FOLLOW
             | W::EXCL_UNLINK;
-        match rustix::fs::inotify::add_watch(ino, self.cfg.root.join(&dir), flags) {
+        match rustix::fs::inotify::add_watch(ino, self.cfg.root.join(dir), flags) {
             Ok(wd) => {
-                self.watches.insert(wd, dir.clone());
-                self.watched_dirs.insert(dir, wd);
+                self.watches.insert(wd, dir.to_string());
+                self.watched_dirs.insert(dir.to_string(), wd);
             }
             // Out of watches (or the directory just went away): revalidation still covers it.
             Err(e) => tracing::debug!("cannot watch {dir:?}: {e}"),
@@ -595,16 +853,15 @@ impl State {
             for a in gone {
                 self.forget_absent(&a);
             }
-            for key in doomed {
-                if let Some(c) = self.cache.remove(&key) {
-                    self.bytes -= c.segment.len();
-                }
-                self.directory.remove(&key.0, key.1);
-                self.stats.retired.fetch_add(1, Ordering::Relaxed);
-            }
             if whole_dir {
+                // The kernel dropped this watch (the directory went); what it covered goes next.
                 if let Some(wd) = self.watched_dirs.remove(&p) {
                     self.watches.remove(&wd);
+                }
+            }
+            for key in doomed {
+                if self.uncache(&key) {
+                    self.stats.retired.fetch_add(1, Ordering::Relaxed);
                 }
             }
         }
@@ -614,26 +871,60 @@ impl State {
         n
     }
 
-    /// Retires cached chunks whose file changed or went away, and absences that ended.
+    /// Retires cached chunks whose file changed or went away, and absences that ended: up to
+    /// `REVALIDATE_BATCH` of each per pass, going on from where the last pass stopped, so that
+    /// every one is checked in turn however many there are. A file of several chunks is
+    /// opened once for all of them.
     fn revalidate(&mut self) {
-        let absent: Vec<String> = self.absent.iter().take(4096).cloned().collect();
+        let absent: Vec<String> = match &self.absent_revalidated_to {
+            Some(from) => self
+                .absent
+                .range::<String, _>((Bound::Excluded(from), Bound::Unbounded))
+                .take(REVALIDATE_BATCH)
+                .cloned()
+                .collect(),
+            None => self.absent.iter().take(REVALIDATE_BATCH).cloned().collect(),
+        };
+        self.absent_revalidated_to = if absent.len() < REVALIDATE_BATCH {
+            None // the end of the lap: the next pass starts again from the first
+        } else {
+            absent.last().cloned()
+        };
         for path in absent {
             if !matches!(self.root.open(&path), Err(OpenError::NotFound)) {
                 self.forget_absent(&path);
             }
         }
-        let keys: Vec<Key> = self.cache.keys().take(4096).cloned().collect();
+        let keys: Vec<Key> = match &self.revalidated_to {
+            Some(from) => self
+                .cache
+                .range::<Key, _>((Bound::Excluded(from), Bound::Unbounded))
+                .take(REVALIDATE_BATCH)
+                .map(|(k, _)| k.clone())
+                .collect(),
+            None => self.cache.keys().take(REVALIDATE_BATCH).cloned().collect(),
+        };
+        self.revalidated_to = if keys.len() < REVALIDATE_BATCH {
+            None
+        } else {
+            keys.last().cloned()
+        };
+        // Keys are in (path, chunk) order: the chunks of one file come together.
+        let mut last: Option<(String, Option<Version>)> = None;
         for key in keys {
-            let fresh = self.root.open(&key.0).map(|o| Version::of(&o.stat)).ok();
+            let fresh = match &last {
+                Some((p, v)) if *p == key.0 => *v,
+                _ => {
+                    let v = self.root.open(&key.0).map(|o| Version::of(&o.stat)).ok();
+                    last = Some((key.0.clone(), v));
+                    v
+                }
+            };
             let stale = self
                 .cache
                 .get(&key)
                 .is_some_and(|c| Some(c.segment.version()) != fresh);
-            if stale {
-                if let Some(c) = self.cache.remove(&key) {
-                    self.bytes -= c.segment.len();
-                }
-                self.directory.remove(&key.0, key.1);
+            if stale && self.uncache(&key) {
                 self.stats.retired.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -642,6 +933,9 @@ impl State {
 
     fn publish_stats(&self) {
         self.stats.cached_bytes.store(self.bytes, Ordering::Relaxed);
+        self.stats
+            .clock_entries
+            .store(self.clock.len() as u64, Ordering::Relaxed);
     }
 }
 

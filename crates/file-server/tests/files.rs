@@ -1,6 +1,9 @@
 //! Path safety against a traversal list, symlink escapes and special files; sealed segments
 //! with exact content that nobody can change.
 
+// Test code: helpers outside #[test] functions may unwrap too; a panic is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use splitos_file_server::path::{OpenError, Root};
 use splitos_file_server::segment::{Segment, SegmentError};
 use std::os::unix::fs::symlink;
@@ -129,4 +132,60 @@ fn a_changed_file_is_a_new_version_and_unsealed_memory_is_refused() {
         Segment::from_received(plain, v1.version(), 3),
         Err(SegmentError::NotSealed)
     ));
+}
+
+/// S4: a file system mounted beneath the root (a bind mount of somewhere else, say) was
+/// followed: `RESOLVE_BENEATH` stops paths leaving the root's tree, not crossing into another
+/// mount inside it. With `RESOLVE_NO_XDEV` such paths are refused as escaping, as are
+/// listings of the mount. The mount is made in a private mount namespace of a child process
+/// (this test binary, re-run under `unshare -m`), so nothing outside it sees it; without the
+/// privilege for that, the test is skipped.
+#[test]
+fn a_mount_beneath_the_root_is_not_followed() {
+    if let Ok(root) = std::env::var("FS_XDEV_ROOT") {
+        // The child, in its own mount namespace.
+        let root = PathBuf::from(root);
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "tmpfs"])
+            .arg(root.join("mnt"))
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(mounted, "mount failed in the private namespace");
+        std::fs::write(root.join("mnt/other.html"), b"another file system").unwrap();
+        let r = Root::open_dir(&root).unwrap();
+        assert!(r.open("index.html").is_ok());
+        assert!(
+            matches!(r.open("mnt/other.html"), Err(OpenError::Escapes)),
+            "a file on another mount beneath the root was opened"
+        );
+        assert!(matches!(r.list("mnt", 10), Err(OpenError::Escapes)));
+        // Unless the operator asks for it.
+        let follow = Root::open_dir_with(&root, true).unwrap();
+        assert!(follow.open("mnt/other.html").is_ok());
+        return;
+    }
+    let (t, _) = tree("xdev");
+    let root = t.0.join("root");
+    std::fs::create_dir_all(root.join("mnt")).unwrap();
+    let out = std::process::Command::new("unshare")
+        .args(["-m", "--propagation", "private"])
+        .arg(std::env::current_exe().unwrap())
+        .args([
+            "a_mount_beneath_the_root_is_not_followed",
+            "--exact",
+            "--test-threads=1",
+        ])
+        .env("FS_XDEV_ROOT", &root)
+        .output();
+    let Ok(out) = out else {
+        eprintln!("skipped: no unshare(1)");
+        return;
+    };
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() && text.contains("unshare failed") {
+        eprintln!("skipped: cannot make a mount namespace here: {text}");
+        return;
+    }
+    assert!(out.status.success(), "{text}");
 }

@@ -2,6 +2,9 @@
 //! concurrent rewrites, eviction under pressure without freed memory, chunked files, path
 //! safety through the client, and a `kill -9`ed server.
 
+// Test code: helpers outside #[test] functions may unwrap too; a panic is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use splitos_file_server::client::{ClientError, FileClient};
 use splitos_file_server::server::{FileServer, FileServerConfig};
 use std::path::{Path, PathBuf};
@@ -235,14 +238,18 @@ fn eviction_under_pressure_never_frees_what_a_reader_holds() {
 #[test]
 fn large_files_come_in_chunks_of_one_version() {
     let (_s, root, sock) = site("chunks");
-    let _srv = start(&root, &sock, |c| c.chunk_size = 64 << 10);
+    let _srv = start(&root, &sock, |c| {
+        c.chunk_size = 64 << 10;
+        c.by_reference_above = Some(1 << 20);
+    });
     let body: Vec<u8> = (0..(300 << 10) + 5)
         .map(|i: usize| (i * 7 % 251) as u8)
         .collect();
     std::fs::write(root.join("big.bin"), &body).unwrap();
     let mut c = FileClient::connect(&sock).unwrap();
     let v = c.open("big.bin").unwrap();
-    assert_eq!(v.chunks().len(), 5);
+    assert_eq!(v.chunk_count(), 5);
+    assert_eq!(v.mapped_chunks(), 0, "opening fetches no chunk");
     assert!(v.to_vec() == body);
     // A read across a chunk boundary.
     let mut buf = vec![0u8; 1000];
@@ -287,7 +294,8 @@ fn killed_server_gives_a_clear_error_and_a_restarted_one_serves() {
     server.kill().unwrap();
     server.wait().unwrap();
     let start = Instant::now();
-    // Hits on segments already mapped may still succeed; a miss must fail cleanly.
+    // Every open fails cleanly (a hit too, once the death is noticed: see
+    // `a_dead_servers_directory_is_not_served_from`).
     let err = c
         .open("sub/../index.html")
         .err()
@@ -393,4 +401,287 @@ fn absence_is_published_and_retracted_when_the_file_appears() {
     // A missing directory is not recorded (nothing would notice it appear).
     assert!(matches!(c.open("nodir/x"), Err(ClientError::NotFound)));
     assert!(matches!(c.open_cached("nodir/x"), Ok(None)));
+}
+
+/// A14: after the file server dies, a reader must not go on answering from the directory it
+/// left behind (a file deleted meanwhile would be served for as long as the reader lives): it
+/// notices the death (the channel's peer-death check) and says `ServerGone`, which callers
+/// see as "unavailable" and answer some other way.
+#[test]
+fn a_dead_servers_directory_is_not_served_from() {
+    let (_s, root, sock) = site("frozen");
+    let mut server = spawn_server(&root, &sock);
+    let mut c = FileClient::connect(&sock).unwrap();
+    c.open("index.html").unwrap();
+    c.open("index.html").unwrap();
+    assert_eq!(c.directory_hits, 1, "the second open is a directory hit");
+    server.kill().unwrap();
+    server.wait().unwrap();
+    std::fs::remove_file(root.join("index.html")).unwrap();
+    let start = Instant::now();
+    loop {
+        match c.open("index.html") {
+            Err(ClientError::ServerGone) => break,
+            Ok(_) => assert!(
+                start.elapsed() < Duration::from_millis(500),
+                "still serving a deleted file from a dead server's directory"
+            ),
+            Err(e) => panic!("{e}"),
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(matches!(
+        c.open_cached("index.html"),
+        Err(ClientError::ServerGone)
+    ));
+    assert!(matches!(
+        splitos_file_server::client::lookup_of(c.open("index.html")),
+        splitos_http::respond::Lookup::Unavailable
+    ));
+}
+
+/// Eight missing names whose hash lands on `index.html`'s home slot in a directory of 64.
+fn colliding_names(target: &str) -> Vec<String> {
+    use splitos_file_server::directory::key_hash;
+    let home = key_hash(target, 0) & 63;
+    (0u64..)
+        .map(|i| format!("x{i}.html"))
+        .filter(|n| key_hash(n, 0) & 63 == home)
+        .take(8)
+        .collect()
+}
+
+/// A15: requests for missing names whose hashes share `index.html`'s probe window fill it
+/// with absences; when `index.html` changes and is cached again, its entry used to find no
+/// slot and was silently left out of the directory (every direct-path request then deferred).
+/// A real file now displaces absences.
+#[test]
+fn absences_never_crowd_a_file_out_of_the_directory() {
+    let (_s, root, sock) = site("crowd");
+    let srv = start(&root, &sock, |c| c.directory_slots = 64);
+    let mut c = FileClient::connect(&sock).unwrap();
+    c.open("index.html").unwrap();
+    assert!(c.open_cached("index.html").unwrap().is_some());
+    let names = colliding_names("index.html");
+    for n in &names {
+        assert!(matches!(c.open(n), Err(ClientError::NotFound)));
+    }
+    // index.html changes: retired, its slot freed; the last name's absence takes it.
+    std::fs::write(root.join("index.html"), b"<h1>changed</h1>").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while c.open_cached("index.html").unwrap().is_some() {
+        assert!(Instant::now() < deadline, "change not noticed");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    for n in &names {
+        assert!(matches!(c.open(n), Err(ClientError::NotFound)));
+    }
+    // Cached again: it must be in the directory, whatever the absences.
+    assert_eq!(c.open("index.html").unwrap().to_vec(), b"<h1>changed</h1>");
+    assert!(
+        c.open_cached("index.html").unwrap().is_some(),
+        "index.html is cached but not in the directory"
+    );
+    assert_eq!(srv.stats().unpublished.load(Ordering::Relaxed), 0);
+}
+
+/// A16: the server ran each handshake inline with a 500 ms timeout, so every connection that
+/// sent no hello stalled its only thread, and with it every reader. Now a handshake proceeds
+/// only once its hello is there.
+#[test]
+fn silent_connections_do_not_stall_the_server() {
+    let (_s, root, sock) = site("silent");
+    let _srv = start(&root, &sock, |_| {});
+    let mut good = FileClient::connect(&sock).unwrap();
+    good.open("index.html").unwrap();
+    // More than the server keeps waiting (64): the oldest make way.
+    let silent: Vec<std::os::unix::net::UnixStream> = (0..100)
+        .map(|_| std::os::unix::net::UnixStream::connect(&sock).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(50));
+    std::fs::write(root.join("sub/new.html"), b"new").unwrap();
+    let start = Instant::now();
+    assert_eq!(good.open("sub/new.html").unwrap().to_vec(), b"new");
+    let took = start.elapsed();
+    assert!(took < Duration::from_millis(200), "an open waited {took:?}");
+    let start = Instant::now();
+    let mut late = FileClient::connect(&sock).unwrap();
+    late.open("index.html").unwrap();
+    let took = start.elapsed();
+    assert!(
+        took < Duration::from_millis(300),
+        "a new reader waited {took:?}"
+    );
+    drop(silent);
+}
+
+/// Watches this process holds on the directories `dirs` (by inode), from the fdinfo of its
+/// inotify descriptors.
+fn watches_on(dirs: &[PathBuf]) -> usize {
+    use std::os::unix::fs::MetadataExt;
+    let inodes: std::collections::HashSet<u64> = dirs
+        .iter()
+        .filter_map(|d| std::fs::metadata(d).ok().map(|m| m.ino()))
+        .collect();
+    let mut n = 0;
+    for fd in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
+        let inotify = std::fs::read_link(fd.path())
+            .is_ok_and(|l| l.to_string_lossy() == "anon_inode:inotify");
+        if !inotify {
+            continue;
+        }
+        let info = std::fs::read_to_string(format!(
+            "/proc/self/fdinfo/{}",
+            fd.file_name().to_string_lossy()
+        ))
+        .unwrap_or_default();
+        for line in info.lines().filter(|l| l.starts_with("inotify wd:")) {
+            let ino = line
+                .split_whitespace()
+                .find_map(|f| f.strip_prefix("ino:"))
+                .and_then(|h| u64::from_str_radix(h, 16).ok());
+            if ino.is_some_and(|i| inodes.contains(&i)) {
+                n += 1;
+            }
+        }
+    }
+    n
+}
+
+/// A22: a watch was added for the directory of every cached file and never released, so a
+/// tree with many directories used up the service user's inotify watches. A watch now goes
+/// when nothing cached or recorded absent is left in its directory.
+#[test]
+fn watches_go_with_the_files_they_watch() {
+    let (_s, root, sock) = site("watches");
+    let _srv = start(&root, &sock, |c| c.cache_bytes = 8 << 10);
+    let dirs: Vec<PathBuf> = (0..40).map(|i| root.join(format!("d{i}"))).collect();
+    for d in &dirs {
+        std::fs::create_dir_all(d).unwrap();
+        std::fs::write(d.join("f.html"), [b'x'; 1024]).unwrap();
+    }
+    let mut c = FileClient::connect(&sock).unwrap();
+    for i in 0..dirs.len() {
+        assert_eq!(c.open(&format!("d{i}/f.html")).unwrap().len(), 1024);
+    }
+    // The cache holds 8 of those files; their directories, and no others, are watched.
+    let held = watches_on(&dirs);
+    assert!(held <= 8, "{held} directories watched for 8 cached files");
+}
+
+/// The watch budget (`max_watches`): no more directories are watched than it allows; files in
+/// the others are still retired when they change (by revalidation), and absences there are
+/// not published (nothing would retract them).
+#[test]
+fn watches_stay_within_their_budget() {
+    let (_s, root, sock) = site("watch-budget");
+    let _srv = start(&root, &sock, |c| {
+        c.max_watches = 4;
+        c.revalidate_every = Duration::from_millis(50);
+    });
+    let dirs: Vec<PathBuf> = (0..10).map(|i| root.join(format!("d{i}"))).collect();
+    for d in &dirs {
+        std::fs::create_dir_all(d).unwrap();
+        std::fs::write(d.join("f.html"), b"old").unwrap();
+    }
+    let mut c = FileClient::connect(&sock).unwrap();
+    for i in 0..dirs.len() {
+        c.open(&format!("d{i}/f.html")).unwrap();
+    }
+    assert_eq!(watches_on(&dirs), 4);
+    assert!(matches!(c.open("d9/none.html"), Err(ClientError::NotFound)));
+    assert!(
+        matches!(c.open_cached("d9/none.html"), Ok(None)),
+        "an absence published in an unwatched directory"
+    );
+    std::fs::write(dirs[9].join("f.html"), b"new!").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while c.open("d9/f.html").unwrap().to_vec() != b"new!" {
+        assert!(
+            Instant::now() < deadline,
+            "a change in an unwatched directory was missed"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Raises this process's descriptor limit to at least `want` (the server holds one per cached
+/// chunk); false if the hard limit does not allow it.
+fn enough_descriptors(want: u64) -> bool {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut l = getrlimit(Resource::Nofile);
+    if l.current.is_some_and(|c| c >= want) {
+        return true;
+    }
+    if l.maximum.is_some_and(|m| m < want) {
+        return false;
+    }
+    l.current = Some(want);
+    setrlimit(Resource::Nofile, l).is_ok()
+}
+
+/// A21: revalidation checked the first 4096 keys in HashMap order on every pass, so with more
+/// files cached the others were never checked when inotify missed a change. Here inotify is
+/// off (no watches), 6000 files are cached and every sixth changes: all must be retired.
+#[test]
+fn revalidation_reaches_every_cached_file() {
+    if !enough_descriptors(8192) {
+        eprintln!("skipped: the descriptor limit is below 8192");
+        return;
+    }
+    let (_s, root, sock) = site("revalidate-all");
+    let srv = start(&root, &sock, |c| {
+        c.max_watches = 0;
+        c.revalidate_every = Duration::from_millis(20);
+    });
+    let n = 6000;
+    for i in 0..n {
+        std::fs::write(root.join(format!("sub/f{i}")), b"old").unwrap();
+    }
+    let mut c = FileClient::connect(&sock).unwrap();
+    for i in 0..n {
+        c.open(&format!("sub/f{i}")).unwrap();
+    }
+    let before = srv.stats().retired.load(Ordering::Relaxed);
+    let changed: Vec<usize> = (0..n).step_by(6).collect();
+    for i in &changed {
+        std::fs::write(root.join(format!("sub/f{i}")), b"new!").unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let retired = srv.stats().retired.load(Ordering::Relaxed) - before;
+        if retired >= changed.len() as u64 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{retired} of {} changed files retired",
+            changed.len()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A21: a file cached again after each change left its old entry in the CLOCK queue, and
+/// while the cache was under budget nothing ever took them out: the queue grew by one entry
+/// per change, without bound.
+#[test]
+fn the_eviction_queue_does_not_grow_with_changes() {
+    let (_s, root, sock) = site("clock");
+    let srv = start(&root, &sock, |_| {});
+    let mut c = FileClient::connect(&sock).unwrap();
+    for i in 0..150u32 {
+        let body = format!("version {i}");
+        std::fs::write(root.join("index.html"), &body).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while c.open("index.html").unwrap().to_vec() != body.as_bytes() {
+            assert!(Instant::now() < deadline, "change {i} not noticed");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    let entries = srv.stats().clock_entries.load(Ordering::Relaxed);
+    assert!(
+        entries <= 2 + 64,
+        "{entries} queue entries for one cached file"
+    );
 }

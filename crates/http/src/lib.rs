@@ -10,12 +10,21 @@
 //!   `If-Range`, evaluated in the order RFC 9110 §13.2.2 gives;
 //! - [`mime`]: `Content-Type` by file extension;
 //! - [`respond`]: a request for a static file turned into a response head and file ranges,
-//!   over an abstract file store.
+//!   over an abstract file store;
+//! - [`conn`]: one connection without I/O — received bytes in, responses out, pipelining,
+//!   what to do with bodies and odd requests, header and idle timeouts;
+//! - [`listing`]: the HTML listing of a directory without an index;
+//! - [`access_log`]: common-log-format lines.
 //!
 //! Tokenizing is httparse's (the parser hyper uses); this crate adds the semantics and the
 //! limits. Nothing here panics on any input (property-tested).
 
+#![forbid(unsafe_code)]
+
+pub mod access_log;
 pub mod conditional;
+pub mod conn;
+pub mod listing;
 pub mod mime;
 pub mod range;
 pub mod request;

@@ -45,7 +45,9 @@ fn parse_one(spec: &str, len: u64) -> Result<Option<(u64, u64)>, ()> {
 }
 
 /// Interprets a `Range` header value for a representation of `len` bytes. Malformed headers
-/// and other units are ignored (whole representation), as the RFC asks.
+/// and other units are ignored (whole representation), as the RFC asks; so are ranges that
+/// add up to more bytes than the representation has (`bytes=0-,0-,…` would otherwise send it
+/// many times over for one request), as nginx does.
 pub fn parse(header: &str, len: u64) -> Ranges {
     let Some(specs) = header.trim().strip_prefix("bytes=") else {
         return Ranges::Whole;
@@ -65,6 +67,12 @@ pub fn parse(header: &str, len: u64) -> Ranges {
             Ok(None) => {}
             Ok(Some(r)) => out.push(r),
         }
+    }
+    let total = out
+        .iter()
+        .fold(0u64, |sum, (a, b)| sum.saturating_add(b - a + 1));
+    if total > len {
+        return Ranges::Whole;
     }
     match out.len() {
         0 if count == 0 => Ranges::Whole,
@@ -104,5 +112,25 @@ mod tests {
             .collect::<Vec<_>>()
             .join(",");
         assert_eq!(parse(&format!("bytes={many}"), 1000), Ranges::Whole);
+    }
+
+    /// Finding A17: sixteen `0-` ranges asked for the file sixteen times over. Ranges that
+    /// add up to more than the file are ignored (the whole file, once), as nginx does.
+    #[test]
+    fn ranges_adding_up_to_more_than_the_file_are_ignored() {
+        let all = vec!["0-"; MAX_RANGES].join(",");
+        assert_eq!(parse(&format!("bytes={all}"), 1000), Ranges::Whole);
+        assert_eq!(parse("bytes=0-599,400-999", 1000), Ranges::Whole);
+        assert_eq!(parse("bytes=-600,0-500", 1000), Ranges::Whole);
+        // Up to the length, even overlapping, is still served as asked.
+        assert_eq!(
+            parse("bytes=0-499,400-899", 1000),
+            Ranges::Multiple(vec![(0, 499), (400, 899)])
+        );
+        assert_eq!(
+            parse("bytes=0-499,500-999", 1000),
+            Ranges::Multiple(vec![(0, 499), (500, 999)])
+        );
+        assert_eq!(parse("bytes=0-", 1000), Ranges::Single(0, 999));
     }
 }

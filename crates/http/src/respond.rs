@@ -152,8 +152,55 @@ pub fn error_page<F>(status: u16, reason: &str, close: bool, head_only: bool) ->
     r
 }
 
-/// Answers a GET or HEAD for a static file (anything else: 405).
+/// What to do with a request for a dotfile: a path with a segment whose name starts with `.`
+/// (`/.git/config`, `/.env`, `/sub/.htpasswd`), other than a first segment `.well-known`
+/// (RFC 8615).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Dotfiles {
+    /// As if it did not exist: 404. A served directory is often a checkout or a project
+    /// directory, whose dotfiles hold what should not be published.
+    #[default]
+    Hide,
+    /// Serve them like any other file.
+    Serve,
+    /// Let another answerer decide ([`Answer::Defer`]): for a fast path that does not know
+    /// the server's setting.
+    Defer,
+}
+
+/// How requests are answered beyond what the request and the files say.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Options {
+    pub dotfiles: Dotfiles,
+}
+
+/// Whether decoded path `path` names a dotfile (see [`Dotfiles`]). `.` and `..` segments are
+/// not dotfiles: they are the file store's to normalize or refuse.
+pub fn is_dotfile(path: &str) -> bool {
+    path.split('/')
+        .filter(|s| !s.is_empty() && *s != "." && *s != "..")
+        .enumerate()
+        .any(|(i, s)| s.starts_with('.') && !(i == 0 && s == ".well-known"))
+}
+
+/// Answers a GET or HEAD for a static file (anything else: 405), deferring requests for
+/// dotfiles to another answerer: what a fast path that does not know the setting says.
 pub fn respond<S: FileSource>(src: &mut S, req: &Request) -> Answer<S::File> {
+    respond_with(
+        src,
+        req,
+        &Options {
+            dotfiles: Dotfiles::Defer,
+        },
+    )
+}
+
+/// Answers a GET or HEAD for a static file (anything else: 405), as `options` say.
+pub fn respond_with<S: FileSource>(
+    src: &mut S,
+    req: &Request,
+    options: &Options,
+) -> Answer<S::File> {
     let head_only = req.method == Method::Head;
     if !matches!(req.method, Method::Get | Method::Head) {
         return Answer::Response(error_page(405, "Method Not Allowed", false, false));
@@ -162,6 +209,12 @@ pub fn respond<S: FileSource>(src: &mut S, req: &Request) -> Answer<S::File> {
         Ok(p) => p,
         Err(e) => return Answer::Response(error_page(e.status, e.reason, false, head_only)),
     };
+    if options.dotfiles != Dotfiles::Serve && is_dotfile(&path) {
+        if options.dotfiles == Dotfiles::Defer {
+            return Answer::Defer;
+        }
+        return Answer::Response(error_page(404, "Not Found", false, head_only));
+    }
     let rel = path.trim_start_matches('/');
     let is_dir_request = rel.is_empty() || rel.ends_with('/');
     let rel_file = if is_dir_request {
@@ -172,7 +225,7 @@ pub fn respond<S: FileSource>(src: &mut S, req: &Request) -> Answer<S::File> {
     let file = match src.open(&rel_file) {
         Lookup::Found(f) => f,
         Lookup::Directory => {
-            let location = format!("{}/", req.target.split('?').next().unwrap_or("/"));
+            let location = directory_location(&path, &req.target);
             let mut r = Response::default();
             let mut h = head_common(301, "Moved Permanently");
             let _ = write!(h, "Location: {location}\r\nContent-Length: 0\r\n\r\n");
@@ -274,6 +327,42 @@ pub fn respond<S: FileSource>(src: &mut S, req: &Request) -> Answer<S::File> {
         r.body_bytes = count;
     }
     Answer::Response(r)
+}
+
+/// What a path segment keeps unencoded in a `Location`: anything but controls, space, and the
+/// characters that would end or change the meaning of a path (`?`, `#`, `%`, quotes, angle
+/// brackets and the like). Non-ASCII is encoded as UTF-8.
+const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS
+    .add(b' ')
+    .add(b'"')
+    .add(b'#')
+    .add(b'%')
+    .add(b'/')
+    .add(b'<')
+    .add(b'>')
+    .add(b'?')
+    .add(b'\\')
+    .add(b'^')
+    .add(b'`')
+    .add(b'{')
+    .add(b'|')
+    .add(b'}');
+
+/// Where a request for directory `path` (decoded) is redirected: the same path, normalized
+/// (empty and `.` segments dropped, so it always starts with exactly one `/` and can never be
+/// read as `//host`), encoded again, with a slash and the target's query.
+fn directory_location(path: &str, target: &str) -> String {
+    let mut location = String::with_capacity(path.len() + 2);
+    for segment in path.split('/').filter(|s| !s.is_empty() && *s != ".") {
+        location.push('/');
+        location.extend(percent_encoding::utf8_percent_encode(segment, SEGMENT));
+    }
+    location.push('/');
+    if let Some((_, query)) = target.split_once('?') {
+        location.push('?');
+        location.push_str(query);
+    }
+    location
 }
 
 /// Whether an `Accept-Encoding` value accepts `coding` (present, and not with `q=0`).
@@ -469,5 +558,81 @@ mod tests {
         ));
         let a = respond(&mut s, &req("DELETE /a.txt HTTP/1.1\r\n\r\n"));
         assert!(head(&a).contains("405") && head(&a).contains("Allow: GET, HEAD"));
+    }
+
+    /// Finding A28: dotfiles were served. Hidden (404) unless asked for; a fast path that
+    /// does not know the setting defers them; `/.well-known/` is always served.
+    #[test]
+    fn dotfiles_follow_the_setting() {
+        let mut s = Store(HashMap::from([
+            (".git/config", Lookup::Found(Mem(6))),
+            ("sub/.htpasswd", Lookup::Found(Mem(3))),
+            (".well-known/security.txt", Lookup::Found(Mem(4))),
+            ("a.txt", Lookup::Found(Mem(1))),
+        ]));
+        let with = |s: &mut Store, dotfiles, target: &str| {
+            let a = respond_with(
+                s,
+                &req(&format!("GET {target} HTTP/1.1\r\n\r\n")),
+                &Options { dotfiles },
+            );
+            match a {
+                Answer::Defer => "defer".to_string(),
+                a => head(&a)[9..12].to_string(),
+            }
+        };
+        for t in ["/.git/config", "/%2Egit/config", "/sub/.htpasswd", "/.git/"] {
+            assert_eq!(with(&mut s, Dotfiles::Hide, t), "404", "{t}");
+            assert_eq!(with(&mut s, Dotfiles::Defer, t), "defer", "{t}");
+            let r = respond(&mut s, &req(&format!("GET {t} HTTP/1.1\r\n\r\n")));
+            assert!(matches!(r, Answer::Defer), "{t}");
+        }
+        assert_eq!(with(&mut s, Dotfiles::Serve, "/.git/config"), "200");
+        assert_eq!(with(&mut s, Dotfiles::Serve, "/sub/.htpasswd"), "200");
+        for d in [Dotfiles::Hide, Dotfiles::Serve, Dotfiles::Defer] {
+            assert_eq!(with(&mut s, d, "/.well-known/security.txt"), "200");
+            assert_eq!(with(&mut s, d, "/a.txt"), "200");
+        }
+        assert!(is_dotfile("/a/.well-known/x"), "only at the root");
+        assert!(!is_dotfile("/a/../b"));
+        assert!(!is_dotfile("/a.b/c."));
+    }
+
+    /// Every path is a directory.
+    struct Dirs;
+    impl FileSource for Dirs {
+        type File = Mem;
+        fn open(&mut self, _: &str) -> Lookup<Mem> {
+            Lookup::Directory
+        }
+    }
+
+    /// Finding A18: the redirect to a directory's slash echoed the raw target, so `GET ///docs`
+    /// got `Location: ///docs/`, which a browser reads as the host `docs`. It is built from the
+    /// decoded, normalized path, encoded again.
+    #[test]
+    fn directory_redirects_point_at_the_normalized_path() {
+        let location = |target: &str| {
+            let a = respond(&mut Dirs, &req(&format!("GET {target} HTTP/1.1\r\n\r\n")));
+            let h = head(&a);
+            assert!(h.starts_with("HTTP/1.1 301 "), "{h}");
+            h.lines()
+                .find_map(|l| l.strip_prefix("Location: "))
+                .unwrap_or_default()
+                .to_string()
+        };
+        assert_eq!(location("/docs"), "/docs/");
+        assert_eq!(location("///docs"), "/docs/");
+        assert_eq!(location("//evil.example"), "/evil.example/");
+        assert_eq!(location("/a//b/./c"), "/a/b/c/");
+        assert_eq!(location("/d?x=1"), "/d/?x=1");
+        assert_eq!(location("/a%20b"), "/a%20b/");
+        assert_eq!(location("/caf%C3%A9"), "/caf%C3%A9/");
+        // Decoded control characters never reach the header.
+        assert_eq!(
+            location("/x%0d%0aSet-Cookie:%20a=b"),
+            "/x%0D%0ASet-Cookie:%20a=b/"
+        );
+        assert_eq!(location("/%2F%2Fevil"), "/evil/");
     }
 }

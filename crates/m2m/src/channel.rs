@@ -207,6 +207,12 @@ impl Channel {
         self.region.layout().params.buf_size as usize
     }
 
+    /// Who is at the other end, from the kernel (SO_PEERCRED of the setup socket): the
+    /// credentials the peer had when the channel was set up, which it cannot forge.
+    pub fn peer_credentials(&self) -> std::io::Result<sys::PeerCredentials> {
+        sys::peer_credentials(&self.socket)
+    }
+
     /// A file descriptor that becomes readable when the peer rings this end's doorbell or goes
     /// away. For event loops: call [`Channel::prepare_wait`] first, then wait for readability,
     /// then retry the operation. Blocking methods use the same fd.
@@ -217,6 +223,13 @@ impl Channel {
     /// True if the peer has gone or broke the protocol (the channel is then permanently failed).
     pub fn is_closed(&self) -> bool {
         self.failed.is_some()
+    }
+
+    /// Whether the peer is still there, without sending or receiving: `Err(PeerGone)` once it
+    /// has gone (also by `kill -9`; noticed within ~10 ms, as on every other call). Cheap
+    /// enough for every lookup of a reader that otherwise touches only shared memory.
+    pub fn check_alive(&mut self) -> Result<(), Error> {
+        self.check_peer()
     }
 
     fn fail(&mut self, f: Failure) -> Error {

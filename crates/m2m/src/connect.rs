@@ -12,11 +12,12 @@ use crate::layout::handshake::{
 };
 use crate::layout::{self, Params};
 use crate::region::Region;
+use crate::runtime;
 use crate::sys::{self, PeerCredentials};
 use crate::{Channel, ChannelConfig, Error, WaitPolicy};
 use rustix::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::io;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -72,8 +73,13 @@ pub struct Listener {
 
 impl Listener {
     /// Binds `path`. A stale socket file left by a dead server is replaced; a live one is not.
+    /// The directory must be safe for a socket ([`runtime::socket_dir`]: a missing one is
+    /// created private; an existing one others may write in must be sticky), and the
+    /// permission bits are set only on the socket this call made.
     pub fn bind(path: impl AsRef<Path>, config: ListenerConfig) -> Result<Listener, Error> {
         let path = path.as_ref().to_path_buf();
+        runtime::socket_dir(&path)
+            .map_err(|e| Error::io("checking the channel socket's directory", e))?;
         if let Ok(meta) = std::fs::symlink_metadata(&path) {
             if !meta.file_type().is_socket() {
                 return Err(Error::io(
@@ -102,7 +108,7 @@ impl Listener {
         }
         let inner =
             UnixListener::bind(&path).map_err(|e| Error::io("binding the channel socket", e))?;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(config.mode))
+        runtime::set_socket_mode(&path, config.mode)
             .map_err(|e| Error::io("setting the channel socket's permissions", e))?;
         Ok(Listener {
             inner,
@@ -162,6 +168,14 @@ pub struct Incoming {
     stream: UnixStream,
     peer: PeerCredentials,
     config: ListenerConfig,
+}
+
+/// The connection's socket: it becomes readable when the client's hello has arrived (then
+/// [`Incoming::establish`] does not wait), so an event loop can poll it among its others.
+impl AsFd for Incoming {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.stream.as_fd()
+    }
 }
 
 impl Incoming {
@@ -250,15 +264,51 @@ impl Incoming {
     }
 }
 
+/// The environment variable that names one more uid whose servers a client trusts, besides
+/// its own and root's: a server run by a service user (`splitos tcp-server` as `splitos`,
+/// shared by several users through `--socket-mode` and `--allow`).
+pub const TRUST_UID_ENV: &str = "SPLITOS_SERVER_UID";
+
+/// Whether a client running as `me` may use a server running as `server`: its own uid, root's,
+/// or the one `trusted` names.
+fn server_trusted(server: u32, me: u32, trusted: Option<&str>) -> bool {
+    server == me
+        || server == 0
+        || trusted.and_then(|t| t.trim().parse::<u32>().ok()) == Some(server)
+}
+
 impl Channel {
     /// Connects to a [`Listener`] at `path`, asking for `config`'s sizes (the server may grant
     /// smaller ones).
+    ///
+    /// The server must run as this user or as root (or as the uid in [`TRUST_UID_ENV`]), as
+    /// the kernel reports it (SO_PEERCRED): whoever can put a socket at `path` must not be
+    /// able to pose as the server and read this process's traffic.
     pub fn connect(path: impl AsRef<Path>, config: ChannelConfig) -> Result<Channel, Error> {
         let path = path.as_ref();
         let stream = UnixStream::connect(path).map_err(|e| Error::Io {
             context: "connecting to the channel socket",
             source: io::Error::new(e.kind(), format!("{}: {e}", path.display())),
         })?;
+        let server = sys::peer_credentials(&stream)
+            .map_err(|e| Error::io("asking the kernel who the server is", e))?;
+        let me = rustix::process::geteuid().as_raw();
+        let trusted = std::env::var(TRUST_UID_ENV).ok();
+        if !server_trusted(server.uid, me, trusted.as_deref()) {
+            return Err(Error::Io {
+                context: "checking who the server is",
+                source: io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    format!(
+                        "the server at {} runs as uid {}, not as this user (uid {me}) or root; \
+                         refusing to use it (set {TRUST_UID_ENV}={} to trust that user)",
+                        path.display(),
+                        server.uid,
+                        server.uid
+                    ),
+                ),
+            });
+        }
         let timeout = Some(Duration::from_secs(5));
         stream
             .set_read_timeout(timeout)
@@ -326,6 +376,17 @@ impl Channel {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn servers_of_this_user_or_root_or_a_named_uid_are_trusted() {
+        assert!(server_trusted(1000, 1000, None));
+        assert!(server_trusted(0, 1000, None));
+        assert!(!server_trusted(1001, 1000, None));
+        assert!(server_trusted(1001, 1000, Some("1001")));
+        assert!(!server_trusted(1001, 1000, Some("1002")));
+        assert!(!server_trusted(1001, 1000, Some("x")));
+        assert!(!server_trusted(1, 0, None), "root trusts only root");
+    }
 
     #[test]
     fn clamp_rounds_into_range() {

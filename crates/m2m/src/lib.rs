@@ -41,6 +41,7 @@ mod region;
 mod ring;
 #[cfg(test)]
 mod ring_model;
+pub mod runtime;
 pub mod segment;
 pub mod seqlock;
 mod shm_ring;
@@ -53,7 +54,7 @@ mod async_channel;
 pub use async_channel::AsyncChannel;
 
 pub use channel::{Channel, ChannelConfig, Message, SendBatch, MAX_FDS_PER_MESSAGE};
-pub use connect::{Incoming, Listener, ListenerConfig};
+pub use connect::{Incoming, Listener, ListenerConfig, TRUST_UID_ENV};
 pub use error::Error;
 pub use pool::{RxBuffer, TxBuffer};
 pub use sys::PeerCredentials;

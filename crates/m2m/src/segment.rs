@@ -14,6 +14,10 @@
 //! them (with [`Segment::from_received`] and [`Segment::from_received_sealed`], which refuse
 //! memory that is not sealed) and send from them. It lives in m2m, next to the region and the
 //! memfd and seal calls in `sys.rs`, because all of those sides use it.
+//!
+//! A file too large to copy travels as a [`PlainFile`] instead: a read-only descriptor of the
+//! file itself, never mapped (so a file that shrinks cannot fault anyone), read with `pread`
+//! and sent with `sendfile`. Its bytes are whatever the file holds when they are read.
 
 use crate::sys;
 use memmap2::{Mmap, MmapOptions};
@@ -28,6 +32,12 @@ pub enum SegmentError {
     Unstable,
     #[error("shared memory from the peer is not sealed against changes")]
     NotSealed,
+    #[error("the descriptor is not a regular file")]
+    NotRegular,
+    #[error("the file is on a FUSE file system, whose reads another user can hold forever")]
+    Fuse,
+    #[error("the descriptor is not the file the peer described")]
+    Mismatch,
     #[error("{context}: {source}")]
     Io {
         context: &'static str,
@@ -190,6 +200,102 @@ impl Segment {
     }
 }
 
+/// `FUSE_SUPER_MAGIC` (linux/magic.h).
+const FUSE_SUPER_MAGIC: u64 = 0x6573_5546;
+
+/// Whether `fd` is on a FUSE file system: a read of such a file waits for a user-space daemon,
+/// which any user can mount and which may never answer.
+pub fn on_fuse(fd: BorrowedFd<'_>) -> bool {
+    rustix::fs::fstatfs(fd).is_ok_and(|st| st.f_type as u64 == FUSE_SUPER_MAGIC)
+}
+
+/// A regular file shared by descriptor and never mapped: what a file too large to copy into a
+/// [`Segment`] travels as. Read with [`PlainFile::read_at`] (`pread`); the TCP server sends it
+/// with `sendfile`. Unlike a segment, its bytes can change while it is read: a reader sees
+/// whatever the file holds at that moment, and a file that shrank simply ends early.
+pub struct PlainFile {
+    fd: OwnedFd,
+    version: Version,
+}
+
+impl PlainFile {
+    /// Accepts a descriptor received from another process if it is a regular file (fstat
+    /// `S_ISREG`: no socket, pipe or device) and not on FUSE. Its version (and so [`len`]) is
+    /// the file's as of now.
+    ///
+    /// [`len`]: PlainFile::len
+    pub fn from_received(fd: OwnedFd) -> Result<PlainFile, SegmentError> {
+        let st = sys::stat(fd.as_fd()).map_err(io("reading file status"))?;
+        if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile {
+            return Err(SegmentError::NotRegular);
+        }
+        if on_fuse(fd.as_fd()) {
+            return Err(SegmentError::Fuse);
+        }
+        Ok(PlainFile {
+            fd,
+            version: Version::of(&st),
+        })
+    }
+
+    /// Like [`PlainFile::from_received`], for a reader told which version the descriptor holds
+    /// (by the file server): the descriptor must be that inode; the version recorded is the
+    /// announced one (the size a response promises).
+    pub fn from_announced(fd: OwnedFd, version: Version) -> Result<PlainFile, SegmentError> {
+        let got = PlainFile::from_received(fd)?;
+        if got.version.ino != version.ino {
+            return Err(SegmentError::Mismatch);
+        }
+        Ok(PlainFile {
+            fd: got.fd,
+            version,
+        })
+    }
+
+    /// Wraps a file this process opened itself.
+    pub fn from_opened(fd: OwnedFd, version: Version) -> PlainFile {
+        PlainFile { fd, version }
+    }
+
+    pub fn version(&self) -> Version {
+        self.version
+    }
+
+    /// The file's size when it was opened (it may have changed since).
+    pub fn len(&self) -> u64 {
+        self.version.size
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.version.size == 0
+    }
+
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// Reads from `offset` until `dst` is full or the file ends; returns how many bytes.
+    pub fn read_at(&self, offset: u64, dst: &mut [u8]) -> std::io::Result<usize> {
+        let mut n = 0;
+        while n < dst.len() {
+            // Offsets past i64::MAX are past the end of any file (and EINVAL for pread).
+            let Some(at) = offset
+                .checked_add(n as u64)
+                .filter(|a| *a <= i64::MAX as u64)
+            else {
+                break;
+            };
+            match sys::pread(self.fd.as_fd(), &mut dst[n..], at) {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(n)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -261,6 +367,32 @@ mod tests {
         let dup = seg.fd().try_clone_to_owned().unwrap();
         let got = Segment::from_received_sealed(dup).unwrap();
         assert_eq!((got.len(), got.bytes()), (3, &b"abc"[..]));
+    }
+
+    #[test]
+    fn a_plain_file_is_a_regular_file_read_in_place() {
+        let f = temp_file("plain", b"0123456789");
+        let p = PlainFile::from_received(f.into()).unwrap();
+        assert_eq!(p.len(), 10);
+        let mut buf = [0u8; 4];
+        assert_eq!(p.read_at(8, &mut buf).unwrap(), 2);
+        assert_eq!(&buf[..2], b"89");
+        assert_eq!(p.read_at(u64::MAX, &mut buf).unwrap(), 0);
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        assert!(matches!(
+            PlainFile::from_received(a.into()),
+            Err(SegmentError::NotRegular)
+        ));
+        let f = temp_file("plain2", b"xy");
+        let v = Version {
+            ino: 1,
+            size: 2,
+            mtime_ns: 0,
+        };
+        assert!(matches!(
+            PlainFile::from_announced(f.into(), v),
+            Err(SegmentError::Mismatch)
+        ));
     }
 
     #[test]

@@ -1,5 +1,8 @@
 //! Channel behaviour within one process (both ends from `Channel::pair`, on two threads).
 
+// Test code: helpers outside #[test] functions may unwrap too; a panic is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use splitos_m2m::{Channel, ChannelConfig, Error, Message, WaitPolicy};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -217,6 +220,21 @@ fn dropping_one_end_wakes_the_other_with_peer_gone() {
             "{policy}: slow"
         );
         assert!(matches!(b.try_send(b"x"), Err(Error::PeerGone)));
+    }
+}
+
+/// `check_alive` asks about the peer without consuming anything: a reader that otherwise
+/// only reads shared memory uses it to stop trusting what a dead peer left there.
+#[test]
+fn check_alive_reports_a_departed_peer_and_takes_no_message() {
+    let (mut a, mut b) = Channel::pair(config(WaitPolicy::adaptive())).unwrap();
+    a.send(b"kept").unwrap();
+    assert!(b.check_alive().is_ok());
+    drop(a);
+    assert!(matches!(b.check_alive(), Err(Error::PeerGone)));
+    match b.try_recv() {
+        Ok(Some(Message::Inline(m))) => assert_eq!(m, b"kept"),
+        other => panic!("the message left behind was lost: {other:?}"),
     }
 }
 

@@ -4,6 +4,9 @@
 //! The peers are this test binary re-executed with `M2M_CHILD=<role>`; the `child_process_entry`
 //! test is their entry point and does nothing in a normal run.
 
+// Test code: helpers outside #[test] functions may unwrap too; a panic is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use proptest::prelude::*;
 use splitos_m2m::layout::{self, record, Layout, Params};
 use splitos_m2m::{Channel, ChannelConfig, Error, Listener, ListenerConfig, Message, WaitPolicy};

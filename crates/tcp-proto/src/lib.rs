@@ -16,8 +16,13 @@
 //! whose metadata is a [`BufferMeta`]. Encoding is fixed little-endian; decoding checks every
 //! length and never panics on any input (see the property tests).
 
+#![forbid(unsafe_code)]
+
 use core::mem::size_of;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+
+mod socket_path;
+pub use socket_path::default_socket_path;
 
 pub const VERSION: u16 = 1;
 
@@ -31,6 +36,12 @@ pub const MAX_NAME: usize = 64;
 pub const MAX_SOCKET_PATH: usize = 107;
 /// Most unprocessed bytes a [`Request::Handoff`] may carry back to the server.
 pub const MAX_HANDOFF: usize = 32 << 10;
+/// Set in the tag of a descriptor message (and so in the `file` of the `SendFile` and
+/// `ReleaseFile` requests naming it) that carries a plain regular file rather than a sealed
+/// segment: a file too large for the file cache, passed by reference. The server accepts only
+/// a regular file there (`fstat` `S_ISREG`, not on FUSE), never maps it, and sends it with
+/// `sendfile`; if the file is shorter than a range sent from it, that connection fails.
+pub const PLAIN_FILE_TAG: u64 = 1 << 63;
 
 /// A socket, as named within one session: slot index and generation.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
@@ -57,7 +68,13 @@ pub mod listen_flags {
     /// Keep the listening socket open for a grace period if the session dies, so a restarted
     /// application that listens on the same address takes it over with no refused connection.
     pub const PERSISTENT: u32 = 4;
-    pub const ALL: u32 = REUSE_ADDR | REUSE_PORT | PERSISTENT;
+    /// With `PERSISTENT`: the application marks each connection's request boundaries
+    /// ([`Request::Answered`](super::Request::Answered)), and the server keeps a copy of what it
+    /// delivered after the last mark. If the application dies, a connection whose responses
+    /// are complete goes on to its successor with those bytes, which answers them: a crash
+    /// then fails no request.
+    pub const RECOVERABLE: u32 = 8;
+    pub const ALL: u32 = REUSE_ADDR | REUSE_PORT | PERSISTENT | RECOVERABLE;
 }
 
 /// Socket options of [`Request::SetOption`].
@@ -108,7 +125,8 @@ pub enum Request<'a> {
         bytes: u32,
     },
     /// Send `len` bytes from `offset` of a sealed file segment straight from shared memory.
-    /// The segment's memfd was passed earlier as a descriptor message tagged `file`.
+    /// The segment's memfd was passed earlier as a descriptor message tagged `file`; with
+    /// [`PLAIN_FILE_TAG`] set in the tag, a plain file sent by `sendfile`.
     SendFile {
         handle: Handle,
         file: u64,
@@ -158,6 +176,16 @@ pub enum Request<'a> {
     /// server ever delivered on it — and nothing is paused or handed off; otherwise ignored,
     /// and the bytes keep arriving as `Data`. No reply either way.
     ServeDirect {
+        handle: Handle,
+        received: u64,
+    },
+    /// A request boundary: every request in the first `received` bytes delivered on this
+    /// connection is answered, its response fully queued. On a `RECOVERABLE` listener's
+    /// connection the server forgets its copy of those bytes; if the application dies later,
+    /// the connection and the bytes after the mark go to its successor, provided nothing was
+    /// sent after the mark (a response half queued cannot be finished by someone else). A mark
+    /// past what was delivered is a protocol violation. No reply.
+    Answered {
         handle: Handle,
         received: u64,
     },
@@ -248,6 +276,7 @@ pub mod op {
     pub const HANDOFF: u8 = 12;
     pub const SERVE_FILES: u8 = 13;
     pub const SERVE_DIRECT: u8 = 14;
+    pub const ANSWERED: u8 = 15;
 
     // Events (server → application).
     pub const DONE: u8 = 64;
@@ -413,6 +442,7 @@ impl<'a> Request<'a> {
             Request::Handoff { .. } => op::HANDOFF,
             Request::ServeFiles { .. } => op::SERVE_FILES,
             Request::ServeDirect { .. } => op::SERVE_DIRECT,
+            Request::Answered { .. } => op::ANSWERED,
         }
     }
 
@@ -484,7 +514,7 @@ impl<'a> Request<'a> {
                     .u32(idle_timeout_s)
                     .bytes(socket);
             }
-            Request::ServeDirect { handle, received } => {
+            Request::ServeDirect { handle, received } | Request::Answered { handle, received } => {
                 w.handle(handle).u64(received);
             }
         }
@@ -589,6 +619,10 @@ impl<'a> Request<'a> {
                 }
             }
             op::SERVE_DIRECT => Request::ServeDirect {
+                handle: r.handle()?,
+                received: r.u64()?,
+            },
+            op::ANSWERED => Request::Answered {
                 handle: r.handle()?,
                 received: r.u64()?,
             },

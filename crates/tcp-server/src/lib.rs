@@ -12,7 +12,7 @@
 
 mod access;
 mod budget;
-mod direct;
+pub mod direct;
 mod persist;
 pub mod stats;
 mod uring;
@@ -30,22 +30,10 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-/// Where applications find the server when nothing else is said: `$SPLITOS_SOCKET`, else
-/// `$XDG_RUNTIME_DIR/splitos/tcp.sock`, else `/tmp/splitos-<uid>/tcp.sock`.
-pub fn default_socket_path() -> PathBuf {
-    if let Some(p) = std::env::var_os("SPLITOS_SOCKET") {
-        return PathBuf::from(p);
-    }
-    if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR") {
-        return PathBuf::from(d).join("splitos").join("tcp.sock");
-    }
-    PathBuf::from(format!(
-        "/tmp/splitos-{}/tcp.sock",
-        rustix::process::getuid().as_raw()
-    ))
-}
+// Defined with the protocol, so applications know it without linking the server.
+pub use splitos_tcp_proto::default_socket_path;
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ServerConfig {
     /// Unix socket applications connect to.
     pub socket: PathBuf,
@@ -66,6 +54,9 @@ pub struct ServerConfig {
     pub budgets: Budgets,
     /// Receive buffers provided to the kernel per session (taken from its m2m pool).
     pub recv_buffers: usize,
+    /// What answers `ServeFiles` routes (the direct path), if anything: the TCP server itself
+    /// knows no application protocol. `None`: `ServeFiles` fails with EOPNOTSUPP.
+    pub direct: Option<Arc<dyn direct::DirectPath>>,
 }
 
 impl Default for ServerConfig {
@@ -80,6 +71,7 @@ impl Default for ServerConfig {
             persist_grace: Duration::from_secs(30),
             budgets: Budgets::default(),
             recv_buffers: 64,
+            direct: None,
         }
     }
 }
@@ -100,11 +92,10 @@ pub enum ServerError {
         per_session: u64,
         reserve: u64,
     },
-    #[error("cannot create the socket directory {path}: {source}")]
-    SocketDir {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    /// The socket's directory is missing and cannot be made, or is not safe to use (see
+    /// [`splitos_m2m::runtime::socket_dir`]).
+    #[error("the socket directory: {0}")]
+    SocketDir(#[from] splitos_m2m::runtime::DirError),
     #[error(transparent)]
     Channel(#[from] splitos_m2m::Error),
     #[error("{context}: {source}")]
@@ -229,16 +220,10 @@ impl TcpServer {
         if let Some(bad) = config.cpus.iter().find(|&&c| c >= ncpu.max(1024)) {
             return Err(ServerError::Config(format!("cpu {bad} does not exist")));
         }
-        if let Some(dir) = config.socket.parent() {
-            if !dir.as_os_str().is_empty() && !dir.exists() {
-                std::fs::create_dir_all(dir).map_err(|source| ServerError::SocketDir {
-                    path: dir.to_path_buf(),
-                    source,
-                })?;
-                use std::os::unix::fs::PermissionsExt;
-                let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
-            }
-        }
+        // Created private (mode 0700 in the mkdir itself) if missing; this user's default
+        // directory is checked like one (owned by this user, no one else may write, not a
+        // symbolic link), and any other directory must not let others replace the socket.
+        splitos_m2m::runtime::socket_dir(&config.socket)?;
         let listener = Listener::bind(
             &config.socket,
             ListenerConfig {

@@ -129,7 +129,7 @@ impl Ring {
 
     fn push(&mut self, e: squeue::Entry) -> io::Result<()> {
         loop {
-            // SAFETY (for every caller): the entries built below reference only fds and memory
+            // SAFETY: (for every caller) the entries built below reference only fds and memory
             // that the caller keeps valid until the completion is reaped (module comment).
             let pushed = unsafe { self.ring.submission().push(&e) };
             if pushed.is_ok() {

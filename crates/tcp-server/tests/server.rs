@@ -1,6 +1,9 @@
 //! The TCP server against a raw protocol client (no application library), real kernel clients
 //! (std::net), and real application processes that get `kill -9`ed.
 
+// Test code: helpers outside #[test] functions may unwrap too; a panic is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::*;

@@ -1,5 +1,6 @@
-//! The worker's glue for the direct path (`crate::direct`): routes on listeners, answering
-//! cached files without the application, giving connections to the application and back.
+//! The worker's glue for the direct path (`crate::direct`): routes opened beside the worker
+//! and installed on listeners, connections answered by their route without the application,
+//! deferred to the application and given back, and the routes' timeouts.
 
 use super::*;
 
@@ -31,18 +32,12 @@ impl Worker {
         if !matches!(self.routes.get(route as usize), Some(Some(r)) if r.serial == serial) {
             return;
         }
-        c.direct = Some(Box::new(crate::direct::Direct {
-            route,
-            serial,
-            buf: Vec::new(),
-            last_active: now,
-            blocked: false,
-        }));
+        c.direct = Some(Box::new(crate::direct::Direct::new(route, serial, now)));
     }
 
-    /// Installs a direct-path route on a listener (see `direct`): this worker connects to the
-    /// file server at `socket`, which must belong to the application's user (so an
-    /// application cannot make the server talk to someone else's service).
+    /// Starts installing a direct-path route on a listener (see `crate::direct`): the server's
+    /// [`DirectPath`] opens it on a thread of its own (opening may block on another service,
+    /// and a worker must never wait), and [`Worker::take_opened_routes`] installs it.
     pub(super) fn serve_files(
         &mut self,
         si: SessionIx,
@@ -70,62 +65,114 @@ impl Worker {
         ) {
             return fail(self, Errno::NOTSOCK);
         }
-        let Some(uid) = self.live_session(si).map(|s| s.peer.uid) else {
+        let Some(path) = self.shared.config.direct.clone() else {
+            return fail(self, Errno::OPNOTSUPP);
+        };
+        let Some(s) = self.live_session(si) else {
             return;
         };
-        use std::os::unix::ffi::OsStrExt;
-        let path = std::path::Path::new(std::ffi::OsStr::from_bytes(socket));
-        let owner = match rustix::fs::stat(path) {
-            Ok(st) => st.st_uid,
-            Err(e) => return fail(self, e),
-        };
-        if owner != uid && owner != rustix::process::geteuid().as_raw() {
-            tracing::warn!(session = si.0, path = %path.display(), "ServeFiles refused: the socket belongs to another user");
-            return fail(self, Errno::ACCESS);
+        if s.opening_route {
+            // One at a time per session: each costs a thread while it connects.
+            return fail(self, Errno::BUSY);
         }
-        let files = match FileClient::connect(path) {
-            Ok(f) => f,
-            Err(e) => {
-                tracing::warn!(session = si.0, path = %path.display(), "ServeFiles: cannot reach the file server: {e}");
-                return fail(self, Errno::CONNREFUSED);
-            }
-        };
-        self.route_serial += 1;
-        let route = crate::direct::Route {
-            serial: self.route_serial,
-            files,
-            header_timeout: Duration::from_secs(header_timeout_s.max(1) as u64),
+        s.opening_route = true;
+        let request = RouteRequest {
+            source: socket.to_vec(),
+            peer: s.peer,
+            request_timeout: Duration::from_secs(header_timeout_s.max(1) as u64),
             idle_timeout: Duration::from_secs(idle_timeout_s.max(1) as u64),
         };
-        let idx = match self.routes.iter().position(|r| r.is_none()) {
-            Some(i) => {
-                self.routes[i] = Some(route);
-                i
+        let done = self.opened_tx.clone();
+        let shared = self.shared.clone();
+        let spawned = std::thread::Builder::new()
+            .name("splitos-route".into())
+            .spawn(move || {
+                let route = path.open(&request);
+                let _ = done.send(OpenedRoute {
+                    session: si,
+                    req,
+                    listener,
+                    route,
+                });
+                shared.wake_all();
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(session = si.0, "cannot start a thread to open a route: {e}");
+            if let Some(s) = self.live_session(si) {
+                s.opening_route = false;
             }
-            None => {
-                self.routes.push(Some(route));
-                self.routes.len() - 1
-            }
-        } as u32;
-        if let Some(Socket {
-            kind: Kind::Listener(l),
-            ..
-        }) = self.sockets[slot].sock.as_mut()
-        {
-            if let Some((old, _)) = l.route.replace((idx, self.route_serial)) {
-                self.routes[old as usize] = None;
-            }
+            fail(self, Errno::AGAIN);
         }
-        tracing::info!(session = si.0, path = %path.display(), "direct path installed");
-        self.emit(
-            si,
-            Event::Done {
+    }
+
+    /// Installs the routes opened since the last pass, or reports why one could not be.
+    pub(super) fn take_opened_routes(&mut self) -> usize {
+        let mut n = 0;
+        while let Ok(opened) = self.opened_rx.try_recv() {
+            n += 1;
+            let OpenedRoute {
+                session: si,
                 req,
-                handle: listener,
-                local: NO_ADDR,
-                peer: NO_ADDR,
-            },
-        );
+                listener,
+                route,
+            } = opened;
+            let Some(s) = self.live_session(si) else {
+                continue; // the application went meanwhile; the route goes with it
+            };
+            s.opening_route = false;
+            let route = match route {
+                Ok(r) => r,
+                Err(errno) => {
+                    tracing::info!(session = si.0, "ServeFiles refused: {errno}");
+                    self.emit(
+                        si,
+                        Event::Failed {
+                            req,
+                            errno: errno.raw_os_error(),
+                        },
+                    );
+                    continue;
+                }
+            };
+            // The listener may have closed (and its slot been reused) while the route opened.
+            let Some(slot) = self.owned(si, listener) else {
+                self.bad_handle(si, listener);
+                continue;
+            };
+            self.route_serial += 1;
+            let serial = self.route_serial;
+            let route = crate::direct::Route { serial, route };
+            let idx = match self.routes.iter().position(|r| r.is_none()) {
+                Some(i) => {
+                    self.routes[i] = Some(route);
+                    i
+                }
+                None => {
+                    self.routes.push(Some(route));
+                    self.routes.len() - 1
+                }
+            } as u32;
+            if let Some(Socket {
+                kind: Kind::Listener(l),
+                ..
+            }) = self.sockets[slot].sock.as_mut()
+            {
+                if let Some((old, _)) = l.route.replace((idx, serial)) {
+                    self.routes[old as usize] = None;
+                }
+            }
+            tracing::info!(session = si.0, "direct path installed");
+            self.emit(
+                si,
+                Event::Done {
+                    req,
+                    handle: listener,
+                    local: NO_ADDR,
+                    peer: NO_ADDR,
+                },
+            );
+        }
+        n
     }
 
     /// Runs the direct path on a connection's buffered bytes (see `direct::serve`).
@@ -148,38 +195,55 @@ impl Worker {
             .filter(|r| r.serial == serial)
         else {
             // The route went with its listener: the application answers from now on.
-            let data = std::mem::take(&mut d.buf);
+            let data = std::mem::take(&mut d.conn.pending);
             c.direct = None;
             self.defer(slot, si, data);
             return;
         };
         let sendq = &mut c.sendq;
-        let answered = &mut self.direct_responses;
-        let outcome = crate::direct::serve(route, d, sendq.len(), answered, |part| match part {
-            // Never an empty chunk: it would never leave the queue (see `send_inline`).
-            Part::Bytes(data) if data.is_empty() => {}
-            Part::Bytes(data) => sendq.push_back(Chunk::Direct { data, off: 0 }),
-            Part::File(view, off, len) => {
-                let pieces = view.pieces(off, len).unwrap_or_default();
-                for (seg, within, n) in pieces.into_iter().filter(|p| p.2 > 0) {
-                    sendq.push_back(Chunk::File {
-                        seg,
-                        off: within as usize,
-                        end: (within + n) as usize,
-                    });
+        let room = SENDQ_LIMIT.saturating_sub(sendq.len());
+        let before = d.conn.pending.len();
+        let outcome = route.route.serve(
+            &mut d.conn,
+            room,
+            &mut self.direct_responses,
+            &mut |part| match part {
+                // Never an empty chunk: it would never leave the queue (see `send_inline`).
+                DirectPart::Bytes(data) if data.is_empty() => {}
+                DirectPart::Bytes(data) => sendq.push_back(Chunk::Direct { data, off: 0 }),
+                DirectPart::File {
+                    segment,
+                    offset,
+                    len,
+                } => {
+                    // A range outside its segment would be a responder's bug; it is dropped
+                    // rather than sent from memory that is not the segment's (and so is an
+                    // empty one).
+                    let end = offset
+                        .checked_add(len)
+                        .filter(|&e| e <= segment.len() && len > 0);
+                    if let Some(end) = end {
+                        sendq.push_back(Chunk::File {
+                            seg: segment,
+                            off: offset as usize,
+                            end: end as usize,
+                        });
+                    }
                 }
-            }
-        });
+            },
+        );
+        d.conn.answered_some(before, self.now);
         match outcome {
-            crate::direct::Outcome::More | crate::direct::Outcome::Blocked => {}
-            crate::direct::Outcome::Close => {
+            Outcome::More => {}
+            Outcome::Blocked => d.blocked = true,
+            Outcome::Close => {
                 c.linger = true;
                 c.direct = None;
                 self.want_send(slot);
                 self.begin_close(slot, false);
                 return;
             }
-            crate::direct::Outcome::Defer(data) => {
+            Outcome::Defer(data) => {
                 c.direct = None;
                 self.defer(slot, si, data);
             }
@@ -187,8 +251,9 @@ impl Worker {
         self.want_send(slot);
     }
 
-    /// Applies the routes' timeouts to direct connections: 408 for a head that does not
-    /// complete, close for a connection idle (nothing received, nothing to send) too long.
+    /// Applies the routes' timeouts to direct connections: a request that does not complete
+    /// in time gets the route's timeout response and the connection closes; one idle too long
+    /// (nothing pending, nothing to send) closes.
     pub(super) fn sweep_direct(&mut self, now: Instant) {
         let mut expired = Vec::new();
         for (slot, ss) in self.sockets.iter().enumerate() {
@@ -204,17 +269,17 @@ impl Worker {
             let Some(r) = self.routes.get(d.route as usize).and_then(|r| r.as_ref()) else {
                 continue;
             };
-            let quiet = now.saturating_duration_since(d.last_active);
-            if !d.buf.is_empty() && quiet > r.header_timeout {
-                expired.push((SlotIx(slot as u32), true));
-            } else if d.buf.is_empty() && quiet > r.idle_timeout && c.send_drained() {
-                expired.push((SlotIx(slot as u32), false));
+            match r.route.expired(&d.conn, now) {
+                Some(Expiry::Request) => {
+                    expired.push((SlotIx(slot as u32), Some(r.route.timeout_response())))
+                }
+                Some(Expiry::Idle) if c.send_drained() => expired.push((SlotIx(slot as u32), None)),
+                _ => {}
             }
         }
-        for (slot, late_head) in expired {
+        for (slot, last_words) in expired {
             if let Some(c) = self.conn_mut(slot) {
-                let data = crate::direct::timeout_response();
-                if late_head && !data.is_empty() {
+                if let Some(data) = last_words.filter(|d| !d.is_empty()) {
                     c.sendq.push_back(Chunk::Direct { data, off: 0 });
                 }
                 c.direct = None;
@@ -229,8 +294,7 @@ impl Worker {
     pub(super) fn defer(&mut self, slot: SlotIx, si: SessionIx, data: Vec<u8>) {
         let handle = self.handle(slot);
         if let Some(c) = self.conn_mut(slot) {
-            c.unacked += data.len() as u64;
-            c.delivered += data.len() as u64;
+            c.delivering(data.len(), |dst| dst.copy_from_slice(&data));
         }
         for part in data.chunks(INLINE_DATA_MAX) {
             self.emit(si, Event::Data { handle, data: part });

@@ -26,7 +26,7 @@ impl Worker {
         // as held from now on).
         let mut moved = 0;
         if let Some(d) = c.direct.take() {
-            let mut bytes = d.buf;
+            let mut bytes = d.conn.pending;
             moved = bytes.len() as u64;
             bytes.append(&mut c.held);
             c.held = bytes;
@@ -166,15 +166,17 @@ impl Worker {
             "adopted a handed-off connection"
         );
         let mut data = h.data;
+        let now = self.now;
         if let Some(c) = self.conn_mut(slot) {
             c.eof = h.eof;
             if let Some(d) = c.direct.as_mut() {
                 // The listener's route is installed already: the handed bytes go through the
                 // direct path like any received ones, so responses stay in order.
-                d.buf = std::mem::take(&mut data);
+                let data = std::mem::take(&mut data);
+                d.conn
+                    .received(data.len(), now, |dst| dst.copy_from_slice(&data));
             } else {
-                c.unacked += data.len() as u64;
-                c.delivered += data.len() as u64;
+                c.delivering(data.len(), |dst| dst.copy_from_slice(&data));
             }
         }
         self.serve_direct(slot);

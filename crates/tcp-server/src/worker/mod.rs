@@ -85,22 +85,20 @@ mod state;
 use state::*;
 
 use crate::budget::Res;
-
+use crate::direct::{DirectPart, Expiry, Outcome, RouteRequest, SENDQ_LIMIT};
 use crate::persist::Parked;
 use crate::uring::{BufRing, Completion, Op, Ring, Tag};
 use crate::Shared;
 use rustix::fd::{AsFd, FromRawFd, OwnedFd};
 use rustix::io::Errno;
 use rustix::net::{self as rnet, sockopt, AddressFamily, SocketFlags, SocketType};
-use splitos_file_server::client::FileClient;
-use splitos_http::respond::Part;
-use splitos_m2m::segment::Segment;
+use splitos_m2m::segment::{PlainFile, Segment};
 use splitos_m2m::{
     Channel, Error as M2mError, Message, PeerCredentials, Phase, RxBuffer, TxBuffer, WaitPolicy,
 };
 use splitos_tcp_proto::{
-    listen_flags, op, BufferMeta, Event, Handle, Request, SockOpt, NO_ADDR, RECV_WINDOW,
-    SEND_WINDOW,
+    listen_flags, op, BufferMeta, Event, Handle, Request, SockOpt, NO_ADDR, PLAIN_FILE_TAG,
+    RECV_WINDOW, SEND_WINDOW,
 };
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
@@ -128,6 +126,14 @@ const LINGER_LIMIT: Duration = Duration::from_secs(10);
 const SESSION_LEVEL: SlotIx = SlotIx(u32::MAX);
 /// How long a shutting-down worker waits for the kernel to finish in-flight operations.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A route a helper thread opened (or could not) for `ServeFiles`.
+struct OpenedRoute {
+    session: SessionIx,
+    req: u32,
+    listener: Handle,
+    route: Result<Box<dyn crate::direct::DirectRoute>, Errno>,
+}
 
 pub(crate) struct NewSession {
     pub chan: Channel,
@@ -165,6 +171,9 @@ pub(crate) struct Worker {
     handed_seen: u64,
     /// Direct-path routes of this worker's listeners.
     routes: Vec<Option<crate::direct::Route>>,
+    /// Routes opened on helper threads (see `serve_files`), waiting to be installed.
+    opened_tx: std::sync::mpsc::Sender<OpenedRoute>,
+    opened_rx: Receiver<OpenedRoute>,
     /// The start of the current pass: a coarse clock for activity stamps.
     now: Instant,
     route_serial: u64,
@@ -188,6 +197,7 @@ impl Worker {
         inbox: Receiver<NewSession>,
         wake: OwnedFd,
     ) -> std::io::Result<Worker> {
+        let (opened_tx, opened_rx) = std::sync::mpsc::channel();
         Ok(Worker {
             id,
             ring: Ring::new(4096)?,
@@ -210,6 +220,8 @@ impl Worker {
             persistent_added: false,
             handed_seen: 0,
             routes: Vec::new(),
+            opened_tx,
+            opened_rx,
             now: Instant::now(),
             route_serial: 0,
             direct_responses: 0,
@@ -240,6 +252,7 @@ impl Worker {
                 self.wake_armed = true;
             }
             let mut work = self.take_new_sessions();
+            work += self.take_opened_routes();
             if self.shared.registry.has_handed() {
                 work += self.adopt_handed();
             }

@@ -4,10 +4,10 @@
 use super::*;
 
 /// Received bytes a direct-path connection may have waiting to be answered before the server
-/// stops reading it: several heads' worth (`splitos_http::request::Limits::default` allows
-/// 16 KiB each), for pipelining. Unanswered bytes pile up only while the connection is blocked
-/// (its send queue full); the receive is then cancelled, and what was already in flight
-/// (bounded by the session's buffer pool) is the most that lands beyond this.
+/// stops reading it: several requests' worth (the HTTP responder of `splitos serve` takes
+/// heads of up to 16 KiB), for pipelining. Unanswered bytes pile up only while the connection
+/// is blocked (its send queue full); the receive is then cancelled, and what was already in
+/// flight (bounded by the session's buffer pool) is the most that lands beyond this.
 pub(super) const DIRECT_BUF_MAX: usize = 64 << 10;
 
 /// Received bytes a paused connection may hold (see `Conn::held`): a receive window's worth.
@@ -127,11 +127,10 @@ impl Worker {
             if let Some(d) = c.direct.as_mut() {
                 let n = res as usize;
                 if let Some(b) = &buf {
-                    let at = d.buf.len();
-                    d.buf.resize(at + n, 0);
-                    b.read_at(0, &mut d.buf[at..]);
+                    d.conn.received(n, self.now, |dst| {
+                        b.read_at(0, dst);
+                    });
                 }
-                d.last_active = self.now;
                 if let Some(b) = buf {
                     self.provide(si, b);
                 }
@@ -155,8 +154,9 @@ impl Worker {
                 return;
             };
             if let Some(c) = self.conn_mut(slot) {
-                c.unacked += n as u64;
-                c.delivered += n as u64;
+                c.delivering(n, |dst| {
+                    buf.read_at(0, dst);
+                });
             }
             if let Some(s) = self.session(si) {
                 s.bytes_in += n as u64;

@@ -261,6 +261,28 @@ impl Worker {
             Request::ServeDirect { handle, received } => {
                 self.serve_direct_again(si, handle, received)
             }
+            Request::Answered { handle, received } => {
+                let Some(slot) = self.owned(si, handle) else {
+                    return;
+                };
+                let ok = match self.conn_mut(slot) {
+                    Some(c) => {
+                        let delivered = c.delivered;
+                        c.recovery
+                            .as_mut()
+                            .is_none_or(|r| r.mark(received, delivered))
+                    }
+                    None => false,
+                };
+                if !ok {
+                    self.violation(
+                        si,
+                        op::ANSWERED,
+                        Errno::INVAL.raw_os_error(),
+                        "answered mark behind the last or past what was delivered",
+                    );
+                }
+            }
         }
     }
 }

@@ -11,7 +11,7 @@ pub(super) const MAX_REFUSED_FILES: usize = 1024;
 
 /// What `file_segment` found under a tag.
 pub(super) enum FileLookup {
-    Found(Arc<Segment>),
+    Found(SessionFile),
     /// Refused over a budget (or too large): the errno to fail the connection with.
     Refused(i32),
     /// Never passed, or not sealed: a protocol violation.
@@ -41,6 +41,16 @@ pub(super) enum SendNow {
     /// The socket takes nothing more now.
     Full,
     Failed(i32),
+}
+
+/// Whether a chunk goes out by `sendfile` rather than a send from memory: large ranges of
+/// segments (by page reference), and plain files always (they are not in memory at all).
+pub(super) fn by_sendfile(ch: &Chunk) -> bool {
+    match ch {
+        Chunk::File { off, end, .. } => end - off >= SENDFILE_MIN,
+        Chunk::Plain { .. } => true,
+        Chunk::Inline { .. } | Chunk::Buf { .. } | Chunk::Direct { .. } => false,
+    }
 }
 
 /// Points `iov` at the unsent bytes of `chunks`; returns how many entries it filled.
@@ -81,6 +91,9 @@ impl Worker {
             Some(c) if c.shutdown_wanted || c.failed => Errno::PIPE,
             Some(c) => {
                 c.written = true;
+                if let Some(r) = c.recovery.as_mut() {
+                    r.sent();
+                }
                 return Some(slot);
             }
         };
@@ -160,15 +173,15 @@ impl Worker {
         self.want_send(slot);
     }
 
-    /// The segment the application tagged `file`, taking newly passed descriptors as needed
+    /// The file the application tagged `file`, taking newly passed descriptors as needed
     /// (they were sent before the request that names them, so they are already here).
     pub(super) fn file_segment(&mut self, si: SessionIx, file: u64) -> FileLookup {
         loop {
             let Some(s) = self.live_session(si) else {
                 return FileLookup::Unknown;
             };
-            if let Some(seg) = s.files.get(&file) {
-                return FileLookup::Found(seg.clone());
+            if let Some(f) = s.files.get(&file) {
+                return FileLookup::Found(f.clone());
             }
             if let Some(&errno) = s.refused_files.get(&file) {
                 return FileLookup::Refused(errno);
@@ -184,7 +197,7 @@ impl Worker {
         }
     }
 
-    /// Takes every segment the application has passed so far (at housekeeping: so that
+    /// Takes every file the application has passed so far (at housekeeping: so that
     /// descriptors do not wait in the channel, uncounted, for a `SendFile` naming them).
     pub(super) fn take_passed_files(&mut self, si: SessionIx) {
         for _ in 0..splitos_m2m::MAX_FDS_PER_MESSAGE * 256 {
@@ -199,22 +212,27 @@ impl Worker {
         }
     }
 
-    /// Maps a segment the application passed under `tag`, within its budgets (count, bytes,
-    /// and the size of one segment, all known from `fstat` before anything is mapped). Only
-    /// sealed segments are accepted: their bytes cannot change under a send.
+    /// Takes a file the application passed under `tag`, within its budgets: every file counts
+    /// (a descriptor); a segment's bytes count too (it is mapped whole), and one larger than
+    /// `segment_bytes` is refused, all known from `fstat` before anything is mapped.
     fn register_file(&mut self, si: SessionIx, tag: u64, mut fds: Vec<OwnedFd>) {
         if fds.len() != 1 {
             return self.violation(
                 si,
                 op::SEND_FILE,
                 Errno::INVAL.raw_os_error(),
-                "a file segment message without exactly one descriptor",
+                "a file message without exactly one descriptor",
             );
         }
         let fd = fds.remove(0);
-        let size = match rustix::fs::fstat(&fd) {
-            Ok(st) => st.st_size as u64,
-            Err(_) => return, // not a file: unknown, and a violation when named
+        let plain = tag & PLAIN_FILE_TAG != 0;
+        let size = if plain {
+            0 // never mapped: only its descriptor counts
+        } else {
+            match rustix::fs::fstat(&fd) {
+                Ok(st) => st.st_size as u64,
+                Err(_) => return, // not a file: unknown, and a violation when named
+            }
         };
         if size > self.shared.config.budgets.segment_bytes {
             tracing::debug!(session = si.0, size, "file segment larger than allowed");
@@ -229,20 +247,31 @@ impl Worker {
             let errno = self.over_budget(si, Res::FileBytes, over);
             return self.refuse_file(si, tag, errno);
         }
-        // The size was sealed when fstat read it iff it still is the segment's size now.
-        let seg = match Segment::from_received_sealed(fd) {
-            Ok(seg) if seg.len() == size => seg,
-            _ => {
-                self.refund(si, Res::Files, 1);
-                self.refund(si, Res::FileBytes, size);
-                return;
-            }
+        let got = if plain {
+            // A plain file is never mapped (it could shrink under a mapping): it must be a
+            // regular file, which `sendfile` reads, and not on FUSE, whose reads another
+            // user's daemon could hold forever (this thread would wait with them).
+            PlainFile::from_received(fd)
+                .ok()
+                .map(|p| SessionFile::Plain(Arc::new(p)))
+        } else {
+            // Only sealed segments are mapped: their bytes cannot change under a send. The
+            // size was sealed when fstat read it iff it still is the segment's size now.
+            Segment::from_received_sealed(fd)
+                .ok()
+                .filter(|seg| seg.len() == size)
+                .map(|seg| SessionFile::Segment(Arc::new(seg)))
+        };
+        let Some(f) = got else {
+            self.refund(si, Res::Files, 1);
+            self.refund(si, Res::FileBytes, size);
+            return; // unknown, and a violation when named
         };
         let Some(s) = self.live_session(si) else {
             return;
         };
         s.refused_files.remove(&tag);
-        if let Some(old) = s.files.insert(tag, Arc::new(seg)) {
+        if let Some(old) = s.files.insert(tag, f) {
             self.release_file(si, old);
         }
     }
@@ -262,29 +291,30 @@ impl Worker {
         }
     }
 
-    /// Drops the session's hold on a segment. Its budget comes back when no queued send reads
-    /// it any more either (see `settle_released_files`): until then it is still mapped.
-    pub(super) fn release_file(&mut self, si: SessionIx, seg: Arc<Segment>) {
-        if Arc::strong_count(&seg) == 1 {
+    /// Drops the session's hold on a file. Its budget comes back when no queued send reads it
+    /// any more either (see `settle_released_files`): until then it is still open (a segment
+    /// still mapped).
+    pub(super) fn release_file(&mut self, si: SessionIx, f: SessionFile) {
+        if f.last_holder() {
             self.refund(si, Res::Files, 1);
-            self.refund(si, Res::FileBytes, seg.len());
+            self.refund(si, Res::FileBytes, f.mapped_bytes());
         } else if let Some(s) = self.session(si) {
-            s.releasing.push(seg);
+            s.releasing.push(f);
         }
     }
 
-    /// Gives back the budget of released segments whose last queued send has gone.
+    /// Gives back the budget of released files whose last queued send has gone.
     pub(super) fn settle_released_files(&mut self, si: SessionIx) {
         let Some(s) = self.session(si) else { return };
         if s.releasing.is_empty() {
             return;
         }
         let mut freed = (0u64, 0u64);
-        s.releasing.retain(|seg| {
-            let last = Arc::strong_count(seg) == 1;
+        s.releasing.retain(|f| {
+            let last = f.last_holder();
             if last {
                 freed.0 += 1;
-                freed.1 += seg.len();
+                freed.1 += f.mapped_bytes();
             }
             !last
         });
@@ -300,8 +330,8 @@ impl Worker {
         offset: u64,
         len: u64,
     ) {
-        let seg = match self.file_segment(si, file) {
-            FileLookup::Found(seg) => seg,
+        let f = match self.file_segment(si, file) {
+            FileLookup::Found(f) => f,
             FileLookup::Refused(errno) => {
                 // The connection fails, as the send would have: its stream would have a hole.
                 if let Some(slot) = self.writable(si, handle) {
@@ -319,7 +349,12 @@ impl Worker {
                 return;
             }
         };
-        let in_range = offset.checked_add(len).is_some_and(|end| end <= seg.len());
+        // A plain file's size may change: a range past its end fails the connection when
+        // `sendfile` finds the end, so only the arithmetic is checked here.
+        let in_range = offset.checked_add(len).is_some_and(|end| match &f {
+            SessionFile::Segment(seg) => end <= seg.len(),
+            SessionFile::Plain(_) => end <= i64::MAX as u64,
+        });
         if !in_range {
             self.violation(
                 si,
@@ -356,10 +391,10 @@ impl Worker {
             return self.refund(si, Res::FileRanges, 1);
         };
         c.file_ranges += 1;
-        c.sendq.push_back(Chunk::File {
-            seg,
-            off: offset as usize,
-            end: (offset + len) as usize,
+        let (off, end) = (offset as usize, (offset + len) as usize);
+        c.sendq.push_back(match f {
+            SessionFile::Segment(seg) => Chunk::File { seg, off, end },
+            SessionFile::Plain(file) => Chunk::Plain { file, off, end },
         });
         self.want_send(slot);
     }
@@ -420,7 +455,7 @@ impl Worker {
             self.try_finish_close(slot);
             return;
         };
-        if matches!(front, Chunk::File { off, end, .. } if end - off >= SENDFILE_MIN) {
+        if by_sendfile(front) {
             // `SEND_NOW_ROUNDS` ran out with the socket still taking bytes: go on next pass
             // rather than copy a file range through the ring.
             self.want_send(slot);
@@ -431,7 +466,13 @@ impl Worker {
             session: si.0,
             socket: slot.0,
         };
-        let chunks = c.sendq.len().min(MAX_IOV);
+        // A gathered send stops before a plain file, which only `sendfile` can send.
+        let chunks = c
+            .sendq
+            .iter()
+            .take(MAX_IOV)
+            .take_while(|ch| !matches!(ch, Chunk::Plain { .. }))
+            .count();
         let r = if chunks == 1 {
             let (ptr, len) = front.span();
             // SAFETY: the bytes belong to the chunk at the front of this connection's queue.
@@ -474,19 +515,31 @@ impl Worker {
         if c.send.busy() || c.failed {
             return SendNow::NotApplicable;
         }
-        let Some(pos) =
-            c.sendq.iter().take(MAX_IOV).position(
-                |ch| matches!(ch, Chunk::File { off, end, .. } if end - off >= SENDFILE_MIN),
-            )
-        else {
+        let Some(pos) = c.sendq.iter().take(MAX_IOV).position(by_sendfile) else {
             return SendNow::NotApplicable;
         };
         let r = if pos == 0 {
-            let Some(Chunk::File { seg, off, end }) = c.sendq.front() else {
-                return SendNow::NotApplicable;
-            };
-            let mut at = *off as u64;
-            rustix::fs::sendfile(&sock.fd, seg.fd(), Some(&mut at), end - off)
+            match c.sendq.front() {
+                Some(Chunk::File { seg, off, end }) => {
+                    let mut at = *off as u64;
+                    rustix::fs::sendfile(&sock.fd, seg.fd(), Some(&mut at), end - off)
+                }
+                Some(Chunk::Plain { file, off, end }) => {
+                    let mut at = *off as u64;
+                    match rustix::fs::sendfile(&sock.fd, file.fd(), Some(&mut at), end - off) {
+                        // The end of the file before the end of the range: it shrank. The
+                        // client has a promise of more bytes that will never come, so the
+                        // connection ends now (never retried: that would spin).
+                        Ok(0) => {
+                            tracing::debug!("a file sent by reference ended early");
+                            let _ = rnet::shutdown(&sock.fd, rnet::Shutdown::Both);
+                            return SendNow::Failed(Errno::IO.raw_os_error());
+                        }
+                        r => r,
+                    }
+                }
+                _ => return SendNow::NotApplicable,
+            }
         } else {
             let mut iov = [libc::iovec {
                 iov_base: std::ptr::null_mut(),
@@ -634,7 +687,8 @@ impl Worker {
                 Chunk::Inline { off, .. }
                 | Chunk::Direct { off, .. }
                 | Chunk::Buf { off, .. }
-                | Chunk::File { off, .. } => *off += take,
+                | Chunk::File { off, .. }
+                | Chunk::Plain { off, .. } => *off += take,
             }
             n -= take;
             if front.remaining() == 0 {
@@ -642,7 +696,7 @@ impl Worker {
                     Some(Chunk::Inline { data, .. }) => recycle(&mut self.spare, data),
                     // (A range of the direct path counts too when the application has some
                     // queued: off by at most `direct::SENDQ_LIMIT`, in the application's favour.)
-                    Some(Chunk::File { .. }) if c.file_ranges > 0 => {
+                    Some(Chunk::File { .. } | Chunk::Plain { .. }) if c.file_ranges > 0 => {
                         c.file_ranges -= 1;
                         ranges_done += 1;
                     }
@@ -661,7 +715,7 @@ impl Worker {
         };
         let queued = c.sendq.len();
         let unblock = match c.direct.as_mut() {
-            Some(d) if d.blocked && queued < crate::direct::SENDQ_LIMIT / 2 => {
+            Some(d) if d.blocked && queued < SENDQ_LIMIT / 2 => {
                 d.blocked = false;
                 true
             }

@@ -81,6 +81,7 @@ impl Worker {
             drain_left: 0,
             dead_since: None,
             violations: 0,
+            opening_route: false,
             acct: ns.acct,
             used: Default::default(),
             bytes_in: 0,
@@ -178,9 +179,17 @@ impl Worker {
                     Kind::Listener(l) => {
                         l.park = l.flags & listen_flags::PERSISTENT != 0 && restart;
                     }
-                    Kind::Conn(c) if restart && !sock.closing && c.untouched() => {
-                        c.paused = true;
-                        c.handoff = Some(Vec::new());
+                    // A connection the application owes nothing (untouched, answered by the
+                    // direct path, or at a request boundary on a recoverable listener) goes on
+                    // to its successor with the bytes still to answer, as a parked listener's
+                    // backlog would: a crash then loses nothing that could be saved. Its
+                    // queued responses are complete, so they flush first.
+                    Kind::Conn(c) if restart && !sock.closing => {
+                        if let Some(bytes) = c.successor_bytes() {
+                            c.paused = true;
+                            c.direct = None;
+                            c.handoff = Some(bytes);
+                        }
                     }
                     _ => {}
                 }

@@ -183,13 +183,15 @@ impl Worker {
         listener: SlotIx,
         fd: OwnedFd,
     ) -> Option<SlotIx> {
-        let (origin, route) = match self.sockets[listener].sock.as_ref().map(|s| &s.kind) {
-            Some(Kind::Listener(l)) => (
-                (l.flags & listen_flags::PERSISTENT != 0).then_some(l.addr),
-                l.route,
-            ),
-            _ => (None, None),
-        };
+        let (origin, route, recoverable) =
+            match self.sockets[listener].sock.as_ref().map(|s| &s.kind) {
+                Some(Kind::Listener(l)) => (
+                    (l.flags & listen_flags::PERSISTENT != 0).then_some(l.addr),
+                    l.route,
+                    l.flags & listen_flags::RECOVERABLE != 0,
+                ),
+                _ => (None, None, false),
+            };
         self.live_session(si)?;
         if let Err(over) = self.charge(si, Res::Conns, 1) {
             tracing::warn!(
@@ -203,15 +205,11 @@ impl Worker {
         let mut conn = Box::new(Conn::new());
         conn.origin = origin;
         conn.route = route;
-        conn.direct = route.map(|(route, serial)| {
-            Box::new(crate::direct::Direct {
-                route,
-                serial,
-                buf: Vec::new(),
-                last_active: self.now,
-                blocked: false,
-            })
-        });
+        if recoverable && origin.is_some() {
+            conn.recovery = Some(Recovery::default());
+        }
+        conn.direct = route
+            .map(|(route, serial)| Box::new(crate::direct::Direct::new(route, serial, self.now)));
         let slot = self.alloc_socket(si, fd, Kind::Conn(conn));
         let conn = self.handle(slot);
         let listener = self.handle(listener);

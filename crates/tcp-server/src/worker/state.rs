@@ -80,12 +80,12 @@ pub(super) struct Session {
     pub(super) free_bids: Vec<u16>,
     pub(super) outbox: VecDeque<Out>,
     pub(super) sockets: HashSet<SlotIx>,
-    /// File segments the application passed for `SendFile`, by its tag.
-    pub(super) files: HashMap<u64, Arc<Segment>>,
-    /// Tags of segments refused over a budget, with the errno (see `send::MAX_REFUSED_FILES`).
+    /// Files the application passed for `SendFile`, by its tag.
+    pub(super) files: HashMap<u64, SessionFile>,
+    /// Tags of files refused over a budget, with the errno (see `send::MAX_REFUSED_FILES`).
     pub(super) refused_files: HashMap<u64, i32>,
-    /// Segments released while queued sends still read them: still charged until then.
-    pub(super) releasing: Vec<Arc<Segment>>,
+    /// Files released while queued sends still read them: still charged until then.
+    pub(super) releasing: Vec<SessionFile>,
     /// Session-level operations in flight (the wait-fd poll).
     pub(super) inflight: u32,
     pub(super) dead: bool,
@@ -99,12 +99,41 @@ pub(super) struct Session {
     /// [`LINGER_LIMIT`] after that.
     pub(super) dead_since: Option<Instant>,
     pub(super) violations: u32,
+    /// A `ServeFiles` route is being opened for it (one at a time).
+    pub(super) opening_route: bool,
     /// Its user's budget account (see `crate::budget`), and what this session holds of each
     /// budget (its connections and listeners among them).
     pub(super) acct: Arc<crate::budget::Account>,
     pub(super) used: super::budget::Used,
     pub(super) bytes_in: u64,
     pub(super) bytes_out: u64,
+}
+
+/// A file an application passed for `SendFile`.
+#[derive(Clone)]
+pub(super) enum SessionFile {
+    /// A sealed segment of the file cache, mapped.
+    Segment(Arc<Segment>),
+    /// A regular file passed by reference (`PLAIN_FILE_TAG`), never mapped.
+    Plain(Arc<PlainFile>),
+}
+
+impl SessionFile {
+    /// Whether this is the last reference (no queued send reads it any more).
+    pub(super) fn last_holder(&self) -> bool {
+        match self {
+            SessionFile::Segment(s) => Arc::strong_count(s) == 1,
+            SessionFile::Plain(p) => Arc::strong_count(p) == 1,
+        }
+    }
+
+    /// Address space it takes (`file-bytes`): a segment is mapped whole, a plain file not.
+    pub(super) fn mapped_bytes(&self) -> u64 {
+        match self {
+            SessionFile::Segment(s) => s.len(),
+            SessionFile::Plain(_) => 0,
+        }
+    }
 }
 
 /// Bytes queued on a connection. Never empty: an empty chunk would be "sent" as 0 bytes, which
@@ -131,6 +160,14 @@ pub(super) enum Chunk {
         off: usize,
         end: usize,
     },
+    /// Bytes of a regular file passed by reference: never mapped, always sent by `sendfile`
+    /// (from the page cache), never gathered into a ring send. Outside the send window like
+    /// `File`. A file that ends before `end` (it shrank) fails the connection.
+    Plain {
+        file: Arc<PlainFile>,
+        off: usize,
+        end: usize,
+    },
 }
 
 impl Chunk {
@@ -138,7 +175,7 @@ impl Chunk {
         match self {
             Chunk::Inline { data, off } | Chunk::Direct { data, off } => data.len() - off,
             Chunk::Buf { rx, off } => rx.len() - off,
-            Chunk::File { off, end, .. } => end - off,
+            Chunk::File { off, end, .. } | Chunk::Plain { off, end, .. } => end - off,
         }
     }
 
@@ -150,11 +187,17 @@ impl Chunk {
             }
             Chunk::Buf { rx, off } => (rx.as_ptr().wrapping_add(*off), rx.len() - off),
             Chunk::File { seg, off, end } => (seg.bytes()[*off..*end].as_ptr(), end - off),
+            // Not in memory: the send paths stop before a `Plain` chunk (see `send_now`), so
+            // no iovec is ever built from it; if one were, it would be empty.
+            Chunk::Plain { .. } => (std::ptr::NonNull::<u8>::dangling().as_ptr(), 0),
         }
     }
 
     pub(super) fn counts_against_window(&self) -> bool {
-        !matches!(self, Chunk::File { .. } | Chunk::Direct { .. })
+        !matches!(
+            self,
+            Chunk::File { .. } | Chunk::Direct { .. } | Chunk::Plain { .. }
+        )
     }
 }
 
@@ -209,6 +252,76 @@ pub(super) struct Conn {
     /// The direct-path route (slot, serial) of the listener it came from, so that the
     /// application can give it back (`ServeDirect`).
     pub(super) route: Option<(u32, u64)>,
+    /// On a `RECOVERABLE` listener's connection: what it takes to give it, unanswered
+    /// requests included, to the application's successor if the application dies.
+    pub(super) recovery: Option<Recovery>,
+}
+
+/// Bytes a recoverable connection keeps a copy of, delivered after the application's last
+/// request boundary. Requests are small; a connection that goes past this (a large upload,
+/// a pipeline the application is slow to answer) is simply not recoverable until its next
+/// boundary catches up with what was delivered.
+pub(super) const RETAIN_LIMIT: usize = 64 << 10;
+
+/// A recoverable connection's record of its application's progress (see
+/// `listen_flags::RECOVERABLE`): the bytes delivered after the last `Answered` mark, and
+/// whether a response may be half queued.
+#[derive(Default, Debug)]
+pub(super) struct Recovery {
+    /// Bytes delivered after the mark, unless `overflowed`.
+    retained: Vec<u8>,
+    /// `Conn::delivered` at the last mark.
+    answered: u64,
+    /// The application sent something after the mark: a response may be half queued.
+    sent_since: bool,
+    /// More than [`RETAIN_LIMIT`] was delivered after the mark.
+    overflowed: bool,
+}
+
+impl Recovery {
+    /// Keeps a copy of `n` bytes being delivered, filled in by `copy`.
+    pub(super) fn delivering(&mut self, n: usize, copy: impl FnOnce(&mut [u8])) {
+        if self.overflowed {
+            return;
+        }
+        if self.retained.len() + n > RETAIN_LIMIT {
+            self.overflowed = true;
+            self.retained = Vec::new();
+            return;
+        }
+        let at = self.retained.len();
+        self.retained.resize(at + n, 0);
+        copy(&mut self.retained[at..]);
+    }
+
+    pub(super) fn sent(&mut self) {
+        self.sent_since = true;
+    }
+
+    /// The application marked `received` (of `delivered`) bytes answered. Returns false for a
+    /// mark that is behind the last one or past what was delivered.
+    pub(super) fn mark(&mut self, received: u64, delivered: u64) -> bool {
+        if received < self.answered || received > delivered {
+            return false;
+        }
+        let done = (received - self.answered) as usize;
+        if self.overflowed {
+            if received == delivered {
+                self.overflowed = false;
+                self.retained.clear();
+            }
+        } else {
+            self.retained.drain(..done.min(self.retained.len()));
+        }
+        self.answered = received;
+        self.sent_since = false;
+        true
+    }
+
+    /// The bytes its successor must answer, if every response before them is complete.
+    pub(super) fn unanswered(&mut self) -> Option<Vec<u8>> {
+        (!self.sent_since && !self.overflowed).then(|| std::mem::take(&mut self.retained))
+    }
 }
 
 impl crate::direct::Direct {
@@ -216,7 +329,7 @@ impl crate::direct::Direct {
     /// (the client does not read its responses) or it holds `DIRECT_BUF_MAX` bytes it has not
     /// answered yet.
     pub(super) fn holds_back(&self) -> bool {
-        self.blocked || self.buf.len() >= super::recv::DIRECT_BUF_MAX
+        self.blocked || self.conn.pending.len() >= super::recv::DIRECT_BUF_MAX
     }
 }
 
@@ -283,6 +396,7 @@ impl Conn {
             file_ranges: 0,
             linger: false,
             direct: None,
+            recovery: None,
         }
     }
 
@@ -333,6 +447,37 @@ impl Conn {
     /// owed to the client, as the kernel would flush them).
     pub(super) fn abort_on_close(&self, abort: bool) -> bool {
         abort && self.handoff.is_none() && !self.linger
+    }
+
+    /// Counts `n` bytes delivered to the application, keeping a copy (filled by `copy`) where
+    /// the connection is recoverable.
+    pub(super) fn delivering(&mut self, n: usize, copy: impl FnOnce(&mut [u8])) {
+        self.unacked += n as u64;
+        self.delivered += n as u64;
+        if let Some(r) = self.recovery.as_mut() {
+            r.delivering(n, copy);
+        }
+    }
+
+    /// What goes to the application's successor with this connection if the application has
+    /// died now: the bytes after its last boundary, if it was at one (nothing half sent, no
+    /// end or failure it was told of, not closing); `None` if the connection cannot go on.
+    pub(super) fn successor_bytes(&mut self) -> Option<Vec<u8>> {
+        if self.origin.is_none() || self.failed || self.shutdown_wanted || self.handoff.is_some() {
+            return None;
+        }
+        if let Some(d) = self.direct.as_mut() {
+            // Answered by the server alone: the application owes it nothing.
+            let mut bytes = std::mem::take(&mut d.conn.pending);
+            bytes.append(&mut self.held);
+            return Some(bytes);
+        }
+        if self.untouched() {
+            return Some(std::mem::take(&mut self.held));
+        }
+        let mut bytes = self.recovery.as_mut()?.unanswered()?;
+        bytes.append(&mut self.held);
+        Some(bytes)
     }
 
     /// Nothing queued and nothing in flight: the kernel holds every byte it was given.
@@ -465,20 +610,16 @@ mod tests {
     #[test]
     fn a_direct_connection_stops_reading_when_blocked_or_holding_a_full_buffer() {
         let mut c = conn();
-        c.direct = Some(Box::new(crate::direct::Direct {
-            route: 0,
-            serial: 1,
-            buf: vec![0; super::super::recv::DIRECT_BUF_MAX - 1],
-            last_active: Instant::now(),
-            blocked: false,
-        }));
+        let mut d = crate::direct::Direct::new(0, 1, Instant::now());
+        d.conn.pending = vec![0; super::super::recv::DIRECT_BUF_MAX - 1];
+        c.direct = Some(Box::new(d));
         assert!(c.may_receive());
         if let Some(d) = c.direct.as_mut() {
-            d.buf.push(0);
+            d.conn.pending.push(0);
         }
         assert!(!c.may_receive(), "the buffer is full");
         if let Some(d) = c.direct.as_mut() {
-            d.buf.clear();
+            d.conn.pending.clear();
             d.blocked = true;
         }
         assert!(!c.may_receive(), "the send queue is full");
@@ -573,5 +714,76 @@ mod tests {
         c.sendq.clear();
         c.shutdown_done = true;
         assert!(!c.may_shut_down_write(), "once only");
+    }
+
+    fn deliver(c: &mut Conn, bytes: &[u8]) {
+        c.delivering(bytes.len(), |dst| dst.copy_from_slice(bytes));
+    }
+
+    #[test]
+    fn a_recoverable_connection_keeps_what_follows_its_last_boundary() {
+        let mut c = conn();
+        c.recovery = Some(Recovery::default());
+        deliver(&mut c, b"GET /a HTTP/1.1\r\n\r\n");
+        deliver(&mut c, b"GET /b HTTP/1.1\r\n\r\n");
+        c.written = true;
+        c.recovery.as_mut().unwrap().sent();
+        assert_eq!(c.successor_bytes(), None, "a response may be half queued");
+        let first = b"GET /a HTTP/1.1\r\n\r\n".len() as u64;
+        assert!(c.recovery.as_mut().unwrap().mark(first, c.delivered));
+        assert_eq!(
+            c.successor_bytes().as_deref(),
+            Some(&b"GET /b HTTP/1.1\r\n\r\n"[..])
+        );
+    }
+
+    #[test]
+    fn marks_must_move_forward_within_what_was_delivered() {
+        let mut r = Recovery::default();
+        r.delivering(10, |d| d.fill(b'x'));
+        assert!(!r.mark(11, 10), "past what was delivered");
+        assert!(r.mark(4, 10));
+        assert!(!r.mark(3, 10), "behind the last mark");
+        assert!(r.mark(10, 10));
+        assert_eq!(r.unanswered(), Some(Vec::new()));
+    }
+
+    #[test]
+    fn a_connection_past_the_retain_limit_recovers_only_at_a_full_boundary() {
+        let mut c = conn();
+        c.recovery = Some(Recovery::default());
+        deliver(&mut c, &vec![b'a'; RETAIN_LIMIT]);
+        deliver(&mut c, b"b");
+        assert_eq!(c.successor_bytes(), None);
+        let delivered = c.delivered;
+        assert!(c.recovery.as_mut().unwrap().mark(delivered - 1, delivered));
+        assert_eq!(
+            c.successor_bytes(),
+            None,
+            "the copy was dropped at the limit"
+        );
+        assert!(c.recovery.as_mut().unwrap().mark(delivered, delivered));
+        deliver(&mut c, b"next");
+        assert_eq!(c.successor_bytes().as_deref(), Some(&b"next"[..]));
+    }
+
+    #[test]
+    fn direct_and_untouched_connections_go_on_without_marks() {
+        let mut c = conn();
+        c.held = b"late".to_vec();
+        assert_eq!(c.successor_bytes().as_deref(), Some(&b"late"[..]));
+        let mut c = conn();
+        c.delivered = 5;
+        assert_eq!(c.successor_bytes(), None, "touched, not recoverable");
+        let mut d = crate::direct::Direct::new(0, 1, std::time::Instant::now());
+        d.conn.pending = b"GET / HTTP/1.1\r\n".to_vec();
+        c.direct = Some(Box::new(d));
+        assert_eq!(
+            c.successor_bytes().as_deref(),
+            Some(&b"GET / HTTP/1.1\r\n"[..])
+        );
+        let mut c = conn();
+        c.origin = None;
+        assert_eq!(c.successor_bytes(), None, "no listener to go on to");
     }
 }

@@ -261,7 +261,8 @@ pub fn count_fds(pid: u32) -> usize {
 /// A server in a process of its own (so that its memory and descriptors can be measured
 /// alone), until the returned child's stdin closes. The calling test binary must have a test
 /// named `server_process_entry` that calls [`server_process_main`]. `env` adjusts it:
-/// `SERVER_SOCKET_MODE` (octal), `SERVER_NOFILE` (a soft descriptor limit set before it starts;
+/// `SERVER_SOCKET_MODE` (octal), `SERVER_TOY_DIRECT` (the direct path answered by
+/// [`ToyDirect`]), `SERVER_NOFILE` (a soft descriptor limit set before it starts;
 /// the hard one too if `SERVER_NOFILE_HARD` is set), `SERVER_LIMITS` (`--limit` settings,
 /// comma-separated), `SERVER_THREADS`. A server that fails to start says so on stderr
 /// (`START FAILED: ...`) and exits with status 3.
@@ -321,6 +322,9 @@ pub fn server_process_main() {
     };
     if let Some(m) = env("SERVER_SOCKET_MODE").and_then(|v| u32::from_str_radix(&v, 8).ok()) {
         config.socket_mode = m;
+    }
+    if env("SERVER_TOY_DIRECT").is_some() {
+        config.direct = Some(std::sync::Arc::new(ToyDirect::new()));
     }
     for l in env("SERVER_LIMITS").iter().flat_map(|v| v.split(',')) {
         config.budgets.set(&l.parse().expect("a valid limit"));
@@ -520,4 +524,79 @@ pub fn soft_fd_limit(pid: u32) -> u64 {
         .and_then(|l| l.split_whitespace().nth(3))
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
+}
+
+/// A direct-path responder for tests (the real one, HTTP over the file cache, lives above the
+/// TCP server): each line `GET` is answered with a short head and 64 KiB of a sealed segment;
+/// the first other line hands the connection to the application.
+pub struct ToyDirect(std::sync::Arc<splitos_m2m::segment::Segment>);
+
+impl ToyDirect {
+    pub fn new() -> ToyDirect {
+        let seg = splitos_m2m::segment::Segment::from_received_sealed(sealed_memfd(64 << 10))
+            .expect("a sealed segment");
+        ToyDirect(std::sync::Arc::new(seg))
+    }
+}
+
+impl Default for ToyDirect {
+    fn default() -> Self {
+        ToyDirect::new()
+    }
+}
+
+impl splitos_tcp_server::direct::DirectPath for ToyDirect {
+    fn open(
+        &self,
+        _request: &splitos_tcp_server::direct::RouteRequest,
+    ) -> Result<Box<dyn splitos_tcp_server::direct::DirectRoute>, rustix::io::Errno> {
+        Ok(Box::new(ToyRoute(self.0.clone())))
+    }
+}
+
+struct ToyRoute(std::sync::Arc<splitos_m2m::segment::Segment>);
+
+impl splitos_tcp_server::direct::DirectRoute for ToyRoute {
+    fn serve(
+        &mut self,
+        conn: &mut splitos_tcp_server::direct::DirectConn,
+        room: usize,
+        answered: &mut u64,
+        push: &mut dyn FnMut(splitos_tcp_server::direct::DirectPart),
+    ) -> splitos_tcp_server::direct::Outcome {
+        use splitos_tcp_server::direct::{DirectPart, Outcome};
+        let mut room = room;
+        loop {
+            let Some(end) = conn.pending.iter().position(|&b| b == b'\n') else {
+                return Outcome::More;
+            };
+            if &conn.pending[..end] != b"GET" {
+                return Outcome::Defer(std::mem::take(&mut conn.pending));
+            }
+            if room < 2 {
+                return Outcome::Blocked;
+            }
+            conn.pending.drain(..=end);
+            push(DirectPart::Bytes(b"200 64K\n".to_vec()));
+            push(DirectPart::File {
+                segment: self.0.clone(),
+                offset: 0,
+                len: self.0.len(),
+            });
+            room -= 2;
+            *answered += 1;
+        }
+    }
+
+    fn expired(
+        &self,
+        _conn: &splitos_tcp_server::direct::DirectConn,
+        _now: std::time::Instant,
+    ) -> Option<splitos_tcp_server::direct::Expiry> {
+        None
+    }
+
+    fn timeout_response(&self) -> Vec<u8> {
+        Vec::new()
+    }
 }

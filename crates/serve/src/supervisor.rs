@@ -1,0 +1,668 @@
+//! The supervisor of `splitos serve DIR`: the servers as threads, the HTTP application as a
+//! child process, and reloads.
+//!
+//! It runs the TCP server and the file server as threads (same code and shared-memory paths as
+//! the daemons) and starts the HTTP application ([`crate::app`]) as a child process, which
+//! reaches both servers through shared memory. Because the servers, not the application, own
+//! the sockets and the file cache, the application can be replaced while they keep every
+//! connection:
+//!
+//! 1. a new instance starts and connects (reports [`READY`]);
+//! 2. the old one is told to drain (SIGUSR2): it parks its persistent listener in the TCP
+//!    server, pauses each connection and hands it off with its unprocessed bytes, then exits;
+//! 3. the new one takes over the listener (retrying while the old one still holds it), reports
+//!    [`LISTENING`], and adopts every handed-off connection.
+//!
+//! A reload is asked for by the caller's `reload` flag (SIGHUP, in the `splitos` command) or
+//! over the [`control`] socket. An instance that dies is restarted; the
+//! persistent listener keeps queueing connections meanwhile.
+
+use crate::app::{AppConfig, COUNTERS, LISTENING, READY};
+use crate::control::{self, default_control_socket, BindError, Control};
+use crate::rundir::{AppCounters, FileCounters, ServeDir, Status};
+use splitos::WaitPolicy;
+use splitos_file_server::server::{FileServer, FileServerConfig};
+use splitos_m2m::runtime::DirError;
+use splitos_tcp_server::{ServerConfig, TcpServer};
+use std::ffi::OsString;
+use std::io::{self, BufRead, BufReader};
+use std::net::{AddrParseError, SocketAddr};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// How long a new instance may take to start, and to take over the listener.
+const START_LIMIT: Duration = Duration::from_secs(20);
+/// How long an old instance may take to hand off its connections and exit.
+const EXIT_LIMIT: Duration = Duration::from_secs(40);
+/// The longest a reload can take: a new instance starting and taking over, the old one
+/// leaving. A client asking for one waits that long for the answer.
+pub const RELOAD_LIMIT: Duration =
+    Duration::from_secs(2 * START_LIMIT.as_secs() + EXIT_LIMIT.as_secs());
+/// How often the status file is rewritten.
+const STATUS_EVERY: Duration = Duration::from_millis(500);
+/// Instances that die this soon after starting count as failing to start; after
+/// [`MAX_QUICK_DEATHS`] in a row, the supervisor gives up instead of restarting forever.
+const QUICK_DEATH: Duration = Duration::from_secs(2);
+const MAX_QUICK_DEATHS: u32 = 5;
+
+/// What to serve, and how.
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    /// The directory to serve.
+    pub dir: PathBuf,
+    pub listen: SocketAddr,
+    /// TCP server event-loop threads.
+    pub threads: usize,
+    /// Most bytes of file contents the file server keeps in memory.
+    pub cache_size: u64,
+    /// The HTTP application's settings that pass through unchanged.
+    pub access_log: Option<PathBuf>,
+    pub max_conns: usize,
+    pub header_timeout: u64,
+    pub idle_timeout: u64,
+    pub list_dirs: bool,
+    pub no_direct: bool,
+    /// Serve dotfiles (names starting with `.`); by default they are not found.
+    pub dotfiles: bool,
+    /// How the TCP server and the HTTP application wait.
+    pub wait: WaitPolicy,
+    /// The control socket; by default [`default_control_socket`] of the address bound.
+    pub control_socket: Option<PathBuf>,
+    /// How to start an instance of the HTTP application.
+    pub app: AppCommand,
+}
+
+/// How to start an instance of the HTTP application: a program that parses the arguments of
+/// [`AppConfig::to_args`] (after `args`) and runs [`crate::app::run`], with its reports on
+/// stdout and SIGUSR2 as its drain flag.
+#[derive(Clone, Debug)]
+pub struct AppCommand {
+    /// `None`: this executable, as `std::env::current_exe` says at each start.
+    pub program: Option<PathBuf>,
+    /// Arguments before the configuration's (for the `splitos` command, its subcommand).
+    pub args: Vec<OsString>,
+}
+
+/// Why the supervisor could not start, or gave up.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot serve {}: {source}", dir.display())]
+    CannotServe { dir: PathBuf, source: io::Error },
+    #[error("{} is not a directory", .0.display())]
+    NotADirectory(PathBuf),
+    /// The runtime directory is not safe to use, or cannot be made.
+    #[error("runtime directory: {0}")]
+    RuntimeDir(#[from] DirError),
+    #[error(transparent)]
+    TcpServer(#[from] splitos_tcp_server::ServerError),
+    #[error(transparent)]
+    FileServer(#[from] splitos_file_server::server::ServerError),
+    #[error(transparent)]
+    Control(#[from] BindError),
+    #[error("finding this executable: {0}")]
+    FindExecutable(io::Error),
+    #[error("starting the HTTP application: {0}")]
+    Spawn(io::Error),
+    #[error("the HTTP application has no stdout")]
+    NoStdout,
+    #[error("the HTTP application exited ({0})")]
+    Exited(ExitStatus),
+    #[error("the HTTP application did not report {report:?} within {limit:?}")]
+    Silent {
+        report: &'static str,
+        limit: Duration,
+    },
+    #[error("the HTTP application reported a bad address: {0}")]
+    BadAddress(AddrParseError),
+    #[error("the HTTP application keeps dying right after starting ({0}); giving up")]
+    KeepsDying(ExitStatus),
+    #[error(transparent)]
+    Io(io::Error),
+}
+
+/// A reload that happened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reloaded {
+    /// Instances started so far, this one included.
+    pub generation: u64,
+    pub pid: u32,
+}
+
+impl std::fmt::Display for Reloaded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "reloaded: generation {}, HTTP application pid {}",
+            self.generation, self.pid
+        )
+    }
+}
+
+/// What the supervisor tells its caller while it runs (the caller decides who reads it).
+#[derive(Debug)]
+pub enum Notice<'a> {
+    /// The first instance serves on `addr` (port 0 resolved).
+    Serving {
+        addr: SocketAddr,
+    },
+    Reloaded(Reloaded),
+    /// A reload failed; the running instance stays.
+    ReloadFailed(&'a ServeError),
+    /// The instance exited on its own; a new one is starting.
+    Restarting(ExitStatus),
+    /// The new instance did not report as it should; it is kept (and restarted if it died).
+    RestartFailed(&'a ServeError),
+    ShuttingDown,
+}
+
+/// The canonical root to serve: `dir`, which must be a directory.
+pub fn served_root(dir: &Path) -> Result<PathBuf, ServeError> {
+    let cannot = |source| ServeError::CannotServe {
+        dir: dir.to_path_buf(),
+        source,
+    };
+    let meta = std::fs::metadata(dir).map_err(cannot)?;
+    if !meta.is_dir() {
+        return Err(ServeError::NotADirectory(dir.to_path_buf()));
+    }
+    dir.canonicalize().map_err(cannot)
+}
+
+/// One running HTTP application instance.
+struct Instance {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    started: Instant,
+    /// The last counters it reported.
+    counters: AppCounters,
+}
+
+impl Instance {
+    fn spawn(cmd: &AppCommand, base: &AppConfig, takeover: bool) -> Result<Instance, ServeError> {
+        let program = match &cmd.program {
+            Some(p) => p.clone(),
+            None => std::env::current_exe().map_err(ServeError::FindExecutable)?,
+        };
+        let config = AppConfig {
+            takeover,
+            ..base.clone()
+        };
+        let mut c = Command::new(program);
+        c.args(&cmd.args).args(config.to_args());
+        // Its own process group: Ctrl-C in the terminal goes to the supervisor, which decides.
+        c.process_group(0)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped());
+        let mut child = c.spawn().map_err(ServeError::Spawn)?;
+        let Some(out) = child.stdout.take() else {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(ServeError::NoStdout);
+        };
+        let (tx, lines) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("splitos-app-out".into())
+            .spawn(move || forward_lines(out, tx))
+            .map_err(ServeError::Io)?;
+        Ok(Instance {
+            child,
+            lines,
+            started: Instant::now(),
+            counters: AppCounters::default(),
+        })
+    }
+
+    /// Reads the report lines that arrived, keeping the last counters.
+    fn read_reports(&mut self) {
+        while let Ok(l) = self.lines.try_recv() {
+            if let Some(c) = l.strip_prefix(COUNTERS).and_then(parse_counters) {
+                self.counters = c;
+            }
+        }
+    }
+
+    /// Waits for the instance to report `report` (a line starting with it) and returns the
+    /// rest of that line; fails if the instance exits or `limit` passes.
+    fn wait_for_report(
+        &mut self,
+        report: &'static str,
+        limit: Duration,
+    ) -> Result<String, ServeError> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self
+                .lines
+                .recv_timeout(left.min(Duration::from_millis(100)))
+            {
+                Ok(l) => {
+                    if let Some(rest) = l.strip_prefix(report) {
+                        return Ok(rest.trim().to_string());
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if let Ok(Some(st)) = self.child.try_wait() {
+                        return Err(ServeError::Exited(st));
+                    }
+                    if left.is_zero() {
+                        return Err(ServeError::Silent { report, limit });
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let st = self.child.wait().map_err(ServeError::Io)?;
+                    return Err(ServeError::Exited(st));
+                }
+            }
+        }
+    }
+
+    fn signal(&self, sig: rustix::process::Signal) {
+        if let Some(pid) = rustix::process::Pid::from_raw(self.child.id() as i32) {
+            let _ = rustix::process::kill_process(pid, sig);
+        }
+    }
+
+    /// Waits up to `limit` for the instance to exit, then kills it.
+    fn reap(mut self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        tracing::warn!(
+            pid = self.child.id(),
+            "HTTP application did not exit; killing it"
+        );
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `<connections> <responses> <directory hits>`, as [`crate::app`] reports them.
+fn parse_counters(s: &str) -> Option<AppCounters> {
+    let mut n = s.split_whitespace().map(|w| w.parse::<u64>().ok());
+    let c = AppCounters {
+        connections: n.next()??,
+        responses: n.next()??,
+        directory_hits: n.next()??,
+    };
+    n.next().is_none().then_some(c)
+}
+
+/// Counters of retired instances, plus the current one's.
+fn add(base: AppCounters, now: AppCounters) -> AppCounters {
+    AppCounters {
+        connections: now.connections,
+        responses: base.responses + now.responses,
+        directory_hits: base.directory_hits + now.directory_hits,
+    }
+}
+
+fn forward_lines(out: ChildStdout, tx: mpsc::Sender<String>) {
+    for line in BufReader::new(out).lines() {
+        let Ok(line) = line else { return };
+        if tx.send(line).is_err() {
+            return;
+        }
+    }
+}
+
+/// Serves `config.dir` until `stop`; `reload` (which it clears) asks for a reload, as the
+/// control socket does. `notify` hears what happens meanwhile.
+pub fn run(
+    config: ServeConfig,
+    stop: &AtomicBool,
+    reload: &AtomicBool,
+    mut notify: impl FnMut(Notice),
+) -> Result<(), ServeError> {
+    let root = served_root(&config.dir)?;
+    let rundir = ServeDir::create()?;
+    let private = rundir.path().to_path_buf();
+    let tcp = TcpServer::start(ServerConfig {
+        socket: private.join("tcp.sock"),
+        threads: config.threads,
+        wait: config.wait,
+        direct: Some(std::sync::Arc::new(crate::direct::StaticFiles)),
+        ..ServerConfig::default()
+    })?;
+    let mut fcfg = FileServerConfig::new(root.clone(), private.join("files.sock"));
+    fcfg.cache_bytes = config.cache_size;
+    let files = FileServer::start(fcfg)?;
+    let mut base = AppConfig {
+        root: root.clone(),
+        tcp_socket: tcp.socket_path().to_path_buf(),
+        files_socket: private.join("files.sock"),
+        listen: config.listen,
+        access_log: config.access_log.clone(),
+        max_conns: config.max_conns,
+        header_timeout: config.header_timeout,
+        idle_timeout: config.idle_timeout,
+        wait: config.wait,
+        list_dirs: config.list_dirs,
+        no_direct: config.no_direct,
+        dotfiles: config.dotfiles,
+        takeover: false,
+    };
+    let mut app = Instance::spawn(&config.app, &base, false)?;
+    app.wait_for_report(READY, START_LIMIT)?;
+    let local: SocketAddr = app
+        .wait_for_report(LISTENING, START_LIMIT)?
+        .parse()
+        .map_err(ServeError::BadAddress)?;
+    // Later instances listen on the address actually bound (port 0 means "any" only once).
+    base.listen = local;
+    let control_path = config
+        .control_socket
+        .clone()
+        .unwrap_or_else(|| default_control_socket(local));
+    let control = Control::bind(&control_path)?;
+    let _control_cleanup = RemoveOnDrop(control_path.clone());
+    let mut status = Status {
+        pid: std::process::id(),
+        listen: local.to_string(),
+        root,
+        tcp_socket: tcp.socket_path().to_path_buf(),
+        control_socket: control_path,
+        generation: 1,
+        direct: !config.no_direct && config.access_log.is_none(),
+        max_conns: config.max_conns,
+        cache_limit: config.cache_size,
+        ..Status::default()
+    };
+    // Counters of instances that are gone.
+    let mut retired = AppCounters::default();
+    let mut next_status = Instant::now();
+    let mut status_failed = false;
+    notify(Notice::Serving { addr: local });
+    let mut generation = 1u64;
+    let mut quick_deaths = 0u32;
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(20));
+        app.read_reports();
+        if Instant::now() >= next_status {
+            next_status = Instant::now() + STATUS_EVERY;
+            let fs = files.stats();
+            let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+            status.files = FileCounters {
+                requests: get(&fs.requests),
+                hits: get(&fs.hits),
+                misses: get(&fs.misses),
+                evictions: get(&fs.evictions),
+                cached_bytes: get(&fs.cached_bytes),
+            };
+            status.app = add(retired, app.counters);
+            status.generation = generation;
+            status.app_pid = app.child.id();
+            status.updated_unix_ms = splitos_tcp_server::stats::unix_ms();
+            if let Err(e) = rundir.write_status(&status) {
+                if !std::mem::replace(&mut status_failed, true) {
+                    tracing::warn!("cannot write the status file (splitos status will not find this server): {e}");
+                }
+            }
+        }
+        let asked = control.next_request();
+        if asked.is_some() || reload.swap(false, Ordering::Relaxed) {
+            let before = app.counters;
+            let outcome = match reload_app(&config.app, &base, app) {
+                Ok(new) => {
+                    retired = add(retired, before);
+                    generation += 1;
+                    let r = Reloaded {
+                        generation,
+                        pid: new.child.id(),
+                    };
+                    app = new;
+                    Ok(r)
+                }
+                Err((old, e)) => {
+                    app = old;
+                    Err(e)
+                }
+            };
+            match &outcome {
+                Ok(r) => notify(Notice::Reloaded(*r)),
+                Err(e) => notify(Notice::ReloadFailed(e)),
+            }
+            if let Some(s) = asked {
+                control::answer(s, outcome.as_ref());
+            }
+            continue;
+        }
+        if let Ok(Some(st)) = app.child.try_wait() {
+            if app.started.elapsed() < QUICK_DEATH {
+                quick_deaths += 1;
+            } else {
+                quick_deaths = 0;
+            }
+            if quick_deaths >= MAX_QUICK_DEATHS {
+                return Err(ServeError::KeepsDying(st));
+            }
+            notify(Notice::Restarting(st));
+            app.read_reports();
+            retired = add(retired, app.counters);
+            // The persistent listener survived in the TCP server; the new instance takes it.
+            let mut new = Instance::spawn(&config.app, &base, true)?;
+            if let Err(e) = new
+                .wait_for_report(READY, START_LIMIT)
+                .and_then(|_| new.wait_for_report(LISTENING, START_LIMIT))
+            {
+                notify(Notice::RestartFailed(&e));
+            }
+            app = new;
+            generation += 1;
+        }
+    }
+    notify(Notice::ShuttingDown);
+    app.signal(rustix::process::Signal::TERM);
+    app.reap(Duration::from_secs(5));
+    tcp.shutdown();
+    files.shutdown();
+    Ok(())
+}
+
+/// Starts a new instance and retires `old` in its favour. On failure the old one keeps
+/// serving and is given back.
+// Both variants carry an instance, moved once per reload: the size is of no consequence.
+#[allow(clippy::result_large_err)]
+fn reload_app(
+    cmd: &AppCommand,
+    base: &AppConfig,
+    old: Instance,
+) -> Result<Instance, (Instance, ServeError)> {
+    let mut new = match Instance::spawn(cmd, base, true) {
+        Ok(n) => n,
+        Err(e) => return Err((old, e)),
+    };
+    if let Err(e) = new.wait_for_report(READY, START_LIMIT) {
+        let _ = new.child.kill();
+        let _ = new.child.wait();
+        return Err((old, e));
+    }
+    // From here the old instance lets go; the new one takes the listener as soon as it does.
+    old.signal(rustix::process::Signal::USR2);
+    let taken = new.wait_for_report(LISTENING, START_LIMIT);
+    old.reap(EXIT_LIMIT);
+    match taken {
+        Ok(_) => Ok(new),
+        Err(e) => {
+            // The old instance is gone; keep whatever the new one is (the supervisor loop
+            // restarts it if it died). The listener stays parked in the TCP server meanwhile.
+            Err((new, e))
+        }
+    }
+}
+
+/// Removes a file (the control socket) when the supervisor is done with it.
+struct RemoveOnDrop(PathBuf);
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> AppConfig {
+        AppConfig {
+            root: "/".into(),
+            tcp_socket: "/nonexistent/t.sock".into(),
+            files_socket: "/nonexistent/f.sock".into(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            access_log: None,
+            max_conns: 1,
+            header_timeout: 1,
+            idle_timeout: 1,
+            wait: WaitPolicy::Block,
+            list_dirs: false,
+            no_direct: false,
+            dotfiles: false,
+            takeover: false,
+        }
+    }
+
+    /// A stand-in for the HTTP application: a shell script (the configuration's arguments
+    /// land in its positional parameters, unused).
+    fn script(s: &str) -> AppCommand {
+        AppCommand {
+            program: Some("/bin/sh".into()),
+            args: vec!["-c".into(), s.into(), "app".into()],
+        }
+    }
+
+    fn temp(name: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("splitos-supervisor-{}-{name}", std::process::id()))
+    }
+
+    #[test]
+    fn only_an_existing_directory_is_served() {
+        let dir = temp("root");
+        let _ = std::fs::create_dir_all(dir.join("sub"));
+        let _ = std::fs::write(dir.join("file"), b"x");
+        assert_eq!(
+            served_root(&dir.join("sub/../sub")).ok(),
+            dir.join("sub").canonicalize().ok()
+        );
+        let e = served_root(&dir.join("file")).err();
+        assert!(matches!(e, Some(ServeError::NotADirectory(_))), "{e:?}");
+        let e = served_root(&dir.join("missing")).err();
+        assert!(
+            e.as_ref()
+                .is_some_and(|e| e.to_string().starts_with("cannot serve ")),
+            "{e:?}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn reports_are_awaited_and_silence_or_death_is_an_error() {
+        let mut i = Instance::spawn(
+            &script("echo noise; echo ready; echo 'listening 127.0.0.1:5'; sleep 10"),
+            &base(),
+            false,
+        )
+        .expect("spawn");
+        assert_eq!(
+            i.wait_for_report(READY, START_LIMIT).ok().as_deref(),
+            Some("")
+        );
+        assert_eq!(
+            i.wait_for_report(LISTENING, START_LIMIT).ok().as_deref(),
+            Some("127.0.0.1:5")
+        );
+        let e = i.wait_for_report(READY, Duration::from_millis(300)).err();
+        assert!(
+            matches!(
+                e,
+                Some(ServeError::Silent {
+                    report: "ready",
+                    ..
+                })
+            ),
+            "{e:?}"
+        );
+        i.signal(rustix::process::Signal::TERM);
+        i.reap(Duration::from_secs(5));
+
+        let mut i = Instance::spawn(&script("exit 3"), &base(), false).expect("spawn");
+        match i.wait_for_report(READY, START_LIMIT) {
+            Err(ServeError::Exited(st)) => assert_eq!(st.code(), Some(3)),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_instance_is_told_its_configuration() {
+        let mut i = Instance::spawn(&script("echo \"ready $*\""), &base(), true).expect("spawn");
+        let args = i.wait_for_report(READY, START_LIMIT).unwrap_or_default();
+        assert!(args.starts_with("--root / --tcp-socket"), "{args}");
+        assert!(args.ends_with("--takeover"), "{args}");
+    }
+
+    #[test]
+    fn a_failed_reload_keeps_the_running_instance() {
+        let old = Instance::spawn(&script("sleep 10"), &base(), false).expect("spawn");
+        let old_pid = old.child.id();
+        match reload_app(&script("exit 1"), &base(), old) {
+            Err((mut kept, ServeError::Exited(_))) => {
+                assert_eq!(kept.child.id(), old_pid);
+                assert!(matches!(kept.child.try_wait(), Ok(None)), "not running");
+                kept.reap(Duration::ZERO);
+            }
+            Err((_, e)) => panic!("{e}"),
+            Ok(_) => panic!("the reload succeeded"),
+        }
+    }
+
+    #[test]
+    fn an_application_that_keeps_dying_is_given_up_on() {
+        let dir = temp("dying");
+        let _ = std::fs::create_dir_all(&dir);
+        let config = ServeConfig {
+            dir: dir.clone(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            threads: 1,
+            cache_size: 1 << 20,
+            access_log: None,
+            max_conns: 1,
+            header_timeout: 1,
+            idle_timeout: 1,
+            list_dirs: false,
+            no_direct: false,
+            dotfiles: false,
+            wait: WaitPolicy::Block,
+            control_socket: Some(dir.join("control.sock")),
+            app: script("echo ready; echo 'listening 127.0.0.1:9'"),
+        };
+        let (stop, reload) = (AtomicBool::new(false), AtomicBool::new(false));
+        let mut seen = Vec::new();
+        let r = run(config, &stop, &reload, |n| {
+            seen.push(match n {
+                Notice::Serving { addr } => format!("serving {addr}"),
+                Notice::Restarting(_) => "restarting".into(),
+                other => format!("{other:?}"),
+            })
+        });
+        assert!(matches!(r, Err(ServeError::KeepsDying(_))), "{r:?}");
+        assert_eq!(
+            seen,
+            [
+                "serving 127.0.0.1:9",
+                "restarting",
+                "restarting",
+                "restarting",
+                "restarting"
+            ]
+        );
+        // The control socket went with the supervisor.
+        assert!(!dir.join("control.sock").exists());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

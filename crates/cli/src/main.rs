@@ -9,7 +9,7 @@ mod switch;
 
 use clap::{Parser, Subcommand};
 use splitos_m2m::WaitPolicy;
-use splitos_tcp_server::{AccessPolicy, Rule, ServerConfig, TcpServer};
+use splitos_tcp_server::{AccessPolicy, LimitSetting, Rule, ServerConfig, TcpServer};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -172,12 +172,30 @@ struct TcpServerArgs {
     /// Seconds a dead application's persistent listeners stay open for its successor.
     #[arg(long, default_value_t = 30)]
     persist_grace: u64,
-    /// Most applications connected at once.
-    #[arg(long, default_value_t = 1024)]
-    max_sessions: usize,
-    /// Most connections per application.
-    #[arg(long, default_value_t = 65536)]
-    max_conns: u32,
+    /// Most applications connected at once (same as --limit total.sessions=N) [default: 1024,
+    /// or fewer if the open-file limit is low].
+    #[arg(long)]
+    max_sessions: Option<u64>,
+    /// Most connections per application (same as --limit session.conns=N) [default: 65536].
+    #[arg(long)]
+    max_conns: Option<u64>,
+    /// A budget, as session.NAME=N, user.NAME=N (per uid, across its sessions and what
+    /// outlives them), total.NAME=N (the whole server) or segment-bytes=N (largest file
+    /// segment); N may end in K, M, G or T. Repeatable. NAME is one of: sessions, conns,
+    /// listeners, parked (listeners kept for a restarting application), handed (connections
+    /// handed off between instances), handed-bytes, files (segments passed for SendFile),
+    /// file-bytes, held-bytes (received while a connection is paused), outbox-bytes (events
+    /// queued for an application that reads them slowly), file-ranges (SendFile ranges queued
+    /// and not yet sent). Over a count the tenant gets EMFILE,
+    /// over bytes ENOBUFS (or reading stops), over segment-bytes EFBIG. Defaults: totals sized
+    /// to the open-file limit (conns 16384, listeners 1024, parked 256, handed 1024, files
+    /// 4096, sessions 1024 when it allows; the server raises its soft limit to fit them, or
+    /// refuses to start) and handed-bytes 256M, file-bytes 256G, held-bytes 256M,
+    /// outbox-bytes 256M; per user the total if only this user can reach the socket, else a
+    /// quarter of it; per session conns 65536, listeners 256, files 1024, file-bytes 16G,
+    /// held-bytes 16M, outbox-bytes 16M, file-ranges 65536 (1M in total); segment-bytes 1G.
+    #[arg(long = "limit", value_name = "KEY=N")]
+    limits: Vec<LimitSetting>,
 }
 
 #[derive(clap::Args)]
@@ -267,12 +285,19 @@ fn run_tcp_server(a: TcpServerArgs) -> Result<(), String> {
         wait: a.wait,
         socket_mode: a.socket_mode,
         persist_grace: Duration::from_secs(a.persist_grace),
-        max_sessions: a.max_sessions,
-        max_conns_per_session: a.max_conns,
         // Applications of this server may have it answer their static files (ServeFiles).
         direct: Some(std::sync::Arc::new(splitos_serve::direct::StaticFiles)),
         ..ServerConfig::default()
     };
+    if let Some(n) = a.max_sessions {
+        config.budgets.sessions.total = n;
+    }
+    if let Some(n) = a.max_conns {
+        config.budgets.conns.session = n;
+    }
+    for l in &a.limits {
+        config.budgets.set(l);
+    }
     if let Some(s) = a.socket {
         config.socket = s;
     }

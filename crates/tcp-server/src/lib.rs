@@ -11,6 +11,7 @@
 //! [`TcpServer::start`]; both use the same code.
 
 mod access;
+mod budget;
 pub mod direct;
 mod persist;
 pub mod stats;
@@ -18,6 +19,7 @@ mod uring;
 mod worker;
 
 pub use access::{AccessPolicy, Rule};
+pub use budget::{Budgets, Limit, LimitSetting, FDS_PER_SESSION, FD_RESERVE, LIMIT_NAMES};
 
 use rustix::fd::{AsFd, OwnedFd};
 use splitos_m2m::{Channel, Listener, ListenerConfig, WaitPolicy};
@@ -46,9 +48,10 @@ pub struct ServerConfig {
     pub access: AccessPolicy,
     /// How long a dead application's persistent listeners stay open for its successor.
     pub persist_grace: Duration,
-    pub max_sessions: usize,
-    pub max_conns_per_session: u32,
-    pub max_listeners_per_session: u32,
+    /// What one session, one user and the whole server may make the server hold (sessions,
+    /// connections, listeners, ... see [`Budgets`]); the default fits the process's
+    /// descriptor limit.
+    pub budgets: Budgets,
     /// Receive buffers provided to the kernel per session (taken from its m2m pool).
     pub recv_buffers: usize,
     /// What answers `ServeFiles` routes (the direct path), if anything: the TCP server itself
@@ -66,9 +69,7 @@ impl Default for ServerConfig {
             wait: WaitPolicy::adaptive(),
             access: AccessPolicy::default_for(rustix::process::getuid().as_raw()),
             persist_grace: Duration::from_secs(30),
-            max_sessions: 1024,
-            max_conns_per_session: 65536,
-            max_listeners_per_session: 256,
+            budgets: Budgets::default(),
             recv_buffers: 64,
             direct: None,
         }
@@ -79,6 +80,18 @@ impl Default for ServerConfig {
 pub enum ServerError {
     #[error("invalid configuration: {0}")]
     Config(String),
+    #[error(
+        "the budgets need {need} open files (connections, listeners, parked and handed-off \
+         connections, file segments, {per_session} per session, {reserve} spare) but the hard \
+         limit is {hard}: raise it (e.g. `ulimit -Hn {need}` as root before starting, or \
+         LimitNOFILE={need} in a systemd unit) or lower the totals (--limit total.conns=N, ...)"
+    )]
+    Descriptors {
+        need: u64,
+        hard: u64,
+        per_session: u64,
+        reserve: u64,
+    },
     /// The socket's directory is missing and cannot be made, or is not safe to use (see
     /// [`splitos_m2m::runtime::socket_dir`]).
     #[error("the socket directory: {0}")]
@@ -97,14 +110,25 @@ pub(crate) struct Shared {
     pub registry: persist::Registry,
     pub shutdown: AtomicBool,
     pub stats: Option<stats::StatsWriter>,
-    /// Live sessions across all workers, for `max_sessions`.
-    pub sessions: AtomicUsize,
+    /// Per-user and total use of every budget.
+    pub ledger: budget::Ledger,
     /// Every worker's wake-up eventfd, set once all have started: a connection handed off on
     /// one worker may be adopted by a listener on another.
     pub wakes: std::sync::OnceLock<Vec<Arc<OwnedFd>>>,
 }
 
 impl Shared {
+    pub(crate) fn new(config: ServerConfig, stats: Option<stats::StatsWriter>) -> Shared {
+        Shared {
+            ledger: budget::Ledger::new(&config.budgets, shared_socket(config.socket_mode)),
+            config,
+            registry: persist::Registry::default(),
+            shutdown: AtomicBool::new(false),
+            stats,
+            wakes: std::sync::OnceLock::new(),
+        }
+    }
+
     pub(crate) fn wake_all(&self) {
         for w in self.wakes.get().into_iter().flatten() {
             ring_eventfd(w);
@@ -124,6 +148,43 @@ pub struct TcpServer {
     control: Option<JoinHandle<()>>,
     workers: Vec<WorkerHandle>,
     socket: PathBuf,
+}
+
+/// Whether a control socket of this mode lets other users in (then per-user budgets left to
+/// the server are a quarter of the totals, see `Limit::user`).
+fn shared_socket(mode: u32) -> bool {
+    mode & 0o077 != 0
+}
+
+/// Raises the soft descriptor limit to `need` (up to the hard limit); an error says how to get
+/// more when the hard limit is lower.
+fn ensure_descriptors(need: u64) -> Result<(), ServerError> {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut l = getrlimit(Resource::Nofile);
+    let soft = l.current.unwrap_or(u64::MAX);
+    let hard = l.maximum.unwrap_or(u64::MAX);
+    if soft >= need {
+        return Ok(());
+    }
+    if hard < need {
+        return Err(ServerError::Descriptors {
+            need,
+            hard,
+            per_session: budget::FDS_PER_SESSION,
+            reserve: budget::FD_RESERVE,
+        });
+    }
+    l.current = Some(need);
+    setrlimit(Resource::Nofile, l).map_err(|e| ServerError::Io {
+        context: "raising the open-file limit",
+        source: e.into(),
+    })?;
+    tracing::info!(
+        from = soft,
+        to = need,
+        "raised the open-file limit for the budgets"
+    );
+    Ok(())
 }
 
 pub(crate) fn drain_eventfd(fd: &OwnedFd) {
@@ -149,6 +210,12 @@ impl TcpServer {
         if config.recv_buffers == 0 || config.recv_buffers > 4096 {
             return Err(ServerError::Config("recv_buffers must be 1..=4096".into()));
         }
+        if config.budgets.sessions.total == 0 || config.budgets.conns.total == 0 {
+            return Err(ServerError::Config(
+                "the session and connection totals must be at least 1".into(),
+            ));
+        }
+        ensure_descriptors(config.budgets.fd_need())?;
         let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
         if let Some(bad) = config.cpus.iter().find(|&&c| c >= ncpu.max(1024)) {
             return Err(ServerError::Config(format!("cpu {bad} does not exist")));
@@ -177,14 +244,7 @@ impl TcpServer {
                 None
             }
         };
-        let shared = Arc::new(Shared {
-            config: config.clone(),
-            registry: persist::Registry::default(),
-            shutdown: AtomicBool::new(false),
-            stats,
-            sessions: AtomicUsize::new(0),
-            wakes: std::sync::OnceLock::new(),
-        });
+        let shared = Arc::new(Shared::new(config.clone(), stats));
         let mut workers: Vec<WorkerHandle> = Vec::new();
         for id in 0..config.threads {
             let (tx, rx) = mpsc::channel();
@@ -355,12 +415,22 @@ fn control_loop(
             }
         };
         let peer = incoming.peer();
-        if shared.sessions.load(Ordering::Acquire) >= shared.config.max_sessions {
-            let _ = incoming.reject("the TCP server has its maximum number of sessions");
+        // A session is charged from its handshake on (so a burst of connects cannot overshoot),
+        // and given back by its worker when its memory goes, or below if it never starts.
+        let acct = shared.ledger.account(peer.uid);
+        if let Err(over) = shared.ledger.take(&acct, budget::Res::Sessions, 1) {
+            let why = match over {
+                budget::Over::User => "this user has its maximum number of sessions",
+                _ => "the TCP server has its maximum number of sessions",
+            };
+            tracing::info!(uid = peer.uid, "session refused: {why}");
+            let _ = incoming.reject(why);
             continue;
         }
         handshakes.fetch_add(1, Ordering::AcqRel);
         let (routes, next, in_progress) = (routes.clone(), next.clone(), handshakes.clone());
+        let hs_shared = shared.clone();
+        let hs_acct = acct.clone();
         let spawned = std::thread::Builder::new()
             .name("splitos-tcp-hs".into())
             .spawn(move || {
@@ -370,17 +440,27 @@ fn control_loop(
                     Ok(c) => c,
                     Err(e) => {
                         tracing::info!(pid = peer.pid, "handshake with an application failed: {e}");
+                        hs_shared.ledger.give(&hs_acct, budget::Res::Sessions, 1);
                         return;
                     }
                 };
                 let i = next.fetch_add(1, Ordering::Relaxed) % routes.len();
                 let (tx, wake) = &routes[i];
-                if tx.send(worker::NewSession { chan, peer }).is_ok() {
-                    ring_eventfd(wake);
+                let ns = worker::NewSession {
+                    chan,
+                    peer,
+                    acct: hs_acct,
+                };
+                match tx.send(ns) {
+                    Ok(()) => ring_eventfd(wake),
+                    Err(std::sync::mpsc::SendError(ns)) => {
+                        hs_shared.ledger.give(&ns.acct, budget::Res::Sessions, 1)
+                    }
                 }
             });
         if let Err(e) = spawned {
             handshakes.fetch_sub(1, Ordering::AcqRel);
+            shared.ledger.give(&acct, budget::Res::Sessions, 1);
             tracing::warn!("cannot start a handshake thread: {e}");
         }
     }

@@ -77,9 +77,28 @@ pub struct Completion {
 
 pub struct Ring {
     ring: IoUring,
+    /// Failures to inject, for tests of the error paths the kernel rarely takes.
+    #[cfg(test)]
+    pub faults: Faults,
     /// The last enter posted completions: more deferred work may be left (see `submit_pass`).
     productive: bool,
     last_enter: Instant,
+}
+
+/// Operations a test makes fail once (the kernel is not asked).
+#[cfg(test)]
+#[derive(Default)]
+pub struct Faults {
+    pub poll_readable: bool,
+    pub unregister_buf_ring: bool,
+}
+
+#[cfg(test)]
+fn injected(fault: &mut bool) -> io::Result<()> {
+    if std::mem::take(fault) {
+        return Err(io::Error::other("injected failure"));
+    }
+    Ok(())
 }
 
 /// Longest a spinning event loop goes without entering the kernel (see `Ring::submit_pass`).
@@ -101,6 +120,8 @@ impl Ring {
             .build(entries)?;
         Ok(Ring {
             ring,
+            #[cfg(test)]
+            faults: Faults::default(),
             productive: false,
             last_enter: Instant::now(),
         })
@@ -182,6 +203,8 @@ impl Ring {
     }
 
     pub fn poll_readable_multi(&mut self, fd: BorrowedFd<'_>, tag: Tag) -> io::Result<()> {
+        #[cfg(test)]
+        injected(&mut self.faults.poll_readable)?;
         let e = opcode::PollAdd::new(types::Fd(fd.as_raw_fd()), POLLIN)
             .multi(true)
             .build()
@@ -276,6 +299,8 @@ impl Ring {
     }
 
     pub fn unregister_buf_ring(&mut self, group: u16) -> io::Result<()> {
+        #[cfg(test)]
+        injected(&mut self.faults.unregister_buf_ring)?;
         self.ring.submitter().unregister_buf_ring(group)
     }
 }

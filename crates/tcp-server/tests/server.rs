@@ -4,174 +4,17 @@
 // Test code: helpers outside #[test] functions may unwrap too; a panic is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use splitos_m2m::{Channel, ChannelConfig, Message, WaitPolicy};
-use splitos_tcp_proto::{listen_flags, BufferMeta, Event, Handle, Request, NO_ADDR};
+mod common;
+
+use common::*;
+use splitos_m2m::{ChannelConfig, Message, WaitPolicy};
+use splitos_tcp_proto::{listen_flags, Event, Handle, Request, NO_ADDR};
 use splitos_tcp_server::{ServerConfig, TcpServer};
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-const T: Duration = Duration::from_secs(10);
-
-/// The server removes its socket and statistics files when it stops.
-fn socket_path(tag: &str) -> PathBuf {
-    std::env::temp_dir().join(format!(
-        "splitos-srv-test-{}-{tag}.sock",
-        std::process::id()
-    ))
-}
-
-fn server(tag: &str) -> TcpServer {
-    server_with(tag, WaitPolicy::Block)
-}
-
-fn server_with(tag: &str, wait: WaitPolicy) -> TcpServer {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-    TcpServer::start(ServerConfig {
-        socket: socket_path(tag),
-        threads: 2,
-        wait,
-        persist_grace: Duration::from_secs(5),
-        ..ServerConfig::default()
-    })
-    .expect("server starts")
-}
-
-/// An event with its payload copied out of the ring.
-#[derive(Debug, PartialEq, Eq)]
-enum Ev {
-    Done(u32, Handle, SocketAddr, SocketAddr),
-    Failed(u32, i32),
-    Accepted(Handle, Handle, SocketAddr),
-    Data(Handle, Vec<u8>),
-    Eof(Handle),
-    Sent(Handle, u32),
-    Error(Handle, i32),
-    Closed(Handle),
-    ProtocolError(u8, i32),
-    Paused(Handle),
-}
-
-/// A minimal application speaking the protocol by hand.
-struct RawApp {
-    chan: Channel,
-    req: u32,
-    buf: Vec<u8>,
-}
-
-impl RawApp {
-    fn connect(path: &Path) -> RawApp {
-        RawApp::connect_with(
-            path,
-            ChannelConfig {
-                wait: WaitPolicy::adaptive(),
-                ..ChannelConfig::default()
-            },
-        )
-    }
-
-    fn connect_with(path: &Path, config: ChannelConfig) -> RawApp {
-        let chan = Channel::connect(path, config).expect("connect to server");
-        RawApp {
-            chan,
-            req: 0,
-            buf: Vec::new(),
-        }
-    }
-
-    fn send(&mut self, r: Request<'_>) {
-        self.buf.clear();
-        r.encode(&mut self.buf);
-        let b = std::mem::take(&mut self.buf);
-        self.chan.send(&b).expect("send request");
-        self.buf = b;
-    }
-
-    fn event(&mut self) -> Ev {
-        let m = self
-            .chan
-            .recv_timeout(T)
-            .expect("channel alive")
-            .expect("an event within 10 s");
-        match m {
-            Message::Inline(b) => match Event::decode(b).expect("server sent a valid event") {
-                Event::Done {
-                    req,
-                    handle,
-                    local,
-                    peer,
-                } => Ev::Done(req, handle, local, peer),
-                Event::Failed { req, errno } => Ev::Failed(req, errno),
-                Event::Accepted {
-                    listener,
-                    conn,
-                    peer,
-                    ..
-                } => Ev::Accepted(listener, conn, peer),
-                Event::Data { handle, data } => Ev::Data(handle, data.to_vec()),
-                Event::Eof { handle } => Ev::Eof(handle),
-                Event::Sent { handle, bytes } => Ev::Sent(handle, bytes),
-                Event::Error { handle, errno } => Ev::Error(handle, errno),
-                Event::Closed { handle } => Ev::Closed(handle),
-                Event::ProtocolError { op, errno } => Ev::ProtocolError(op, errno),
-                Event::Paused { handle } => Ev::Paused(handle),
-            },
-            Message::Buffer(rx) => match BufferMeta::decode(rx.meta()) {
-                Ok(BufferMeta::Data(h)) => Ev::Data(h, rx.to_vec()),
-                other => panic!("unexpected buffer meta {other:?}"),
-            },
-        }
-    }
-
-    /// Next event that is not a send confirmation.
-    fn event_skip_sent(&mut self) -> Ev {
-        loop {
-            match self.event() {
-                Ev::Sent(..) => {}
-                e => return e,
-            }
-        }
-    }
-
-    fn listen(&mut self, addr: &str, flags: u32) -> Result<(Handle, SocketAddr), i32> {
-        self.req += 1;
-        let req = self.req;
-        self.send(Request::Listen {
-            req,
-            addr: addr.parse().unwrap(),
-            backlog: 1024,
-            flags,
-        });
-        match self.event() {
-            Ev::Done(r, h, local, _) if r == req => Ok((h, local)),
-            Ev::Failed(r, errno) if r == req => Err(errno),
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-
-    /// Reads `n` bytes of connection `h`, acknowledging them.
-    fn read_exact(&mut self, h: Handle, n: usize) -> Vec<u8> {
-        let mut got = Vec::new();
-        while got.len() < n {
-            match self.event_skip_sent() {
-                Ev::Data(dh, d) if dh == h => {
-                    self.send(Request::Consumed {
-                        handle: h,
-                        bytes: d.len() as u32,
-                    });
-                    got.extend(d);
-                }
-                other => panic!("unexpected {other:?} while reading"),
-            }
-        }
-        got
-    }
-}
 
 #[test]
 fn echo_through_the_server_with_a_kernel_client() {
@@ -707,13 +550,13 @@ fn access_policy_refuses_privileged_ports_to_other_users() {
 
 #[test]
 fn connection_limit_covers_outbound_connects() {
-    let srv = TcpServer::start(ServerConfig {
+    let mut config = ServerConfig {
         socket: socket_path("limit"),
         wait: WaitPolicy::Block,
-        max_conns_per_session: 2,
         ..ServerConfig::default()
-    })
-    .unwrap();
+    };
+    config.budgets.conns.session = 2;
+    let srv = TcpServer::start(config).unwrap();
     let target = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = target.local_addr().unwrap();
     let mut app = RawApp::connect(srv.socket_path());

@@ -103,46 +103,94 @@ impl Worker {
         self.sockets[slot].generation = self.sockets[slot].generation.wrapping_add(1);
         self.free_sockets.push(slot);
         let was_conn = matches!(sock.kind, Kind::Conn(_) | Kind::Connecting { .. });
+        let was_listener = matches!(sock.kind, Kind::Listener(_));
         // A socket whose connect failed never had a handle the application saw.
         let issued = !matches!(sock.kind, Kind::Connecting { .. });
-        let uid = self.sessions[si].as_ref().map_or(u32::MAX, |s| s.peer.uid);
+        let Some(acct) = self.sessions[si].as_ref().map(|s| s.acct.clone()) else {
+            return; // a socket outlives its session only by a bug: the fd is closed here
+        };
+        let uid = acct.uid;
+        let grace = Instant::now() + self.shared.config.persist_grace;
+        let shared = Arc::clone(&self.shared);
+        let ledger = &shared.ledger;
         if let Kind::Conn(c) = sock.kind {
+            self.refund(si, Res::HeldBytes, c.held.len() as u64);
+            self.refund(si, Res::FileRanges, c.file_ranges);
             if let (Some(mut data), Some(origin), false) = (c.handoff, c.origin, c.failed) {
                 data.extend_from_slice(&c.held);
-                tracing::debug!(%origin, held = data.len(), "connection handed off");
-                self.shared.registry.hand_over(
-                    origin,
-                    crate::persist::Handed {
-                        fd: sock.fd,
+                // What is handed off outlives the session: it is charged to its user.
+                let bytes = data.len() as u64;
+                let charged = ledger.take(&acct, Res::Handed, 1).and_then(|()| {
+                    ledger
+                        .take(&acct, Res::HandedBytes, bytes)
+                        .inspect_err(|_| ledger.give(&acct, Res::Handed, 1))
+                });
+                match charged {
+                    Ok(()) => {
+                        tracing::debug!(%origin, held = data.len(), "connection handed off");
+                        shared.registry.hand_over(
+                            origin,
+                            crate::persist::Handed {
+                                fd: sock.fd,
+                                uid,
+                                acct,
+                                data,
+                                eof: c.eof,
+                                deadline: grace,
+                            },
+                        );
+                        shared.wake_all();
+                    }
+                    Err(over) => tracing::warn!(
+                        %origin,
                         uid,
-                        data,
-                        eof: c.eof,
-                        deadline: Instant::now() + self.shared.config.persist_grace,
-                    },
-                );
-                self.shared.wake_all();
+                        "a handed-off connection is over {over} budget of hand-offs; closing it"
+                    ),
+                }
             }
         } else if let Kind::Listener(l) = sock.kind {
+            self.persistent.remove(&slot);
             if let Some((r, _)) = l.route {
                 self.routes[r as usize] = None;
             }
-            if l.park {
-                self.shared.registry.park(
-                    l.addr,
-                    Parked {
-                        fd: sock.fd,
-                        uid,
-                        orphans: l.orphans,
-                        deadline: Instant::now() + self.shared.config.persist_grace,
-                    },
-                );
+            // A parked listener keeps its user's claim on the port; a closed one gives it up.
+            let parked = l.park
+                && match ledger.take(&acct, Res::Parked, 1) {
+                    Ok(()) => {
+                        shared.registry.park(
+                            l.addr,
+                            Parked {
+                                fd: sock.fd,
+                                uid,
+                                acct,
+                                orphans: l.orphans,
+                                deadline: grace,
+                            },
+                        );
+                        true
+                    }
+                    Err(over) => {
+                        tracing::warn!(
+                            addr = %l.addr,
+                            uid,
+                            "a persistent listener is over {over} budget of parked listeners; \
+                             closing it instead"
+                        );
+                        false
+                    }
+                };
+            if !parked {
+                shared.registry.release_port(l.addr, uid);
             }
+        }
+        if was_conn {
+            self.refund(si, Res::Conns, 1);
+        }
+        if was_listener {
+            self.refund(si, Res::Listeners, 1);
         }
         if let Some(s) = self.session(si) {
             s.sockets.remove(&slot);
-            if was_conn {
-                s.conns = s.conns.saturating_sub(1);
-            }
             if !s.dead && issued {
                 self.emit(si, Event::Closed { handle });
             }

@@ -224,6 +224,8 @@ impl Worker {
             room,
             &mut self.direct_responses,
             &mut |part| match part {
+                // Never an empty chunk: it would never leave the queue (see `send_inline`).
+                DirectPart::Bytes(data) if data.is_empty() => {}
                 DirectPart::Bytes(data) => sendq.push_back(Chunk::Direct { data, off: 0 }),
                 DirectPart::File {
                     segment,
@@ -231,8 +233,11 @@ impl Worker {
                     len,
                 } => {
                     // A range outside its segment would be a responder's bug; it is dropped
-                    // rather than sent from memory that is not the segment's.
-                    let end = offset.checked_add(len).filter(|&e| e <= segment.len());
+                    // rather than sent from memory that is not the segment's (and so is an
+                    // empty one).
+                    let end = offset
+                        .checked_add(len)
+                        .filter(|&e| e <= segment.len() && len > 0);
                     if let Some(end) = end {
                         sendq.push_back(Chunk::File {
                             seg: segment,
@@ -290,7 +295,7 @@ impl Worker {
         }
         for (slot, last_words) in expired {
             if let Some(c) = self.conn_mut(slot) {
-                if let Some(data) = last_words {
+                if let Some(data) = last_words.filter(|d| !d.is_empty()) {
                     c.sendq.push_back(Chunk::Direct { data, off: 0 });
                 }
                 c.direct = None;

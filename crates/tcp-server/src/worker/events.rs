@@ -14,22 +14,54 @@ impl Worker {
     pub(super) fn emit_encoded(&mut self, si: SessionIx) {
         let buf = std::mem::take(&mut self.ev);
         let r = match self.live_session(si) {
-            None => Ok(()),
+            None => Ok(false),
             Some(s) if !s.outbox.is_empty() => {
                 s.outbox.push_back(Out::Inline(buf.clone()));
-                Ok(())
+                Ok(true)
             }
             Some(s) => match s.chan.try_send(&buf) {
-                Ok(true) => Ok(()),
+                Ok(true) => Ok(false),
                 Ok(false) => {
                     s.outbox.push_back(Out::Inline(buf.clone()));
-                    Ok(())
+                    Ok(true)
                 }
                 Err(e) => Err(e),
             },
         };
+        let queued = buf.len() as u64;
         self.ev = buf;
-        self.after_emit(si, r);
+        if let Ok(true) = r {
+            // Queued on the heap: charged (receives stop over the budget, see `received`).
+            self.charge_arrived(si, Res::OutboxBytes, queued);
+        }
+        self.after_emit(si, r.map(|_| ()));
+    }
+
+    /// Whether session `si` has queued as many events as it should: over its outbox budget,
+    /// or half of `MAX_OUTBOX` events. Receives stop then (back-pressure to the clients, see
+    /// `maybe_arm_recv`), long before `MAX_OUTBOX` would drop the session.
+    pub(super) fn outbox_full(&self, si: SessionIx) -> bool {
+        let Some(s) = self.sessions.get(si.ix()).and_then(|s| s.as_ref()) else {
+            return true;
+        };
+        !s.outbox.is_empty()
+            && (s.outbox.len() >= MAX_OUTBOX / 2 || self.budget_full(si, Res::OutboxBytes))
+    }
+
+    /// Bytes an outbox entry holds on the heap (a buffer is the application's pool memory).
+    fn outbox_bytes(out: &Out) -> u64 {
+        match out {
+            Out::Inline(b) => b.len() as u64,
+            Out::Buffer { .. } => 0,
+        }
+    }
+
+    /// Empties a session's outbox (its application has gone), giving back its budget.
+    pub(super) fn clear_outbox(&mut self, si: SessionIx) {
+        let Some(s) = self.session(si) else { return };
+        let bytes: u64 = s.outbox.iter().map(Worker::outbox_bytes).sum();
+        s.outbox.clear();
+        self.refund(si, Res::OutboxBytes, bytes);
     }
 
     pub(super) fn emit_buffer(
@@ -77,6 +109,23 @@ impl Worker {
     }
 
     pub(super) fn flush_outbox(&mut self, si: SessionIx) {
+        let Some(s) = self.live_session(si) else {
+            return;
+        };
+        if s.outbox.is_empty() {
+            return;
+        }
+        let before: u64 = s.outbox.iter().map(Worker::outbox_bytes).sum();
+        self.flush_outbox_entries(si);
+        let Some(s) = self.session(si) else { return };
+        let after: u64 = s.outbox.iter().map(Worker::outbox_bytes).sum();
+        self.refund(si, Res::OutboxBytes, before.saturating_sub(after));
+        if !self.budget_waiters.is_empty() && !self.outbox_full(si) {
+            self.retry_budget_waiters();
+        }
+    }
+
+    fn flush_outbox_entries(&mut self, si: SessionIx) {
         let Some(s) = self.live_session(si) else {
             return;
         };

@@ -5,8 +5,8 @@ use super::*;
 
 impl Worker {
     /// Stops delivering a connection's data to its application; `Paused` marks the end of what
-    /// was delivered, later bytes collect in `held` (bounded by the receive window, since the
-    /// application never acknowledges them).
+    /// was delivered, later bytes collect in `held` (at most `recv::HELD_MAX`: the application
+    /// is never given them, so no `Consumed` makes room for more).
     pub(super) fn pause(&mut self, si: SessionIx, handle: Handle) {
         let Some(slot) = self.owned(si, handle) else {
             self.bad_handle(si, handle);
@@ -22,12 +22,16 @@ impl Worker {
             return;
         };
         c.paused = true;
-        // Bytes the direct path had not answered yet travel with the connection.
+        // Bytes the direct path had not answered yet travel with the connection (and count
+        // as held from now on).
+        let mut moved = 0;
         if let Some(d) = c.direct.take() {
             let mut bytes = d.conn.pending;
+            moved = bytes.len() as u64;
             bytes.append(&mut c.held);
             c.held = bytes;
         }
+        self.charge_arrived(si, Res::HeldBytes, moved);
         self.emit(si, Event::Paused { handle });
     }
 
@@ -39,21 +43,59 @@ impl Worker {
             self.bad_handle(si, handle);
             return;
         };
+        let Some(acct) = self.live_session(si).map(|s| s.acct.clone()) else {
+            return;
+        };
+        // What is parked or handed off outlives the session and is charged to its user when
+        // it is released; a hand-off that could not be is refused now (EMFILE, ENOBUFS), and
+        // the socket stays this session's.
+        let refuse = |w: &mut Worker, r: Res, over| {
+            let errno = w.over_budget(si, r, over);
+            w.emit(si, Event::Error { handle, errno });
+        };
         // A persistent listener handed off is parked for the next instance, as if its session
         // had died, while this session finishes with its connections.
-        if let Some(Socket {
-            kind: Kind::Listener(l),
-            ..
-        }) = self.sockets[slot].sock.as_mut()
-        {
-            if l.flags & listen_flags::PERSISTENT != 0 && data.is_empty() {
+        let persistent_listener = matches!(
+            self.sockets[slot].sock.as_ref().map(|s| &s.kind),
+            Some(Kind::Listener(l)) if l.flags & listen_flags::PERSISTENT != 0
+        );
+        if persistent_listener && data.is_empty() {
+            if let Err(over) = self.shared.ledger.fits(&acct, Res::Parked, 1) {
+                return refuse(self, Res::Parked, over);
+            }
+            if let Some(Socket {
+                kind: Kind::Listener(l),
+                ..
+            }) = self.sockets[slot].sock.as_mut()
+            {
                 l.park = true;
-                self.begin_close(slot, false);
-                return;
+            }
+            self.begin_close(slot, false);
+            return;
+        }
+        let held = match self.conn_mut(slot) {
+            Some(c) if c.paused && c.origin.is_some() && !c.failed => Some(c.held.len()),
+            _ => None,
+        };
+        if let Some(held) = held {
+            let bytes = (held + data.len()) as u64;
+            let fits = self
+                .shared
+                .ledger
+                .fits(&acct, Res::Handed, 1)
+                .map_err(|o| (Res::Handed, o));
+            let fits = fits.and_then(|()| {
+                self.shared
+                    .ledger
+                    .fits(&acct, Res::HandedBytes, bytes)
+                    .map_err(|o| (Res::HandedBytes, o))
+            });
+            if let Err((r, over)) = fits {
+                return refuse(self, r, over);
             }
         }
         let ok = match self.conn_mut(slot) {
-            Some(c) if c.paused && c.origin.is_some() && !c.failed => {
+            Some(c) if held.is_some() => {
                 c.handoff = Some(data.to_vec());
                 true
             }
@@ -72,29 +114,40 @@ impl Worker {
     }
 
     /// Adopts connections other instances handed off, for every live persistent listener here.
+    /// Only when there may be something new to find: a hand-off since the last look
+    /// (`Registry::handed_version`) or a new persistent listener here; and then only the
+    /// persistent listeners are looked at (`Worker::persistent`), not every socket (which, with
+    /// a hand-off waiting out its grace period, every pass used to do).
     pub(super) fn adopt_handed(&mut self) -> usize {
+        let version = self.shared.registry.handed_version();
+        if version == self.handed_seen && !self.persistent_added {
+            return 0;
+        }
+        self.handed_seen = version;
+        self.persistent_added = false;
         let mut targets = Vec::new();
-        for si in self.session_ixs() {
-            let Some(s) = self.sessions[si].as_ref().filter(|s| !s.dead) else {
+        for &slot in &self.persistent {
+            let Some(Socket {
+                session,
+                kind: Kind::Listener(l),
+                closing: false,
+                ..
+            }) = self.sockets[slot].sock.as_ref()
+            else {
                 continue;
             };
-            let uid = s.peer.uid;
-            for &slot in &s.sockets {
-                if let Some(Socket {
-                    kind: Kind::Listener(l),
-                    closing: false,
-                    ..
-                }) = self.sockets[slot].sock.as_ref()
-                {
-                    if l.flags & listen_flags::PERSISTENT != 0 {
-                        targets.push((si, slot, l.addr, uid));
-                    }
-                }
-            }
+            let Some(s) = self.sessions[*session].as_ref().filter(|s| !s.dead) else {
+                continue;
+            };
+            targets.push((*session, slot, l.addr, s.peer.uid));
         }
         let mut n = 0;
         for (si, lslot, addr, uid) in targets {
-            for h in self.shared.registry.take_handed(addr, uid) {
+            for h in self
+                .shared
+                .registry
+                .take_handed(addr, uid, &self.shared.ledger)
+            {
                 n += 1;
                 self.adopt(si, lslot, h);
             }

@@ -27,6 +27,7 @@
 //! | `close.rs` | closing: flush, cancel, release, park |
 //! | `handoff.rs` | pause and hand-off to the next owner of a persistent listener |
 //! | `direct.rs` | the glue of the direct path (the protocol side is `crate::direct`) |
+//! | `budget.rs` | charging sessions against their budgets (`crate::budget`) and giving back |
 //!
 //! Receive path: each session's m2m buffer pool is registered as an io_uring provided-buffer
 //! ring, so the kernel writes received bytes straight into memory the application reads. Small
@@ -62,8 +63,13 @@
 //!    `RECV_WINDOW / 2` delivered bytes are unacknowledged (`Conn::unacked`, lowered by
 //!    `Consumed`). File ranges and the direct path's responses are outside the send window: a
 //!    file range holds a reference to a segment, not a copy, and the direct path stops reading
-//!    a connection whose queue reaches `direct::SENDQ_LIMIT` chunks.
+//!    (cancels the receive of) a connection whose queue reaches `direct::SENDQ_LIMIT` chunks
+//!    or that holds `recv::DIRECT_BUF_MAX` unanswered bytes. Across connections, budgets per
+//!    session, user and server (`crate::budget`, charged in `budget.rs`) bound what no window
+//!    does: descriptors, mapped segments, queued file ranges, bytes held for paused
+//!    connections and events queued for slow applications.
 
+mod budget;
 mod close;
 mod completions;
 mod direct;
@@ -78,6 +84,7 @@ mod state;
 
 use state::*;
 
+use crate::budget::Res;
 use crate::direct::{DirectPart, Expiry, Outcome, RouteRequest, SENDQ_LIMIT};
 use crate::persist::Parked;
 use crate::uring::{BufRing, Completion, Op, Ring, Tag};
@@ -108,7 +115,8 @@ const REQUESTS_PER_PASS: usize = 256;
 const MAX_VIOLATIONS: u32 = 64;
 /// Events queued for an application that has stopped reading them before it is disconnected.
 /// Normal back-pressure never gets near this: receives stop at the buffer pool and the receive
-/// window, accepts at the connection limit.
+/// window, and for the whole session at half of this or at its outbox budget (`outbox_full`);
+/// accepts stop at the connection budgets.
 const MAX_OUTBOX: usize = 1 << 16;
 /// How long connections an application closed (or shut down) before it went away keep flushing
 /// their queued bytes, as the kernel does for a process that exits after `close`.
@@ -130,6 +138,8 @@ struct OpenedRoute {
 pub(crate) struct NewSession {
     pub chan: Channel,
     pub peer: PeerCredentials,
+    /// Its user's account, already charged for this session.
+    pub acct: Arc<crate::budget::Account>,
 }
 
 pub(crate) struct Worker {
@@ -149,8 +159,16 @@ pub(crate) struct Worker {
     /// Connections whose receive waits for a free buffer of their session's pool.
     starved: Vec<SlotIx>,
     accept_retry: Vec<SlotIx>,
+    /// Connections whose receive waits for a session budget (held or outbox bytes).
+    budget_waiters: Vec<SlotIx>,
     /// Connections given bytes this pass, whose send starts once all requests are read.
     send_wanted: Vec<SlotIx>,
+    /// This worker's persistent listeners (where handed-off connections may be adopted), and
+    /// whether one was added since `adopt_handed` last looked, which also remembers the
+    /// registry's hand-off version it saw.
+    persistent: HashSet<SlotIx>,
+    persistent_added: bool,
+    handed_seen: u64,
     /// Direct-path routes of this worker's listeners.
     routes: Vec<Option<crate::direct::Route>>,
     /// Routes opened on helper threads (see `serve_files`), waiting to be installed.
@@ -196,7 +214,11 @@ impl Worker {
             ev: Vec::with_capacity(8 << 10),
             starved: Vec::new(),
             accept_retry: Vec::new(),
+            budget_waiters: Vec::new(),
             send_wanted: Vec::new(),
+            persistent: HashSet::new(),
+            persistent_added: false,
+            handed_seen: 0,
             routes: Vec::new(),
             opened_tx,
             opened_rx,
@@ -309,11 +331,17 @@ impl Worker {
     fn housekeeping(&mut self, now: Instant) {
         self.next_housekeeping = now + Duration::from_millis(100);
         if self.id == 0 {
-            self.shared.registry.expire(now);
+            self.shared.registry.expire(now, &self.shared.ledger);
+            self.shared.ledger.prune();
         }
         for slot in std::mem::take(&mut self.accept_retry) {
             self.arm_accept(slot);
         }
+        for si in self.session_ixs() {
+            self.take_passed_files(si);
+            self.settle_released_files(si);
+        }
+        self.retry_budget_waiters();
         if self.routes.iter().any(|r| r.is_some()) && now >= self.next_direct_sweep {
             self.next_direct_sweep = now + Duration::from_secs(1);
             self.sweep_direct(now);
@@ -344,8 +372,8 @@ impl Worker {
         let (mut n, mut conns, mut listeners, mut bin, mut bout) = (0u64, 0u64, 0u64, 0u64, 0u64);
         for s in sessions {
             n += 1;
-            conns += s.conns as u64;
-            listeners += s.listeners as u64;
+            conns += s.used.get(Res::Conns);
+            listeners += s.used.get(Res::Listeners);
             bin += s.bytes_in;
             bout += s.bytes_out;
         }
@@ -372,8 +400,8 @@ impl Worker {
                             worker: self.id as u64,
                             pid: s.peer.pid.into(),
                             uid: s.peer.uid.into(),
-                            conns: s.conns.into(),
-                            listeners: s.listeners.into(),
+                            conns: s.used.get(Res::Conns),
+                            listeners: s.used.get(Res::Listeners),
                             bytes_in: s.bytes_in,
                             bytes_out: s.bytes_out,
                             ring_used: s.chan.tx_backlog(),
@@ -412,6 +440,19 @@ impl Worker {
             );
             for s in self.sessions.drain(..).flatten() {
                 std::mem::forget(s);
+            }
+            // Their sockets too: a send in flight reads its connection's queued chunks and
+            // gathered iovecs, which would otherwise be freed when the worker drops, after the
+            // ring is closed but maybe before the kernel has finished tearing it down. The
+            // descriptors are closed (the kernel keeps its own reference while it needs one).
+            for slot in self.sockets.drain(..) {
+                if let Some(sock) = slot.sock {
+                    if sock.inflight > 0 {
+                        let Socket { fd, kind, .. } = sock;
+                        std::mem::forget(kind);
+                        drop(fd);
+                    }
+                }
             }
         }
     }

@@ -3,18 +3,49 @@
 
 use super::*;
 
+/// Received bytes a direct-path connection may have waiting to be answered before the server
+/// stops reading it: several requests' worth (the HTTP responder of `splitos serve` takes
+/// heads of up to 16 KiB), for pipelining. Unanswered bytes pile up only while the connection
+/// is blocked (its send queue full); the receive is then cancelled, and what was already in
+/// flight (bounded by the session's buffer pool) is the most that lands beyond this.
+pub(super) const DIRECT_BUF_MAX: usize = 64 << 10;
+
+/// Received bytes a paused connection may hold (see `Conn::held`): a receive window's worth.
+/// Reading stops there and resumes below half of it (it never does while the connection stays
+/// paused: held bytes leave only with a hand-off), plus what was in flight.
+pub(super) const HELD_MAX: usize = RECV_WINDOW as usize;
+
 impl Worker {
     pub(super) fn maybe_arm_recv(&mut self, slot: SlotIx) {
-        let Some(sock) = self.sockets[slot].sock.as_mut() else {
+        let Some(sock) = self.sockets[slot].sock.as_ref() else {
             return;
         };
         let si = sock.session;
-        let Kind::Conn(c) = &mut sock.kind else {
+        let Kind::Conn(c) = &sock.kind else {
             return;
         };
         if sock.closing || !c.may_receive() {
             return;
         }
+        // Session-wide budgets of bytes that arrive unasked: held for paused connections, and
+        // queued for an application behind on its events. Over one, the connection waits
+        // (`budget_waiters`, retried when room is made and at housekeeping).
+        let paused = c.paused;
+        if (paused && self.budget_full(si, Res::HeldBytes)) || self.outbox_full(si) {
+            if let Some(c) = self.conn_mut(slot) {
+                if !c.budget_wait {
+                    c.budget_wait = true;
+                    self.budget_waiters.push(slot);
+                }
+            }
+            return;
+        }
+        let Some(sock) = self.sockets[slot].sock.as_mut() else {
+            return;
+        };
+        let Kind::Conn(c) = &mut sock.kind else {
+            return;
+        };
         let Some(s) = self.sessions.get(si.ix()).and_then(|s| s.as_ref()) else {
             return;
         };
@@ -54,18 +85,26 @@ impl Worker {
         let res = cqe.result;
         if c.paused {
             // Delivery is paused (for a hand-off): bytes, EOF and errors stay with the
-            // connection and travel with it.
+            // connection and travel with it. The application is given none of these bytes,
+            // so it cannot acknowledge them: they are bounded by `HELD_MAX` on their own, not
+            // by the receive window (which `Consumed` would reopen).
             if res > 0 {
                 let n = res as usize;
+                let mut kept = 0;
                 if let Some(b) = &buf {
                     let at = c.held.len();
                     c.held.resize(at + n, 0);
                     b.read_at(0, &mut c.held[at..]);
+                    kept = n as u64;
                 }
-                c.unacked += n as u64;
-                if c.unacked >= RECV_WINDOW as u64 && c.recv == Recv::Armed {
-                    c.recv = Recv::Cancelling;
-                    self.cancel(slot, Op::Recv);
+                let full = c.held.len() >= HELD_MAX;
+                // Charged as they arrive (they must be kept); over a budget, reading stops.
+                let over_budget = self.charge_arrived(si, Res::HeldBytes, kept);
+                if let Some(c) = self.conn_mut(slot) {
+                    if (full || over_budget) && c.recv == Recv::Armed {
+                        c.recv = Recv::Cancelling;
+                        self.cancel(slot, Op::Recv);
+                    }
                 }
             } else if res == 0 {
                 c.eof = true;
@@ -99,6 +138,7 @@ impl Worker {
                     s.bytes_in += n as u64;
                 }
                 self.serve_direct(slot);
+                self.stop_direct_reading(slot);
                 if !cqe.more {
                     self.maybe_arm_recv(slot);
                     self.try_finish_close(slot);
@@ -135,8 +175,10 @@ impl Worker {
             } else {
                 self.emit_buffer(si, buf, n, BufferMeta::Data(handle));
             }
+            let outbox_full = self.outbox_full(si);
             if let Some(c) = self.conn_mut(slot) {
-                if c.unacked >= RECV_WINDOW as u64 && c.recv == Recv::Armed {
+                let stop = c.unacked >= RECV_WINDOW as u64 || outbox_full;
+                if stop && c.recv == Recv::Armed {
                     c.recv = Recv::Cancelling;
                     self.cancel(slot, Op::Recv);
                 }
@@ -171,6 +213,29 @@ impl Worker {
         if !cqe.more {
             self.maybe_arm_recv(slot);
             self.try_finish_close(slot);
+        }
+    }
+
+    /// Cancels the receive of a direct-path connection that must not read more (blocked, or
+    /// holding `DIRECT_BUF_MAX` unanswered bytes): not re-arming it is not enough, because a
+    /// multishot receive goes on until cancelled. It is re-armed when the queue drains
+    /// (`advance_sent`) and `Conn::may_receive` allows.
+    pub(super) fn stop_direct_reading(&mut self, slot: SlotIx) {
+        let Some(c) = self.conn_mut(slot) else { return };
+        let full = c.direct.as_ref().is_some_and(|d| d.holds_back());
+        if full && c.recv == Recv::Armed {
+            c.recv = Recv::Cancelling;
+            self.cancel(slot, Op::Recv);
+        }
+    }
+
+    /// Retries the receives that waited for a session budget (see `maybe_arm_recv`).
+    pub(super) fn retry_budget_waiters(&mut self) {
+        for slot in std::mem::take(&mut self.budget_waiters) {
+            if let Some(c) = self.conn_mut(slot) {
+                c.budget_wait = false;
+            }
+            self.maybe_arm_recv(slot);
         }
     }
 

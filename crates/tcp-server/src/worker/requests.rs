@@ -2,6 +2,21 @@
 
 use super::*;
 
+/// An application's name as the server stores it (and `splitos status` prints it on an
+/// operator's terminal): printable ASCII only, anything else (escape sequences, newlines,
+/// non-UTF-8, other scripts) becomes `?`.
+pub(super) fn printable_name(name: &[u8]) -> String {
+    name.iter()
+        .map(|&b| {
+            if b == b' ' || b.is_ascii_graphic() {
+                b as char
+            } else {
+                '?'
+            }
+        })
+        .collect()
+}
+
 impl Worker {
     pub(super) fn serve_requests(&mut self, si: SessionIx) -> usize {
         let mut n = 0;
@@ -12,6 +27,7 @@ impl Worker {
                 self.msg = msg;
                 return n;
             };
+            let departing = s.departing;
             let item = match s.chan.try_recv() {
                 Ok(None) => {
                     self.msg = msg;
@@ -24,11 +40,41 @@ impl Worker {
                 Ok(Some(Message::Buffer(rx))) => Some(rx),
                 Err(e) => {
                     self.msg = msg;
-                    self.session_failed(si, &e);
+                    if departing {
+                        // Its last requests are served: the session ends now.
+                        self.kill_session(si);
+                    } else {
+                        self.session_failed(si, &e);
+                    }
                     return n;
                 }
             };
             n += 1;
+            if departing {
+                let len = match &item {
+                    None => msg.len(),
+                    Some(rx) => splitos_m2m::layout::descriptor::BYTES + rx.meta().len(),
+                };
+                let footprint = splitos_m2m::layout::record::footprint(len as u64);
+                let Some(s) = self.live_session(si) else {
+                    self.msg = msg;
+                    return n;
+                };
+                match s.drain_left.checked_sub(footprint) {
+                    Some(left) => s.drain_left = left,
+                    None => {
+                        tracing::warn!(
+                            worker = self.id,
+                            session = si.0,
+                            "application declared itself gone yet keeps writing requests; \
+                             treating its channel as corrupt and dropping it"
+                        );
+                        self.msg = msg;
+                        self.kill_session(si);
+                        return n;
+                    }
+                }
+            }
             match item {
                 None => match Request::decode(&msg) {
                     Ok(req) => self.handle_request(si, req),
@@ -50,6 +96,20 @@ impl Worker {
             self.msg = msg;
         }
         n
+    }
+
+    /// Whether `h` may name a socket session `si` held: its own socket still closing, or one
+    /// whose slot has moved on since (an older generation). A request on such a handle is a
+    /// race with a close the application has not heard of yet; on any other it is a forgery.
+    pub(super) fn maybe_stale(&self, si: SessionIx, h: Handle) -> bool {
+        let Some(slot) = self.sockets.get(h.index() as usize) else {
+            return false;
+        };
+        let age = slot.generation.wrapping_sub(h.generation());
+        match &slot.sock {
+            Some(sock) if age == 0 => sock.session == si,
+            _ => age > 0 && age < 1 << 31,
+        }
     }
 
     /// The socket `h` names, if it is open and belongs to session `si`.
@@ -75,7 +135,7 @@ impl Worker {
         match req {
             Request::Hello { name, .. } => {
                 if let Some(s) = self.live_session(si) {
-                    s.name = String::from_utf8_lossy(name).into_owned();
+                    s.name = printable_name(name);
                 }
             }
             Request::Listen {
@@ -140,9 +200,28 @@ impl Worker {
             }
             Request::Consumed { handle, bytes } => {
                 let Some(slot) = self.owned(si, handle) else {
+                    // A late acknowledgement of a connection that has just closed is normal;
+                    // one for a handle this session never had is not (and costs no event,
+                    // so it must count).
+                    if !self.maybe_stale(si, handle) {
+                        self.violation(
+                            si,
+                            op::CONSUMED,
+                            Errno::BADF.raw_os_error(),
+                            "consumed on a handle never issued to this session",
+                        );
+                    }
                     return;
                 };
-                let Some(c) = self.conn_mut(slot) else { return };
+                let Some(c) = self.conn_mut(slot) else {
+                    self.violation(
+                        si,
+                        op::CONSUMED,
+                        Errno::NOTSOCK.raw_os_error(),
+                        "consumed on a listener",
+                    );
+                    return;
+                };
                 if bytes as u64 > c.unacked {
                     c.unacked = 0;
                     self.violation(
@@ -164,7 +243,10 @@ impl Worker {
             } => self.send_file(si, handle, file, offset, len),
             Request::ReleaseFile { file } => {
                 if let Some(s) = self.live_session(si) {
-                    s.files.remove(&file);
+                    s.refused_files.remove(&file);
+                    if let Some(seg) = s.files.remove(&file) {
+                        self.release_file(si, seg);
+                    }
                 }
             }
             Request::Pause { handle } => self.pause(si, handle),
@@ -202,5 +284,18 @@ impl Worker {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn names_keep_printable_ascii_only() {
+        assert_eq!(super::printable_name(b"web-1 (v2)"), "web-1 (v2)");
+        assert_eq!(
+            super::printable_name(b"\x1b[2Jx\ny\x00\xff\x7f"),
+            "?[2Jx?y???"
+        );
+        assert_eq!(super::printable_name("caf\u{e9}".as_bytes()), "caf??");
     }
 }

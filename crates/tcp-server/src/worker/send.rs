@@ -4,12 +4,31 @@
 
 use super::*;
 
-/// File segments one session may have passed to the server at once.
-pub(super) const MAX_FILES_PER_SESSION: usize = 4096;
+/// Segments refused (over a budget) that a session's later `SendFile`s may still name: they
+/// fail their connection with the refusal's errno rather than count as protocol violations
+/// (the application did nothing wrong). Past this, naming one is a violation again.
+pub(super) const MAX_REFUSED_FILES: usize = 1024;
+
+/// What `file_segment` found under a tag.
+pub(super) enum FileLookup {
+    Found(SessionFile),
+    /// Refused over a budget (or too large): the errno to fail the connection with.
+    Refused(i32),
+    /// Never passed, or not sealed: a protocol violation.
+    Unknown,
+}
 
 /// File ranges at least this long go out by `sendfile` (by page reference) rather than by a
 /// send that copies them; below it the copy is cheaper than the extra system call.
 pub(super) const SENDFILE_MIN: usize = 8 * 1024;
+
+/// Chunks a connection may have queued for a `SendFile` to add more. File ranges count
+/// against no send window (they hold a segment, not a copy), so this and the `file-ranges`
+/// budget (per session, user and server) are what bound them; the other kinds are bounded
+/// already (inline bytes by the window and coalescing, buffers by the application's pool,
+/// direct-path responses by `direct::SENDQ_LIMIT`). A connection over either fails with
+/// ENOBUFS, as a socket whose buffer the application overran.
+pub(super) const MAX_QUEUED_CHUNKS: usize = 16384;
 
 /// Synchronous sends one connection may make in a row before others get their turn.
 pub(super) const SEND_NOW_ROUNDS: usize = 16;
@@ -92,6 +111,12 @@ impl Worker {
         let Some(slot) = self.writable(si, handle) else {
             return;
         };
+        if data.is_empty() {
+            // Nothing to send, and an empty chunk would never leave the queue: the kernel
+            // "sends" it as 0 bytes, which retires nothing, so it would be re-sent every pass
+            // and whatever follows it (a close) would wait forever.
+            return;
+        }
         let mut spare = self.spare.pop();
         let Some(c) = self.conn_mut(slot) else {
             return;
@@ -150,44 +175,151 @@ impl Worker {
 
     /// The file the application tagged `file`, taking newly passed descriptors as needed
     /// (they were sent before the request that names them, so they are already here).
-    pub(super) fn file_segment(&mut self, si: SessionIx, file: u64) -> Option<SessionFile> {
+    pub(super) fn file_segment(&mut self, si: SessionIx, file: u64) -> FileLookup {
         loop {
-            let s = self.live_session(si)?;
+            let Some(s) = self.live_session(si) else {
+                return FileLookup::Unknown;
+            };
             if let Some(f) = s.files.get(&file) {
-                return Some(f.clone());
+                return FileLookup::Found(f.clone());
             }
-            let (tag, mut fds) = match s.chan.try_recv_fds() {
-                Ok(Some(m)) => m,
-                Ok(None) => return None,
+            if let Some(&errno) = s.refused_files.get(&file) {
+                return FileLookup::Refused(errno);
+            }
+            match s.chan.try_recv_fds() {
+                Ok(Some((tag, fds))) => self.register_file(si, tag, fds),
+                Ok(None) => return FileLookup::Unknown,
                 Err(e) => {
                     self.session_failed(si, &e);
-                    return None;
+                    return FileLookup::Unknown;
                 }
-            };
-            if fds.len() != 1 || s.files.len() >= MAX_FILES_PER_SESSION {
-                return None;
-            }
-            let fd = fds.remove(0);
-            let got = if tag & PLAIN_FILE_TAG != 0 {
-                // A plain file is never mapped (it could shrink under a mapping): it must be a
-                // regular file, which `sendfile` reads, and not on FUSE, whose reads another
-                // user's daemon could hold forever (this thread would wait with them).
-                PlainFile::from_received(fd)
-                    .ok()
-                    .map(|p| SessionFile::Plain(Arc::new(p)))
-            } else {
-                // Only sealed segments are mapped: their bytes cannot change under a send.
-                Segment::from_received_sealed(fd)
-                    .ok()
-                    .map(|seg| SessionFile::Segment(Arc::new(seg)))
-            };
-            match got {
-                Some(f) => {
-                    s.files.insert(tag, f);
-                }
-                None => return None,
             }
         }
+    }
+
+    /// Takes every file the application has passed so far (at housekeeping: so that
+    /// descriptors do not wait in the channel, uncounted, for a `SendFile` naming them).
+    pub(super) fn take_passed_files(&mut self, si: SessionIx) {
+        for _ in 0..splitos_m2m::MAX_FDS_PER_MESSAGE * 256 {
+            let Some(s) = self.live_session(si) else {
+                return;
+            };
+            match s.chan.try_recv_fds() {
+                Ok(Some((tag, fds))) => self.register_file(si, tag, fds),
+                Ok(None) => return,
+                Err(e) => return self.session_failed(si, &e),
+            }
+        }
+    }
+
+    /// Takes a file the application passed under `tag`, within its budgets: every file counts
+    /// (a descriptor); a segment's bytes count too (it is mapped whole), and one larger than
+    /// `segment_bytes` is refused, all known from `fstat` before anything is mapped.
+    fn register_file(&mut self, si: SessionIx, tag: u64, mut fds: Vec<OwnedFd>) {
+        if fds.len() != 1 {
+            return self.violation(
+                si,
+                op::SEND_FILE,
+                Errno::INVAL.raw_os_error(),
+                "a file message without exactly one descriptor",
+            );
+        }
+        let fd = fds.remove(0);
+        let plain = tag & PLAIN_FILE_TAG != 0;
+        let size = if plain {
+            0 // never mapped: only its descriptor counts
+        } else {
+            match rustix::fs::fstat(&fd) {
+                Ok(st) => st.st_size as u64,
+                Err(_) => return, // not a file: unknown, and a violation when named
+            }
+        };
+        if size > self.shared.config.budgets.segment_bytes {
+            tracing::debug!(session = si.0, size, "file segment larger than allowed");
+            return self.refuse_file(si, tag, Errno::FBIG.raw_os_error());
+        }
+        if let Err(over) = self.charge(si, Res::Files, 1) {
+            let errno = self.over_budget(si, Res::Files, over);
+            return self.refuse_file(si, tag, errno);
+        }
+        if let Err(over) = self.charge(si, Res::FileBytes, size) {
+            self.refund(si, Res::Files, 1);
+            let errno = self.over_budget(si, Res::FileBytes, over);
+            return self.refuse_file(si, tag, errno);
+        }
+        let got = if plain {
+            // A plain file is never mapped (it could shrink under a mapping): it must be a
+            // regular file, which `sendfile` reads, and not on FUSE, whose reads another
+            // user's daemon could hold forever (this thread would wait with them).
+            PlainFile::from_received(fd)
+                .ok()
+                .map(|p| SessionFile::Plain(Arc::new(p)))
+        } else {
+            // Only sealed segments are mapped: their bytes cannot change under a send. The
+            // size was sealed when fstat read it iff it still is the segment's size now.
+            Segment::from_received_sealed(fd)
+                .ok()
+                .filter(|seg| seg.len() == size)
+                .map(|seg| SessionFile::Segment(Arc::new(seg)))
+        };
+        let Some(f) = got else {
+            self.refund(si, Res::Files, 1);
+            self.refund(si, Res::FileBytes, size);
+            return; // unknown, and a violation when named
+        };
+        let Some(s) = self.live_session(si) else {
+            return;
+        };
+        s.refused_files.remove(&tag);
+        if let Some(old) = s.files.insert(tag, f) {
+            self.release_file(si, old);
+        }
+    }
+
+    fn refuse_file(&mut self, si: SessionIx, tag: u64, errno: i32) {
+        let Some(s) = self.live_session(si) else {
+            return;
+        };
+        if let Some(old) = s.files.remove(&tag) {
+            self.release_file(si, old);
+        }
+        let Some(s) = self.live_session(si) else {
+            return;
+        };
+        if s.refused_files.len() < MAX_REFUSED_FILES {
+            s.refused_files.insert(tag, errno);
+        }
+    }
+
+    /// Drops the session's hold on a file. Its budget comes back when no queued send reads it
+    /// any more either (see `settle_released_files`): until then it is still open (a segment
+    /// still mapped).
+    pub(super) fn release_file(&mut self, si: SessionIx, f: SessionFile) {
+        if f.last_holder() {
+            self.refund(si, Res::Files, 1);
+            self.refund(si, Res::FileBytes, f.mapped_bytes());
+        } else if let Some(s) = self.session(si) {
+            s.releasing.push(f);
+        }
+    }
+
+    /// Gives back the budget of released files whose last queued send has gone.
+    pub(super) fn settle_released_files(&mut self, si: SessionIx) {
+        let Some(s) = self.session(si) else { return };
+        if s.releasing.is_empty() {
+            return;
+        }
+        let mut freed = (0u64, 0u64);
+        s.releasing.retain(|f| {
+            let last = f.last_holder();
+            if last {
+                freed.0 += 1;
+                freed.1 += f.mapped_bytes();
+            }
+            !last
+        });
+        self.refund(si, Res::Files, freed.0);
+        self.refund(si, Res::FileBytes, freed.1);
     }
 
     pub(super) fn send_file(
@@ -198,14 +330,24 @@ impl Worker {
         offset: u64,
         len: u64,
     ) {
-        let Some(f) = self.file_segment(si, file) else {
-            self.violation(
-                si,
-                op::SEND_FILE,
-                Errno::BADF.raw_os_error(),
-                "unknown or unsealed file segment",
-            );
-            return;
+        let f = match self.file_segment(si, file) {
+            FileLookup::Found(f) => f,
+            FileLookup::Refused(errno) => {
+                // The connection fails, as the send would have: its stream would have a hole.
+                if let Some(slot) = self.writable(si, handle) {
+                    self.overrun(slot, errno);
+                }
+                return;
+            }
+            FileLookup::Unknown => {
+                self.violation(
+                    si,
+                    op::SEND_FILE,
+                    Errno::BADF.raw_os_error(),
+                    "unknown or unsealed file segment",
+                );
+                return;
+            }
         };
         // A plain file's size may change: a range past its end fails the connection when
         // `sendfile` finds the end, so only the arithmetic is checked here.
@@ -228,13 +370,32 @@ impl Worker {
         let Some(c) = self.conn_mut(slot) else {
             return;
         };
-        if len > 0 {
-            let (off, end) = (offset as usize, (offset + len) as usize);
-            c.sendq.push_back(match f {
-                SessionFile::Segment(seg) => Chunk::File { seg, off, end },
-                SessionFile::Plain(file) => Chunk::Plain { file, off, end },
-            });
+        if len == 0 {
+            return;
         }
+        if c.sendq.len() >= MAX_QUEUED_CHUNKS {
+            tracing::debug!(
+                session = si.0,
+                slot = slot.0,
+                "too many file ranges queued on a connection; failing it"
+            );
+            self.overrun(slot, Errno::NOBUFS.raw_os_error());
+            return;
+        }
+        if let Err(over) = self.charge(si, Res::FileRanges, 1) {
+            let errno = self.over_budget(si, Res::FileRanges, over);
+            self.overrun(slot, errno);
+            return;
+        }
+        let Some(c) = self.conn_mut(slot) else {
+            return self.refund(si, Res::FileRanges, 1);
+        };
+        c.file_ranges += 1;
+        let (off, end) = (offset as usize, (offset + len) as usize);
+        c.sendq.push_back(match f {
+            SessionFile::Segment(seg) => Chunk::File { seg, off, end },
+            SessionFile::Plain(file) => Chunk::Plain { file, off, end },
+        });
         self.want_send(slot);
     }
 
@@ -284,6 +445,10 @@ impl Worker {
         };
         if c.send.busy() {
             return;
+        }
+        if c.failed {
+            // Failed while a send was in flight (`overrun`): nothing more goes out.
+            c.sendq.clear();
         }
         let Some(front) = c.sendq.front() else {
             self.try_shutdown(slot);
@@ -453,6 +618,27 @@ impl Worker {
         self.start_send(slot);
     }
 
+    /// Fails a connection on which the application queued more than the server holds: it gets
+    /// `errno` on it (as for a failed send) and may write no more; its queue goes as soon as no
+    /// send reads it (now, or in `start_send` after the one in flight).
+    pub(super) fn overrun(&mut self, slot: SlotIx, errno: i32) {
+        let Some(sock) = self.sockets[slot].sock.as_mut() else {
+            return;
+        };
+        let si = sock.session;
+        let Kind::Conn(c) = &mut sock.kind else {
+            return;
+        };
+        c.failed = true;
+        c.unsent = 0;
+        if !c.send.busy() {
+            c.sendq.clear();
+        }
+        let handle = self.handle(slot);
+        self.emit(si, Event::Error { handle, errno });
+        self.try_finish_close(slot);
+    }
+
     pub(super) fn send_failed(&mut self, slot: SlotIx, errno: i32) {
         let Some(sock) = self.sockets[slot].sock.as_mut() else {
             return;
@@ -488,6 +674,7 @@ impl Worker {
         let sent = n as u64;
         // Only window-counted bytes (inline and buffers) come back as credit.
         let mut credited = 0u64;
+        let mut ranges_done = 0u64;
         while n > 0 {
             let Some(front) = c.sendq.front_mut() else {
                 break;
@@ -505,8 +692,15 @@ impl Worker {
             }
             n -= take;
             if front.remaining() == 0 {
-                if let Some(Chunk::Inline { data, .. }) = c.sendq.pop_front() {
-                    recycle(&mut self.spare, data);
+                match c.sendq.pop_front() {
+                    Some(Chunk::Inline { data, .. }) => recycle(&mut self.spare, data),
+                    // (A range of the direct path counts too when the application has some
+                    // queued: off by at most `direct::SENDQ_LIMIT`, in the application's favour.)
+                    Some(Chunk::File { .. } | Chunk::Plain { .. }) if c.file_ranges > 0 => {
+                        c.file_ranges -= 1;
+                        ranges_done += 1;
+                    }
+                    _ => {}
                 }
             }
         }
@@ -530,6 +724,7 @@ impl Worker {
         if let Some(s) = self.session(si) {
             s.bytes_out += sent;
         }
+        self.refund(si, Res::FileRanges, ranges_done);
         if unblock && !closing {
             self.serve_direct(slot);
             self.maybe_arm_recv(slot);

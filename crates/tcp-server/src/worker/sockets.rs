@@ -37,6 +37,9 @@ pub(super) fn open_listener(
     Ok(fd)
 }
 
+/// Connections a listener being parked keeps for its successor.
+const MAX_ORPHANS: usize = 64;
+
 impl Worker {
     pub(super) fn alloc_socket(&mut self, si: SessionIx, fd: OwnedFd, kind: Kind) -> SlotIx {
         let slot = match self.free_sockets.pop() {
@@ -70,7 +73,7 @@ impl Worker {
         let Some(s) = self.live_session(si) else {
             return;
         };
-        let (uid, listeners) = (s.peer.uid, s.listeners);
+        let uid = s.peer.uid;
         if !self.shared.config.access.may_listen(uid, addr.port()) {
             tracing::info!(
                 uid,
@@ -86,24 +89,27 @@ impl Worker {
             );
             return;
         }
-        if listeners >= self.shared.config.max_listeners_per_session {
-            self.emit(
-                si,
-                Event::Failed {
-                    req,
-                    errno: Errno::MFILE.raw_os_error(),
-                },
-            );
+        if let Err(over) = self.charge(si, Res::Listeners, 1) {
+            let errno = self.over_budget(si, Res::Listeners, over);
+            self.emit(si, Event::Failed { req, errno });
             return;
         }
-        let (fd, orphans) = match self.shared.registry.take(addr, uid) {
+        let registry = &self.shared.registry;
+        let taken = registry.take(addr, uid, &self.shared.ledger);
+        let (fd, orphans, local) = match taken {
             Some(p) => {
                 tracing::info!(%addr, session = si.0, orphans = p.orphans.len(), "took over a persistent listener");
-                (p.fd, p.orphans)
+                let local = sock_addr(rnet::getsockname(&p.fd));
+                (p.fd, p.orphans, local)
             }
-            None => match open_listener(addr, backlog, flags) {
-                Ok(fd) => (fd, Vec::new()),
+            None => match registry.open_listener(addr, uid, || {
+                let fd = open_listener(addr, backlog, flags)?;
+                let local = rnet::getsockname(&fd).map(|a| sock_addr(Ok(a)))?;
+                Ok((fd, local))
+            }) {
+                Ok((fd, local)) => (fd, Vec::new(), local),
                 Err(e) => {
+                    self.refund(si, Res::Listeners, 1);
                     self.emit(
                         si,
                         Event::Failed {
@@ -115,7 +121,6 @@ impl Worker {
                 }
             },
         };
-        let local = sock_addr(rnet::getsockname(&fd));
         let slot = self.alloc_socket(
             si,
             fd,
@@ -128,8 +133,9 @@ impl Worker {
                 orphans: Vec::new(),
             }),
         );
-        if let Some(s) = self.session(si) {
-            s.listeners += 1;
+        if flags & listen_flags::PERSISTENT != 0 {
+            self.persistent.insert(slot);
+            self.persistent_added = true;
         }
         let handle = self.handle(slot);
         self.emit(
@@ -177,7 +183,6 @@ impl Worker {
         listener: SlotIx,
         fd: OwnedFd,
     ) -> Option<SlotIx> {
-        let max = self.shared.config.max_conns_per_session;
         let (origin, route, recoverable) =
             match self.sockets[listener].sock.as_ref().map(|s| &s.kind) {
                 Some(Kind::Listener(l)) => (
@@ -187,16 +192,14 @@ impl Worker {
                 ),
                 _ => (None, None, false),
             };
-        let s = self.live_session(si)?;
-        if s.conns >= max {
+        self.live_session(si)?;
+        if let Err(over) = self.charge(si, Res::Conns, 1) {
             tracing::warn!(
                 session = si.0,
-                max,
-                "connection limit reached; refusing a connection"
+                "connection limit reached (over {over} budget); refusing a connection"
             );
             return None; // dropping fd closes it
         }
-        s.conns += 1;
         let local = sock_addr(rnet::getsockname(&fd));
         let peer = peer_addr(&fd);
         let mut conn = Box::new(Conn::new());
@@ -239,7 +242,9 @@ impl Worker {
             // SAFETY: a successful accept completion's result is a new fd that nobody else owns.
             let fd = unsafe { OwnedFd::from_raw_fd(cqe.result) };
             if closing {
-                if l.park {
+                // Accepted while it is being parked: kept for the successor (a few at most, as
+                // accepting stops with the close; beyond that, closed).
+                if l.park && l.orphans.len() < MAX_ORPHANS {
                     l.orphans.push(fd);
                 }
             } else {
@@ -260,20 +265,14 @@ impl Worker {
     }
 
     pub(super) fn connect(&mut self, si: SessionIx, req: u32, addr: SocketAddr) {
-        // Outbound connections count against the same per-session limit as accepted ones,
-        // from the moment they are started.
-        let max = self.shared.config.max_conns_per_session;
-        let Some(s) = self.live_session(si) else {
+        // Outbound connections count against the same budgets as accepted ones, from the
+        // moment they are started.
+        if self.live_session(si).is_none() {
             return;
-        };
-        if s.conns >= max {
-            self.emit(
-                si,
-                Event::Failed {
-                    req,
-                    errno: Errno::MFILE.raw_os_error(),
-                },
-            );
+        }
+        if let Err(over) = self.charge(si, Res::Conns, 1) {
+            let errno = self.over_budget(si, Res::Conns, over);
+            self.emit(si, Event::Failed { req, errno });
             return;
         }
         let family = if addr.is_ipv4() {
@@ -289,6 +288,7 @@ impl Worker {
         ) {
             Ok(fd) => fd,
             Err(e) => {
+                self.refund(si, Res::Conns, 1);
                 self.emit(
                     si,
                     Event::Failed {
@@ -302,6 +302,7 @@ impl Worker {
         match rnet::connect(&fd, &addr) {
             Ok(()) | Err(Errno::INPROGRESS) => {}
             Err(e) => {
+                self.refund(si, Res::Conns, 1);
                 self.emit(
                     si,
                     Event::Failed {
@@ -313,9 +314,6 @@ impl Worker {
             }
         }
         let slot = self.alloc_socket(si, fd, Kind::Connecting { req });
-        if let Some(s) = self.session(si) {
-            s.conns += 1;
-        }
         let tag = Tag {
             op: Op::ConnectPoll,
             session: si.0,

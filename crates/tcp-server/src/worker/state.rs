@@ -82,20 +82,29 @@ pub(super) struct Session {
     pub(super) sockets: HashSet<SlotIx>,
     /// Files the application passed for `SendFile`, by its tag.
     pub(super) files: HashMap<u64, SessionFile>,
+    /// Tags of files refused over a budget, with the errno (see `send::MAX_REFUSED_FILES`).
+    pub(super) refused_files: HashMap<u64, i32>,
+    /// Files released while queued sends still read them: still charged until then.
+    pub(super) releasing: Vec<SessionFile>,
     /// Session-level operations in flight (the wait-fd poll).
     pub(super) inflight: u32,
     pub(super) dead: bool,
     /// The application has gone and the requests it left are being served (see
     /// `session_failed`).
     pub(super) departing: bool,
+    /// Ring bytes (record footprints) a departing session may still have served: what its
+    /// ring held when it went. More means it is still writing after declaring itself gone.
+    pub(super) drain_left: u64,
     /// When the application went away; its closed connections may flush until
     /// [`LINGER_LIMIT`] after that.
     pub(super) dead_since: Option<Instant>,
     pub(super) violations: u32,
     /// A `ServeFiles` route is being opened for it (one at a time).
     pub(super) opening_route: bool,
-    pub(super) conns: u32,
-    pub(super) listeners: u32,
+    /// Its user's budget account (see `crate::budget`), and what this session holds of each
+    /// budget (its connections and listeners among them).
+    pub(super) acct: Arc<crate::budget::Account>,
+    pub(super) used: super::budget::Used,
     pub(super) bytes_in: u64,
     pub(super) bytes_out: u64,
 }
@@ -109,6 +118,26 @@ pub(super) enum SessionFile {
     Plain(Arc<PlainFile>),
 }
 
+impl SessionFile {
+    /// Whether this is the last reference (no queued send reads it any more).
+    pub(super) fn last_holder(&self) -> bool {
+        match self {
+            SessionFile::Segment(s) => Arc::strong_count(s) == 1,
+            SessionFile::Plain(p) => Arc::strong_count(p) == 1,
+        }
+    }
+
+    /// Address space it takes (`file-bytes`): a segment is mapped whole, a plain file not.
+    pub(super) fn mapped_bytes(&self) -> u64 {
+        match self {
+            SessionFile::Segment(s) => s.len(),
+            SessionFile::Plain(_) => 0,
+        }
+    }
+}
+
+/// Bytes queued on a connection. Never empty: an empty chunk would be "sent" as 0 bytes, which
+/// retires nothing, so it would stay at the front of the queue for good.
 pub(super) enum Chunk {
     Inline {
         data: Vec<u8>,
@@ -194,7 +223,8 @@ pub(super) struct Conn {
     pub(super) failed: bool,
     pub(super) shutdown_wanted: bool,
     pub(super) shutdown_done: bool,
-    /// The application paused delivery (`Pause`): received bytes wait in `held`.
+    /// The application paused delivery (`Pause`): received bytes wait in `held` (at most
+    /// `recv::HELD_MAX`, whatever the application acknowledges).
     pub(super) paused: bool,
     pub(super) held: Vec<u8>,
     /// Set by `Handoff`: once the send queue is flushed, the fd and these bytes (then `held`)
@@ -209,6 +239,11 @@ pub(super) struct Conn {
     pub(super) written: bool,
     /// Queued for a send at the end of this pass (see `want_send`).
     pub(super) send_wanted: bool,
+    /// Waiting in `Worker::budget_waiters` for its session's budget to allow a receive.
+    pub(super) budget_wait: bool,
+    /// `SendFile` ranges queued and charged to the session (`file-ranges`), given back as
+    /// they are sent or when the connection is released.
+    pub(super) file_ranges: u64,
     /// The application closed or shut down this connection: its queued bytes go out even if
     /// the application then goes away (up to [`LINGER_LIMIT`]).
     pub(super) linger: bool,
@@ -289,6 +324,15 @@ impl Recovery {
     }
 }
 
+impl crate::direct::Direct {
+    /// Whether the direct path must stop reading this connection: its send queue is full
+    /// (the client does not read its responses) or it holds `DIRECT_BUF_MAX` bytes it has not
+    /// answered yet.
+    pub(super) fn holds_back(&self) -> bool {
+        self.blocked || self.conn.pending.len() >= super::recv::DIRECT_BUF_MAX
+    }
+}
+
 /// Chunks gathered into one `sendmsg`.
 pub(super) const MAX_IOV: usize = 8;
 
@@ -348,6 +392,8 @@ impl Conn {
             delivered: 0,
             written: false,
             send_wanted: false,
+            budget_wait: false,
+            file_ranges: 0,
             linger: false,
             direct: None,
             recovery: None,
@@ -355,15 +401,17 @@ impl Conn {
     }
 
     /// Whether a receive may be armed: none is, the stream goes on, the application has
-    /// acknowledged enough of what it was given (the receive window), and the direct path is
-    /// not holding reads back for a full send queue. (The socket must not be closing either;
+    /// acknowledged enough of what it was given (the receive window), a paused connection
+    /// holds less than half of `recv::HELD_MAX`, and the direct path is not holding reads back
+    /// (a full send queue or buffer). (The socket must not be closing either;
     /// that is the socket's state, checked by the caller.)
     pub(super) fn may_receive(&self) -> bool {
         self.recv == Recv::Idle
             && !self.eof
             && !self.failed
             && self.unacked < RECV_WINDOW as u64 / 2
-            && !self.direct.as_ref().is_some_and(|d| d.blocked)
+            && (!self.paused || self.held.len() < super::recv::HELD_MAX / 2)
+            && !self.direct.as_ref().is_some_and(|d| d.holds_back())
     }
 
     /// Untouched by its application: accepted on a persistent listener but never read from,
@@ -546,6 +594,35 @@ mod tests {
         c.eof = false;
         c.failed = true;
         assert!(!c.may_receive(), "after a failure");
+    }
+
+    #[test]
+    fn a_paused_connection_stops_reading_at_its_held_limit_whatever_is_acknowledged() {
+        let mut c = conn();
+        c.paused = true;
+        c.held = vec![0; super::super::recv::HELD_MAX / 2 - 1];
+        assert!(c.may_receive());
+        c.held.push(0);
+        c.unacked = 0; // everything "acknowledged"
+        assert!(!c.may_receive(), "held bytes are bounded on their own");
+    }
+
+    #[test]
+    fn a_direct_connection_stops_reading_when_blocked_or_holding_a_full_buffer() {
+        let mut c = conn();
+        let mut d = crate::direct::Direct::new(0, 1, Instant::now());
+        d.conn.pending = vec![0; super::super::recv::DIRECT_BUF_MAX - 1];
+        c.direct = Some(Box::new(d));
+        assert!(c.may_receive());
+        if let Some(d) = c.direct.as_mut() {
+            d.conn.pending.push(0);
+        }
+        assert!(!c.may_receive(), "the buffer is full");
+        if let Some(d) = c.direct.as_mut() {
+            d.conn.pending.clear();
+            d.blocked = true;
+        }
+        assert!(!c.may_receive(), "the send queue is full");
     }
 
     #[test]

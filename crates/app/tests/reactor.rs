@@ -13,11 +13,12 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
+/// A TCP server on a socket of its own; it removes its files when dropped.
 fn server(tag: &str) -> TcpServer {
-    let dir = std::env::temp_dir().join(format!("splitos-reactor-{}-{tag}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let socket =
+        std::env::temp_dir().join(format!("splitos-reactor-{}-{tag}.sock", std::process::id()));
     TcpServer::start(ServerConfig {
-        socket: dir.join("tcp.sock"),
+        socket,
         threads: 1,
         ..ServerConfig::default()
     })

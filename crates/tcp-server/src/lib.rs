@@ -357,6 +357,9 @@ impl TcpServer {
     }
 
     fn stop(&mut self) {
+        if self.control.is_none() && self.workers.is_empty() {
+            return; // stopped already (`shutdown`, then drop)
+        }
         self.shared.shutdown.store(true, Ordering::Release);
         for w in &self.workers {
             ring_eventfd(&w.wake);
@@ -367,6 +370,10 @@ impl TcpServer {
         for w in self.workers.drain(..) {
             let _ = w.thread.join();
         }
+        // The files this server made go with it; a killed server's are removed by the next
+        // start (the socket is replaced, the statistics file recreated).
+        let _ = std::fs::remove_file(&self.socket);
+        let _ = std::fs::remove_file(stats::stats_path(&self.socket));
     }
 }
 

@@ -501,6 +501,8 @@ fn ops(parts: &[&[u8]]) -> Vec<u8> {
 
 #[test]
 fn hostile_request_sequences() {
+    // The harness's server lives in a static, which is never dropped: its files go with this.
+    let _files = RemoveOnDrop(socket_path("fuzz-requests"));
     // Seeds: the security review's triggers, in this target's operation encoding.
     let listen_accept: &[u8] = &[1, 0, 0, 64, 1, 0, 0, 0, 18, 0, 3, b'a', b'b', b'c', 20];
     let seeds = [

@@ -253,6 +253,7 @@ fn write_until_blocked(s: &mut TcpStream, chunk: &[u8], max: usize, stall: Durat
 #[test]
 fn a_pipelining_client_that_does_not_read_cannot_grow_the_direct_path_without_bound() {
     let (mut server, path) = spawn_server_process("a1-direct", &[("SERVER_TOY_DIRECT", "1")]);
+    let _files = RemoveOnDrop(path.clone());
     let pid = server.id();
     let mut app = RawApp::connect(&path);
     let (lh, addr) = app.listen("127.0.0.1:0", 0).unwrap();
@@ -314,6 +315,7 @@ fn a_pipelining_client_that_does_not_read_cannot_grow_the_direct_path_without_bo
 #[test]
 fn a_paused_connection_holds_at_most_a_window() {
     let (mut server, path) = spawn_server_process("a2-paused", &[]);
+    let _files = RemoveOnDrop(path.clone());
     let pid = server.id();
     let mut app = RawApp::connect(&path);
     let (_, addr) = app.listen("127.0.0.1:0", 0).unwrap();
@@ -381,6 +383,7 @@ fn a_paused_connection_holds_at_most_a_window() {
 fn file_ranges_queued_on_a_connection_are_capped() {
     use rustix::fd::AsFd;
     let (mut server, path) = spawn_server_process("a2-sendfile", &[]);
+    let _files = RemoveOnDrop(path.clone());
     let pid = server.id();
     let mut app = RawApp::connect(&path);
     let (_, addr) = app.listen("127.0.0.1:0", 0).unwrap();
@@ -453,6 +456,7 @@ fn a_tenant_that_parks_listeners_in_a_loop_runs_out_alone() {
         "a10-park-loop",
         &[("SERVER_NOFILE", "512"), ("SERVER_SOCKET_MODE", "666")],
     );
+    let _files = RemoveOnDrop(path.clone());
     let pid = server.id();
     let mut evil = connect_as(NOBODY, &path);
     let mut refused = None;
@@ -504,6 +508,7 @@ fn a_tenant_that_parks_listeners_in_a_loop_runs_out_alone() {
 fn huge_file_segments_are_refused_not_mapped() {
     use rustix::fd::AsFd;
     let (mut server, path) = spawn_server_process("a4-segments", &[]);
+    let _files = RemoveOnDrop(path.clone());
     let pid = server.id();
     let mut evil = RawApp::connect(&path);
     let (_, addr) = evil.listen("127.0.0.1:0", 0).unwrap();

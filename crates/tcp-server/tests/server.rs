@@ -393,6 +393,7 @@ fn spawn_server_process(tag: &str) -> (std::process::Child, PathBuf) {
 #[test]
 fn kill_9_of_an_application_releases_everything() {
     let (mut server, socket) = spawn_server_process("kill");
+    let _files = RemoveOnDrop(socket.clone());
     let server_pid = server.id();
     let mut other = RawApp::connect(&socket);
     let (_, other_addr) = other.listen("127.0.0.1:0", 0).unwrap();

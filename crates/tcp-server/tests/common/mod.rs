@@ -266,6 +266,16 @@ pub fn count_fds(pid: u32) -> usize {
 /// the hard one too if `SERVER_NOFILE_HARD` is set), `SERVER_LIMITS` (`--limit` settings,
 /// comma-separated), `SERVER_THREADS`. A server that fails to start says so on stderr
 /// (`START FAILED: ...`) and exits with status 3.
+/// Removes a server's socket and statistics file when dropped: for servers a test kills.
+pub struct RemoveOnDrop(pub PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+        let _ = std::fs::remove_file(splitos_tcp_server::stats::stats_path(&self.0));
+    }
+}
+
 pub fn spawn_server_process(tag: &str, env: &[(&str, &str)]) -> (std::process::Child, PathBuf) {
     use std::process::{Command, Stdio};
     let path = socket_path(tag);

@@ -6,7 +6,9 @@
 //! session's per-connection queue, in place when the server delivered a buffer.
 
 use crate::session::{Creates, Session, WaitKey};
-use splitos_tcp_proto::{listen_flags, BufferMeta, Handle, Request, SockOpt, SEND_WINDOW};
+use splitos_tcp_proto::{
+    listen_flags, BufferMeta, Handle, Request, SockOpt, SEND_FILE_COST, SEND_WINDOW,
+};
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, ToSocketAddrs};
 use std::sync::{Arc, Mutex};
@@ -309,7 +311,9 @@ impl TcpStream {
     /// holds, whatever happens to the file meanwhile. A file passed by reference (too large to
     /// cache) goes out by `sendfile` from the file itself: if it shrinks meanwhile, the
     /// connection fails (the response ends short), and if it is rewritten the bytes sent are
-    /// those it holds when they are sent. Returns once the send is queued.
+    /// those it holds when they are sent. Returns once the send is queued; like a write, it
+    /// waits (up to the write timeout) while the connection's send window is full: each queued
+    /// range costs `SEND_FILE_COST` of it until the server has sent it.
     pub fn send_file(
         &self,
         file: &splitos_file_server::client::FileView,
@@ -317,21 +321,11 @@ impl TcpStream {
         len: u64,
     ) -> io::Result<()> {
         let h = self.inner.handle;
-        let pieces = crate::file_tags::pieces(file, offset, len)?;
-        let mut st = self.inner.session.lock()?;
-        for piece in pieces {
-            let st = &mut *st;
-            let (tag, released) = st.files.tag(&mut st.chan, &piece).map_err(|e| st.fail(e))?;
-            for old in released {
-                st.request(Request::ReleaseFile { file: old })?;
-            }
-            let (within, part) = crate::file_tags::span(&piece);
-            st.request(Request::SendFile {
-                handle: h,
-                file: tag,
-                offset: within,
-                len: part,
-            })?;
+        let dl = deadline(&self.inner.write_timeout);
+        for piece in crate::file_tags::pieces(file, offset, len)? {
+            self.inner
+                .session
+                .wait_until(WaitKey::Socket(h), dl, |st| try_send_piece(st, h, &piece))?;
         }
         Ok(())
     }
@@ -401,6 +395,38 @@ pub(crate) fn try_write(
         c.unconfirmed += n as u64;
     }
     Ok(Some(n))
+}
+
+/// Queues one piece of a `send_file` if the send window has room for its cost; `None` if not.
+fn try_send_piece(
+    st: &mut crate::session::State,
+    h: Handle,
+    piece: &splitos_file_server::client::Piece,
+) -> io::Result<Option<()>> {
+    let Some(c) = st.conns.get(&h) else {
+        return Err(io::Error::from(io::ErrorKind::NotConnected));
+    };
+    if let Some(errno) = c.error {
+        return Err(io::Error::from_raw_os_error(errno));
+    }
+    if c.unconfirmed + SEND_FILE_COST as u64 > SEND_WINDOW as u64 {
+        return Ok(None);
+    }
+    let (tag, released) = st.files.tag(&mut st.chan, piece).map_err(|e| st.fail(e))?;
+    for old in released {
+        st.request(Request::ReleaseFile { file: old })?;
+    }
+    let (within, part) = crate::file_tags::span(piece);
+    st.request(Request::SendFile {
+        handle: h,
+        file: tag,
+        offset: within,
+        len: part,
+    })?;
+    if let Some(c) = st.conns.get_mut(&h) {
+        c.unconfirmed += SEND_FILE_COST as u64;
+    }
+    Ok(Some(()))
 }
 
 /// Takes received bytes of `h` if there are any; `Some(0)` at EOF; `None` if nothing yet.

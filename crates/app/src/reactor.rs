@@ -23,7 +23,7 @@ use crate::net::ListenOptions;
 use crate::session::m2m_err;
 use splitos_file_server::client::{FileView, Piece};
 use splitos_m2m::{Channel, ChannelConfig, Message, WaitPolicy};
-use splitos_tcp_proto::{BufferMeta, Event, Request, SockOpt, SEND_WINDOW};
+use splitos_tcp_proto::{BufferMeta, Event, Request, SockOpt, SEND_FILE_COST, SEND_WINDOW};
 pub use splitos_tcp_proto::{Handle, MAX_HANDOFF};
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -435,7 +435,9 @@ impl Reactor {
         self.conn(conn)?;
         for piece in pieces(file, offset, len)? {
             let c = self.conn(conn)?;
-            if c.queue.is_empty() {
+            // Each range costs window until it is sent, like bytes: queued here past it.
+            if c.queue.is_empty() && c.unconfirmed + SEND_FILE_COST as u64 <= SEND_WINDOW as u64 {
+                c.unconfirmed += SEND_FILE_COST as u64;
                 self.send_piece(conn, &piece)?;
             } else {
                 c.queue.push_back(Queued::File(piece));
@@ -590,8 +592,12 @@ impl Reactor {
                         data: &part,
                     });
                 }
+                Queued::File(_) if (room as u64) < SEND_FILE_COST as u64 => return,
                 _ => {
                     let Some(q) = c.queue.pop_front() else { return };
+                    if matches!(q, Queued::File(_)) {
+                        c.unconfirmed += SEND_FILE_COST as u64;
+                    }
                     match q {
                         Queued::File(piece) => {
                             // Fails only with the channel, which the next call reports.

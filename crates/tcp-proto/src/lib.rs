@@ -28,6 +28,11 @@ pub const VERSION: u16 = 1;
 
 /// Bytes an application may have in flight to the server per connection.
 pub const SEND_WINDOW: u32 = 1 << 20;
+/// What one [`Request::SendFile`] counts against [`SEND_WINDOW`]: a queued file range holds
+/// server memory (a record, not the bytes), so without a cost an application could queue
+/// ranges without bound. Its credit comes back with `Sent` once the range is sent; at most
+/// `SEND_WINDOW / SEND_FILE_COST` (16,384) ranges wait per connection.
+pub const SEND_FILE_COST: u32 = 64;
 /// Bytes the server delivers per connection before the application acknowledges them.
 pub const RECV_WINDOW: u32 = 1 << 20;
 /// Longest application name in a [`Request::Hello`].

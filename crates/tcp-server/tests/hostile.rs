@@ -376,9 +376,11 @@ fn a_paused_connection_holds_at_most_a_window() {
     assert!(grew < 32 << 20, "the server grew by {} MiB", grew >> 20);
 }
 
-/// A2 (b): `SendFile` ranges count against no window (they hold a segment, not a copy), and
+/// A2 (b): `SendFile` ranges counted against no window (they hold a segment, not a copy), and
 /// nothing capped how many a connection queued: a million one-byte ranges on a connection
-/// whose client does not read were a million queue entries on the server's heap.
+/// whose client does not read were a million queue entries on the server's heap. Now each
+/// costs `SEND_FILE_COST` of the send window: past it, the requests are violations (and a
+/// session that keeps committing them is dropped).
 #[test]
 fn file_ranges_queued_on_a_connection_are_capped() {
     use rustix::fd::AsFd;
@@ -402,25 +404,38 @@ fn file_ranges_queued_on_a_connection_are_capped() {
     let before = rss_bytes(pid);
     let mut refused = None;
     let mut sent = 0u64;
-    'send: for _ in 0..3000 {
-        for _ in 0..1000 {
-            app.send(Request::SendFile {
+    // In batches smaller than the violations a session may commit, so that the refusal is
+    // seen before the session is dropped for them.
+    'send: for _ in 0..60_000 {
+        for _ in 0..50 {
+            let r = app.try_send(Request::SendFile {
                 handle: h,
                 file: 1,
                 offset: 0,
                 len: 1,
             });
+            if r.is_err() {
+                // Dropped for its violations before it read them: refused too.
+                refused = Some(105);
+                break 'send;
+            }
             sent += 1;
         }
         while let Ok(Some(m)) = app.chan.try_recv() {
             if let splitos_m2m::Message::Inline(b) = m {
-                if let Ok(splitos_tcp_proto::Event::Error { handle, errno }) =
-                    splitos_tcp_proto::Event::decode(b)
-                {
-                    if handle == h {
+                match splitos_tcp_proto::Event::decode(b) {
+                    Ok(splitos_tcp_proto::Event::Error { handle, errno }) if handle == h => {
                         refused = Some(errno);
                         break 'send;
                     }
+                    // Ranges cost send window (`SEND_FILE_COST`): past it, a violation.
+                    Ok(splitos_tcp_proto::Event::ProtocolError { op, errno })
+                        if op == splitos_tcp_proto::op::SEND_FILE =>
+                    {
+                        refused = Some(errno);
+                        break 'send;
+                    }
+                    _ => {}
                 }
             }
         }
@@ -434,7 +449,13 @@ fn file_ranges_queued_on_a_connection_are_capped() {
     drop(client);
     drop(server.stdin.take());
     let _ = server.wait();
-    assert_eq!(refused, Some(105), "no ENOBUFS on the connection");
+    assert_eq!(
+        refused,
+        Some(105),
+        "no ENOBUFS for the ranges past the window"
+    );
+    // 16,384 ranges fit the window; what the application pushed past them (it learns of the
+    // refusal a moment later) was refused, not queued: the memory bound below is the proof.
     assert!(grew < 32 << 20, "the server grew by {} MiB", grew >> 20);
 }
 

@@ -243,6 +243,7 @@ impl Worker {
                             seg: segment,
                             off: offset as usize,
                             end: end as usize,
+                            charged: false,
                         });
                     }
                 }

@@ -98,7 +98,7 @@ use splitos_m2m::{
 };
 use splitos_tcp_proto::{
     listen_flags, op, BufferMeta, Event, Handle, Request, SockOpt, NO_ADDR, PLAIN_FILE_TAG,
-    RECV_WINDOW, SEND_WINDOW,
+    RECV_WINDOW, SEND_FILE_COST, SEND_WINDOW,
 };
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;

@@ -373,6 +373,18 @@ impl Worker {
         if len == 0 {
             return;
         }
+        // A queued range costs window like bytes do: an application that keeps to its window
+        // (the library waits for credit) never meets the caps below.
+        if c.unsent + SEND_FILE_COST as u64 > SEND_WINDOW as u64 {
+            self.violation(
+                si,
+                op::SEND_FILE,
+                Errno::NOBUFS.raw_os_error(),
+                "send window exceeded by file ranges",
+            );
+            return;
+        }
+        c.unsent += SEND_FILE_COST as u64;
         if c.sendq.len() >= MAX_QUEUED_CHUNKS {
             tracing::debug!(
                 session = si.0,
@@ -393,8 +405,18 @@ impl Worker {
         c.file_ranges += 1;
         let (off, end) = (offset as usize, (offset + len) as usize);
         c.sendq.push_back(match f {
-            SessionFile::Segment(seg) => Chunk::File { seg, off, end },
-            SessionFile::Plain(file) => Chunk::Plain { file, off, end },
+            SessionFile::Segment(seg) => Chunk::File {
+                seg,
+                off,
+                end,
+                charged: true,
+            },
+            SessionFile::Plain(file) => Chunk::Plain {
+                file,
+                off,
+                end,
+                charged: true,
+            },
         });
         self.want_send(slot);
     }
@@ -520,11 +542,11 @@ impl Worker {
         };
         let r = if pos == 0 {
             match c.sendq.front() {
-                Some(Chunk::File { seg, off, end }) => {
+                Some(Chunk::File { seg, off, end, .. }) => {
                     let mut at = *off as u64;
                     rustix::fs::sendfile(&sock.fd, seg.fd(), Some(&mut at), end - off)
                 }
-                Some(Chunk::Plain { file, off, end }) => {
+                Some(Chunk::Plain { file, off, end, .. }) => {
                     let mut at = *off as u64;
                     match rustix::fs::sendfile(&sock.fd, file.fd(), Some(&mut at), end - off) {
                         // The end of the file before the end of the range: it shrank. The
@@ -694,11 +716,13 @@ impl Worker {
             if front.remaining() == 0 {
                 match c.sendq.pop_front() {
                     Some(Chunk::Inline { data, .. }) => recycle(&mut self.spare, data),
-                    // (A range of the direct path counts too when the application has some
-                    // queued: off by at most `direct::SENDQ_LIMIT`, in the application's favour.)
-                    Some(Chunk::File { .. } | Chunk::Plain { .. }) if c.file_ranges > 0 => {
-                        c.file_ranges -= 1;
+                    // A range the application queued: its cost comes back as send credit.
+                    Some(
+                        Chunk::File { charged: true, .. } | Chunk::Plain { charged: true, .. },
+                    ) => {
+                        c.file_ranges = c.file_ranges.saturating_sub(1);
                         ranges_done += 1;
+                        credited += SEND_FILE_COST as u64;
                     }
                     _ => {}
                 }

@@ -153,12 +153,14 @@ pub(super) enum Chunk {
         data: Vec<u8>,
         off: usize,
     },
-    /// Bytes of a sealed file segment, sent straight from the shared mapping. They do not
-    /// count against the send window (nothing is buffered for them) and earn no `Sent` credit.
+    /// Bytes of a sealed file segment, sent straight from the shared mapping. Their bytes do
+    /// not count against the send window (nothing is buffered for them); a range the
+    /// application queued (`charged`) costs `SEND_FILE_COST`, credited back once it is sent.
     File {
         seg: Arc<Segment>,
         off: usize,
         end: usize,
+        charged: bool,
     },
     /// Bytes of a regular file passed by reference: never mapped, always sent by `sendfile`
     /// (from the page cache), never gathered into a ring send. Outside the send window like
@@ -167,6 +169,7 @@ pub(super) enum Chunk {
         file: Arc<PlainFile>,
         off: usize,
         end: usize,
+        charged: bool,
     },
 }
 
@@ -186,7 +189,7 @@ impl Chunk {
                 (data[*off..].as_ptr(), data.len() - off)
             }
             Chunk::Buf { rx, off } => (rx.as_ptr().wrapping_add(*off), rx.len() - off),
-            Chunk::File { seg, off, end } => (seg.bytes()[*off..*end].as_ptr(), end - off),
+            Chunk::File { seg, off, end, .. } => (seg.bytes()[*off..*end].as_ptr(), end - off),
             // Not in memory: the send paths stop before a `Plain` chunk (see `send_now`), so
             // no iovec is ever built from it; if one were, it would be empty.
             Chunk::Plain { .. } => (std::ptr::NonNull::<u8>::dangling().as_ptr(), 0),

@@ -82,11 +82,17 @@ impl RawApp {
     }
 
     pub fn send(&mut self, r: Request<'_>) {
+        self.try_send(r).expect("send request");
+    }
+
+    /// Sends a request; the channel's error if the server has dropped this session.
+    pub fn try_send(&mut self, r: Request<'_>) -> Result<(), splitos_m2m::Error> {
         self.buf.clear();
         r.encode(&mut self.buf);
         let b = std::mem::take(&mut self.buf);
-        self.chan.send(&b).expect("send request");
+        let sent = self.chan.send(&b);
         self.buf = b;
+        sent
     }
 
     pub fn event(&mut self) -> Ev {

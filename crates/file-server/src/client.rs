@@ -187,7 +187,6 @@ pub struct FileView {
 }
 
 struct View {
-    path: String,
     version: Version,
     content_type: &'static str,
     body: Body,
@@ -203,6 +202,8 @@ enum Body {
 }
 
 struct Chunks {
+    /// The file's path, to fetch its chunks by.
+    path: String,
     chunk_size: u64,
     count: u64,
     fetched: Mutex<HashMap<u32, Arc<Segment>>>,
@@ -219,10 +220,9 @@ fn relock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl FileView {
-    fn new(path: &str, version: Version, content_type: &'static str, body: Body) -> FileView {
+    fn new(version: Version, content_type: &'static str, body: Body) -> FileView {
         FileView {
             inner: Arc::new(View {
-                path: path.to_string(),
                 version,
                 content_type,
                 body,
@@ -337,7 +337,7 @@ impl FileView {
         }
         let link = c.link.upgrade().ok_or(ClientError::ServerGone)?;
         let seg = relock(&link).fetch_chunk(
-            &self.inner.path,
+            &c.path,
             k,
             self.inner.version,
             c.chunk_size,
@@ -646,8 +646,8 @@ impl Link {
         cached_only: bool,
     ) -> Result<Option<Found>, ClientError> {
         self.alive()?;
-        let content_type = splitos_http::mime::from_code(splitos_http::mime::code(path));
         let chunks = |chunk_size, count, cached_only| Chunks {
+            path: path.to_string(),
             chunk_size,
             count,
             fetched: Mutex::new(HashMap::new()),
@@ -667,7 +667,7 @@ impl Link {
                         .filter(|s| s.len() == e.chunk_len as u64 && s.version() == version);
                     if count == 1 {
                         if let Some(seg) = mapped {
-                            let view = FileView::new(path, version, content_type, Body::One(seg));
+                            let view = FileView::new(version, content_type, Body::One(seg));
                             return Ok(Some(Found { view, hit: true }));
                         }
                     } else {
@@ -676,7 +676,7 @@ impl Link {
                         if let Some(seg) = mapped {
                             relock(&c.fetched).insert(0, seg);
                         }
-                        let view = FileView::new(path, version, content_type, Body::Chunks(c));
+                        let view = FileView::new(version, content_type, Body::Chunks(c));
                         return Ok(Some(Found { view, hit: true }));
                     }
                 }
@@ -685,6 +685,8 @@ impl Link {
             None => {}
         }
         let (reply, fd) = self.round_trip(|req, out| Lookup { req, path }.encode(out))?;
+        // Asked, not found in the directory: the type by the path, as the server would record.
+        let content_type = splitos_http::mime::from_code(splitos_http::mime::code(path));
         let view = match reply {
             Reply::Failed { code, .. } => return Err(fail_error(code)),
             Reply::Opened {
@@ -707,7 +709,7 @@ impl Link {
                     return Err(ClientError::Protocol("a partial file as a whole one"));
                 }
                 let seg = self.accept_segment(fd, id, 0, chunk_len, chunk_size, version)?;
-                FileView::new(path, version, content_type, Body::One(seg))
+                FileView::new(version, content_type, Body::One(seg))
             }
             Reply::Info {
                 chunk_size,
@@ -728,7 +730,7 @@ impl Link {
                     mtime_ns: mtime_ns as i128,
                 };
                 let c = chunks(chunk_size, count, cached_only);
-                FileView::new(path, version, content_type, Body::Chunks(c))
+                FileView::new(version, content_type, Body::Chunks(c))
             }
             Reply::OpenedFile {
                 file_size,
@@ -756,7 +758,7 @@ impl Link {
                         f
                     }
                 };
-                FileView::new(path, version, content_type, Body::Plain(file))
+                FileView::new(version, content_type, Body::Plain(file))
             }
         };
         Ok(Some(Found { view, hit: false }))
@@ -972,8 +974,7 @@ impl FileClient {
     }
 
     fn find(&mut self, path: &str, cached_only: bool) -> Result<Option<FileView>, ClientError> {
-        let link = self.link.clone();
-        let found = relock(&link).lookup(&link, path, cached_only);
+        let found = relock(&self.link).lookup(&self.link, path, cached_only);
         match found {
             Ok(Some(Found { view, hit })) => {
                 self.directory_hits += hit as u64;

@@ -83,8 +83,8 @@ impl Server {
             .collect()
     }
 
-    /// Process ids of the applications connected to its TCP server (`splitos status`).
-    fn sessions(&self) -> Vec<u32> {
+    /// `splitos status --json` of this server (null if it does not answer).
+    fn status(&self) -> serde_json::Value {
         let out = Command::new(BIN)
             .args([
                 "status",
@@ -93,11 +93,14 @@ impl Server {
                 &format!("127.0.0.1:{}", self.port),
             ])
             .output();
-        let v: serde_json::Value = out
-            .ok()
+        out.ok()
             .and_then(|o| serde_json::from_slice(&o.stdout).ok())
-            .unwrap_or_default();
-        v["tcp"]["sessions"]
+            .unwrap_or_default()
+    }
+
+    /// Process ids of the applications connected to its TCP server (`splitos status`).
+    fn sessions(&self) -> Vec<u32> {
+        self.status()["tcp"]["sessions"]
             .as_array()
             .map(|a| {
                 a.iter()
@@ -110,19 +113,9 @@ impl Server {
     /// Requests the TCP server answered itself so far (`splitos status`; refreshed every
     /// 100 ms).
     fn direct_answers(&self) -> u64 {
-        let out = Command::new(BIN)
-            .args([
-                "status",
-                "--json",
-                "--listen",
-                &format!("127.0.0.1:{}", self.port),
-            ])
-            .output();
-        let v: serde_json::Value = out
-            .ok()
-            .and_then(|o| serde_json::from_slice(&o.stdout).ok())
-            .unwrap_or_default();
-        v["summary"]["direct_answers"].as_u64().unwrap_or(0)
+        self.status()["summary"]["direct_answers"]
+            .as_u64()
+            .unwrap_or(0)
     }
 
     /// The one application process, once there is exactly one (within 20 s).

@@ -118,6 +118,21 @@ impl Worker {
         None
     }
 
+    /// Takes `n` bytes of `slot`'s send window, or reports the overrun as a violation of `op`
+    /// and takes nothing. (The window bounds what the server buffers for a connection.)
+    fn charge_window(&mut self, si: SessionIx, slot: SlotIx, n: u64, op: u8) -> bool {
+        let Some(c) = self.conn_mut(slot) else {
+            return false;
+        };
+        if c.unsent + n > SEND_WINDOW as u64 {
+            let errno = Errno::NOBUFS.raw_os_error();
+            self.violation(si, op, errno, "send window exceeded");
+            return false;
+        }
+        c.unsent += n;
+        true
+    }
+
     pub(super) fn send_inline(&mut self, si: SessionIx, handle: Handle, data: &[u8]) {
         let Some(slot) = self.writable(si, handle) else {
             return;
@@ -128,20 +143,13 @@ impl Worker {
             // and whatever follows it (a close) would wait forever.
             return;
         }
+        if !self.charge_window(si, slot, data.len() as u64, op::SEND) {
+            return;
+        }
         let mut spare = self.spare.pop();
         let Some(c) = self.conn_mut(slot) else {
             return;
         };
-        if c.unsent + data.len() as u64 > SEND_WINDOW as u64 {
-            self.violation(
-                si,
-                op::SEND,
-                Errno::NOBUFS.raw_os_error(),
-                "send window exceeded",
-            );
-            return;
-        }
-        c.unsent += data.len() as u64;
         // Coalesce into the last inline chunk unless the kernel is reading from it (growing it
         // could move its bytes).
         let busy_back = c.send.reads_last_of(c.sendq.len());
@@ -165,19 +173,12 @@ impl Worker {
         let Some(slot) = self.writable(si, handle) else {
             return;
         };
+        if !self.charge_window(si, slot, rx.len() as u64, op::SEND) {
+            return;
+        }
         let Some(c) = self.conn_mut(slot) else {
             return;
         };
-        if c.unsent + rx.len() as u64 > SEND_WINDOW as u64 {
-            self.violation(
-                si,
-                op::SEND,
-                Errno::NOBUFS.raw_os_error(),
-                "send window exceeded",
-            );
-            return;
-        }
-        c.unsent += rx.len() as u64;
         if !rx.is_empty() {
             c.sendq.push_back(Chunk::Buf { rx, off: 0 });
         }
@@ -384,19 +385,13 @@ impl Worker {
         if len == 0 {
             return;
         }
+        let queued = c.sendq.len();
         // A queued range costs window like bytes do: an application that keeps to its window
         // (the library waits for credit) never meets the caps below.
-        if c.unsent + SEND_FILE_COST as u64 > SEND_WINDOW as u64 {
-            self.violation(
-                si,
-                op::SEND_FILE,
-                Errno::NOBUFS.raw_os_error(),
-                "send window exceeded by file ranges",
-            );
+        if !self.charge_window(si, slot, SEND_FILE_COST as u64, op::SEND_FILE) {
             return;
         }
-        c.unsent += SEND_FILE_COST as u64;
-        if c.sendq.len() >= MAX_QUEUED_CHUNKS {
+        if queued >= MAX_QUEUED_CHUNKS {
             tracing::debug!(
                 session = si.0,
                 slot = slot.0,

@@ -47,15 +47,7 @@ impl Worker {
         idle_timeout_s: u32,
         socket: &[u8],
     ) {
-        let fail = |w: &mut Worker, errno: Errno| {
-            w.emit(
-                si,
-                Event::Failed {
-                    req,
-                    errno: errno.raw_os_error(),
-                },
-            )
-        };
+        let fail = |w: &mut Worker, errno: Errno| w.fail_request(si, req, errno.raw_os_error());
         let Some(slot) = self.owned(si, listener) else {
             return fail(self, Errno::BADF);
         };
@@ -124,13 +116,7 @@ impl Worker {
                 Ok(r) => r,
                 Err(errno) => {
                     tracing::info!(session = si.0, "ServeFiles refused: {errno}");
-                    self.emit(
-                        si,
-                        Event::Failed {
-                            req,
-                            errno: errno.raw_os_error(),
-                        },
-                    );
+                    self.fail_request(si, req, errno.raw_os_error());
                     continue;
                 }
             };

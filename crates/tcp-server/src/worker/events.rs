@@ -4,6 +4,11 @@
 use super::*;
 
 impl Worker {
+    /// Answers request `req` of session `si` with `Failed` and the errno it gets.
+    pub(super) fn fail_request(&mut self, si: SessionIx, req: u32, errno: i32) {
+        self.emit(si, Event::Failed { req, errno });
+    }
+
     pub(super) fn emit(&mut self, si: SessionIx, ev: Event<'_>) {
         self.ev.clear();
         ev.encode(&mut self.ev);

@@ -168,13 +168,7 @@ impl Worker {
             },
             Request::SetOption { req, handle, opt } => {
                 let Some(slot) = self.owned(si, handle) else {
-                    self.emit(
-                        si,
-                        Event::Failed {
-                            req,
-                            errno: Errno::BADF.raw_os_error(),
-                        },
-                    );
+                    self.fail_request(si, req, Errno::BADF.raw_os_error());
                     return;
                 };
                 let Some(sock) = self.sockets[slot].sock.as_ref() else {

@@ -647,28 +647,10 @@ impl Worker {
         self.start_send(slot);
     }
 
-    /// Fails a connection on which the application queued more than the server holds: it gets
-    /// `errno` on it (as for a failed send) and may write no more; its queue goes as soon as no
-    /// send reads it (now, or in `start_send` after the one in flight).
+    /// Fails a connection's sending — a send the kernel refused, or more queued than the server
+    /// holds: its application gets `errno` on it and may write no more; its queue goes as soon
+    /// as no send reads it (now, or in `start_send` after the one in flight).
     pub(super) fn overrun(&mut self, slot: SlotIx, errno: i32) {
-        let Some(sock) = self.sockets[slot].sock.as_mut() else {
-            return;
-        };
-        let si = sock.session;
-        let Kind::Conn(c) = &mut sock.kind else {
-            return;
-        };
-        c.failed = true;
-        c.unsent = 0;
-        if !c.send.busy() {
-            c.sendq.clear();
-        }
-        let handle = self.handle(slot);
-        self.emit(si, Event::Error { handle, errno });
-        self.try_finish_close(slot);
-    }
-
-    pub(super) fn send_failed(&mut self, slot: SlotIx, errno: i32) {
         let Some(sock) = self.sockets[slot].sock.as_mut() else {
             return;
         };
@@ -677,15 +659,22 @@ impl Worker {
         let Kind::Conn(c) = &mut sock.kind else {
             return;
         };
-        tracing::debug!(errno, "send failed");
         c.failed = true;
-        c.sendq.clear();
         c.unsent = 0;
+        if !c.send.busy() {
+            c.sendq.clear();
+        }
+        // A connection being closed already has no one to tell.
         if !closing {
             let handle = self.handle(slot);
             self.emit(si, Event::Error { handle, errno });
         }
         self.try_finish_close(slot);
+    }
+
+    pub(super) fn send_failed(&mut self, slot: SlotIx, errno: i32) {
+        tracing::debug!(errno, "send failed");
+        self.overrun(slot, errno);
     }
 
     /// Retires `n` sent bytes from the front of the queue, returning send credit and

@@ -80,18 +80,12 @@ impl Worker {
                 port = addr.port(),
                 "listen refused by the access policy"
             );
-            self.emit(
-                si,
-                Event::Failed {
-                    req,
-                    errno: Errno::ACCESS.raw_os_error(),
-                },
-            );
+            self.fail_request(si, req, Errno::ACCESS.raw_os_error());
             return;
         }
         if let Err(over) = self.charge(si, Res::Listeners, 1) {
             let errno = self.over_budget(si, Res::Listeners, over);
-            self.emit(si, Event::Failed { req, errno });
+            self.fail_request(si, req, errno);
             return;
         }
         let registry = &self.shared.registry;
@@ -110,13 +104,7 @@ impl Worker {
                 Ok((fd, local)) => (fd, Vec::new(), local),
                 Err(e) => {
                     self.refund(si, Res::Listeners, 1);
-                    self.emit(
-                        si,
-                        Event::Failed {
-                            req,
-                            errno: e.raw_os_error(),
-                        },
-                    );
+                    self.fail_request(si, req, e.raw_os_error());
                     return;
                 }
             },
@@ -272,7 +260,7 @@ impl Worker {
         }
         if let Err(over) = self.charge(si, Res::Conns, 1) {
             let errno = self.over_budget(si, Res::Conns, over);
-            self.emit(si, Event::Failed { req, errno });
+            self.fail_request(si, req, errno);
             return;
         }
         let family = if addr.is_ipv4() {
@@ -289,13 +277,7 @@ impl Worker {
             Ok(fd) => fd,
             Err(e) => {
                 self.refund(si, Res::Conns, 1);
-                self.emit(
-                    si,
-                    Event::Failed {
-                        req,
-                        errno: e.raw_os_error(),
-                    },
-                );
+                self.fail_request(si, req, e.raw_os_error());
                 return;
             }
         };
@@ -303,13 +285,7 @@ impl Worker {
             Ok(()) | Err(Errno::INPROGRESS) => {}
             Err(e) => {
                 self.refund(si, Res::Conns, 1);
-                self.emit(
-                    si,
-                    Event::Failed {
-                        req,
-                        errno: e.raw_os_error(),
-                    },
-                );
+                self.fail_request(si, req, e.raw_os_error());
                 return;
             }
         }
@@ -325,13 +301,7 @@ impl Worker {
         match self.ring.poll_writable(sock.fd.as_fd(), tag) {
             Ok(()) => sock.inflight += 1,
             Err(e) => {
-                self.emit(
-                    si,
-                    Event::Failed {
-                        req,
-                        errno: errno_of(&e),
-                    },
-                );
+                self.fail_request(si, req, errno_of(&e));
                 self.begin_close(slot, true);
             }
         }
@@ -373,13 +343,7 @@ impl Worker {
                 self.maybe_arm_recv(slot);
             }
             Err(e) => {
-                self.emit(
-                    si,
-                    Event::Failed {
-                        req,
-                        errno: e.raw_os_error(),
-                    },
-                );
+                self.fail_request(si, req, e.raw_os_error());
                 self.begin_close(slot, true);
             }
         }

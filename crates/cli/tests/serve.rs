@@ -1118,3 +1118,51 @@ fn the_runtime_directory_is_checked_and_dead_servers_files_removed() {
     drop(s);
     assert!(!mine.exists(), "a clean exit removes its directory");
 }
+
+/// Issue 13 §6: two nodes serving copies of one site (copied with their times) give a file
+/// the same `ETag`, so a client revalidating against the other node gets its 304; a copy with
+/// another modification time does not match.
+#[test]
+fn validators_agree_across_servers_of_copied_sites() {
+    let a = serve("etag-a");
+    let b = serve("etag-b");
+    let url = |s: &Server, p: &str| format!("http://127.0.0.1:{}{p}", s.port);
+    // Same bytes, different inodes; the copy gets the original's times (as `cp -p` does).
+    let touched = Command::new("touch")
+        .arg("-r")
+        .arg(a.site.join("data.bin"))
+        .arg(b.site.join("data.bin"))
+        .status()
+        .unwrap();
+    assert!(touched.success());
+    let etag = etag_of_path(&a, "/data.bin");
+    assert_eq!(etag_of_path(&b, "/data.bin"), etag);
+    assert_eq!(
+        code(&[
+            "-H",
+            &format!("If-None-Match: {etag}"),
+            &url(&b, "/data.bin")
+        ]),
+        "304"
+    );
+    // index.html was written at another moment on each side: no false match.
+    let home = etag_of_path(&a, "/index.html");
+    assert_ne!(home, etag_of_path(&b, "/index.html"));
+    assert_eq!(
+        code(&[
+            "-H",
+            &format!("If-None-Match: {home}"),
+            &url(&b, "/index.html")
+        ]),
+        "200"
+    );
+}
+
+fn etag_of_path(s: &Server, path: &str) -> String {
+    let head = curl(&["-I", &format!("http://127.0.0.1:{}{path}", s.port)]);
+    head.lines()
+        .find_map(|l| l.strip_prefix("ETag: "))
+        .unwrap_or_else(|| panic!("no ETag in {head}"))
+        .trim()
+        .to_string()
+}

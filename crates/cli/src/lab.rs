@@ -44,6 +44,21 @@ enum LabCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Move live connections from one node to another (`splitos migrate` in the switch
+    /// namespace, with the nodes' link addresses filled in).
+    Migrate {
+        /// The node they leave: nodeK.
+        #[arg(long)]
+        from: String,
+        /// The node they go to: nodeK.
+        #[arg(long)]
+        to: String,
+        #[command(flatten)]
+        select: crate::migrate::SelectArgs,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Remove every namespace, process and file of the lab (also after a crash).
     Down,
 }
@@ -113,6 +128,16 @@ pub fn run(a: LabArgs) -> Result<(), String> {
                     );
                 }
             }
+        }
+        LabCommand::Migrate {
+            from,
+            to,
+            select,
+            json,
+        } => {
+            let r = lab::migrate(p, &from, &to, select.select())
+                .map_err(|e| format!("lab migrate: {e}"))?;
+            crate::migrate::print(&r, json)?;
         }
         LabCommand::Down => {
             let r = lab::down(p).map_err(|e| format!("lab down: {e}"))?;

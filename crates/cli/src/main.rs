@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod lab;
+mod migrate;
 mod serve;
 mod status;
 mod switch;
@@ -60,6 +61,11 @@ enum Command {
     /// A cluster of network namespaces on this machine: a client, the switch and N nodes
     /// running `splitos serve` behind one virtual IP (up, exec, status, down; needs root).
     Lab(lab::LabArgs),
+    /// Move live connections from one node to another (run where the switch is): the switch
+    /// holds them, the source node saves them with TCP_REPAIR and the destination restores
+    /// them, then one switch transaction sends their packets to the destination. Clients
+    /// notice nothing but a pause of a few milliseconds.
+    Migrate(migrate::MigrateArgs),
 }
 
 #[derive(clap::Args)]
@@ -243,6 +249,7 @@ fn main() -> ExitCode {
         }),
         Command::Switch(a) => switch::run(a),
         Command::Lab(a) => lab::run(a),
+        Command::Migrate(a) => migrate::run(a),
         Command::Status(a) => status::run(
             status::Target {
                 socket: a.socket,

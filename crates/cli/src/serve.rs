@@ -63,6 +63,15 @@ pub struct ServeArgs {
     /// or /tmp/splitos-<uid>].
     #[arg(long)]
     control_socket: Option<PathBuf>,
+    /// Listen for the node link on ADDR (IP:PORT): the port on which other nodes send this
+    /// one connections that move (live migration) and an operator's `splitos migrate` asks
+    /// for them. Put it on the cluster's private network. Needs CAP_NET_ADMIN (TCP_REPAIR).
+    #[arg(long, value_name = "ADDR")]
+    link: Option<String>,
+    /// A network (ADDR/LEN) whose hosts may use the node link; repeat for several. Required
+    /// with --link: the link has no other authentication.
+    #[arg(long = "link-allow", value_name = "NET")]
+    link_allow: Vec<String>,
 }
 
 #[derive(clap::Args)]
@@ -149,6 +158,33 @@ pub fn run(a: ServeArgs, stop: &AtomicBool, reload: &AtomicBool) -> Result<(), S
     // hears about first.
     supervisor::served_root(&a.dir).map_err(|e| e.to_string())?;
     let listen = parse_listen(&a.listen)?;
+    let link = match &a.link {
+        None if !a.link_allow.is_empty() => {
+            return Err("--link-allow needs --link ADDR (where the node link listens)".into())
+        }
+        None => None,
+        Some(addr) => {
+            let listen = addr
+                .parse()
+                .map_err(|e| format!("--link {addr:?}: {e} (expected IP:PORT)"))?;
+            if a.link_allow.is_empty() {
+                return Err(
+                    "--link needs at least one --link-allow NET (who may use the link; \
+                     e.g. the cluster's private network)"
+                        .into(),
+                );
+            }
+            let allow = a
+                .link_allow
+                .iter()
+                .map(|n| {
+                    splitos_migrate::node::parse_network(n)
+                        .map_err(|e| format!("--link-allow: {e}"))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Some(splitos_migrate::LinkConfig { listen, allow })
+        }
+    };
     let config = ServeConfig {
         dir: a.dir.clone(),
         listen,
@@ -164,6 +200,7 @@ pub fn run(a: ServeArgs, stop: &AtomicBool, reload: &AtomicBool) -> Result<(), S
         wait: a.wait,
         control_socket: a.control_socket,
         app: app_command(),
+        link,
     };
     let dir = a.dir;
     supervisor::run(config, stop, reload, |n| match n {

@@ -11,6 +11,7 @@
 //! another whose prefix merely starts the same way.
 
 use crate::netns::{self, NetnsError};
+use crate::switch::NodeId;
 use crate::topology::{self, Topology};
 use serde::{Deserialize, Serialize};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
@@ -50,6 +51,10 @@ pub enum LabError {
     Step(String),
     #[error("unknown member {0:?}: expected client, switch or node1..node{1}")]
     Member(String, u16),
+    #[error("{0:?} is not a node (expected node1..node{1})")]
+    NotANode(String, u16),
+    #[error("{0}")]
+    Migrate(#[from] crate::migrate::MigrateError),
 }
 
 fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> LabError + 'a {
@@ -252,6 +257,10 @@ fn build(cfg: &LabConfig, topo: &Topology, st: &mut LabState) -> Result<(), LabE
             .args(["--listen", &listen.to_string()])
             .arg("--control-socket")
             .arg(tmp.join("control.sock"))
+            // The node link, on the node's own address, for the lab's private networks only.
+            .arg("--link")
+            .arg(node_link(k).to_string())
+            .args(["--link-allow", LAB_NETWORK])
             // serve keeps its private sockets under its runtime (or, in older builds,
             // temporary) directory: make both the lab's, so they go with it.
             .env("XDG_RUNTIME_DIR", &tmp)
@@ -395,6 +404,41 @@ pub fn status(prefix: &str) -> Result<LabStatus, LabError> {
         namespaces_present: state.namespaces.iter().map(|n| netns::exists(n)).collect(),
         state,
     })
+}
+
+/// The lab's addresses: the only ones it uses, and the only ones its node links accept.
+const LAB_NETWORK: &str = "198.18.0.0/15";
+
+/// Node `k`'s link address.
+fn node_link(k: NodeId) -> SocketAddr {
+    SocketAddr::new(
+        Topology::node_addr(k).into(),
+        crate::migrate::DEFAULT_LINK_PORT,
+    )
+}
+
+/// Moves connections from node `from` to node `to` of lab `prefix` (both `nodeK`): the
+/// operator's side runs in the switch namespace, as `splitos migrate` would on a router.
+pub fn migrate(
+    prefix: &str,
+    from: &str,
+    to: &str,
+    select: crate::migrate::Select,
+) -> Result<crate::migrate::Report, LabError> {
+    let st = load(prefix)?;
+    let node = |m: &str| -> Result<NodeId, LabError> {
+        st.namespace_of(m)?;
+        m.strip_prefix("node")
+            .and_then(|k| k.parse().ok())
+            .ok_or_else(|| LabError::NotANode(m.to_string(), st.nodes))
+    };
+    let (a, b) = (node(from)?, node(to)?);
+    let sw = st.namespace_of("switch")?;
+    let table = crate::switch::DEFAULT_TABLE;
+    let r = netns::run_in(&sw, || {
+        crate::migrate::migrate(table, node_link(a), node_link(b), select)
+    })??;
+    Ok(r)
 }
 
 /// Replaces this process with `program args...` run inside lab `prefix`'s `member`

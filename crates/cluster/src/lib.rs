@@ -1,9 +1,11 @@
 //! Split-OS on several nodes: the steering switch that spreads a virtual IP's flows over the
 //! nodes ([`switch`]), and the pieces that build a cluster out of network namespaces on one
 //! machine ([`netns`], [`topology`], and the [`lab`] that runs real servers in them) for
-//! tests, demos and benchmarks.
+//! tests, demos and benchmarks; and live migration between nodes through the switch
+//! ([`migrate`]).
 
 pub mod lab;
+pub mod migrate;
 pub mod netns;
 pub mod switch;
 pub mod topology;

@@ -74,6 +74,8 @@ pub struct ServeConfig {
     pub control_socket: Option<PathBuf>,
     /// How to start an instance of the HTTP application.
     pub app: AppCommand,
+    /// The node link for live migration between nodes (`splitos_migrate`), if any.
+    pub link: Option<splitos_migrate::LinkConfig>,
 }
 
 /// How to start an instance of the HTTP application: a program that parses the arguments of
@@ -99,6 +101,8 @@ pub enum ServeError {
     RuntimeDir(#[from] DirError),
     #[error(transparent)]
     TcpServer(#[from] splitos_tcp_server::ServerError),
+    #[error(transparent)]
+    Link(#[from] splitos_migrate::LinkError),
     #[error(transparent)]
     FileServer(#[from] splitos_file_server::server::ServerError),
     #[error(transparent)]
@@ -331,6 +335,12 @@ pub fn run(
         direct: Some(std::sync::Arc::new(crate::direct::StaticFiles)),
         ..ServerConfig::default()
     })?;
+    // Connections moved here from another node are adopted by the application's persistent
+    // listener like handed-off ones; the link stops before the TCP server does.
+    let link = match config.link.clone() {
+        Some(cfg) => Some(splitos_migrate::NodeLink::start(cfg, tcp.migration())?),
+        None => None,
+    };
     let mut fcfg = FileServerConfig::new(root.clone(), private.join("files.sock"));
     fcfg.cache_bytes = config.cache_size;
     let files = FileServer::start(fcfg)?;
@@ -461,6 +471,7 @@ pub fn run(
     notify(Notice::ShuttingDown);
     app.signal(rustix::process::Signal::TERM);
     app.reap(Duration::from_secs(5));
+    drop(link);
     tcp.shutdown();
     files.shutdown();
     Ok(())
@@ -640,6 +651,7 @@ mod tests {
             wait: WaitPolicy::Block,
             control_socket: Some(dir.join("control.sock")),
             app: script("echo ready; echo 'listening 127.0.0.1:9'"),
+            link: None,
         };
         let (stop, reload) = (AtomicBool::new(false), AtomicBool::new(false));
         let mut seen = Vec::new();

@@ -13,6 +13,7 @@
 mod access;
 mod budget;
 pub mod direct;
+pub mod migration;
 mod persist;
 pub mod stats;
 mod uring;
@@ -115,6 +116,8 @@ pub(crate) struct Shared {
     /// Every worker's wake-up eventfd, set once all have started: a connection handed off on
     /// one worker may be adopted by a listener on another.
     pub wakes: std::sync::OnceLock<Vec<Arc<OwnedFd>>>,
+    /// Connections asked to leave, and questions about which could (see `migration`).
+    pub migration: migration::Board,
 }
 
 impl Shared {
@@ -126,6 +129,7 @@ impl Shared {
             shutdown: AtomicBool::new(false),
             stats,
             wakes: std::sync::OnceLock::new(),
+            migration: migration::Board::default(),
         }
     }
 
@@ -344,6 +348,13 @@ impl TcpServer {
 
     pub fn socket_path(&self) -> &Path {
         &self.socket
+    }
+
+    /// A handle for moving connections out of and into this server (see [`migration`]).
+    pub fn migration(&self) -> migration::Migration {
+        migration::Migration {
+            shared: self.shared.clone(),
+        }
     }
 
     /// Persistent listeners currently parked (waiting for their application to come back).

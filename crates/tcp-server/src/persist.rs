@@ -37,6 +37,9 @@ pub struct Handed {
     pub(crate) acct: Arc<Account>,
     /// Received bytes nobody has processed yet, in stream order.
     pub data: Vec<u8>,
+    /// Bytes owed to the client before anything its next owner writes (the responses a
+    /// connection that moved from another node had queued there).
+    pub unsent: Vec<u8>,
     /// The peer had already shut down its side.
     pub eof: bool,
     pub deadline: Instant,
@@ -174,6 +177,23 @@ impl Registry {
         let p = p?;
         ledger.give(&p.acct, Res::Parked, 1);
         Some(p)
+    }
+
+    /// The live or parked persistent listener whose address covers `local` (the same address,
+    /// or a wildcard, on the same port), and its owner: where a connection to `local` that
+    /// arrives from elsewhere belongs.
+    pub fn listener_for(&self, local: SocketAddr) -> Option<(SocketAddr, u32)> {
+        let ports = match self.ports.lock() {
+            Ok(p) => p,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let claims = ports.get(&local.port())?;
+        let exact = claims
+            .iter()
+            .find(|&&(ip, _, _)| canonical(ip) == canonical(local.ip()));
+        exact
+            .or_else(|| claims.iter().find(|&&(ip, _, _)| overlaps(ip, local.ip())))
+            .map(|&(ip, uid, _)| (SocketAddr::new(ip, local.port()), uid))
     }
 
     /// Leaves a connection accepted on `addr` for the next owner of that address.

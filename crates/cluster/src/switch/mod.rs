@@ -16,6 +16,7 @@
 //! a test — can change a running switch.
 
 pub mod buckets;
+mod nft;
 pub mod script;
 
 pub use buckets::NodeId;
@@ -23,9 +24,7 @@ pub use buckets::NodeId;
 use crate::netns;
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::process::{Command, Stdio};
 
 /// The nft table a switch lives in unless told otherwise.
 pub const DEFAULT_TABLE: &str = "splitos";
@@ -224,49 +223,17 @@ pub fn check_table(table: &str) -> Result<(), SwitchError> {
     }
 }
 
-/// Applies `script` with `nft -f -`: one transaction.
+/// Applies `script` as one transaction (see `nft`).
 pub fn nft_apply(script: &str) -> Result<(), SwitchError> {
-    let mut child = Command::new("nft")
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(SwitchError::NftMissing)?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(script.as_bytes())
-            .map_err(SwitchError::NftMissing)?;
-    }
-    let out = child.wait_with_output().map_err(SwitchError::NftMissing)?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(SwitchError::Nft {
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-            script: script.to_string(),
-        })
-    }
+    nft::apply(script)
 }
 
-/// `nft -j list table ip TABLE`, parsed; `None` if there is no such table.
+/// `list table ip TABLE`, parsed; `None` if there is no such table.
 fn nft_list(table: &str) -> Result<Option<Value>, SwitchError> {
-    let out = Command::new("nft")
-        .args(["-j", "list", "table", "ip", table])
-        .stdin(Stdio::null())
-        .output()
-        .map_err(SwitchError::NftMissing)?;
-    if !out.status.success() {
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        if stderr.contains("No such file") {
-            return Ok(None);
-        }
-        return Err(SwitchError::Nft {
-            stderr: stderr.trim().to_string(),
-            script: format!("list table ip {table}"),
-        });
-    }
-    serde_json::from_slice(&out.stdout)
+    let Some(text) = nft::list_json(table)? else {
+        return Ok(None);
+    };
+    serde_json::from_str(&text)
         .map(Some)
         .map_err(|e| SwitchError::BadState(e.to_string()))
 }

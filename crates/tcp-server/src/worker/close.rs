@@ -60,6 +60,24 @@ impl Worker {
             .is_none_or(|s| s.dead);
         let mut cancel = None;
         match &mut sock.kind {
+            // Let go for a migration: cancel the send and the receive in flight (once), keep
+            // the queue (it travels).
+            Kind::Conn(c) if c.export.is_some() => {
+                if !c.export_cancelled {
+                    c.export_cancelled = true;
+                    let recv = (c.recv == Recv::Armed).then_some(Op::Recv);
+                    if recv.is_some() {
+                        c.recv = Recv::Cancelling;
+                    }
+                    let ops = [c.send.cancel_op(), recv];
+                    if ops.iter().any(Option::is_some) {
+                        for op in ops.into_iter().flatten() {
+                            self.cancel(slot, op);
+                        }
+                        return;
+                    }
+                }
+            }
             Kind::Conn(c) => {
                 let abort = c.abort_on_close(dead);
                 if abort && !c.send.busy() {
@@ -116,7 +134,9 @@ impl Worker {
         if let Kind::Conn(c) = sock.kind {
             self.refund(si, Res::HeldBytes, c.held.len() as u64);
             self.refund(si, Res::FileRanges, c.file_ranges);
-            if let (Some(mut data), Some(origin), false) = (c.handoff, c.origin, c.failed) {
+            if c.export.is_some() {
+                self.release_exported(sock.fd, c, uid);
+            } else if let (Some(mut data), Some(origin), false) = (c.handoff, c.origin, c.failed) {
                 data.extend_from_slice(&c.held);
                 // What is handed off outlives the session: it is charged to its user.
                 let bytes = data.len() as u64;
@@ -135,6 +155,7 @@ impl Worker {
                                 uid,
                                 acct,
                                 data,
+                                unsent: Vec::new(),
                                 eof: c.eof,
                                 deadline: grace,
                             },

@@ -169,6 +169,14 @@ impl Worker {
         let now = self.now;
         if let Some(c) = self.conn_mut(slot) {
             c.eof = h.eof;
+            if !h.unsent.is_empty() {
+                // Owed to the client before anything the new owner writes (a response that
+                // was on its way when the connection moved here).
+                c.sendq.push_front(Chunk::Direct {
+                    data: h.unsent,
+                    off: 0,
+                });
+            }
             if let Some(d) = c.direct.as_mut() {
                 // The listener's route is installed already: the handed bytes go through the
                 // direct path like any received ones, so responses stay in order.
@@ -179,6 +187,7 @@ impl Worker {
                 c.delivering(data.len(), |dst| dst.copy_from_slice(&data));
             }
         }
+        self.want_send(slot);
         self.serve_direct(slot);
         for part in data.chunks(INLINE_DATA_MAX) {
             self.emit(si, Event::Data { handle, data: part });

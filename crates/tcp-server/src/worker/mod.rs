@@ -26,6 +26,7 @@
 //! | `recv.rs` | the receive path: provided buffers, delivery, the receive window |
 //! | `close.rs` | closing: flush, cancel, release, park |
 //! | `handoff.rs` | pause and hand-off to the next owner of a persistent listener |
+//! | `migrate.rs` | letting connections go to another node (`crate::migration`) |
 //! | `direct.rs` | the glue of the direct path (the protocol side is `crate::direct`) |
 //! | `budget.rs` | charging sessions against their budgets (`crate::budget`) and giving back |
 //!
@@ -75,6 +76,7 @@ mod completions;
 mod direct;
 mod events;
 mod handoff;
+mod migrate;
 mod recv;
 mod requests;
 mod send;
@@ -184,6 +186,9 @@ pub(crate) struct Worker {
     spare: Vec<Vec<u8>>,
     next_housekeeping: Instant,
     pub(crate) busy: Duration,
+    /// The migration board's version last seen, and the newest order answered.
+    orders_version: u64,
+    orders_seen: u64,
 }
 
 fn errno_of(e: &std::io::Error) -> i32 {
@@ -229,6 +234,8 @@ impl Worker {
             spare: Vec::new(),
             next_housekeeping: Instant::now(),
             busy: Duration::ZERO,
+            orders_version: 0,
+            orders_seen: 0,
         })
     }
 
@@ -253,6 +260,7 @@ impl Worker {
             }
             let mut work = self.take_new_sessions();
             work += self.take_opened_routes();
+            work += self.take_orders();
             if self.shared.registry.has_handed() {
                 work += self.adopt_handed();
             }

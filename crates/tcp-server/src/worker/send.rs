@@ -448,6 +448,10 @@ impl Worker {
     }
 
     pub(super) fn start_send(&mut self, slot: SlotIx) {
+        if self.exporting(slot) {
+            self.try_finish_close(slot);
+            return;
+        }
         // Large file ranges go out synchronously by `sendfile` (see `send_now`) while the
         // socket takes them; everything else, and whatever is left, through the ring.
         for _ in 0..SEND_NOW_ROUNDS {
@@ -633,6 +637,14 @@ impl Worker {
             return;
         };
         c.send.finished();
+        if c.export.is_some() {
+            // Cancelled (or done) for a migration: what was sent is sent, the rest travels.
+            if res > 0 {
+                self.advance_sent(slot, res as usize);
+            }
+            self.try_finish_close(slot);
+            return;
+        }
         if res == -Errno::AGAIN.raw_os_error() {
             // The socket is non-blocking (for `send_now`), and the ring may then give up on a
             // full socket instead of waiting: nothing was sent, so wait and try again.

@@ -192,6 +192,7 @@ impl Worker {
         let peer = peer_addr(&fd);
         let mut conn = Box::new(Conn::new());
         conn.origin = origin;
+        conn.flow = Some(crate::migration::Flow { local, peer });
         conn.route = route;
         if recoverable && origin.is_some() {
             conn.recovery = Some(Recovery::default());

@@ -258,6 +258,12 @@ pub(super) struct Conn {
     /// On a `RECOVERABLE` listener's connection: what it takes to give it, unanswered
     /// requests included, to the application's successor if the application dies.
     pub(super) recovery: Option<Recovery>,
+    /// Its two ends (local, peer), as accepted: how a migration names it.
+    pub(super) flow: Option<crate::migration::Flow>,
+    /// Being let go for a migration (see `migrate.rs`): nothing is sent or delivered, what is
+    /// in flight is cancelled (`export_cancelled` once), and the asker gets it when nothing is.
+    pub(super) export: Option<Arc<crate::migration::Order>>,
+    pub(super) export_cancelled: bool,
 }
 
 /// Bytes a recoverable connection keeps a copy of, delivered after the application's last
@@ -319,6 +325,11 @@ impl Recovery {
         self.answered = received;
         self.sent_since = false;
         true
+    }
+
+    /// Every response before the retained bytes is complete (see `unanswered`).
+    pub(super) fn at_boundary(&self) -> bool {
+        !self.sent_since && !self.overflowed
     }
 
     /// The bytes its successor must answer, if every response before them is complete.
@@ -400,6 +411,9 @@ impl Conn {
             linger: false,
             direct: None,
             recovery: None,
+            flow: None,
+            export: None,
+            export_cancelled: false,
         }
     }
 
@@ -442,6 +456,31 @@ impl Conn {
             && !self.eof
             && !self.failed
             && self.delivered == received
+    }
+
+    /// Whether the connection may move to another node now, or why not (see
+    /// `crate::migration`, "Movable").
+    pub(super) fn movable(&self) -> Result<(), &'static str> {
+        if self.origin.is_none() || self.flow.is_none() {
+            return Err("not accepted on a persistent listener");
+        }
+        if self.failed {
+            return Err("it has failed");
+        }
+        if self.paused || self.handoff.is_some() || self.export.is_some() {
+            return Err("it is being handed off");
+        }
+        if self.shutdown_wanted {
+            return Err("its server side is shut down");
+        }
+        if self.direct.is_none() && !self.recovery.as_ref().is_some_and(|r| r.at_boundary()) {
+            return Err("its application is in the middle of a request");
+        }
+        let queued: usize = self.sendq.iter().map(Chunk::remaining).sum();
+        if queued > crate::migration::QUEUE_MAX {
+            return Err("more bytes are queued for it than a migration carries");
+        }
+        Ok(())
     }
 
     /// Whether a close drops the bytes still queued: when it is an abort (the owner is gone or

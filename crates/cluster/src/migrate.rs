@@ -1,0 +1,177 @@
+//! Live migration, run where the switch is: the operator's side of moving connections from
+//! one node to another (`splitos migrate`, and `splitos lab migrate` in the lab's switch
+//! namespace).
+//!
+//! The order is the research brief's cut-over: (1) ask the source node which connections
+//! could move; (2) one switch transaction holds them (the client's packets are dropped, so
+//! neither node hears from the client while it moves; the client retransmits); (3) the source
+//! node takes them out of service, saves them and the destination restores them, silent on both
+//! sides; (4) one switch transaction makes the destination the owner, fences every other node
+//! from the flow and releases the hold; (5) the destination takes the sockets out of repair
+//! mode (a window probe makes the client tell it where it is) and serves them, and the source
+//! drops its copies without a packet. A connection refused at (3) is released at (4) and goes
+//! on where it was. The cut-over — what the client may notice — is (2) to (4).
+
+use crate::switch::{Change, Flow as SwitchFlow, NodeId, Switch, SwitchError};
+use serde::Serialize;
+use splitos_migrate::{Flow, LinkClient, WireError};
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+/// The node link's port when a node is named by its address only.
+pub const DEFAULT_LINK_PORT: u16 = 7411;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error("the switch: {0}")]
+    Switch(#[from] SwitchError),
+    #[error("no node of the switch is reached at {0} (see `splitos switch status`)")]
+    NoNode(IpAddr),
+    #[error("the source and destination are the same node")]
+    SameNode,
+    #[error("the node link of {node} ({addr}): {source}")]
+    Link {
+        node: NodeId,
+        addr: SocketAddr,
+        source: WireError,
+    },
+    #[error("the switch is not initialised (no virtual IP)")]
+    NoConfig,
+}
+
+/// Which connections to move.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Select {
+    All,
+    Count(usize),
+}
+
+/// What a migration did, and how long the client could have noticed.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Report {
+    pub from: NodeId,
+    pub to: NodeId,
+    /// Connections now served by the destination.
+    pub moved: Vec<Flow>,
+    /// Connections that stayed where they were, and why.
+    pub refused: Vec<(Flow, String)>,
+    /// Of `moved`, how many the destination has put into service.
+    pub live: usize,
+    /// From the hold to the release: what a client may notice (milliseconds).
+    pub cutover_ms: f64,
+    /// The whole operation, the listing included (milliseconds).
+    pub total_ms: f64,
+}
+
+fn node_at(sw: &Switch, ip: IpAddr) -> Result<NodeId, MigrateError> {
+    sw.state()
+        .nodes
+        .values()
+        .find(|n| IpAddr::V4(n.via) == ip)
+        .map(|n| n.id)
+        .ok_or(MigrateError::NoNode(ip))
+}
+
+/// The switch's name for a connection to the virtual IP: its client's address.
+fn switch_flow(f: &Flow) -> Option<SwitchFlow> {
+    match f.peer {
+        SocketAddr::V4(p) => Some(SwitchFlow(p)),
+        SocketAddr::V6(_) => None,
+    }
+}
+
+/// Moves connections from the node whose link is `from` to the node whose link is `to`,
+/// through the switch in `table` (in this network namespace).
+pub fn migrate(
+    table: &str,
+    from: SocketAddr,
+    to: SocketAddr,
+    select: Select,
+) -> Result<Report, MigrateError> {
+    let started = Instant::now();
+    let mut sw = Switch::open(table)?;
+    let cfg = sw.state().config.clone().ok_or(MigrateError::NoConfig)?;
+    let (a, b) = (node_at(&sw, from.ip())?, node_at(&sw, to.ip())?);
+    if a == b {
+        return Err(MigrateError::SameNode);
+    }
+    let link = |node, addr| move |source| MigrateError::Link { node, addr, source };
+    let limit = match select {
+        Select::All => splitos_migrate::wire::FLOWS_MAX,
+        Select::Count(n) => n,
+    };
+    let mut report = Report {
+        from: a,
+        to: b,
+        ..Report::default()
+    };
+    let listed = LinkClient::connect(from, CONNECT_TIMEOUT)
+        .and_then(|mut c| c.list(limit))
+        .map_err(link(a, from))?;
+    // Only what the switch steers can move.
+    let flows: Vec<Flow> = listed
+        .into_iter()
+        .filter(|f| {
+            f.local.ip() == IpAddr::V4(cfg.vip)
+                && cfg.ports.contains(&f.local.port())
+                && switch_flow(f).is_some()
+        })
+        .collect();
+    if flows.is_empty() {
+        report.total_ms = started.elapsed().as_secs_f64() * 1e3;
+        return Ok(report);
+    }
+    let mut client = LinkClient::connect(from, CONNECT_TIMEOUT).map_err(link(a, from))?;
+    let held: Vec<SwitchFlow> = flows.iter().filter_map(switch_flow).collect();
+    let hold_at = Instant::now();
+    sw.apply(&held.iter().map(|&f| Change::Hold(f)).collect::<Vec<_>>())?;
+    let release_all = |sw: &mut Switch| {
+        let changes: Vec<_> = held.iter().map(|&f| Change::Release(f)).collect();
+        if let Err(e) = sw.apply(&changes) {
+            tracing::error!("cannot release held flows: {e}");
+        }
+    };
+    let (moved, refused) = match client.move_to(to, flows) {
+        Ok(r) => r,
+        Err(e) => {
+            release_all(&mut sw);
+            return Err(MigrateError::Link {
+                node: a,
+                addr: from,
+                source: e,
+            });
+        }
+    };
+    let others: Vec<NodeId> = sw
+        .state()
+        .nodes
+        .keys()
+        .copied()
+        .filter(|&n| n != b)
+        .collect();
+    let mut changes = Vec::new();
+    for f in moved.iter().filter_map(switch_flow) {
+        changes.push(Change::Owner(f, b));
+        changes.push(Change::Unfence(f, b));
+        changes.extend(others.iter().map(|&n| Change::Fence(f, n)));
+        changes.push(Change::Release(f));
+    }
+    changes.extend(
+        refused
+            .iter()
+            .filter_map(|(f, _)| switch_flow(f))
+            .map(Change::Release),
+    );
+    if let Err(e) = sw.apply(&changes) {
+        let _ = client.abort();
+        release_all(&mut sw);
+        return Err(e.into());
+    }
+    report.cutover_ms = hold_at.elapsed().as_secs_f64() * 1e3;
+    report.live = client.commit().map_err(link(a, from))?;
+    report.moved = moved;
+    report.refused = refused;
+    report.total_ms = started.elapsed().as_secs_f64() * 1e3;
+    Ok(report)
+}

@@ -16,6 +16,8 @@
 
 pub mod client;
 pub mod node;
+mod receiving;
+mod sending;
 pub mod wire;
 
 pub use client::LinkClient;

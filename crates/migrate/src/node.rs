@@ -9,29 +9,25 @@
 //! `allow` is closed on without a word. Every record is checked before it is used, and one
 //! bad record ends its batch with an error: the sending node then keeps every connection.
 
-use crate::wire::{self, Flow, Frame, Message, WireError};
-use splitos_repair::{record, socket, RepairError};
-use splitos_tcp_server::migration::{Exported, Imported, Migration};
+use crate::wire::{self, Flow, Message, WireError};
+use splitos_tcp_server::migration::Migration;
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Conversations at once; more are told the link is busy.
 const SESSIONS_MAX: usize = 8;
 /// How long the TCP server's workers may take to let connections go.
-const EXPORT_TIMEOUT: Duration = Duration::from_secs(2);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const EXPORT_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a node keeps connections silent waiting for the operator's (or the sending
 /// node's) verdict before it undoes the move by itself.
-const VERDICT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Bytes a receiving node holds for restored connections of one batch before they go live
-/// (their queued responses and unanswered requests); records beyond it are refused.
-const BATCH_BYTES_MAX: usize = 1 << 30;
+pub(crate) const VERDICT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Record flag: the client had shut down its side (the TCP server's view).
-const FLAG_EOF: u32 = 1;
+pub(crate) const FLAG_EOF: u32 = 1;
 
 /// Where a node link listens and whom it talks to.
 #[derive(Clone, Debug)]
@@ -99,8 +95,8 @@ pub struct NodeLink {
     local: SocketAddr,
 }
 
-struct Ctx {
-    migration: Migration,
+pub(crate) struct Ctx {
+    pub(crate) migration: Migration,
     sessions: AtomicUsize,
 }
 
@@ -228,8 +224,8 @@ fn session(ctx: &Ctx, mut s: TcpStream) -> Result<(), WireError> {
     };
     let r = match first {
         Message::List { limit } => list(ctx, &mut s, limit),
-        Message::Move { to, flows } => move_out(ctx, &mut s, to, flows),
-        Message::Batch { count } => move_in(ctx, &mut s, count),
+        Message::Move { to, flows } => crate::sending::move_out(ctx, &mut s, to, flows),
+        Message::Batch { count, unsent } => crate::receiving::move_in(ctx, &mut s, count, unsent),
         m => Err(WireError::Unexpected {
             expected: "List, Move or Batch",
             got: wire::name(&m),
@@ -258,331 +254,6 @@ fn list(ctx: &Ctx, s: &mut TcpStream, limit: usize) -> Result<(), WireError> {
         .map_err(|e| WireError::Remote(e.to_string()))?;
     let flows = flows.into_iter().map(Flow::from).collect();
     wire::write_message(s, &Message::Flows { flows })
-}
-
-/// Switches a connection that did not move out of repair mode; dropping it then puts it back
-/// into service.
-fn resume(e: &Exported) {
-    if let Some(fd) = e.fd() {
-        if let Err(err) = socket::pause(fd).and_then(|p| p.resume()) {
-            tracing::error!(flow = %e.flow, "cannot resume a connection that did not move: {err}");
-        }
-    }
-}
-
-/// Saves a connection taken out of service; it stays in repair mode (silent).
-fn save(e: &Exported) -> Result<Vec<u8>, RepairError> {
-    let Some(fd) = e.fd() else {
-        return Err(RepairError::Sys {
-            step: "finding the socket",
-            source: std::io::Error::from_raw_os_error(libc_ebadf()),
-        });
-    };
-    let saved = socket::pause(fd)?.save()?;
-    let user = socket::UserState {
-        flags: if e.eof { FLAG_EOF } else { 0 },
-        server_unsent: &e.unsent,
-        server_held: &e.held,
-        app_unanswered: &[],
-    };
-    Ok(saved.repr(user).to_vec()?)
-}
-
-fn libc_ebadf() -> i32 {
-    rustix::io::Errno::BADF.raw_os_error()
-}
-
-/// The sending node: takes the connections out of service, saves them, sends the records to
-/// `to`, reports to the operator, and on `Commit` drops its copies (on anything else puts
-/// them back into service).
-fn move_out(
-    ctx: &Ctx,
-    op: &mut TcpStream,
-    to: SocketAddr,
-    flows: Vec<Flow>,
-) -> Result<(), WireError> {
-    let started = Instant::now();
-    let wanted: Vec<_> = flows.iter().map(|&f| f.into()).collect();
-    let exports = ctx
-        .migration
-        .export(&wanted, EXPORT_TIMEOUT)
-        .map_err(|e| WireError::Remote(e.to_string()))?;
-    let mut refused: Vec<(Flow, String)> = exports
-        .refused
-        .into_iter()
-        .map(|(f, why)| (f.into(), why))
-        .collect();
-    let exported_at = started.elapsed();
-    let mut saved: Vec<(Exported, Vec<u8>)> = Vec::new();
-    for e in exports.moved {
-        match save(&e) {
-            Ok(rec) => saved.push((e, rec)),
-            Err(err) => {
-                resume(&e);
-                refused.push((e.flow.into(), format!("cannot save it: {err}")));
-            }
-        }
-    }
-    let saved_at = started.elapsed();
-    let undo_all =
-        |saved: Vec<(Exported, Vec<u8>)>, refused: &mut Vec<(Flow, String)>, why: &str| {
-            for (e, _) in saved {
-                resume(&e);
-                refused.push((e.flow.into(), why.to_string()));
-            }
-        };
-    if saved.is_empty() {
-        return wire::write_message(
-            op,
-            &Message::Moved {
-                moved: vec![],
-                refused,
-            },
-        );
-    }
-    let mut peer = match send_batch(to, &saved) {
-        Ok(p) => p,
-        Err(e) => {
-            undo_all(saved, &mut refused, &format!("the other node: {e}"));
-            return wire::write_message(
-                op,
-                &Message::Moved {
-                    moved: vec![],
-                    refused,
-                },
-            );
-        }
-    };
-    let (ok, failed) = match wire::read_message(&mut peer) {
-        Ok(Message::Restored { ok, failed }) => (ok, failed),
-        Ok(m) => {
-            let e = format!("the other node answered {}", wire::name(&m));
-            undo_all(saved, &mut refused, &e);
-            return wire::write_message(
-                op,
-                &Message::Moved {
-                    moved: vec![],
-                    refused,
-                },
-            );
-        }
-        Err(e) => {
-            undo_all(saved, &mut refused, &format!("the other node: {e}"));
-            return wire::write_message(
-                op,
-                &Message::Moved {
-                    moved: vec![],
-                    refused,
-                },
-            );
-        }
-    };
-    let restored_at = started.elapsed();
-    let ok_set: std::collections::HashSet<Flow> = ok.iter().copied().collect();
-    let mut moving = Vec::new();
-    for (e, _) in saved {
-        let f: Flow = e.flow.into();
-        if ok_set.contains(&f) {
-            moving.push(e);
-        } else {
-            resume(&e);
-            let why = failed
-                .iter()
-                .find(|(x, _)| *x == f)
-                .map_or("the other node did not restore it".to_string(), |(_, w)| {
-                    format!("the other node: {w}")
-                });
-            refused.push((f, why));
-        }
-    }
-    tracing::debug!(
-        moving = moving.len(),
-        refused = refused.len(),
-        ?exported_at,
-        ?saved_at,
-        ?restored_at,
-        "connections silent on both nodes; waiting for the operator"
-    );
-    let moved: Vec<Flow> = moving.iter().map(|e| e.flow.into()).collect();
-    let reported = wire::write_message(op, &Message::Moved { moved, refused });
-    let verdict = reported.and_then(|()| wire::read_message(op));
-    match verdict {
-        Ok(Message::Commit) => {
-            let done = wire::write_message(&mut peer, &Message::Commit)
-                .and_then(|()| wire::read_message(&mut peer));
-            // The switch sends these flows to the other node now: this node's copies go
-            // without a packet, whatever the other node answered.
-            for e in moving {
-                let flow = e.flow;
-                if let Some(fd) = e.moved() {
-                    if let Err(err) = socket::close_silently(fd) {
-                        tracing::warn!(%flow, "cannot close a moved connection silently: {err}");
-                    }
-                }
-            }
-            match done {
-                Ok(Message::Done { n }) => wire::write_message(op, &Message::Done { n }),
-                Ok(m) => Err(WireError::Unexpected {
-                    expected: "Done",
-                    got: wire::name(&m),
-                }),
-                Err(e) => Err(e),
-            }
-        }
-        other => {
-            // Abort, an error or silence: everything stays here.
-            let _ = wire::write_message(&mut peer, &Message::Abort);
-            let n = moving.len();
-            for e in &moving {
-                resume(e);
-            }
-            drop(moving);
-            match other {
-                Ok(Message::Abort) => wire::write_message(op, &Message::Done { n: 0 }),
-                Ok(m) => Err(WireError::Unexpected {
-                    expected: "Commit or Abort",
-                    got: wire::name(&m),
-                }),
-                Err(e) => {
-                    tracing::warn!(n, "no verdict from the operator; the connections stay here");
-                    Err(e)
-                }
-            }
-        }
-    }
-}
-
-fn send_batch(to: SocketAddr, saved: &[(Exported, Vec<u8>)]) -> Result<TcpStream, WireError> {
-    let mut peer = TcpStream::connect_timeout(&to, CONNECT_TIMEOUT)?;
-    peer.set_nodelay(true)?;
-    peer.set_read_timeout(Some(VERDICT_TIMEOUT))?;
-    peer.set_write_timeout(Some(VERDICT_TIMEOUT))?;
-    let mut w = std::io::BufWriter::with_capacity(256 << 10, &mut peer);
-    wire::write_message(&mut w, &Message::Batch { count: saved.len() })?;
-    for (_, rec) in saved {
-        wire::write_record(&mut w, rec)?;
-    }
-    w.flush()?;
-    drop(w);
-    Ok(peer)
-}
-
-/// A connection restored here, silent until the commit.
-struct Arrival {
-    restoring: socket::Restoring,
-    flow: Flow,
-    unsent: Vec<u8>,
-    held: Vec<u8>,
-    eof: bool,
-}
-
-/// The receiving node: restores each record silently, reports, and on `Commit` puts them into
-/// service here (on anything else drops them without a packet).
-fn move_in(ctx: &Ctx, a: &mut TcpStream, count: usize) -> Result<(), WireError> {
-    let mut arrivals: Vec<Arrival> = Vec::new();
-    let mut failed = Vec::new();
-    let mut held_bytes = 0usize;
-    let abandon = |arrivals: Vec<Arrival>| {
-        for x in arrivals {
-            if let Err(e) = x.restoring.abandon() {
-                tracing::warn!(flow = %x.flow, "cannot drop a restored connection silently: {e}");
-            }
-        }
-    };
-    for _ in 0..count {
-        let bytes = match wire::read_frame(a) {
-            Ok(Frame::Record(b)) => b,
-            Ok(Frame::Message(m)) => {
-                abandon(arrivals);
-                return Err(WireError::Unexpected {
-                    expected: "a record",
-                    got: wire::name(&m),
-                });
-            }
-            Err(e) => {
-                abandon(arrivals);
-                return Err(e);
-            }
-        };
-        let repr = match record::parse(&bytes) {
-            Ok(r) => r,
-            Err(e) => {
-                abandon(arrivals);
-                return Err(WireError::Remote(format!("a bad record: {e}")));
-            }
-        };
-        let flow = Flow {
-            local: repr.local,
-            peer: repr.peer,
-        };
-        if ctx.migration.owner_of(repr.local).is_none() {
-            failed.push((flow, format!("nobody listens on {} there", repr.local)));
-            continue;
-        }
-        let size = repr.server_unsent.len() + repr.server_held.len() + repr.app_unanswered.len();
-        if held_bytes + size > BATCH_BYTES_MAX {
-            failed.push((flow, "over the bytes one batch may hold".to_string()));
-            continue;
-        }
-        match socket::restore(&repr, socket::RestoreOptions::default()) {
-            Ok(restoring) => {
-                held_bytes += size;
-                let mut held = repr.app_unanswered.to_vec();
-                held.extend_from_slice(repr.server_held);
-                arrivals.push(Arrival {
-                    restoring,
-                    flow,
-                    unsent: repr.server_unsent.to_vec(),
-                    held,
-                    eof: repr.user_flags & FLAG_EOF != 0,
-                });
-            }
-            Err(e) => failed.push((flow, format!("cannot restore it: {e}"))),
-        }
-    }
-    let ok = arrivals.iter().map(|x| x.flow).collect();
-    if let Err(e) = wire::write_message(a, &Message::Restored { ok, failed }) {
-        abandon(arrivals);
-        return Err(e);
-    }
-    match wire::read_message(a) {
-        Ok(Message::Commit) => {
-            let mut n = 0;
-            for x in arrivals {
-                let flow = x.flow;
-                let fd = match x.restoring.finish() {
-                    Ok(fd) => fd,
-                    Err(e) => {
-                        tracing::error!(%flow, "a moved connection could not go live: {e}");
-                        continue;
-                    }
-                };
-                let c = Imported {
-                    fd,
-                    local: flow.local,
-                    unsent: x.unsent,
-                    held: x.held,
-                    eof: x.eof,
-                };
-                match ctx.migration.import(c) {
-                    Ok(()) => n += 1,
-                    Err((e, _)) => tracing::error!(%flow, "a moved connection was lost: {e}"),
-                }
-            }
-            wire::write_message(a, &Message::Done { n })
-        }
-        other => {
-            abandon(arrivals);
-            match other {
-                Ok(Message::Abort) => Ok(()),
-                Ok(m) => Err(WireError::Unexpected {
-                    expected: "Commit or Abort",
-                    got: wire::name(&m),
-                }),
-                Err(e) => Err(e),
-            }
-        }
-    }
 }
 
 #[cfg(test)]

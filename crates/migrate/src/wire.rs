@@ -2,7 +2,13 @@
 //!
 //! A frame is `SPLK` (magic), a kind byte, a big-endian u32 length and that many bytes. Kind
 //! [`KIND_MESSAGE`] carries a [`Message`] as JSON (small, rare: lists of flows and verdicts);
-//! kind [`KIND_RECORD`] carries one connection record in `splitos_repair`'s checked format.
+//! kind [`KIND_RECORD`] carries one connection record in `splitos_repair`'s checked format;
+//! kind [`KIND_DATA`] carries the bytes the sending TCP server had queued for a connection (a
+//! response in flight: a large file's remaining range), in frames of at most [`DATA_MAX`],
+//! ended by an empty one. They travel outside the record, after the commit: the connection
+//! goes live on the new node with what its kernel queue held while they stream, so the
+//! cut-over does not grow with the size of a download in flight, and they are read from the
+//! file cache straight into the link (never gathered in one buffer).
 //! Every length is bounded before anything is allocated: a peer cannot make a node hold more
 //! than [`MESSAGE_MAX`] or [`RECORD_MAX`] bytes for one frame.
 //!
@@ -10,10 +16,12 @@
 //!
 //! ```text
 //! operator -> A: List{limit}                      A -> operator: Flows{flows}
-//! operator -> A: Move{to, flows}                  A -> B: Batch{count}, count x record
+//! operator -> A: Move{to, flows}                  A -> B: Batch{count, unsent}, count x record
 //!                                                 B -> A: Restored{ok, failed}
 //!                                                 A -> operator: Moved{moved, refused}
 //! operator -> A: Commit | Abort                   A -> B: Commit | Abort
+//!                                   after Commit: A -> B: per restored record, in order:
+//!                                                        data..., empty data
 //!                                                 B -> A: Done{n}
 //!                                                 A -> operator: Done{n}
 //! ```
@@ -28,11 +36,14 @@ use std::net::SocketAddr;
 pub const MAGIC: [u8; 4] = *b"SPLK";
 pub const KIND_MESSAGE: u8 = 1;
 pub const KIND_RECORD: u8 = 2;
+pub const KIND_DATA: u8 = 3;
+/// The largest data frame.
+pub const DATA_MAX: usize = 4 << 20;
 /// The largest control message: a list of 65,536 flows as JSON fits several times.
 pub const MESSAGE_MAX: usize = 16 << 20;
-/// The largest record: what the TCP server may hold queued for a connection
-/// (`migration::QUEUE_MAX`), both kernel queues and what it had received, with room to spare.
-pub const RECORD_MAX: usize = splitos_tcp_server::migration::QUEUE_MAX + (64 << 20);
+/// The largest record: both kernel queues and what the server had received (the queued bytes
+/// travel in data frames), with room to spare.
+pub const RECORD_MAX: usize = 64 << 20;
 /// Connections one `Move` or `Batch` may name.
 pub const FLOWS_MAX: usize = 65_536;
 
@@ -81,9 +92,10 @@ pub enum Message {
         to: SocketAddr,
         flows: Vec<Flow>,
     },
-    /// Records follow, this many.
+    /// Records follow, this many; `unsent[i]` bytes queued for the i-th follow the commit.
     Batch {
         count: usize,
+        unsent: Vec<u64>,
     },
     /// The receiving node restored these (in repair mode, silent) and could not restore those.
     Restored {
@@ -134,6 +146,7 @@ pub enum WireError {
 pub enum Frame {
     Message(Message),
     Record(Vec<u8>),
+    Data(Vec<u8>),
 }
 
 pub fn write_message(w: &mut impl Write, m: &Message) -> Result<(), WireError> {
@@ -145,12 +158,22 @@ pub fn write_record(w: &mut impl Write, record: &[u8]) -> Result<(), WireError> 
     write_frame(w, KIND_RECORD, record)
 }
 
+/// One data frame (empty: the end of a record's data).
+pub fn write_data(w: &mut impl Write, bytes: &[u8]) -> Result<(), WireError> {
+    write_frame(w, KIND_DATA, bytes)
+}
+
+fn max_of(kind: u8) -> Option<usize> {
+    match kind {
+        KIND_MESSAGE => Some(MESSAGE_MAX),
+        KIND_RECORD => Some(RECORD_MAX),
+        KIND_DATA => Some(DATA_MAX),
+        _ => None,
+    }
+}
+
 fn write_frame(w: &mut impl Write, kind: u8, body: &[u8]) -> Result<(), WireError> {
-    let max = if kind == KIND_RECORD {
-        RECORD_MAX
-    } else {
-        MESSAGE_MAX
-    };
+    let max = max_of(kind).ok_or(WireError::Kind(kind))?;
     if body.len() > max {
         return Err(WireError::TooLarge {
             len: body.len(),
@@ -163,7 +186,10 @@ fn write_frame(w: &mut impl Write, kind: u8, body: &[u8]) -> Result<(), WireErro
     head[5..].copy_from_slice(&(body.len() as u32).to_be_bytes());
     w.write_all(&head)?;
     w.write_all(body)?;
-    w.flush()?;
+    if kind == KIND_MESSAGE {
+        // A message is a turn in the conversation: the other side waits for it.
+        w.flush()?;
+    }
     Ok(())
 }
 
@@ -176,18 +202,16 @@ pub fn read_frame(r: &mut impl Read) -> Result<Frame, WireError> {
     }
     let kind = head[4];
     let len = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) as usize;
-    let max = match kind {
-        KIND_MESSAGE => MESSAGE_MAX,
-        KIND_RECORD => RECORD_MAX,
-        k => return Err(WireError::Kind(k)),
-    };
+    let max = max_of(kind).ok_or(WireError::Kind(kind))?;
     if len > max {
         return Err(WireError::TooLarge { len, max });
     }
     let mut body = vec![0u8; len];
     r.read_exact(&mut body)?;
-    if kind == KIND_RECORD {
-        return Ok(Frame::Record(body));
+    match kind {
+        KIND_RECORD => return Ok(Frame::Record(body)),
+        KIND_DATA => return Ok(Frame::Data(body)),
+        _ => {}
     }
     let m: Message = serde_json::from_slice(&body)?;
     match &m {
@@ -197,7 +221,7 @@ pub fn read_frame(r: &mut impl Read) -> Result<Frame, WireError> {
                 n: flows.len(),
             })
         }
-        Message::Batch { count } if *count > FLOWS_MAX => {
+        Message::Batch { count, .. } if *count > FLOWS_MAX => {
             return Err(WireError::TooMany {
                 what: "a batch",
                 n: *count,
@@ -213,7 +237,7 @@ pub fn read_frame(r: &mut impl Read) -> Result<Frame, WireError> {
 pub fn read_message(r: &mut impl Read) -> Result<Message, WireError> {
     match read_frame(r)? {
         Frame::Message(m) => Ok(m),
-        Frame::Record(_) => Err(WireError::Unexpected {
+        Frame::Record(_) | Frame::Data(_) => Err(WireError::Unexpected {
             expected: "a message",
             got: "a record".into(),
         }),
@@ -247,12 +271,16 @@ mod tests {
         };
         write_message(&mut buf, &m).unwrap();
         write_record(&mut buf, b"record").unwrap();
+        write_data(&mut buf, b"data").unwrap();
+        write_data(&mut buf, b"").unwrap();
         let mut r = &buf[..];
         assert_eq!(read_frame(&mut r).unwrap(), Frame::Message(m));
         assert_eq!(
             read_frame(&mut r).unwrap(),
             Frame::Record(b"record".to_vec())
         );
+        assert_eq!(read_frame(&mut r).unwrap(), Frame::Data(b"data".to_vec()));
+        assert_eq!(read_frame(&mut r).unwrap(), Frame::Data(vec![]));
         assert!(matches!(read_frame(&mut r), Err(WireError::Io(_))));
     }
 
@@ -282,6 +310,7 @@ mod tests {
             &mut buf,
             &Message::Batch {
                 count: FLOWS_MAX + 1,
+                unsent: vec![],
             },
         )
         .unwrap();

@@ -341,6 +341,9 @@ pub fn restore(rec: &RecordRepr<'_>, opts: RestoreOptions) -> Result<Restoring, 
         });
         sys::set_timestamp(s, tsval.wrapping_add(advance)).map_err(sys_err("TCP_TIMESTAMP"))?;
     }
+    grow_buffer(s, Queue::Recv, rec.recv_queue.len());
+    // The never-sent bytes too: `finish` writes them, and must not wait for ACKs to do so.
+    grow_buffer(s, Queue::Send, rec.send_queue.len());
     write_queue(s, Queue::Recv, rec.recv_queue)?;
     let sent_len = rec.send_queue.len() - rec.unsent_len as usize;
     write_queue(
@@ -438,6 +441,26 @@ fn inject(
 ) -> Result<(), RepairError> {
     let p = packet::segment_v4(from, to, seq, ack, flags, window);
     sys::inject_v4(&p, to).map_err(sys_err("inject the peer's segment (raw socket)"))
+}
+
+/// Makes a socket's buffer for queue `q` hold at least `len` bytes.
+fn grow_buffer(s: BorrowedFd<'_>, q: Queue, len: usize) {
+    // The queue must fit the socket's buffer, or the refill stops with EAGAIN: a connection
+    // saved with a large autotuned queue (a download in flight) is restored into a socket
+    // with the default size. The saved socket held it, so this one may too (the *FORCE
+    // options pass the sysctl caps, as CRIU restores buffer sizes; CAP_NET_ADMIN is needed
+    // for the repair anyway). The kernel doubles the value for its bookkeeping.
+    // If it cannot grow, the refill below says which step fell short.
+    let want = len.saturating_mul(2);
+    let _ = match q {
+        Queue::Send if rustix::net::sockopt::socket_send_buffer_size(s).unwrap_or(0) < want => {
+            rustix::net::sockopt::set_socket_send_buffer_size_force(s, want)
+        }
+        Queue::Recv if rustix::net::sockopt::socket_recv_buffer_size(s).unwrap_or(0) < want => {
+            rustix::net::sockopt::set_socket_recv_buffer_size_force(s, want)
+        }
+        _ => Ok(()),
+    };
 }
 
 /// Writes `bytes` into queue `q` of a socket in repair mode. The kernel puts each call into

@@ -36,6 +36,7 @@ use crate::budget::Res;
 use crate::persist::Handed;
 use crate::Shared;
 use rustix::fd::OwnedFd;
+use splitos_m2m::segment::{PlainFile, Segment};
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -47,6 +48,98 @@ use std::time::{Duration, Instant};
 /// travel in its record. A download of a large file by reference queues the whole remaining
 /// range, so this bounds how much of one download a migration copies.
 pub const QUEUE_MAX: usize = 256 << 20;
+
+/// One piece of what the server had queued for a connection, as it held it: file ranges stay
+/// references until whoever carries them reads them (never on a worker).
+#[derive(Clone)]
+pub enum QueuedPart {
+    Bytes(Vec<u8>),
+    /// `[off, end)` of a sealed file segment.
+    Segment {
+        seg: Arc<Segment>,
+        off: usize,
+        end: usize,
+    },
+    /// `[off, end)` of a regular file passed by reference.
+    File {
+        file: Arc<PlainFile>,
+        off: usize,
+        end: usize,
+    },
+}
+
+/// Bytes queued for a connection and not yet given to the kernel, in order.
+#[derive(Clone, Default)]
+pub struct Queued(pub(crate) Vec<QueuedPart>);
+
+impl Queued {
+    pub fn from_bytes(b: Vec<u8>) -> Queued {
+        if b.is_empty() {
+            Queued(Vec::new())
+        } else {
+            Queued(vec![QueuedPart::Bytes(b)])
+        }
+    }
+
+    pub fn len(&self) -> u64 {
+        self.0
+            .iter()
+            .map(|p| match p {
+                QueuedPart::Bytes(b) => b.len() as u64,
+                QueuedPart::Segment { off, end, .. } | QueuedPart::File { off, end, .. } => {
+                    (end - off) as u64
+                }
+            })
+            .sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Calls `out` with the bytes in order, in pieces of at most `piece` bytes (file ranges
+    /// are read into a buffer of that size). A file that ends early (it shrank) ends the
+    /// bytes there, as `sendfile` would: the error says so.
+    pub fn for_each_piece(
+        &self,
+        piece: usize,
+        mut out: impl FnMut(&[u8]) -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
+        let piece = piece.max(4096);
+        let mut buf = Vec::new();
+        for p in &self.0 {
+            match p {
+                QueuedPart::Bytes(b) => {
+                    for c in b.chunks(piece) {
+                        out(c)?;
+                    }
+                }
+                QueuedPart::Segment { seg, off, end } => {
+                    for c in seg.bytes()[*off..*end].chunks(piece) {
+                        out(c)?;
+                    }
+                }
+                QueuedPart::File { file, off, end } => {
+                    buf.resize(piece, 0);
+                    let mut at = *off;
+                    while at < *end {
+                        let want = (end - at).min(piece);
+                        let n = rustix::io::pread(file.fd(), &mut buf[..want], at as u64)?;
+                        if n == 0 {
+                            return Err(std::io::Error::new(
+                                std::io::ErrorKind::UnexpectedEof,
+                                "a file sent by reference ended early (it shrank)",
+                            ));
+                        }
+                        out(&buf[..n])?;
+                        at += n;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
 
 /// A connection, named by its two ends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -80,8 +173,8 @@ pub enum ImportError {
 /// A connection taken out of service, with what the server held for it.
 pub struct Exported {
     pub flow: Flow,
-    /// Bytes queued for the client and not yet given to the kernel, in order.
-    pub unsent: Vec<u8>,
+    /// Bytes queued for the client and not yet given to the kernel.
+    pub unsent: Queued,
     /// Bytes received from the client and not yet answered, in order.
     pub held: Vec<u8>,
     /// The client had shut down its side.
@@ -151,7 +244,7 @@ pub struct Imported {
     pub fd: OwnedFd,
     /// Its local address: the persistent listener that covers it takes it.
     pub local: SocketAddr,
-    pub unsent: Vec<u8>,
+    pub unsent: Queued,
     pub held: Vec<u8>,
     pub eof: bool,
 }

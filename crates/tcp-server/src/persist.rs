@@ -39,7 +39,7 @@ pub struct Handed {
     pub data: Vec<u8>,
     /// Bytes owed to the client before anything its next owner writes (the responses a
     /// connection that moved from another node had queued there).
-    pub unsent: Vec<u8>,
+    pub unsent: crate::migration::Queued,
     /// The peer had already shut down its side.
     pub eof: bool,
     pub deadline: Instant,

@@ -155,7 +155,7 @@ impl Worker {
                                 uid,
                                 acct,
                                 data,
-                                unsent: Vec::new(),
+                                unsent: Default::default(),
                                 eof: c.eof,
                                 deadline: grace,
                             },

@@ -169,13 +169,12 @@ impl Worker {
         let now = self.now;
         if let Some(c) = self.conn_mut(slot) {
             c.eof = h.eof;
-            if !h.unsent.is_empty() {
-                // Owed to the client before anything the new owner writes (a response that
-                // was on its way when the connection moved here).
-                c.sendq.push_front(Chunk::Direct {
-                    data: h.unsent,
-                    off: 0,
-                });
+            // Owed to the client before anything the new owner writes (a response that was
+            // on its way when the connection moved here). Empty chunks are never queued.
+            for ch in h.unsent.into_chunks().rev() {
+                if ch.remaining() > 0 {
+                    c.sendq.push_front(ch);
+                }
             }
             if let Some(d) = c.direct.as_mut() {
                 // The listener's route is installed already: the handed bytes go through the

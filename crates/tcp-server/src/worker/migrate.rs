@@ -3,7 +3,7 @@
 //! the server held for them.
 
 use super::*;
-use crate::migration::{Flow, Order, Reply, What};
+use crate::migration::{Flow, Order, Queued, QueuedPart, Reply, What};
 
 impl Worker {
     /// Answers the migration orders posted since the last look.
@@ -126,7 +126,7 @@ impl Worker {
         let (Some(order), Some(origin), Some(flow)) = (export, origin, flow) else {
             return; // never: `movable` requires an origin and a flow
         };
-        let unsent = queued_bytes(&sendq);
+        let unsent = queued_parts(&sendq);
         tracing::debug!(%flow, unsent = unsent.len(), held = held.len(), "a connection leaves");
         order.reply(Reply::Moved(crate::migration::Exported {
             flow,
@@ -141,41 +141,54 @@ impl Worker {
     }
 }
 
-/// The bytes of a send queue, read out (file ranges included): they travel in the record.
-fn queued_bytes(sendq: &VecDeque<Chunk>) -> Vec<u8> {
-    let total: usize = sendq.iter().map(Chunk::remaining).sum();
-    let mut out = Vec::with_capacity(total);
-    for ch in sendq {
-        match ch {
+/// What a send queue holds, for the record: bytes copied (the application's buffers are its
+/// shared memory, reused once a send is done), file ranges by reference (read by the link's
+/// thread, never here).
+fn queued_parts(sendq: &VecDeque<Chunk>) -> Queued {
+    let parts = sendq
+        .iter()
+        .map(|ch| match ch {
             Chunk::Inline { data, off } | Chunk::Direct { data, off } => {
-                out.extend_from_slice(&data[*off..])
+                QueuedPart::Bytes(data[*off..].to_vec())
             }
             Chunk::Buf { rx, off } => {
-                let at = out.len();
-                out.resize(at + rx.len() - off, 0);
-                rx.read_at(*off, &mut out[at..]);
+                let mut b = vec![0u8; rx.len() - off];
+                rx.read_at(*off, &mut b);
+                QueuedPart::Bytes(b)
             }
-            Chunk::File { seg, off, end, .. } => out.extend_from_slice(&seg.bytes()[*off..*end]),
-            Chunk::Plain { file, off, end, .. } => {
-                let at = out.len();
-                out.resize(at + (end - off), 0);
-                let mut done = 0;
-                while at + done < out.len() {
-                    match rustix::io::pread(file.fd(), &mut out[at + done..], (off + done) as u64) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => done += n,
-                    }
-                }
-                if at + done < out.len() {
-                    // The file shrank: the client gets what there is, as with `sendfile`.
-                    tracing::warn!(
-                        "a file sent by reference ended early while its connection moved"
-                    );
-                    out.truncate(at + done);
-                    return out;
-                }
-            }
-        }
+            Chunk::File { seg, off, end, .. } => QueuedPart::Segment {
+                seg: seg.clone(),
+                off: *off,
+                end: *end,
+            },
+            Chunk::Plain { file, off, end, .. } => QueuedPart::File {
+                file: file.clone(),
+                off: *off,
+                end: *end,
+            },
+        })
+        .collect();
+    Queued(parts)
+}
+
+impl Queued {
+    /// The chunks to queue for these bytes on a connection adopted here. Outside the send
+    /// window and every budget, like the direct path's responses: they were accepted already.
+    pub(super) fn into_chunks(self) -> impl DoubleEndedIterator<Item = Chunk> {
+        self.0.into_iter().map(|p| match p {
+            QueuedPart::Bytes(data) => Chunk::Direct { data, off: 0 },
+            QueuedPart::Segment { seg, off, end } => Chunk::File {
+                seg,
+                off,
+                end,
+                charged: false,
+            },
+            QueuedPart::File { file, off, end } => Chunk::Plain {
+                file,
+                off,
+                end,
+                charged: false,
+            },
+        })
     }
-    out
 }

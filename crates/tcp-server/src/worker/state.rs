@@ -248,7 +248,8 @@ pub(super) struct Conn {
     /// they are sent or when the connection is released.
     pub(super) file_ranges: u64,
     /// The application closed or shut down this connection: its queued bytes go out even if
-    /// the application then goes away (up to [`LINGER_LIMIT`]).
+    /// the application then goes away (up to [`LINGER_LIMIT`]), and it may then linger
+    /// (`lingering`, which is the lingering close proper).
     pub(super) linger: bool,
     /// Answered by the server itself (see `direct`) until the first request it cannot answer.
     pub(super) direct: Option<Box<crate::direct::Direct>>,
@@ -258,6 +259,83 @@ pub(super) struct Conn {
     /// On a `RECOVERABLE` listener's connection: what it takes to give it, unanswered
     /// requests included, to the application's successor if the application dies.
     pub(super) recovery: Option<Recovery>,
+    /// Closed gracefully and everything flushed, its sending side shut down: it reads and
+    /// discards until the peer's EOF or a bound (see [`Lingering`], `worker/linger.rs`).
+    pub(super) lingering: Option<Lingering>,
+}
+
+/// Longest a lingering connection waits for the next bytes (nginx's `lingering_timeout`,
+/// 5 s): a client that has read its response and still sends, or sends nothing and never
+/// closes, is not worth more.
+pub(super) const LINGER_IDLE: Duration = Duration::from_secs(5);
+/// Longest a connection lingers in all (nginx's `lingering_time`, 30 s): a client that keeps
+/// trickling bytes cannot keep the socket.
+pub(super) const LINGER_TOTAL: Duration = Duration::from_secs(30);
+/// Most bytes a lingering connection discards before it is closed anyway: what a client sends
+/// after a response it is meant to read is a pipelined request or the rest of an upload the
+/// server did not want; 1 MiB (nginx's default `client_max_body_size`) covers the usual
+/// refused upload, and past it reading costs more than the client's chance of seeing its
+/// response is worth (it is then likely not reading at all).
+pub(super) const LINGER_BYTES: u64 = 1 << 20;
+
+/// A connection in lingering close (security review item 23). Closing a socket that has
+/// unread received bytes (or gets more afterwards) makes the kernel answer with RST, and an
+/// RST destroys what the client has not read yet of the last response. So a graceful close,
+/// once everything queued is in the kernel, shuts the sending side down (the client sees the
+/// end of the response), then reads and discards until the client's EOF — or until it was
+/// idle [`LINGER_IDLE`], lingered [`LINGER_TOTAL`], or discarded [`LINGER_BYTES`]. Its
+/// application has been told `Closed` already; it keeps its slot and its connection budget
+/// (a descriptor is held), see `worker/linger.rs`.
+#[derive(Debug)]
+pub(super) struct Lingering {
+    since: Instant,
+    last: Instant,
+    discarded: u64,
+    /// Ended early: the peer's EOF or an error, or cut short (the server stops, the slot was
+    /// given to a new connection, the application died and its time is up).
+    ended: bool,
+    /// The readiness wait in the ring (`Op::LingerPoll`): Idle, Armed or Cancelling.
+    pub(super) poll: Recv,
+    /// Its connection budget went to a new connection (`Worker::reclaim_lingering`): its
+    /// release gives nothing back.
+    pub(super) gave_slot: bool,
+}
+
+impl Lingering {
+    pub(super) fn new(now: Instant) -> Lingering {
+        Lingering {
+            since: now,
+            last: now,
+            discarded: 0,
+            ended: false,
+            poll: Recv::Idle,
+            gave_slot: false,
+        }
+    }
+
+    /// `n` bytes arrived and were discarded.
+    pub(super) fn discarded(&mut self, n: usize, now: Instant) {
+        self.discarded = self.discarded.saturating_add(n as u64);
+        self.last = now;
+    }
+
+    /// Ends it at the next chance, whatever the bounds say.
+    pub(super) fn end(&mut self) {
+        self.ended = true;
+    }
+
+    /// Whether it is over: ended, or past one of its bounds at `now`.
+    pub(super) fn over(&self, now: Instant) -> bool {
+        self.ended
+            || self.discarded >= LINGER_BYTES
+            || now.saturating_duration_since(self.last) >= LINGER_IDLE
+            || now.saturating_duration_since(self.since) >= LINGER_TOTAL
+    }
+
+    /// When it began (the oldest is the first to give its slot away).
+    pub(super) fn since(&self) -> Instant {
+        self.since
+    }
 }
 
 /// Bytes a recoverable connection keeps a copy of, delivered after the application's last
@@ -400,7 +478,15 @@ impl Conn {
             linger: false,
             direct: None,
             recovery: None,
+            lingering: None,
         }
+    }
+
+    /// Whether a graceful close should linger once everything is flushed: the peer may still
+    /// send (no EOF from it), the stream did not fail (a reset peer reads nothing), and the
+    /// socket is not going to a next owner. Not twice.
+    pub(super) fn may_linger(&self) -> bool {
+        self.lingering.is_none() && !self.eof && !self.failed && self.handoff.is_none()
     }
 
     /// Whether a receive may be armed: none is, the stream goes on, the application has

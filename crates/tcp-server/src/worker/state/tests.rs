@@ -217,3 +217,52 @@ fn direct_and_untouched_connections_go_on_without_marks() {
     c.origin = None;
     assert_eq!(c.successor_bytes(), None, "no listener to go on to");
 }
+
+#[test]
+fn a_graceful_close_lingers_only_while_the_peer_may_still_send() {
+    let mut c = conn();
+    assert!(c.may_linger());
+    c.eof = true;
+    assert!(!c.may_linger(), "the peer has ended: closing sends no RST");
+    c.eof = false;
+    c.failed = true;
+    assert!(
+        !c.may_linger(),
+        "a failed (reset) stream has nothing to protect"
+    );
+    c.failed = false;
+    c.handoff = Some(Vec::new());
+    assert!(!c.may_linger(), "the socket goes on to its next owner");
+    c.handoff = None;
+    c.lingering = Some(Lingering::new(Instant::now()));
+    assert!(!c.may_linger(), "once only");
+}
+
+#[test]
+fn lingering_ends_at_the_first_of_its_bounds() {
+    let t0 = Instant::now();
+    let l = Lingering::new(t0);
+    assert!(!l.over(t0));
+    assert!(!l.over(t0 + LINGER_IDLE - Duration::from_millis(1)));
+    assert!(l.over(t0 + LINGER_IDLE), "idle too long");
+
+    // Bytes keep it going past the idle bound, never past the total.
+    let mut l = Lingering::new(t0);
+    let mut t = t0;
+    while t < t0 + LINGER_TOTAL - Duration::from_secs(1) {
+        t += Duration::from_secs(1);
+        l.discarded(1, t);
+        assert!(!l.over(t), "bytes arrived a second ago");
+    }
+    assert!(l.over(t0 + LINGER_TOTAL), "lingered too long in all");
+
+    let mut l = Lingering::new(t0);
+    l.discarded(LINGER_BYTES as usize - 1, t0);
+    assert!(!l.over(t0));
+    l.discarded(1, t0);
+    assert!(l.over(t0), "discarded enough");
+
+    let mut l = Lingering::new(t0);
+    l.end();
+    assert!(l.over(t0), "ended: the peer's EOF, an error, or cut short");
+}

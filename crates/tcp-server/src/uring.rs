@@ -27,12 +27,15 @@ pub enum Op {
     Wake = 7,
     /// Waiting for a full socket to take more bytes before a synchronous send resumes.
     SendPoll = 8,
+    /// Waiting for bytes (or the end) on a connection in lingering close, which are then read
+    /// and discarded synchronously (`worker/linger.rs`).
+    LingerPoll = 9,
 }
 
 impl Op {
     /// Every op, so that decoding is one table with the declaration (a new op cannot be
     /// forgotten by the decoder: `tags_round_trip` walks this list).
-    pub const ALL: [Op; 8] = [
+    pub const ALL: [Op; 9] = [
         Op::Accept,
         Op::Recv,
         Op::Send,
@@ -41,6 +44,7 @@ impl Op {
         Op::SessionPoll,
         Op::Wake,
         Op::SendPoll,
+        Op::LingerPoll,
     ];
 }
 
@@ -197,6 +201,14 @@ impl Ring {
 
     pub fn poll_writable(&mut self, fd: BorrowedFd<'_>, tag: Tag) -> io::Result<()> {
         let e = opcode::PollAdd::new(types::Fd(fd.as_raw_fd()), POLLOUT)
+            .build()
+            .user_data(tag.encode());
+        self.push(e)
+    }
+
+    /// One wait for a socket to become readable (bytes, the peer's end, or an error).
+    pub fn poll_readable(&mut self, fd: BorrowedFd<'_>, tag: Tag) -> io::Result<()> {
+        let e = opcode::PollAdd::new(types::Fd(fd.as_raw_fd()), POLLIN)
             .build()
             .user_data(tag.encode());
         self.push(e)

@@ -1,4 +1,5 @@
-//! Closing: flush, cancel what is in flight, then release the slot (or park / hand on).
+//! Closing: flush, cancel what is in flight, linger (`linger.rs`), then release the slot (or
+//! park / hand on).
 
 use super::*;
 
@@ -23,8 +24,9 @@ impl Worker {
     }
 
     /// Starts closing a socket: a connection first flushes what the application queued
-    /// (unless `abort`), then its receive is cancelled; the fd is closed once the kernel holds
-    /// no operation on it.
+    /// (unless `abort`), then its receive is cancelled; a graceful close then lingers until
+    /// the peer's EOF or a bound (`linger.rs`); the fd is closed once the kernel holds no
+    /// operation on it.
     pub(super) fn begin_close(&mut self, slot: SlotIx, abort: bool) {
         let Some(sock) = self.sockets[slot].sock.as_mut() else {
             return;
@@ -58,6 +60,10 @@ impl Worker {
             .get(sock.session.ix())
             .and_then(|s| s.as_ref())
             .is_none_or(|s| s.dead);
+        // A stopping server neither starts nor goes on lingering: the client would keep the
+        // exit waiting (up to `LINGER_TOTAL`) for a courtesy.
+        let stopping = self.shared.shutdown.load(Ordering::Acquire);
+        let now = self.now;
         let mut cancel = None;
         match &mut sock.kind {
             // Let go for a migration: cancel the send and the receive in flight (once), keep
@@ -83,7 +89,20 @@ impl Worker {
                 if abort && !c.send.busy() {
                     c.sendq.clear();
                 }
-                if !c.send_drained() {
+                if let Some(l) = c.lingering.as_mut() {
+                    // Everything was flushed and the receive retired before it began: its
+                    // readiness wait is all that can be in flight.
+                    if abort || stopping {
+                        l.end();
+                    }
+                    if !l.over(now) {
+                        return; // lingering
+                    }
+                    if l.poll == Recv::Armed {
+                        l.poll = Recv::Cancelling;
+                        cancel = Some(Op::LingerPoll);
+                    }
+                } else if !c.send_drained() {
                     match c.send.cancel_op() {
                         Some(op) if abort => cancel = Some(op),
                         _ => return, // flushing
@@ -112,9 +131,25 @@ impl Worker {
         if sock.inflight > 0 {
             return;
         }
-        // Nothing in flight: release the socket.
+        // Nothing in flight, everything flushed: a graceful close whose peer may still send
+        // lingers first (`linger.rs`); an abort, a hand-off or a stopping server does not.
+        let linger = !stopping
+            && matches!(&sock.kind, Kind::Conn(c) if c.may_linger() && !c.abort_on_close(dead));
+        if linger && self.start_lingering(slot) {
+            return;
+        }
+        // Release the socket.
         let Some(sock) = self.sockets[slot].sock.take() else {
             return;
+        };
+        // A lingering connection's application was told `Closed` when lingering began, and
+        // one that gave its connection budget to a new connection has none to give back.
+        let (told, gave_slot) = match &sock.kind {
+            Kind::Conn(c) => c
+                .lingering
+                .as_ref()
+                .map_or((false, false), |l| (true, l.gave_slot)),
+            _ => (false, false),
         };
         let si = sock.session;
         let handle = self.handle(slot);
@@ -204,7 +239,7 @@ impl Worker {
                 shared.registry.release_port(l.addr, uid);
             }
         }
-        if was_conn {
+        if was_conn && !gave_slot {
             self.refund(si, Res::Conns, 1);
         }
         if was_listener {
@@ -212,7 +247,7 @@ impl Worker {
         }
         if let Some(s) = self.session(si) {
             s.sockets.remove(&slot);
-            if !s.dead && issued {
+            if !s.dead && issued && !told {
                 self.emit(si, Event::Closed { handle });
             }
         }

@@ -20,6 +20,7 @@ impl Worker {
                 Op::Send => self.sent(slot, cqe.result),
                 // Readiness sent nothing; an error (a cancel) fails the connection.
                 Op::SendPoll => self.sent(slot, cqe.result.min(0)),
+                Op::LingerPoll => self.lingered(slot, cqe.result),
                 Op::ConnectPoll => {
                     self.connect_done(slot);
                     self.try_finish_close(slot);
@@ -63,7 +64,13 @@ impl Worker {
                     s.inflight -= 1;
                 }
             }
-            Op::Accept | Op::Recv | Op::Send | Op::SendPoll | Op::ConnectPoll | Op::Cancel => {
+            Op::Accept
+            | Op::Recv
+            | Op::Send
+            | Op::SendPoll
+            | Op::LingerPoll
+            | Op::ConnectPoll
+            | Op::Cancel => {
                 if let Some(sock) = self
                     .sockets
                     .get_mut(slot.ix())

@@ -25,6 +25,7 @@
 //! | `send.rs` | the send path: inline, buffer and file chunks, `sendfile`, send credit |
 //! | `recv.rs` | the receive path: provided buffers, delivery, the receive window |
 //! | `close.rs` | closing: flush, cancel, release, park |
+//! | `linger.rs` | lingering close: shut down sending, discard until the peer's EOF or a bound |
 //! | `handoff.rs` | pause and hand-off to the next owner of a persistent listener |
 //! | `migrate.rs` | letting connections go to another node (`crate::migration`) |
 //! | `direct.rs` | the glue of the direct path (the protocol side is `crate::direct`) |
@@ -55,7 +56,8 @@
 //!    `sendfile` runs only when none is in flight.
 //! 3. **A socket slot is freed only when no operation is in flight on it**
 //!    (`Socket::inflight == 0`, counted up when an operation is queued and down when its
-//!    completion is reaped); its generation then changes, so stale handles are refused.
+//!    completion is reaped; a lingering connection's readiness wait is one); its generation
+//!    then changes, so stale handles are refused.
 //! 4. **A session's memory goes only when it owns no socket and no operation**
 //!    (`Session::inflight == 0` and `sockets` empty; see `collect_sessions`): its pool backs
 //!    provided buffers and its channel the wait-fd poll.
@@ -77,6 +79,7 @@ mod direct;
 mod events;
 mod handoff;
 mod migrate;
+mod linger;
 mod recv;
 mod requests;
 mod send;
@@ -121,7 +124,8 @@ const MAX_VIOLATIONS: u32 = 64;
 /// accepts stop at the connection budgets.
 const MAX_OUTBOX: usize = 1 << 16;
 /// How long connections an application closed (or shut down) before it went away keep flushing
-/// their queued bytes, as the kernel does for a process that exits after `close`.
+/// their queued bytes (and lingering, `linger.rs`), as the kernel does for a process that exits
+/// after `close`.
 const LINGER_LIMIT: Duration = Duration::from_secs(10);
 /// The socket of a tag for an operation on a session rather than a socket (the cancel of its
 /// wait-fd poll).
@@ -184,6 +188,10 @@ pub(crate) struct Worker {
     direct_responses: u64,
     /// Emptied send buffers kept for reuse, so small sends do not allocate.
     spare: Vec<Vec<u8>>,
+    /// Connections in lingering close (see `linger.rs`; may hold released slots, skipped).
+    lingering: Vec<SlotIx>,
+    /// Where lingering connections' bytes are "read" (with `MSG_TRUNC`, never written).
+    discard: Vec<u8>,
     next_housekeeping: Instant,
     pub(crate) busy: Duration,
     /// The migration board's version last seen, and the newest order answered.
@@ -232,6 +240,8 @@ impl Worker {
             direct_responses: 0,
             next_direct_sweep: Instant::now(),
             spare: Vec::new(),
+            lingering: Vec::new(),
+            discard: Vec::new(),
             next_housekeeping: Instant::now(),
             busy: Duration::ZERO,
             orders_version: 0,
@@ -354,7 +364,10 @@ impl Worker {
             self.next_direct_sweep = now + Duration::from_secs(1);
             self.sweep_direct(now);
         }
-        // Dead applications' lingering connections get a bounded time to flush.
+        if !self.lingering.is_empty() {
+            self.expire_lingering(now, false);
+        }
+        // Dead applications' closed connections get a bounded time to flush (and linger).
         let mut overdue = Vec::new();
         for s in self.sessions.iter().flatten() {
             if s.dead_since
@@ -428,6 +441,9 @@ impl Worker {
         for si in self.session_ixs() {
             self.kill_session(si);
         }
+        // Lingering connections (of dead sessions too, which `kill_session` skips) end now:
+        // the server's exit does not wait for clients to let go.
+        self.expire_lingering(Instant::now(), true);
         let deadline = Instant::now() + DRAIN_TIMEOUT;
         loop {
             let _ = self.ring.submit();

@@ -182,11 +182,15 @@ impl Worker {
             };
         self.live_session(si)?;
         if let Err(over) = self.charge(si, Res::Conns, 1) {
-            tracing::warn!(
-                session = si.0,
-                "connection limit reached (over {over} budget); refusing a connection"
-            );
-            return None; // dropping fd closes it
+            // A lingering connection of this session gives up its budget rather than a new
+            // one being refused (see `linger.rs`).
+            if !self.reclaim_lingering(si) {
+                tracing::warn!(
+                    session = si.0,
+                    "connection limit reached (over {over} budget); refusing a connection"
+                );
+                return None; // dropping fd closes it
+            }
         }
         let local = sock_addr(rnet::getsockname(&fd));
         let peer = peer_addr(&fd);

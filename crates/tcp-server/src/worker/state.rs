@@ -248,7 +248,8 @@ pub(super) struct Conn {
     /// they are sent or when the connection is released.
     pub(super) file_ranges: u64,
     /// The application closed or shut down this connection: its queued bytes go out even if
-    /// the application then goes away (up to [`LINGER_LIMIT`]).
+    /// the application then goes away (up to [`LINGER_LIMIT`]), and it may then linger
+    /// (`lingering`, which is the lingering close proper).
     pub(super) linger: bool,
     /// Answered by the server itself (see `direct`) until the first request it cannot answer.
     pub(super) direct: Option<Box<crate::direct::Direct>>,
@@ -264,6 +265,83 @@ pub(super) struct Conn {
     /// in flight is cancelled (`export_cancelled` once), and the asker gets it when nothing is.
     pub(super) export: Option<Arc<crate::migration::Order>>,
     pub(super) export_cancelled: bool,
+    /// Closed gracefully and everything flushed, its sending side shut down: it reads and
+    /// discards until the peer's EOF or a bound (see [`Lingering`], `worker/linger.rs`).
+    pub(super) lingering: Option<Lingering>,
+}
+
+/// Longest a lingering connection waits for the next bytes (nginx's `lingering_timeout`,
+/// 5 s): a client that has read its response and still sends, or sends nothing and never
+/// closes, is not worth more.
+pub(super) const LINGER_IDLE: Duration = Duration::from_secs(5);
+/// Longest a connection lingers in all (nginx's `lingering_time`, 30 s): a client that keeps
+/// trickling bytes cannot keep the socket.
+pub(super) const LINGER_TOTAL: Duration = Duration::from_secs(30);
+/// Most bytes a lingering connection discards before it is closed anyway: what a client sends
+/// after a response it is meant to read is a pipelined request or the rest of an upload the
+/// server did not want; 1 MiB (nginx's default `client_max_body_size`) covers the usual
+/// refused upload, and past it reading costs more than the client's chance of seeing its
+/// response is worth (it is then likely not reading at all).
+pub(super) const LINGER_BYTES: u64 = 1 << 20;
+
+/// A connection in lingering close (security review item 23). Closing a socket that has
+/// unread received bytes (or gets more afterwards) makes the kernel answer with RST, and an
+/// RST destroys what the client has not read yet of the last response. So a graceful close,
+/// once everything queued is in the kernel, shuts the sending side down (the client sees the
+/// end of the response), then reads and discards until the client's EOF — or until it was
+/// idle [`LINGER_IDLE`], lingered [`LINGER_TOTAL`], or discarded [`LINGER_BYTES`]. Its
+/// application has been told `Closed` already; it keeps its slot and its connection budget
+/// (a descriptor is held), see `worker/linger.rs`.
+#[derive(Debug)]
+pub(super) struct Lingering {
+    since: Instant,
+    last: Instant,
+    discarded: u64,
+    /// Ended early: the peer's EOF or an error, or cut short (the server stops, the slot was
+    /// given to a new connection, the application died and its time is up).
+    ended: bool,
+    /// The readiness wait in the ring (`Op::LingerPoll`): Idle, Armed or Cancelling.
+    pub(super) poll: Recv,
+    /// Its connection budget went to a new connection (`Worker::reclaim_lingering`): its
+    /// release gives nothing back.
+    pub(super) gave_slot: bool,
+}
+
+impl Lingering {
+    pub(super) fn new(now: Instant) -> Lingering {
+        Lingering {
+            since: now,
+            last: now,
+            discarded: 0,
+            ended: false,
+            poll: Recv::Idle,
+            gave_slot: false,
+        }
+    }
+
+    /// `n` bytes arrived and were discarded.
+    pub(super) fn discarded(&mut self, n: usize, now: Instant) {
+        self.discarded = self.discarded.saturating_add(n as u64);
+        self.last = now;
+    }
+
+    /// Ends it at the next chance, whatever the bounds say.
+    pub(super) fn end(&mut self) {
+        self.ended = true;
+    }
+
+    /// Whether it is over: ended, or past one of its bounds at `now`.
+    pub(super) fn over(&self, now: Instant) -> bool {
+        self.ended
+            || self.discarded >= LINGER_BYTES
+            || now.saturating_duration_since(self.last) >= LINGER_IDLE
+            || now.saturating_duration_since(self.since) >= LINGER_TOTAL
+    }
+
+    /// When it began (the oldest is the first to give its slot away).
+    pub(super) fn since(&self) -> Instant {
+        self.since
+    }
 }
 
 /// Bytes a recoverable connection keeps a copy of, delivered after the application's last
@@ -414,7 +492,20 @@ impl Conn {
             flow: None,
             export: None,
             export_cancelled: false,
+            lingering: None,
         }
+    }
+
+    /// Whether a graceful close should linger once everything is flushed: the peer may still
+    /// send (no EOF from it), the stream did not fail (a reset peer reads nothing), and the
+    /// socket is not going to a next owner. Not twice.
+    pub(super) fn may_linger(&self) -> bool {
+        // A connection moving to another node is not closed at all: it must not send a FIN.
+        self.lingering.is_none()
+            && !self.eof
+            && !self.failed
+            && self.handoff.is_none()
+            && self.export.is_none()
     }
 
     /// Whether a receive may be armed: none is, the stream goes on, the application has
@@ -610,222 +701,4 @@ impl InflightSend {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn conn() -> Conn {
-        let mut c = Conn::new();
-        c.origin = Some("127.0.0.1:80".parse().unwrap());
-        c
-    }
-
-    #[test]
-    fn a_new_connection_may_receive_until_the_window_fills_or_it_ends() {
-        let mut c = conn();
-        assert!(c.may_receive());
-        c.unacked = RECV_WINDOW as u64 / 2 - 1;
-        assert!(c.may_receive());
-        c.unacked = RECV_WINDOW as u64 / 2;
-        assert!(!c.may_receive(), "the receive window is full");
-        c.unacked = 0;
-        c.recv = Recv::Armed;
-        assert!(!c.may_receive(), "one receive at a time");
-        c.recv = Recv::Idle;
-        c.eof = true;
-        assert!(!c.may_receive(), "after end of stream");
-        c.eof = false;
-        c.failed = true;
-        assert!(!c.may_receive(), "after a failure");
-    }
-
-    #[test]
-    fn a_paused_connection_stops_reading_at_its_held_limit_whatever_is_acknowledged() {
-        let mut c = conn();
-        c.paused = true;
-        c.held = vec![0; super::super::recv::HELD_MAX / 2 - 1];
-        assert!(c.may_receive());
-        c.held.push(0);
-        c.unacked = 0; // everything "acknowledged"
-        assert!(!c.may_receive(), "held bytes are bounded on their own");
-    }
-
-    #[test]
-    fn a_direct_connection_stops_reading_when_blocked_or_holding_a_full_buffer() {
-        let mut c = conn();
-        let mut d = crate::direct::Direct::new(0, 1, Instant::now());
-        d.conn.pending = vec![0; super::super::recv::DIRECT_BUF_MAX - 1];
-        c.direct = Some(Box::new(d));
-        assert!(c.may_receive());
-        if let Some(d) = c.direct.as_mut() {
-            d.conn.pending.push(0);
-        }
-        assert!(!c.may_receive(), "the buffer is full");
-        if let Some(d) = c.direct.as_mut() {
-            d.conn.pending.clear();
-            d.blocked = true;
-        }
-        assert!(!c.may_receive(), "the send queue is full");
-    }
-
-    #[test]
-    fn untouched_means_nothing_read_written_or_ended_on_a_persistent_listener() {
-        assert!(conn().untouched());
-        assert!(!Conn::new().untouched(), "no listener to hand it to");
-        let touched: [fn(&mut Conn); 5] = [
-            |c| c.delivered = 1,
-            |c| c.written = true,
-            |c| c.eof = true,
-            |c| c.failed = true,
-            |c| c.shutdown_wanted = true,
-        ];
-        for touch in touched {
-            let mut c = conn();
-            touch(&mut c);
-            assert!(!c.untouched());
-        }
-    }
-
-    #[test]
-    fn a_connection_returns_to_the_direct_path_only_when_the_application_saw_everything() {
-        let mut c = conn();
-        c.delivered = 100;
-        assert!(c.may_return_to_direct(100));
-        assert!(!c.may_return_to_direct(99), "bytes still on their way");
-        c.paused = true;
-        assert!(!c.may_return_to_direct(100));
-        c.paused = false;
-        c.held = b"x".to_vec();
-        assert!(!c.may_return_to_direct(100));
-        c.held.clear();
-        c.handoff = Some(Vec::new());
-        assert!(!c.may_return_to_direct(100));
-        c.handoff = None;
-        c.eof = true;
-        assert!(!c.may_return_to_direct(100));
-    }
-
-    #[test]
-    fn a_close_drops_queued_bytes_only_on_abort_without_hand_off_or_linger() {
-        let mut c = conn();
-        assert!(!c.abort_on_close(false));
-        assert!(c.abort_on_close(true));
-        c.linger = true;
-        assert!(
-            !c.abort_on_close(true),
-            "closed by its application: owed to the client"
-        );
-        c.linger = false;
-        c.handoff = Some(Vec::new());
-        assert!(
-            !c.abort_on_close(true),
-            "the next owner's responses follow these"
-        );
-    }
-
-    #[test]
-    fn the_send_in_flight_pins_what_it_reads() {
-        let mut s = InflightSend::default();
-        assert!(!s.busy());
-        assert_eq!(s.cancel_op(), None);
-        s.sending(2);
-        assert!(s.busy());
-        assert!(s.reads_last_of(1) && s.reads_last_of(2));
-        assert!(!s.reads_last_of(3), "a chunk behind the send may grow");
-        assert_eq!(s.cancel_op(), Some(Op::Send));
-        s.finished();
-        s.polling();
-        assert!(s.busy() && !s.reads_last_of(1));
-        assert_eq!(s.cancel_op(), Some(Op::SendPoll));
-        s.finished();
-        assert!(!s.busy());
-    }
-
-    #[test]
-    fn a_shutdown_waits_for_the_last_byte() {
-        let mut c = conn();
-        c.shutdown_wanted = true;
-        assert!(c.may_shut_down_write());
-        c.send.polling();
-        assert!(!c.may_shut_down_write());
-        c.send.finished();
-        c.sendq.push_back(Chunk::Inline {
-            data: b"x".to_vec(),
-            off: 0,
-        });
-        assert!(!c.may_shut_down_write());
-        c.sendq.clear();
-        c.shutdown_done = true;
-        assert!(!c.may_shut_down_write(), "once only");
-    }
-
-    fn deliver(c: &mut Conn, bytes: &[u8]) {
-        c.delivering(bytes.len(), |dst| dst.copy_from_slice(bytes));
-    }
-
-    #[test]
-    fn a_recoverable_connection_keeps_what_follows_its_last_boundary() {
-        let mut c = conn();
-        c.recovery = Some(Recovery::default());
-        deliver(&mut c, b"GET /a HTTP/1.1\r\n\r\n");
-        deliver(&mut c, b"GET /b HTTP/1.1\r\n\r\n");
-        c.written = true;
-        c.recovery.as_mut().unwrap().sent();
-        assert_eq!(c.successor_bytes(), None, "a response may be half queued");
-        let first = b"GET /a HTTP/1.1\r\n\r\n".len() as u64;
-        assert!(c.recovery.as_mut().unwrap().mark(first, c.delivered));
-        assert_eq!(
-            c.successor_bytes().as_deref(),
-            Some(&b"GET /b HTTP/1.1\r\n\r\n"[..])
-        );
-    }
-
-    #[test]
-    fn marks_must_move_forward_within_what_was_delivered() {
-        let mut r = Recovery::default();
-        r.delivering(10, |d| d.fill(b'x'));
-        assert!(!r.mark(11, 10), "past what was delivered");
-        assert!(r.mark(4, 10));
-        assert!(!r.mark(3, 10), "behind the last mark");
-        assert!(r.mark(10, 10));
-        assert_eq!(r.unanswered(), Some(Vec::new()));
-    }
-
-    #[test]
-    fn a_connection_past_the_retain_limit_recovers_only_at_a_full_boundary() {
-        let mut c = conn();
-        c.recovery = Some(Recovery::default());
-        deliver(&mut c, &vec![b'a'; RETAIN_LIMIT]);
-        deliver(&mut c, b"b");
-        assert_eq!(c.successor_bytes(), None);
-        let delivered = c.delivered;
-        assert!(c.recovery.as_mut().unwrap().mark(delivered - 1, delivered));
-        assert_eq!(
-            c.successor_bytes(),
-            None,
-            "the copy was dropped at the limit"
-        );
-        assert!(c.recovery.as_mut().unwrap().mark(delivered, delivered));
-        deliver(&mut c, b"next");
-        assert_eq!(c.successor_bytes().as_deref(), Some(&b"next"[..]));
-    }
-
-    #[test]
-    fn direct_and_untouched_connections_go_on_without_marks() {
-        let mut c = conn();
-        c.held = b"late".to_vec();
-        assert_eq!(c.successor_bytes().as_deref(), Some(&b"late"[..]));
-        let mut c = conn();
-        c.delivered = 5;
-        assert_eq!(c.successor_bytes(), None, "touched, not recoverable");
-        let mut d = crate::direct::Direct::new(0, 1, std::time::Instant::now());
-        d.conn.pending = b"GET / HTTP/1.1\r\n".to_vec();
-        c.direct = Some(Box::new(d));
-        assert_eq!(
-            c.successor_bytes().as_deref(),
-            Some(&b"GET / HTTP/1.1\r\n"[..])
-        );
-        let mut c = conn();
-        c.origin = None;
-        assert_eq!(c.successor_bytes(), None, "no listener to go on to");
-    }
-}
+mod tests;

@@ -2,16 +2,21 @@
 //! one node to another (`splitos migrate`, and `splitos lab migrate` in the lab's switch
 //! namespace).
 //!
-//! The order is the research brief's cut-over: (1) ask the source node which connections
-//! could move; (2) one switch transaction holds them (the client's packets are dropped, so
-//! neither node hears from the client while it moves; the client retransmits); (3) the source
-//! node takes them out of service, saves them and the destination restores them, silent on both
-//! sides; (4) one switch transaction makes the destination the owner, fences every other node
-//! from the flow and releases the hold; (5) the destination takes the sockets out of repair
-//! mode (a window probe makes the client tell it where it is) and serves them, and the source
-//! drops its copies without a packet. A connection refused at (3) is released at (4) and goes
-//! on where it was. The cut-over — what the client may notice — is (2) to (4).
+//! The order is the research brief's cut-over, with one change: (1) ask the source node which
+//! connections could move; (2) one switch transaction holds them: the client's packets wait
+//! in the switch's hold device (`switch::held`), neither node hears from the client; (3) the
+//! source node takes them out of service, saves them, and the destination restores them,
+//! silent on both sides; (4) one switch transaction makes the destination the owner and
+//! fences every other node from the flows, still held; (5) the destination takes the sockets
+//! out of repair mode (a window probe makes the client tell it where it is) and says so
+//! (`Live`); (6) one switch transaction releases the hold, and the waiting packets go on to
+//! the destination; it puts the connections into service, and the source drops its copies
+//! without a packet. The change: the brief releases at (4), before the destination is out of
+//! repair mode; a packet arriving in between waited for the client's retransmission (200 ms
+//! and more). A connection refused at (3) is released at (4) and goes on where it was. The
+//! cut-over — what a client may notice — is (2) to (6).
 
+use crate::switch::held::HeldPackets;
 use crate::switch::{Change, Flow as SwitchFlow, NodeId, Switch, SwitchError};
 use serde::Serialize;
 use splitos_migrate::{Flow, LinkClient, WireError};
@@ -58,6 +63,8 @@ pub struct Report {
     pub refused: Vec<(Flow, String)>,
     /// Of `moved`, how many the destination has put into service.
     pub live: usize,
+    /// Client packets that arrived during the hold and went on to the new node afterwards.
+    pub requeued: usize,
     /// From the hold to the release: what a client may notice (milliseconds).
     pub cutover_ms: f64,
     /// The whole operation, the listing included (milliseconds).
@@ -124,18 +131,27 @@ pub fn migrate(
     }
     let mut client = LinkClient::connect(from, CONNECT_TIMEOUT).map_err(link(a, from))?;
     let held: Vec<SwitchFlow> = flows.iter().filter_map(switch_flow).collect();
+    // Held packets wait for the release instead of being dropped (see `switch::held`).
+    let waiting = match HeldPackets::attach(table) {
+        Ok(q) => Some(q),
+        Err(e) => {
+            tracing::info!("held packets will be dropped (the client retransmits): {e}");
+            None
+        }
+    };
     let hold_at = Instant::now();
     sw.apply(&held.iter().map(|&f| Change::Hold(f)).collect::<Vec<_>>())?;
-    let release_all = |sw: &mut Switch| {
+    let release_all = |sw: &mut Switch, waiting: Option<HeldPackets>| {
         let changes: Vec<_> = held.iter().map(|&f| Change::Release(f)).collect();
         if let Err(e) = sw.apply(&changes) {
             tracing::error!("cannot release held flows: {e}");
         }
+        waiting.map(HeldPackets::release);
     };
     let (moved, refused) = match client.move_to(to, flows) {
         Ok(r) => r,
         Err(e) => {
-            release_all(&mut sw);
+            release_all(&mut sw, waiting);
             return Err(MigrateError::Link {
                 node: a,
                 addr: from,
@@ -143,6 +159,8 @@ pub fn migrate(
             });
         }
     };
+    // The moved flows go to B, still held (B is in repair mode until the commit); the
+    // refused ones go on where they were.
     let others: Vec<NodeId> = sw
         .state()
         .nodes
@@ -155,7 +173,6 @@ pub fn migrate(
         changes.push(Change::Owner(f, b));
         changes.push(Change::Unfence(f, b));
         changes.extend(others.iter().map(|&n| Change::Fence(f, n)));
-        changes.push(Change::Release(f));
     }
     changes.extend(
         refused
@@ -165,11 +182,27 @@ pub fn migrate(
     );
     if let Err(e) = sw.apply(&changes) {
         let _ = client.abort();
-        release_all(&mut sw);
+        release_all(&mut sw, waiting);
         return Err(e.into());
     }
+    let live = client.commit();
+    // Released whatever B said: a flow that did not go live there has no other home now.
+    let releases: Vec<_> = moved
+        .iter()
+        .filter_map(switch_flow)
+        .map(Change::Release)
+        .collect();
+    let released = sw.apply(&releases);
+    // The held packets go on from a thread of their own: the device waits for stragglers,
+    // which is no part of the cut-over.
+    let requeue = waiting.map(|w| std::thread::spawn(move || w.release()));
     report.cutover_ms = hold_at.elapsed().as_secs_f64() * 1e3;
-    report.live = client.commit().map_err(link(a, from))?;
+    let done = released
+        .map_err(MigrateError::from)
+        .and_then(|()| live.map_err(link(a, from)))
+        .and_then(|_| client.done().map_err(link(a, from)));
+    report.requeued = requeue.map_or(0, |t| t.join().unwrap_or(0));
+    report.live = done?;
     report.moved = moved;
     report.refused = refused;
     report.total_ms = started.elapsed().as_secs_f64() * 1e3;

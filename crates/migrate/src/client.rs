@@ -57,10 +57,18 @@ impl LinkClient {
         }
     }
 
-    /// The switch now sends the moved flows to the new node: go live there. Returns how many
-    /// are.
-    pub fn commit(mut self) -> Result<usize, WireError> {
+    /// The switch now sends the moved flows to the new node (holding their packets): go live
+    /// there. Returns how many are out of repair mode; [`LinkClient::done`] follows.
+    pub fn commit(&mut self) -> Result<usize, WireError> {
         match self.ask(&Message::Commit)? {
+            Message::Live { n } => Ok(n),
+            m => Err(unexpected("Live", &m)),
+        }
+    }
+
+    /// Waits until the moved connections are in service on the new node; returns how many.
+    pub fn done(mut self) -> Result<usize, WireError> {
+        match wire::read_message(&mut self.stream)? {
             Message::Done { n } => Ok(n),
             m => Err(unexpected("Done", &m)),
         }

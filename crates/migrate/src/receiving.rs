@@ -6,7 +6,7 @@
 use crate::node::{Ctx, FLAG_EOF};
 use crate::wire::{self, Flow, Frame, Message, WireError};
 use splitos_repair::{record, socket};
-use splitos_tcp_server::migration::{Imported, Queued};
+use splitos_tcp_server::migration::{Imported, Queued, Reservation};
 use std::net::TcpStream;
 
 /// Bytes a receiving node holds for restored connections of one batch before they go live
@@ -16,6 +16,8 @@ const BATCH_BYTES_MAX: u64 = 1 << 30;
 /// A connection restored here, silent until the commit.
 struct Arrival {
     restoring: socket::Restoring,
+    /// Its place in the TCP server, taken before the commit.
+    reservation: Reservation,
     flow: Flow,
     /// Bytes its old server had queued: they arrive after the commit.
     unsent: u64,
@@ -80,10 +82,13 @@ pub(crate) fn move_in(
             local: repr.local,
             peer: repr.peer,
         };
-        if ctx.migration.owner_of(repr.local).is_none() {
-            failed.push((flow, format!("nobody listens on {} there", repr.local)));
-            continue;
-        }
+        let reservation = match ctx.migration.reserve(repr.local) {
+            Ok(r) => r,
+            Err(e) => {
+                failed.push((flow, e.to_string()));
+                continue;
+            }
+        };
         let size = queued
             + (repr.server_unsent.len() + repr.server_held.len() + repr.app_unanswered.len())
                 as u64;
@@ -102,6 +107,7 @@ pub(crate) fn move_in(
                 held.extend_from_slice(repr.server_held);
                 arrivals.push(Arrival {
                     restoring,
+                    reservation,
                     flow,
                     unsent: queued,
                     held,
@@ -147,10 +153,12 @@ fn go_live(ctx: &Ctx, a: &mut TcpStream, arrivals: Vec<Arrival>) -> Result<usize
                 None
             }
         };
-        live.push((fd, x.flow, x.unsent, x.held, x.eof));
+        live.push((fd, x.reservation, x.flow, x.unsent, x.held, x.eof));
     }
+    let n_live = live.iter().filter(|x| x.0.is_some()).count();
+    wire::write_message(a, &Message::Live { n: n_live })?;
     let mut n = 0;
-    for (fd, flow, declared, held, eof) in live {
+    for (fd, reservation, flow, declared, held, eof) in live {
         let mut unsent = Vec::with_capacity(declared.min(BATCH_BYTES_MAX) as usize);
         loop {
             match wire::read_frame(a)? {
@@ -174,10 +182,8 @@ fn go_live(ctx: &Ctx, a: &mut TcpStream, arrivals: Vec<Arrival>) -> Result<usize
             held,
             eof,
         };
-        match ctx.migration.import(c) {
-            Ok(()) => n += 1,
-            Err((e, _)) => tracing::error!(%flow, "a moved connection was lost: {e}"),
-        }
+        ctx.migration.import(reservation, c);
+        n += 1;
     }
     Ok(n)
 }

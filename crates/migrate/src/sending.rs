@@ -140,7 +140,7 @@ pub(crate) fn move_out(
     let reported = wire::write_message(op, &Message::Moved { moved, refused });
     match reported.and_then(|()| wire::read_message(op)) {
         Ok(Message::Commit) => {
-            let n = commit(&mut peer, moving)?;
+            let n = commit(op, &mut peer, moving)?;
             wire::write_message(op, &Message::Done { n })
         }
         other => {
@@ -169,8 +169,22 @@ pub(crate) fn move_out(
 /// The switch sends the moved flows to the other node now: it goes live with them while this
 /// node drops its copies without a packet and streams what its server had queued for them.
 /// Returns how many the other node put into service.
-fn commit(peer: &mut TcpStream, moving: Vec<Exported>) -> Result<usize, WireError> {
+fn commit(
+    op: &mut TcpStream,
+    peer: &mut TcpStream,
+    moving: Vec<Exported>,
+) -> Result<usize, WireError> {
     wire::write_message(peer, &Message::Commit)?;
+    let live = wire::read_message(peer);
+    // Passed on at once: the operator releases the flows' held packets on it.
+    let forwarded = match &live {
+        Ok(m @ Message::Live { .. }) => wire::write_message(op, m),
+        Ok(m) => Err(WireError::Unexpected {
+            expected: "Live",
+            got: wire::name(m),
+        }),
+        Err(e) => Err(WireError::Remote(format!("the other node: {e}"))),
+    };
     let mut w = std::io::BufWriter::with_capacity(256 << 10, &mut *peer);
     let mut streamed = Ok(());
     for mut e in moving {
@@ -194,6 +208,7 @@ fn commit(peer: &mut TcpStream, moving: Vec<Exported>) -> Result<usize, WireErro
             .map_err(WireError::Io)
             .and_then(|()| wire::write_data(&mut w, &[]));
     }
+    forwarded?;
     streamed?;
     w.flush()?;
     drop(w);

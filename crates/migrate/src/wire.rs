@@ -20,13 +20,16 @@
 //!                                                 B -> A: Restored{ok, failed}
 //!                                                 A -> operator: Moved{moved, refused}
 //! operator -> A: Commit | Abort                   A -> B: Commit | Abort
-//!                                   after Commit: A -> B: per restored record, in order:
+//!                                   after Commit: B -> A: Live{n}
+//!                                                 A -> operator: Live{n}
+//!                                                 A -> B: per restored record, in order:
 //!                                                        data..., empty data
 //!                                                 B -> A: Done{n}
 //!                                                 A -> operator: Done{n}
 //! ```
 //!
-//! Between `Moved` and `Commit` the operator changes the switch: the moved flows now go to B.
+//! Between `Moved` and `Commit` the operator points the switch at B (the flows stay held);
+//! after `Live` it releases them.
 //! Any side answers a message it cannot accept with `Error{message}` and ends the session.
 
 use serde::{Deserialize, Serialize};
@@ -108,8 +111,14 @@ pub enum Message {
         moved: Vec<Flow>,
         refused: Vec<(Flow, String)>,
     },
-    /// The switch sends the moved flows to the new node: go live there.
+    /// The switch sends the moved flows to the new node (still holding their packets): go
+    /// live there.
     Commit,
+    /// `n` connections are out of repair mode on the new node: the switch may let their
+    /// packets through. Their queued bytes and the hand-over to the TCP server follow.
+    Live {
+        n: usize,
+    },
     /// Keep every connection where it was.
     Abort,
     /// `n` connections are live on the new node.

@@ -166,7 +166,7 @@ pub enum MigrationError {
 pub enum ImportError {
     #[error("nobody listens on {0} here (with a persistent listener) to take the connection")]
     NoListener(SocketAddr),
-    #[error("over the {0} budget of handed-off connections")]
+    #[error("over its owner's {0} budget here")]
     Budget(&'static str),
 }
 
@@ -292,6 +292,8 @@ impl Order {
 /// Orders for the workers.
 #[derive(Default)]
 pub(crate) struct Board {
+    /// Connections reserved (`Migration::reserve`) and not yet handed to their listener.
+    arriving: AtomicU64,
     orders: Mutex<Vec<Arc<Order>>>,
     next_id: AtomicU64,
     version: AtomicU64,
@@ -431,30 +433,53 @@ impl Migration {
         self.shared.registry.listener_for(local)
     }
 
-    /// Puts a connection into service: the owner of the persistent listener that covers its
-    /// local address adopts it. On failure the connection is given back with the reason.
-    pub fn import(&self, c: Imported) -> Result<(), (ImportError, Imported)> {
-        let Some((origin, uid)) = self.owner_of(c.local) else {
-            return Err((ImportError::NoListener(c.local), c));
-        };
+    /// Makes room for a connection to `local` arriving, before it is restored, so that
+    /// nothing refuses it once it has left its old node: finds the persistent listener that
+    /// will take it, and checks that its owner's connection budget holds it besides every
+    /// arrival not yet adopted. It then counts as handed off until its listener's owner
+    /// adopts it (charged without refusal: the `handed` budget bounds connections parked
+    /// across application restarts, and these are on their way to one that runs).
+    pub fn reserve(&self, local: SocketAddr) -> Result<Reservation, ImportError> {
+        let (origin, uid) = self.owner_of(local).ok_or(ImportError::NoListener(local))?;
         let ledger = &self.shared.ledger;
         let acct = ledger.account(uid);
-        if ledger.take(&acct, Res::Handed, 1).is_err() {
-            return Err((ImportError::Budget(Res::Handed.name()), c));
+        let pending = self
+            .shared
+            .migration
+            .arriving
+            .fetch_add(1, Ordering::AcqRel)
+            + 1;
+        if ledger.fits(&acct, Res::Conns, pending).is_err() {
+            self.shared
+                .migration
+                .arriving
+                .fetch_sub(1, Ordering::AcqRel);
+            return Err(ImportError::Budget(Res::Conns.name()));
         }
-        if ledger
-            .take(&acct, Res::HandedBytes, c.held.len() as u64)
-            .is_err()
-        {
-            ledger.give(&acct, Res::Handed, 1);
-            return Err((ImportError::Budget(Res::HandedBytes.name()), c));
-        }
+        ledger.force(&acct, Res::Handed, 1);
+        Ok(Reservation {
+            origin,
+            uid,
+            acct: Some(acct),
+            shared: self.shared.clone(),
+        })
+    }
+
+    /// Puts a connection into service with the room `r` made for it: the owner of the
+    /// persistent listener adopts it (like a handed-off connection), its queued bytes first.
+    pub fn import(&self, mut r: Reservation, c: Imported) {
+        let Some(acct) = r.acct.take() else { return };
+        // Charged without refusal: the connection is here already, and its bytes were bounded
+        // by whoever brought it (the node link's batch limit).
+        self.shared
+            .ledger
+            .force(&acct, Res::HandedBytes, c.held.len() as u64);
         tracing::debug!(local = %c.local, held = c.held.len(), unsent = c.unsent.len(), "a connection arrived");
         self.shared.registry.hand_over(
-            origin,
+            r.origin,
             Handed {
                 fd: c.fd,
-                uid,
+                uid: r.uid,
                 acct,
                 data: c.held,
                 unsent: c.unsent,
@@ -463,6 +488,26 @@ impl Migration {
             },
         );
         self.shared.wake_all();
-        Ok(())
+    }
+}
+
+/// Room made for one arriving connection ([`Migration::reserve`]); given back if dropped
+/// unused.
+pub struct Reservation {
+    origin: SocketAddr,
+    uid: u32,
+    acct: Option<Arc<crate::budget::Account>>,
+    shared: Arc<Shared>,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.shared
+            .migration
+            .arriving
+            .fetch_sub(1, Ordering::AcqRel);
+        if let Some(acct) = self.acct.take() {
+            self.shared.ledger.give(&acct, Res::Handed, 1);
+        }
     }
 }

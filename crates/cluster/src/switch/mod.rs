@@ -7,7 +7,8 @@
 //! - **New flows** are hashed into buckets (`jhash(client addr . port) mod N`); a bucket table
 //!   names each bucket's node ([`buckets`]); a node leaving moves only its own buckets.
 //! - **Moved flows** have an entry in the owners map, which overrides the bucket.
-//! - **Held flows** (being moved) have their client packets dropped; the client retransmits.
+//! - **Held flows** (being moved) have their client packets set aside ([`held`]): kept for the
+//!   new node while a migration runs, else dropped (the client retransmits).
 //! - **Fences** drop what a node that no longer owns a flow still sends for it.
 //!
 //! Every change is one `nft -f -` transaction ([`script`]), so the kernel applies all of it or
@@ -16,6 +17,7 @@
 //! a test — can change a running switch.
 
 pub mod buckets;
+pub mod held;
 mod nft;
 pub mod script;
 
@@ -467,10 +469,12 @@ impl Switch {
         let made = nodes
             .iter()
             .try_for_each(|n| route_add(cfg.vip, n))
+            .and_then(|()| held::setup(table).map_err(SwitchError::from))
             .and_then(|()| nft_apply(&script::create(table, &cfg, nodes, &b)));
         if let Err(e) = made {
             // Leave no half-made switch behind.
             nodes.iter().for_each(route_del);
+            held::teardown(table);
             return Err(e);
         }
         Ok(Switch {
@@ -683,6 +687,7 @@ impl Switch {
         for n in self.state.nodes.values() {
             route_del(n);
         }
+        held::teardown(&self.table);
         Ok(())
     }
 }

@@ -79,7 +79,8 @@ pub fn create(table: &str, cfg: &SwitchConfig, nodes: &[Node], buckets: &[NodeId
     );
     let _ = writeln!(
         s,
-        "    ip daddr {vip} tcp dport {ports} ip saddr . tcp sport @hold counter name \"held\" drop"
+        "    ip daddr {vip} tcp dport {ports} ip saddr . tcp sport @hold counter name \"held\" meta mark set {:#x} accept",
+        super::held::HOLD_MARK
     );
     let _ = writeln!(
         s,

@@ -1,0 +1,127 @@
+//! What the lab tests share: a lab that is taken down on drop (also when a test fails), and
+//! running `splitos` commands in it.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_splitos");
+
+pub fn require() {
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "the lab test builds network namespaces: run it as root"
+    );
+    for (tool, arg) in [("ip", "-V"), ("nft", "--version"), ("curl", "--version")] {
+        let ok = Command::new(tool)
+            .arg(arg)
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        assert!(
+            ok,
+            "the lab test needs `{tool}` (apt-get install -y iproute2 nftables curl)"
+        );
+    }
+}
+
+pub fn splitos(args: &[&str]) -> Output {
+    Command::new(BIN).args(args).output().unwrap()
+}
+
+pub fn ok(args: &[&str]) -> String {
+    let o = splitos(args);
+    assert!(
+        o.status.success(),
+        "splitos {args:?} failed: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A lab that is taken down on drop, also when the test fails.
+pub struct Lab {
+    pub name: String,
+    pub site: PathBuf,
+}
+
+impl Lab {
+    pub fn up(tag: &str, nodes: u16) -> Lab {
+        require();
+        let name = format!("splt{tag}{}", std::process::id());
+        let site = std::env::temp_dir().join(format!("{name}-site"));
+        std::fs::create_dir_all(&site).unwrap();
+        std::fs::write(site.join("index.html"), format!("<h1>lab {name}</h1>\n")).unwrap();
+        let lab = Lab { name, site };
+        let out = ok(&[
+            "lab",
+            "up",
+            "--nodes",
+            &nodes.to_string(),
+            "--site",
+            lab.site.to_str().unwrap(),
+            "--name",
+            &lab.name,
+        ]);
+        assert!(out.contains("198.19.0.1"), "{out}");
+        assert!(out.contains(&format!("--name {}", lab.name)), "{out}");
+        lab
+    }
+
+    pub fn exec(&self, member: &str, cmd: &[&str]) -> String {
+        let mut a = vec!["lab", "--name", &self.name, "exec", member, "--"];
+        a.extend_from_slice(cmd);
+        ok(&a)
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        serde_json::from_str(&ok(&["lab", "status", "--json", "--name", &self.name])).unwrap()
+    }
+
+    pub fn namespaces_left(&self) -> Vec<String> {
+        String::from_utf8_lossy(
+            &Command::new("ip")
+                .args(["netns", "list"])
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with(&format!("{}-", self.name)))
+        .map(str::to_string)
+        .collect()
+    }
+
+    /// Takes the lab down and checks that nothing of it is left.
+    pub fn down_and_check(&self, pids: &[i32], dir: &std::path::Path) {
+        let out = ok(&["lab", "down", "--name", &self.name]);
+        assert!(out.contains("is down"), "{out}");
+        assert_eq!(self.namespaces_left(), Vec::<String>::new());
+        for &p in pids {
+            assert!(!live(p), "process {p} is still running");
+        }
+        assert!(!dir.exists(), "{} is left", dir.display());
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = splitos(&["lab", "down", "--name", &self.name]);
+        let _ = std::fs::remove_dir_all(&self.site);
+    }
+}
+
+/// Whether `pid` is a live process (a zombie is not: nothing runs, only its exit status waits).
+pub fn live(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            let state = s
+                .rsplit_once(')')
+                .map(|(_, r)| r.trim_start().chars().next());
+            !matches!(state, Some(Some('Z' | 'X')))
+        })
+        .unwrap_or(false)
+}

@@ -1,6 +1,7 @@
 //! `splitos-bench`: the benchmark programs. Each suite runs its baselines in the same run,
 //! prints a table with ratios and target checks, and writes JSON with `--json PATH`.
 
+mod cluster_suite;
 mod echo;
 mod file_suite;
 mod http_suite;
@@ -85,6 +86,12 @@ enum Suite {
     /// Cached file reads (shared cache vs pread vs mmap) and file transmission (Split-OS
     /// send_file vs sendfile(2)) for 1 KiB, 64 KiB and 4 MiB files.
     File(Common),
+    /// Live migration of TCP connections between the nodes of a lab (network namespaces: a
+    /// client, the steering switch, two nodes running `splitos serve`): the cut-over of one
+    /// busy keep-alive connection moved back and forth (with the client's request latency
+    /// against the same client without migration), and 1,000 idle connections moved in one
+    /// batch. Needs root and the splitos binary built next to this one.
+    Cluster(Common),
     #[command(hide = true)]
     FilePeer {
         #[arg(long)]
@@ -190,6 +197,9 @@ fn main() -> ExitCode {
             file_suite::run(&file_suite::Options { quick: c.quick }),
             c.json,
         ),
+        Suite::Cluster(c) => {
+            cluster_suite::main(&cluster_suite::Options { quick: c.quick }, c.json)
+        }
         Suite::FilePeer {
             mode,
             root,

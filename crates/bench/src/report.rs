@@ -110,6 +110,36 @@ impl Report {
         });
     }
 
+    /// Records an absolute target check on a result or, failing that, a detail:
+    /// `name metric <op> bound` with `op` one of `<`, `<=`, `==`, `>=`, `>`.
+    pub fn bound(&mut self, name: &str, metric: &str, op: &str, bound: f64) {
+        let value = self.get(name, metric).or_else(|| {
+            self.details
+                .iter()
+                .find(|e| e.name == name && e.metric == metric)
+                .map(|e| e.value)
+        });
+        let (measured, pass) = match value {
+            Some(v) => {
+                let pass = match op {
+                    "<" => v < bound,
+                    "<=" => v <= bound,
+                    "==" => v == bound,
+                    ">=" => v >= bound,
+                    ">" => v > bound,
+                    _ => false,
+                };
+                (human(v), pass)
+            }
+            None => ("not measured".into(), false),
+        };
+        self.targets.push(Target {
+            target: format!("{name} {metric} {op} {}", human(bound)),
+            measured,
+            pass,
+        });
+    }
+
     pub fn note(&mut self, s: impl Into<String>) {
         self.notes.push(s.into());
     }
@@ -206,6 +236,13 @@ mod tests {
         let json = serde_json::to_value(&r).unwrap();
         assert_eq!(json["results"][0]["name"], "a");
         assert_eq!(json["details"][0]["metric"], "p99_ns");
+        r.bound("a", "p99_ns", "<", 1000.0);
+        r.bound("a", "one_way_ns", ">=", 301.0);
+        r.bound("a", "missing", "<", 1.0);
+        assert!(r.targets[3].pass);
+        assert!(!r.targets[4].pass);
+        assert!(!r.targets[5].pass);
+        assert_eq!(r.targets[3].target, "a p99_ns < 1,000");
         assert_eq!(human(1234567.0), "1,234,567");
         assert_eq!(human(12.345), "12.35");
     }

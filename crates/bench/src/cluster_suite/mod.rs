@@ -14,6 +14,8 @@
 //! Needs root (namespaces, nftables) and the `splitos` binary next to this one. The lab is
 //! named `sbc<pid>` and is removed before the suite returns, also when it fails or panics.
 
+mod download;
+
 use crate::report::Report;
 use splitos_cluster::lab::{self, LabConfig};
 use splitos_cluster::migrate::Select;
@@ -84,6 +86,9 @@ fn targets(opts: &Options, r: &mut Report) {
     r.bound("cutover", "p99_ms", "<", 20.0);
     r.bound("cutover", "client_worst_ms", "<=", 250.0);
     r.bound("cutover", "client_failed", "==", 0.0);
+    r.bound("download", "stall_ms", "<", 100.0);
+    r.bound("download", "intact", "==", 1.0);
+    r.bound("download", "moves", "==", 2.0);
     let b = batch_name(opts.quick);
     r.bound(b, "total_ms", "<", 1000.0);
     if let Some(n) = r
@@ -175,6 +180,7 @@ fn measure(opts: &Options, r: &mut Report, splitos: PathBuf) -> Result<(), Strin
     let vip = SocketAddr::new(st.vip.into(), st.port);
     let migrations = if opts.quick { 30 } else { 100 };
     let result = cutover(r, &prefix, &client_ns, vip, migrations)
+        .and_then(|()| download::download(r, &prefix, &client_ns, vip, &st.site))
         .and_then(|()| batch_move(r, opts, &prefix, &client_ns, vip, batch));
     if result.is_err() {
         keep_logs(r, &st);

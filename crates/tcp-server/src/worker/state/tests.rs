@@ -235,7 +235,10 @@ fn a_graceful_close_lingers_only_while_the_peer_may_still_send() {
     assert!(!c.may_linger(), "the socket goes on to its next owner");
     c.handoff = None;
     c.export = Some(order());
-    assert!(!c.may_linger(), "a connection moving to another node sends no FIN");
+    assert!(
+        !c.may_linger(),
+        "a connection moving to another node sends no FIN"
+    );
     c.export = None;
     c.lingering = Some(Lingering::new(Instant::now()));
     assert!(!c.may_linger(), "once only");

@@ -43,12 +43,23 @@ enum Command {
     /// Serve a directory over HTTP/1.1 on the split architecture: the TCP server and the file
     /// server run as threads of this process, the HTTP application as a child process, and file
     /// bytes go from the file cache to the network without passing through the application.
-    /// SIGHUP or `splitos reload` replaces the application without dropping a connection.
+    /// SIGHUP or `splitos reload` replaces the application without dropping a connection;
+    /// SIGUSR2 or `splitos upgrade` replaces the whole process with a new binary, also without
+    /// dropping one.
     Serve(serve::ServeArgs),
     /// Replace the HTTP application of a running `splitos serve` with a new instance (a new
     /// binary, if it was rebuilt); the TCP server keeps every connection and hands each one to
     /// the new instance between requests. Prints the outcome.
     Reload(serve::ReloadArgs),
+    /// Replace a running `splitos serve` as a whole — TCP server, file server and HTTP
+    /// application — with the binary now at the path it was started from (install the new
+    /// one there first), keeping every connection: the old process passes its listening
+    /// socket and then each connection, with the bytes it held for it, to the new process over
+    /// a private Unix socket, and exits. The new process runs with the same arguments, output
+    /// and runtime files. If the new binary fails to start, the old one serves on and this
+    /// command says why (exit status 1). SIGUSR2 to the server does the same. Prints the
+    /// outcome: the new pid, connections handed over, how long it took.
+    Upgrade(serve::UpgradeArgs),
     /// One instance of serve's HTTP application (started by `splitos serve`, not by hand).
     #[command(hide = true)]
     ServeApp(serve::AppArgs),
@@ -240,9 +251,11 @@ fn main() -> ExitCode {
         Command::FileServer(a) => run_file_server(a),
         Command::Serve(a) => stop_on_signals().and_then(|stop| {
             let reload = flag_on(signal_hook::consts::SIGHUP)?;
-            serve::run(a, &stop, &reload)
+            let upgrade = flag_on(signal_hook::consts::SIGUSR2)?;
+            serve::run(a, &stop, &reload, &upgrade)
         }),
         Command::Reload(a) => serve::reload(a),
+        Command::Upgrade(a) => serve::upgrade(a),
         Command::ServeApp(a) => stop_on_signals().and_then(|stop| {
             let drain = flag_on(signal_hook::consts::SIGUSR2)?;
             serve::run_app(a, &stop, &drain)

@@ -1,5 +1,5 @@
-//! `splitos serve`, `splitos reload` and the hidden `splitos serve-app`: their arguments and
-//! what they print. The work is `splitos_serve`'s.
+//! `splitos serve`, `splitos reload`, `splitos upgrade` and the hidden `splitos serve-app`:
+//! their arguments and what they print. The work is `splitos_serve`'s.
 //!
 //! `serve-app` is how the supervisor starts each HTTP application instance (this same binary,
 //! [`app_command`]); its arguments are whatever [`AppConfig::to_args`] writes, which a test
@@ -10,6 +10,8 @@ use splitos_m2m::WaitPolicy;
 use splitos_serve::app::{self, AppConfig};
 use splitos_serve::control::{self, ReloadError};
 use splitos_serve::supervisor::{self, AppCommand, Notice, ServeConfig};
+use splitos_serve::upgrade::{UpgradeCommand, UPGRADE_LIMIT};
+use std::ffi::OsString;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -59,8 +61,8 @@ pub struct ServeArgs {
     /// yield until ~30 µs, then sleep), or poll (spin; only with cores to spare).
     #[arg(long, default_value = "block")]
     wait: WaitPolicy,
-    /// Control socket for `splitos reload` [default: serve-ADDR.sock in $XDG_RUNTIME_DIR/splitos
-    /// or /tmp/splitos-<uid>].
+    /// Control socket for `splitos reload` and `splitos upgrade` [default: serve-ADDR.sock in
+    /// $XDG_RUNTIME_DIR/splitos or /tmp/splitos-<uid>].
     #[arg(long)]
     control_socket: Option<PathBuf>,
     /// Listen for the node link on ADDR (IP:PORT): the port on which other nodes send this
@@ -72,10 +74,24 @@ pub struct ServeArgs {
     /// with --link: the link has no other authentication.
     #[arg(long = "link-allow", value_name = "NET")]
     link_allow: Vec<String>,
+    /// Take over from the `splitos serve` whose hand-over socket this is (set by `splitos
+    /// upgrade` when it starts the new binary; not meant to be typed).
+    #[arg(long, hide = true, value_name = "SOCKET")]
+    upgrade_from: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
 pub struct ReloadArgs {
+    /// The address the server was started with (`splitos serve --listen`).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: String,
+    /// Its control socket, if it was given one with --control-socket.
+    #[arg(long)]
+    control_socket: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+pub struct UpgradeArgs {
     /// The address the server was started with (`splitos serve --listen`).
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: String,
@@ -152,8 +168,46 @@ fn parse_listen(listen: &str) -> Result<SocketAddr, String> {
         .map_err(|e| format!("--listen {listen:?}: {e} (expected IP:PORT)"))
 }
 
-/// `splitos serve`: runs until `stop`; `reload` is the SIGHUP flag.
-pub fn run(a: ServeArgs, stop: &AtomicBool, reload: &AtomicBool) -> Result<(), String> {
+/// How an upgrade starts the new binary: whatever is now at the path this one was started
+/// from (argv[0] made absolute, symbolic links not followed, so that a link switched to a new
+/// release is followed; the resolved executable if argv[0] has no slash), with the arguments
+/// this process was given, less a previous `--upgrade-from`.
+fn upgrade_command() -> Option<UpgradeCommand> {
+    let mut argv = std::env::args_os();
+    let argv0 = PathBuf::from(argv.next()?);
+    let program = if argv0.as_os_str().as_encoded_bytes().contains(&b'/') {
+        std::path::absolute(&argv0).ok()?
+    } else {
+        std::env::current_exe().ok()?
+    };
+    let mut args: Vec<OsString> = Vec::new();
+    let mut skip = false;
+    for a in argv {
+        if std::mem::take(&mut skip) {
+            continue;
+        }
+        if a == "--upgrade-from" {
+            skip = true;
+        } else if !a.as_encoded_bytes().starts_with(b"--upgrade-from=") {
+            args.push(a);
+        }
+    }
+    Some(UpgradeCommand { program, args })
+}
+
+/// Writes a line for a person on stderr; a closed stderr stops nobody (a server that was
+/// upgraded may outlive the terminal or pipe it was started with).
+fn say(s: std::fmt::Arguments) {
+    let _ = writeln!(std::io::stderr(), "splitos serve: {s}");
+}
+
+/// `splitos serve`: runs until `stop`; `reload` is the SIGHUP flag, `upgrade` SIGUSR2's.
+pub fn run(
+    a: ServeArgs,
+    stop: &AtomicBool,
+    reload: &AtomicBool,
+    upgrade: &AtomicBool,
+) -> Result<(), String> {
     // The directory is judged before the address, so a mistyped directory is what a person
     // hears about first.
     supervisor::served_root(&a.dir).map_err(|e| e.to_string())?;
@@ -201,27 +255,40 @@ pub fn run(a: ServeArgs, stop: &AtomicBool, reload: &AtomicBool) -> Result<(), S
         control_socket: a.control_socket,
         app: app_command(),
         link,
+        upgrade: upgrade_command(),
+        upgrade_from: a.upgrade_from,
     };
     let dir = a.dir;
-    supervisor::run(config, stop, reload, |n| match n {
+    supervisor::run(config, stop, reload, upgrade, |n| match n {
         Notice::Serving { addr } => {
             // The first line on stdout is the URL, for scripts (and the tests) to read.
-            println!("http://{addr}/");
-            let _ = std::io::stdout().flush();
-            eprintln!(
-                "splitos serve: serving {} at http://{addr}/ (Ctrl-C to stop; `splitos reload --listen {addr}` or SIGHUP to reload)",
+            let mut out = std::io::stdout();
+            let _ = writeln!(out, "http://{addr}/").and_then(|_| out.flush());
+            say(format_args!(
+                "serving {} at http://{addr}/ (Ctrl-C to stop; `splitos reload --listen {addr}` \
+                 or SIGHUP to reload, `splitos upgrade --listen {addr}` or SIGUSR2 to upgrade)",
                 dir.display()
-            );
+            ));
         }
-        Notice::Reloaded(r) => eprintln!("splitos serve: {r}"),
-        Notice::ReloadFailed(e) => {
-            eprintln!("splitos serve: reload failed, the running instance stays: {e}")
+        // Nothing on stdout: whoever read the old process's first line may be gone.
+        Notice::TookOver { addr, connections } => say(format_args!(
+            "pid {} took over serving {} at http://{addr}/ with {connections} connections",
+            std::process::id(),
+            dir.display()
+        )),
+        Notice::Upgraded(u) => say(format_args!("pid {}: {u}; exiting", std::process::id())),
+        Notice::UpgradeFailed(e) => {
+            say(format_args!("upgrade failed, this process serves on: {e}"))
         }
-        Notice::Restarting(st) => {
-            eprintln!("splitos serve: the HTTP application exited ({st}); starting a new one")
-        }
-        Notice::RestartFailed(e) => eprintln!("splitos serve: restart failed: {e}"),
-        Notice::ShuttingDown => eprintln!("splitos serve: shutting down"),
+        Notice::Reloaded(r) => say(format_args!("{r}")),
+        Notice::ReloadFailed(e) => say(format_args!(
+            "reload failed, the running instance stays: {e}"
+        )),
+        Notice::Restarting(st) => say(format_args!(
+            "the HTTP application exited ({st}); starting a new one"
+        )),
+        Notice::RestartFailed(e) => say(format_args!("restart failed: {e}")),
+        Notice::ShuttingDown => say(format_args!("shutting down")),
     })
     .map_err(|e| e.to_string())
 }
@@ -254,6 +321,25 @@ pub fn reload(a: ReloadArgs) -> Result<(), String> {
             Err(format!("{e}; give the address it listens on with --listen"))
         }
         Err(e) => Err(e.to_string()),
+    }
+}
+
+/// `splitos upgrade`: asks a running `splitos serve` to replace itself with the binary now at
+/// its path, and prints the outcome.
+pub fn upgrade(a: UpgradeArgs) -> Result<(), String> {
+    let path = match a.control_socket {
+        Some(p) => p,
+        None => control::default_control_socket(parse_listen(&a.listen)?),
+    };
+    match control::request(&path, control::Ask::Upgrade, UPGRADE_LIMIT) {
+        Ok(m) => {
+            println!("{m}");
+            Ok(())
+        }
+        Err(e @ ReloadError::NoServer { .. }) => {
+            Err(format!("{e}; give the address it listens on with --listen"))
+        }
+        Err(e) => Err(format!("upgrade failed, the running server serves on: {e}")),
     }
 }
 

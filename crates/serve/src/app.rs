@@ -153,6 +153,10 @@ pub const MAX_BODY: u64 = 32 << 10;
 const PIPELINE_SLICE: usize = 64;
 /// How often timeouts are checked (and the access log flushed).
 const TICK: Duration = Duration::from_millis(250);
+/// The longest a poll sleeps before `stop` and `drain` (set by signals, which do not wake
+/// it) are looked at again: what a reload or an upgrade waits for an idle instance (one
+/// whose connections the direct path answers gets no events) to notice it must go.
+const FLAG_CHECK: Duration = Duration::from_millis(50);
 /// How long a draining instance waits for its connections to be handed off.
 const DRAIN_LIMIT: Duration = Duration::from_secs(30);
 /// How long an instance taking over retries a listener its predecessor still holds.
@@ -323,7 +327,7 @@ pub fn run(
             }
         }
         let timeout = if backlog.is_empty() {
-            TICK.min(next_tick.saturating_duration_since(Instant::now()))
+            FLAG_CHECK.min(next_tick.saturating_duration_since(Instant::now()))
         } else {
             Duration::ZERO
         };

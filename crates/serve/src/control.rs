@@ -1,8 +1,10 @@
-//! The control socket of a running `splitos serve`: how `splitos reload` asks it for a reload.
+//! The control socket of a running `splitos serve`: how `splitos reload` asks it for a reload
+//! and `splitos upgrade` for an upgrade.
 //!
 //! One line each way over a Unix socket (mode 0600, so only the user who runs the server can
-//! reload it): the client writes `reload`, the supervisor answers `ok: <what happened>` or
-//! `error: <why not>` once the reload is over. Both ends are here so that they cannot drift.
+//! ask): the client writes `reload` or `upgrade`, the supervisor answers `ok: <what happened>`
+//! or `error: <why not>` once it is over; a request that comes while another one runs is
+//! answered at once with an error. Both ends are here so that they cannot drift.
 
 use std::fmt::Display;
 use std::io::{self, BufRead, BufReader, Write};
@@ -11,8 +13,8 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// The one request.
 const RELOAD: &str = "reload";
+const UPGRADE: &str = "upgrade";
 const OK: &str = "ok: ";
 const ERROR: &str = "error: ";
 
@@ -23,7 +25,7 @@ pub fn default_control_socket(addr: SocketAddr) -> PathBuf {
     splitos_m2m::runtime::user_dir().join(format!("serve-{addr}.sock"))
 }
 
-/// Why `splitos reload` did not happen.
+/// Why `splitos reload` or `splitos upgrade` did not happen.
 #[derive(Debug, thiserror::Error)]
 pub enum ReloadError {
     /// Nothing listens on the control socket: no server, or one on another address.
@@ -43,9 +45,33 @@ pub enum ReloadError {
     NoAnswer,
 }
 
+/// What a client may ask for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ask {
+    /// Replace the HTTP application.
+    Reload,
+    /// Replace the whole server with the binary now at its path (see `crate::upgrade`).
+    Upgrade,
+}
+
+impl Ask {
+    fn word(self) -> &'static str {
+        match self {
+            Ask::Reload => RELOAD,
+            Ask::Upgrade => UPGRADE,
+        }
+    }
+}
+
 /// Asks the server whose control socket is `path` for a reload and waits up to `limit` for
 /// the outcome, which it returns.
 pub fn request_reload(path: &Path, limit: Duration) -> Result<String, ReloadError> {
+    request(path, Ask::Reload, limit)
+}
+
+/// Asks the server whose control socket is `path` for `ask` and waits up to `limit` for the
+/// outcome, which it returns.
+pub fn request(path: &Path, ask: Ask, limit: Duration) -> Result<String, ReloadError> {
     let mut s = UnixStream::connect(path).map_err(|source| ReloadError::NoServer {
         path: path.to_path_buf(),
         source,
@@ -62,7 +88,7 @@ pub fn request_reload(path: &Path, limit: Duration) -> Result<String, ReloadErro
         });
     }
     s.set_read_timeout(Some(limit)).map_err(ReloadError::Io)?;
-    writeln!(s, "{RELOAD}").map_err(ReloadError::Io)?;
+    writeln!(s, "{}", ask.word()).map_err(ReloadError::Io)?;
     let mut line = String::new();
     BufReader::new(&mut s)
         .read_line(&mut line)
@@ -89,9 +115,17 @@ pub enum BindError {
     Io(io::Error),
 }
 
-/// The supervisor's end: a non-blocking listener, polled between other work.
+/// The supervisor's end: a non-blocking listener, polled between other work. The socket file
+/// goes with it.
 pub(crate) struct Control {
     listener: UnixListener,
+    path: PathBuf,
+}
+
+impl Drop for Control {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 impl Control {
@@ -109,27 +143,40 @@ impl Control {
         // Only this user may ask for a reload (the socket just made, nothing swapped in).
         splitos_m2m::runtime::set_socket_mode(path, 0o600).map_err(BindError::Io)?;
         listener.set_nonblocking(true).map_err(BindError::Io)?;
-        Ok(Control { listener })
+        Ok(Control {
+            listener,
+            path: path.to_path_buf(),
+        })
     }
 
-    /// A client asking for a reload, if one is waiting; anything else it asked is answered
-    /// with an error here. The client waits for [`answer`] on the returned stream.
-    pub(crate) fn next_request(&self) -> Option<UnixStream> {
+    /// A client's request, if one is waiting; anything else it asked is answered with an
+    /// error here. The client waits for [`answer`] on the returned stream.
+    pub(crate) fn next_request(&self) -> Option<(Ask, UnixStream)> {
         let (mut s, _) = self.listener.accept().ok()?;
         let _ = s.set_nonblocking(false);
         // A client that connects and says nothing must not stall the supervisor for long.
         let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
         let mut line = String::new();
         let _ = BufReader::new(&mut s).read_line(&mut line);
-        if line.trim() == RELOAD {
-            return Some(s);
+        match line.trim() {
+            RELOAD => return Some((Ask::Reload, s)),
+            UPGRADE => return Some((Ask::Upgrade, s)),
+            _ => {}
         }
         let _ = writeln!(
             s,
-            "{ERROR}unknown command {:?} (expected \"{RELOAD}\")",
+            "{ERROR}unknown command {:?} (expected \"{RELOAD}\" or \"{UPGRADE}\")",
             line.trim()
         );
         None
+    }
+
+    /// Answers every waiting request with an error: `busy` (a reload or an upgrade) runs.
+    pub(crate) fn refuse_while(&self, busy: &str) {
+        while let Some((ask, s)) = self.next_request() {
+            tracing::info!(?ask, "refused: {busy} is in progress");
+            answer(s, Err::<&str, _>(format!("refused: {busy} is in progress")));
+        }
     }
 }
 
@@ -170,7 +217,7 @@ mod tests {
         let path = temp(name);
         let control = Control::bind(&path).expect("bind");
         let server = std::thread::spawn(move || loop {
-            if let Some(s) = control.next_request() {
+            if let Some((_, s)) = control.next_request() {
                 answer(s, outcome);
                 return control;
             }
@@ -181,7 +228,7 @@ mod tests {
         // A live server's socket is never taken over.
         assert!(matches!(Control::bind(&path), Err(BindError::InUse(_))));
         drop(control);
-        let _ = std::fs::remove_file(&path);
+        assert!(!path.exists(), "the socket file goes with the listener");
         r
     }
 
@@ -251,8 +298,15 @@ mod tests {
         BufReader::new(&mut c).read_line(&mut line).expect("read");
         assert_eq!(
             line,
-            "error: unknown command \"restart\" (expected \"reload\")\n"
+            "error: unknown command \"restart\" (expected \"reload\" or \"upgrade\")\n"
         );
+        // While one request runs, others are refused at once.
+        let mut c = UnixStream::connect(&path).expect("connect");
+        writeln!(c, "upgrade").expect("write");
+        control.refuse_while("an upgrade");
+        let mut line = String::new();
+        BufReader::new(&mut c).read_line(&mut line).expect("read");
+        assert_eq!(line, "error: refused: an upgrade is in progress\n");
         drop(control);
         let _ = std::fs::remove_file(&path);
     }

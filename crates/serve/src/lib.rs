@@ -6,6 +6,8 @@
 //!   without dropping a connection ([`control`] is how `splitos reload` asks for one);
 //! - [`app`]: one instance of the HTTP application, an event loop that answers from the file
 //!   cache through shared memory and hands its connections to its successor;
+//! - [`upgrade`] (over [`handover`]'s records): replacing a running supervisor, servers
+//!   included, by a new binary without closing a connection;
 //! - [`rundir`]: the supervisor's private runtime directory (its servers' sockets, and the
 //!   status file `splitos status` reads), and finding the running instances.
 //!
@@ -19,5 +21,7 @@
 pub mod app;
 pub mod control;
 pub mod direct;
+pub mod handover;
 pub mod rundir;
 pub mod supervisor;
+pub mod upgrade;

@@ -514,7 +514,6 @@ impl Ledger {
         }
     }
 
-    #[cfg(test)]
     pub(crate) fn total_used(&self, r: Res) -> u64 {
         self.total[r as usize].load(Ordering::Acquire)
     }

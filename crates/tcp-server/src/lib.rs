@@ -16,6 +16,7 @@ pub mod direct;
 pub mod migration;
 mod persist;
 pub mod stats;
+pub mod upgrade;
 mod uring;
 mod worker;
 

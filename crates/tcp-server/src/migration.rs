@@ -258,8 +258,12 @@ pub struct Exports {
 }
 
 pub(crate) enum What {
-    List { limit: usize },
+    List {
+        limit: usize,
+    },
     Export(HashSet<Flow>),
+    /// Copies of the persistent listeners' sockets (see `crate::upgrade`).
+    Listeners,
 }
 
 pub(crate) enum Reply {
@@ -270,6 +274,9 @@ pub(crate) enum Reply {
     Found(Vec<Flow>),
     Moved(Exported),
     Refused(Flow, &'static str),
+    /// A worker's persistent listeners: address, owner, a copy of the socket (for
+    /// `Listeners`).
+    Listeners(Vec<(SocketAddr, u32, OwnedFd)>),
 }
 
 pub(crate) struct Order {
@@ -329,7 +336,7 @@ impl Board {
         (order, rx)
     }
 
-    fn remove(&self, id: u64) {
+    pub(crate) fn remove(&self, id: u64) {
         if let Ok(mut o) = self.orders.lock() {
             o.retain(|x| x.id != id);
         }
@@ -343,11 +350,14 @@ pub struct Migration {
 }
 
 impl Migration {
-    fn workers(&self) -> usize {
+    pub(crate) fn workers(&self) -> usize {
         self.shared.wakes.get().map_or(0, |w| w.len())
     }
 
-    fn ask(&self, what: What) -> Result<(Arc<Order>, mpsc::Receiver<Reply>), MigrationError> {
+    pub(crate) fn ask(
+        &self,
+        what: What,
+    ) -> Result<(Arc<Order>, mpsc::Receiver<Reply>), MigrationError> {
         if self.shared.shutdown.load(Ordering::Acquire) {
             return Err(MigrationError::ShuttingDown);
         }
@@ -408,7 +418,7 @@ impl Migration {
                     seen.insert(f);
                     out.refused.push((f, why.to_string()));
                 }
-                Ok(Reply::Listed(_)) => {}
+                Ok(Reply::Listed(_) | Reply::Listeners(_)) => {}
                 Err(_) => break Err(MigrationError::Timeout(timeout)),
             }
         };

@@ -22,9 +22,35 @@ impl Worker {
                     order.reply(Reply::Listed(flows));
                 }
                 What::Export(wanted) => self.export(order, wanted),
+                What::Listeners => order.reply(Reply::Listeners(self.listener_copies())),
             }
         }
         orders.len()
+    }
+
+    /// A copy of each live persistent listener's socket, with its address and owner.
+    fn listener_copies(&self) -> Vec<(SocketAddr, u32, OwnedFd)> {
+        let mut out = Vec::new();
+        for &slot in &self.persistent {
+            let Some(Socket {
+                session,
+                fd,
+                kind: Kind::Listener(l),
+                closing: false,
+                ..
+            }) = self.sockets[slot].sock.as_ref()
+            else {
+                continue;
+            };
+            let Some(s) = self.sessions[*session].as_ref().filter(|s| !s.dead) else {
+                continue;
+            };
+            match fd.try_clone() {
+                Ok(copy) => out.push((l.addr, s.peer.uid, copy)),
+                Err(e) => tracing::warn!(addr = %l.addr, "cannot copy a listener's socket: {e}"),
+            }
+        }
+        out
     }
 
     fn movable_flows(&self, limit: usize) -> Vec<Flow> {

@@ -16,22 +16,26 @@
 //! A reload is asked for by the caller's `reload` flag (SIGHUP, in the `splitos` command) or
 //! over the [`control`] socket. An instance that dies is restarted; the
 //! persistent listener keeps queueing connections meanwhile.
+//!
+//! An upgrade (the caller's `upgrade` flag, SIGUSR2 in the `splitos` command, or the control
+//! socket) replaces this whole process by a new binary; see [`crate::upgrade`]. A supervisor
+//! started with [`ServeConfig::upgrade_from`] is that new process: it takes its listener and
+//! connections from the old one instead of listening itself.
 
-use crate::app::{AppConfig, COUNTERS, LISTENING, READY};
-use crate::control::{self, default_control_socket, BindError, Control};
+use crate::app::{AppConfig, LISTENING, READY};
+use crate::control::{self, default_control_socket, Ask, BindError, Control};
 use crate::rundir::{AppCounters, FileCounters, ServeDir, Status};
+use crate::upgrade::{self, Incoming, UpgradeCommand, UpgradeError, Upgraded};
 use splitos::WaitPolicy;
 use splitos_file_server::server::{FileServer, FileServerConfig};
 use splitos_m2m::runtime::DirError;
 use splitos_tcp_server::{ServerConfig, TcpServer};
 use std::ffi::OsString;
-use std::io::{self, BufRead, BufReader};
+use std::io;
 use std::net::{AddrParseError, SocketAddr};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 /// How long a new instance may take to start, and to take over the listener.
@@ -76,6 +80,10 @@ pub struct ServeConfig {
     pub app: AppCommand,
     /// The node link for live migration between nodes (`splitos_migrate`), if any.
     pub link: Option<splitos_migrate::LinkConfig>,
+    /// How to start a new binary for an upgrade (`None`: upgrades are refused).
+    pub upgrade: Option<UpgradeCommand>,
+    /// Take over from the old process whose hand-over socket this is (see [`crate::upgrade`]).
+    pub upgrade_from: Option<PathBuf>,
 }
 
 /// How to start an instance of the HTTP application: a program that parses the arguments of
@@ -125,6 +133,10 @@ pub enum ServeError {
     #[error("the HTTP application keeps dying right after starting ({0}); giving up")]
     KeepsDying(ExitStatus),
     #[error(transparent)]
+    Upgrade(#[from] UpgradeError),
+    #[error("this server was not given a way to start a new binary; it cannot upgrade")]
+    CannotUpgrade,
+    #[error(transparent)]
     Io(io::Error),
 }
 
@@ -153,6 +165,16 @@ pub enum Notice<'a> {
     Serving {
         addr: SocketAddr,
     },
+    /// This process took over from an old one (an upgrade): it serves on `addr` with the
+    /// connections it was given.
+    TookOver {
+        addr: SocketAddr,
+        connections: u64,
+    },
+    /// This process handed everything to a new one, and stops.
+    Upgraded(&'a Upgraded),
+    /// An upgrade failed; this process serves on.
+    UpgradeFailed(&'a ServeError),
     Reloaded(Reloaded),
     /// A reload failed; the running instance stays.
     ReloadFailed(&'a ServeError),
@@ -176,156 +198,29 @@ pub fn served_root(dir: &Path) -> Result<PathBuf, ServeError> {
     dir.canonicalize().map_err(cannot)
 }
 
-/// One running HTTP application instance.
-struct Instance {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    started: Instant,
-    /// The last counters it reported.
-    counters: AppCounters,
+mod instance;
+use instance::add;
+pub(crate) use instance::Instance;
+
+/// The servers and the first application instance, started.
+struct Started {
+    rundir: ServeDir,
+    tcp: TcpServer,
+    link: Option<splitos_migrate::NodeLink>,
+    files: FileServer,
+    base: AppConfig,
+    app: Instance,
+    /// The address the application listens on.
+    local: SocketAddr,
 }
 
-impl Instance {
-    fn spawn(cmd: &AppCommand, base: &AppConfig, takeover: bool) -> Result<Instance, ServeError> {
-        let program = match &cmd.program {
-            Some(p) => p.clone(),
-            None => std::env::current_exe().map_err(ServeError::FindExecutable)?,
-        };
-        let config = AppConfig {
-            takeover,
-            ..base.clone()
-        };
-        let mut c = Command::new(program);
-        c.args(&cmd.args).args(config.to_args());
-        // Its own process group: Ctrl-C in the terminal goes to the supervisor, which decides.
-        c.process_group(0)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped());
-        let mut child = c.spawn().map_err(ServeError::Spawn)?;
-        let Some(out) = child.stdout.take() else {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(ServeError::NoStdout);
-        };
-        let (tx, lines) = mpsc::channel();
-        std::thread::Builder::new()
-            .name("splitos-app-out".into())
-            .spawn(move || forward_lines(out, tx))
-            .map_err(ServeError::Io)?;
-        Ok(Instance {
-            child,
-            lines,
-            started: Instant::now(),
-            counters: AppCounters::default(),
-        })
-    }
-
-    /// Reads the report lines that arrived, keeping the last counters.
-    fn read_reports(&mut self) {
-        while let Ok(l) = self.lines.try_recv() {
-            if let Some(c) = l.strip_prefix(COUNTERS).and_then(parse_counters) {
-                self.counters = c;
-            }
-        }
-    }
-
-    /// Waits for the instance to report `report` (a line starting with it) and returns the
-    /// rest of that line; fails if the instance exits or `limit` passes.
-    fn wait_for_report(
-        &mut self,
-        report: &'static str,
-        limit: Duration,
-    ) -> Result<String, ServeError> {
-        let deadline = Instant::now() + limit;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self
-                .lines
-                .recv_timeout(left.min(Duration::from_millis(100)))
-            {
-                Ok(l) => {
-                    if let Some(rest) = l.strip_prefix(report) {
-                        return Ok(rest.trim().to_string());
-                    }
-                }
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    if let Ok(Some(st)) = self.child.try_wait() {
-                        return Err(ServeError::Exited(st));
-                    }
-                    if left.is_zero() {
-                        return Err(ServeError::Silent { report, limit });
-                    }
-                }
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    let st = self.child.wait().map_err(ServeError::Io)?;
-                    return Err(ServeError::Exited(st));
-                }
-            }
-        }
-    }
-
-    fn signal(&self, sig: rustix::process::Signal) {
-        if let Some(pid) = rustix::process::Pid::from_raw(self.child.id() as i32) {
-            let _ = rustix::process::kill_process(pid, sig);
-        }
-    }
-
-    /// Waits up to `limit` for the instance to exit, then kills it.
-    fn reap(mut self, limit: Duration) {
-        let deadline = Instant::now() + limit;
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        tracing::warn!(
-            pid = self.child.id(),
-            "HTTP application did not exit; killing it"
-        );
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// `<connections> <responses> <directory hits>`, as [`crate::app`] reports them.
-fn parse_counters(s: &str) -> Option<AppCounters> {
-    let mut n = s.split_whitespace().map(|w| w.parse::<u64>().ok());
-    let c = AppCounters {
-        connections: n.next()??,
-        responses: n.next()??,
-        directory_hits: n.next()??,
-    };
-    n.next().is_none().then_some(c)
-}
-
-/// Counters of retired instances, plus the current one's.
-fn add(base: AppCounters, now: AppCounters) -> AppCounters {
-    AppCounters {
-        connections: now.connections,
-        responses: base.responses + now.responses,
-        directory_hits: base.directory_hits + now.directory_hits,
-    }
-}
-
-fn forward_lines(out: ChildStdout, tx: mpsc::Sender<String>) {
-    for line in BufReader::new(out).lines() {
-        let Ok(line) = line else { return };
-        if tx.send(line).is_err() {
-            return;
-        }
-    }
-}
-
-/// Serves `config.dir` until `stop`; `reload` (which it clears) asks for a reload, as the
-/// control socket does. `notify` hears what happens meanwhile.
-pub fn run(
-    config: ServeConfig,
-    stop: &AtomicBool,
-    reload: &AtomicBool,
-    mut notify: impl FnMut(Notice),
-) -> Result<(), ServeError> {
-    let root = served_root(&config.dir)?;
+/// Starts the servers and the first application instance; with `incoming`, on the listeners
+/// of the process being upgraded.
+fn start(
+    config: &ServeConfig,
+    root: PathBuf,
+    incoming: Option<&mut Incoming>,
+) -> Result<Started, ServeError> {
     let rundir = ServeDir::create()?;
     let private = rundir.path().to_path_buf();
     let tcp = TcpServer::start(ServerConfig {
@@ -345,7 +240,7 @@ pub fn run(
     fcfg.cache_bytes = config.cache_size;
     let files = FileServer::start(fcfg)?;
     let mut base = AppConfig {
-        root: root.clone(),
+        root,
         tcp_socket: tcp.socket_path().to_path_buf(),
         files_socket: private.join("files.sock"),
         listen: config.listen,
@@ -359,20 +254,102 @@ pub fn run(
         dotfiles: config.dotfiles,
         takeover: false,
     };
+    if let Some(i) = incoming {
+        // The old process's listener, parked here: the application's listen takes it over.
+        base.listen = i.adopt(&tcp.migration())?;
+    }
     let mut app = Instance::spawn(&config.app, &base, false)?;
-    app.wait_for_report(READY, START_LIMIT)?;
-    let local: SocketAddr = app
-        .wait_for_report(LISTENING, START_LIMIT)?
-        .parse()
-        .map_err(ServeError::BadAddress)?;
+    let reported = app
+        .wait_for_report(READY, START_LIMIT)
+        .and_then(|_| app.wait_for_report(LISTENING, START_LIMIT))
+        .and_then(|l| l.parse::<SocketAddr>().map_err(ServeError::BadAddress));
+    let local = match reported {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = app.child.kill();
+            let _ = app.child.wait();
+            return Err(e);
+        }
+    };
     // Later instances listen on the address actually bound (port 0 means "any" only once).
     base.listen = local;
+    Ok(Started {
+        rundir,
+        tcp,
+        link,
+        files,
+        base,
+        app,
+        local,
+    })
+}
+
+/// Binds the control socket. After an upgrade the old process may still be giving it up:
+/// a little patience, and serving without one is better than not serving.
+fn bind_control(path: &Path, upgraded: bool) -> Result<Option<Control>, ServeError> {
+    if !upgraded {
+        return Ok(Some(Control::bind(path)?));
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match Control::bind(path) {
+            Ok(c) => return Ok(Some(c)),
+            Err(BindError::InUse(_)) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            Err(e) => {
+                tracing::error!("serving without a control socket (`splitos reload` and `splitos upgrade` will not find this server; signals still work): {e}");
+                return Ok(None);
+            }
+        }
+    }
+}
+
+/// Serves `config.dir` until `stop`; `reload` and `upgrade` (which it clears) ask for a reload
+/// or an upgrade, as the control socket does. `notify` hears what happens meanwhile.
+pub fn run(
+    config: ServeConfig,
+    stop: &AtomicBool,
+    reload: &AtomicBool,
+    upgrade: &AtomicBool,
+    mut notify: impl FnMut(Notice),
+) -> Result<(), ServeError> {
+    let root = served_root(&config.dir)?;
+    // The new process of an upgrade: the old one's listeners first; a failure from here until
+    // the application listens is told to the old one, which then serves on.
+    let mut incoming = match &config.upgrade_from {
+        Some(p) => Some(Incoming::connect(p)?),
+        None => None,
+    };
+    let Started {
+        rundir,
+        tcp,
+        link,
+        files,
+        base,
+        mut app,
+        local,
+    } = match start(&config, root.clone(), incoming.as_mut()) {
+        Ok(s) => s,
+        Err(e) => {
+            if let Some(i) = &incoming {
+                i.fail(&e.to_string());
+            }
+            return Err(e);
+        }
+    };
+    // From here this process serves, whatever becomes of the hand-over.
+    let took_over = incoming.map(|i| {
+        i.receive(&tcp.migration()).unwrap_or_else(|e| {
+            tracing::error!("upgrade: the hand-over ended early (connections not yet sent stay with the old process): {e}");
+            0
+        })
+    });
     let control_path = config
         .control_socket
         .clone()
         .unwrap_or_else(|| default_control_socket(local));
-    let control = Control::bind(&control_path)?;
-    let _control_cleanup = RemoveOnDrop(control_path.clone());
+    let mut control = bind_control(&control_path, took_over.is_some())?;
     let mut status = Status {
         pid: std::process::id(),
         listen: local.to_string(),
@@ -389,9 +366,16 @@ pub fn run(
     let mut retired = AppCounters::default();
     let mut next_status = Instant::now();
     let mut status_failed = false;
-    notify(Notice::Serving { addr: local });
+    match took_over {
+        Some(connections) => notify(Notice::TookOver {
+            addr: local,
+            connections,
+        }),
+        None => notify(Notice::Serving { addr: local }),
+    }
     let mut generation = 1u64;
     let mut quick_deaths = 0u32;
+    let mut upgraded = false;
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(20));
         app.read_reports();
@@ -416,10 +400,47 @@ pub fn run(
                 }
             }
         }
-        let asked = control.next_request();
-        if asked.is_some() || reload.swap(false, Ordering::Relaxed) {
+        let (ask, client) = match control.as_ref().and_then(Control::next_request) {
+            Some((a, c)) => (Some(a), Some(c)),
+            None if upgrade.swap(false, Ordering::Relaxed) => (Some(Ask::Upgrade), None),
+            None if reload.swap(false, Ordering::Relaxed) => (Some(Ask::Reload), None),
+            None => (None, None),
+        };
+        if ask == Some(Ask::Upgrade) {
+            let outcome = match &config.upgrade {
+                None => Err(ServeError::CannotUpgrade),
+                Some(command) => upgrade::hand_over(
+                    upgrade::Outgoing {
+                        command,
+                        dir: rundir.path(),
+                        migration: tcp.migration(),
+                        control: &mut control,
+                    },
+                    &mut app,
+                )
+                .map_err(ServeError::from),
+            };
+            match &outcome {
+                Ok(u) => notify(Notice::Upgraded(u)),
+                Err(e) => notify(Notice::UpgradeFailed(e)),
+            }
+            if let Some(c) = client {
+                control::answer(c, outcome.as_ref());
+            }
+            if outcome.is_ok() {
+                upgraded = true;
+                break;
+            }
+            continue;
+        }
+        if ask == Some(Ask::Reload) {
             let before = app.counters;
-            let outcome = match reload_app(&config.app, &base, app) {
+            let mut busy = || {
+                if let Some(c) = &control {
+                    c.refuse_while("a reload");
+                }
+            };
+            let outcome = match reload_app(&config.app, &base, app, &mut busy) {
                 Ok(new) => {
                     retired = add(retired, before);
                     generation += 1;
@@ -439,7 +460,7 @@ pub fn run(
                 Ok(r) => notify(Notice::Reloaded(*r)),
                 Err(e) => notify(Notice::ReloadFailed(e)),
             }
-            if let Some(s) = asked {
+            if let Some(s) = client {
                 control::answer(s, outcome.as_ref());
             }
             continue;
@@ -468,9 +489,15 @@ pub fn run(
             generation += 1;
         }
     }
-    notify(Notice::ShuttingDown);
-    app.signal(rustix::process::Signal::TERM);
-    app.reap(Duration::from_secs(5));
+    if upgraded {
+        // The application has exited already (it was drained).
+        app.reap(Duration::from_secs(1));
+    } else {
+        notify(Notice::ShuttingDown);
+        app.signal(rustix::process::Signal::TERM);
+        app.reap(Duration::from_secs(5));
+    }
+    drop(control);
     drop(link);
     tcp.shutdown();
     files.shutdown();
@@ -478,27 +505,28 @@ pub fn run(
 }
 
 /// Starts a new instance and retires `old` in its favour. On failure the old one keeps
-/// serving and is given back.
+/// serving and is given back. `busy` is called every 100 ms at most meanwhile.
 // Both variants carry an instance, moved once per reload: the size is of no consequence.
 #[allow(clippy::result_large_err)]
 fn reload_app(
     cmd: &AppCommand,
     base: &AppConfig,
     old: Instance,
+    busy: &mut dyn FnMut(),
 ) -> Result<Instance, (Instance, ServeError)> {
     let mut new = match Instance::spawn(cmd, base, true) {
         Ok(n) => n,
         Err(e) => return Err((old, e)),
     };
-    if let Err(e) = new.wait_for_report(READY, START_LIMIT) {
+    if let Err(e) = new.wait_for_report_busy(READY, START_LIMIT, busy) {
         let _ = new.child.kill();
         let _ = new.child.wait();
         return Err((old, e));
     }
     // From here the old instance lets go; the new one takes the listener as soon as it does.
     old.signal(rustix::process::Signal::USR2);
-    let taken = new.wait_for_report(LISTENING, START_LIMIT);
-    old.reap(EXIT_LIMIT);
+    let taken = new.wait_for_report_busy(LISTENING, START_LIMIT, busy);
+    old.reap_busy(EXIT_LIMIT, busy);
     match taken {
         Ok(_) => Ok(new),
         Err(e) => {
@@ -506,14 +534,6 @@ fn reload_app(
             // restarts it if it died). The listener stays parked in the TCP server meanwhile.
             Err((new, e))
         }
-    }
-}
-
-/// Removes a file (the control socket) when the supervisor is done with it.
-struct RemoveOnDrop(PathBuf);
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
     }
 }
 
@@ -621,7 +641,7 @@ mod tests {
     fn a_failed_reload_keeps_the_running_instance() {
         let old = Instance::spawn(&script("sleep 10"), &base(), false).expect("spawn");
         let old_pid = old.child.id();
-        match reload_app(&script("exit 1"), &base(), old) {
+        match reload_app(&script("exit 1"), &base(), old, &mut || {}) {
             Err((mut kept, ServeError::Exited(_))) => {
                 assert_eq!(kept.child.id(), old_pid);
                 assert!(matches!(kept.child.try_wait(), Ok(None)), "not running");
@@ -652,10 +672,16 @@ mod tests {
             control_socket: Some(dir.join("control.sock")),
             app: script("echo ready; echo 'listening 127.0.0.1:9'"),
             link: None,
+            upgrade: None,
+            upgrade_from: None,
         };
-        let (stop, reload) = (AtomicBool::new(false), AtomicBool::new(false));
+        let (stop, reload, upgrade) = (
+            AtomicBool::new(false),
+            AtomicBool::new(false),
+            AtomicBool::new(false),
+        );
         let mut seen = Vec::new();
-        let r = run(config, &stop, &reload, |n| {
+        let r = run(config, &stop, &reload, &upgrade, |n| {
             seen.push(match n {
                 Notice::Serving { addr } => format!("serving {addr}"),
                 Notice::Restarting(_) => "restarting".into(),

@@ -129,16 +129,22 @@ impl Incoming {
             let held_bytes = bytes.split_off(unsent as usize);
             let error = match connection_addr(&fd) {
                 Err(why) => Some(why.to_string()),
-                Ok(local) => m
-                    .import(Imported {
-                        fd,
-                        local,
-                        unsent: Queued::from_bytes(bytes),
-                        held: held_bytes,
-                        eof,
-                    })
-                    .err()
-                    .map(|(e, _)| e.to_string()),
+                Ok(local) => match m.reserve(local) {
+                    Ok(room) => {
+                        m.import(
+                            room,
+                            Imported {
+                                fd,
+                                local,
+                                unsent: Queued::from_bytes(bytes),
+                                held: held_bytes,
+                                eof,
+                            },
+                        );
+                        None
+                    }
+                    Err(e) => Some(e.to_string()),
+                },
             };
             if error.is_none() {
                 taken += 1;

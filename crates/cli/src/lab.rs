@@ -127,6 +127,21 @@ pub fn run(a: LabArgs) -> Result<(), String> {
                         pr.log.display()
                     );
                 }
+                for n in &s.nodes {
+                    match (&n.connections, &n.link_error) {
+                        (Some(c), _) => println!(
+                            "  node{}: {} connections, {} flows moved to it",
+                            n.node,
+                            c.len(),
+                            n.owned_flows.len()
+                        ),
+                        (None, e) => println!(
+                            "  node{}: its node link did not answer: {}",
+                            n.node,
+                            e.as_deref().unwrap_or("?")
+                        ),
+                    }
+                }
             }
         }
         LabCommand::Migrate {

@@ -213,6 +213,13 @@ fn a_thousand_idle_connections_move_in_one_batch() {
     assert_eq!(batch["live"], 1000);
     let total = batch["total_ms"].as_f64().unwrap();
     assert!(total < 1000.0, "the batch took {total} ms");
+    // `lab status` tells where they are: all on node2, each by a per-flow override.
+    let st = lab.status();
+    let nodes = st["nodes"].as_array().unwrap();
+    let count = |k: usize, what: &str| nodes[k][what].as_array().unwrap().len();
+    assert_eq!(count(0, "connections"), 0, "{}", st["nodes"]);
+    assert_eq!(count(1, "connections"), 1000);
+    assert_eq!(count(1, "owned_flows"), 1000);
     client.say("go\n");
     let after = client.line();
     assert!(after.starts_with("after 1000 0 "), "{after}");
@@ -285,8 +292,11 @@ fn a_busy_connection_moves_back_and_forth_a_hundred_times() {
     let f: Vec<&str> = summary.split_whitespace().collect();
     assert_eq!(f[0], "requests", "{summary}");
     assert_eq!(f[3], "0", "failed requests: {summary}");
+    // The target is 250 ms, the stretch 20 ms (held packets wait in the switch's hold device
+    // instead of the client's retransmission timer); measured: ~5 ms. 150 ms still catches a
+    // lost packet (Linux's minimum RTO is 200 ms) on a noisy machine.
     let worst: f64 = f[5].parse().unwrap();
-    assert!(worst <= 250.0, "a request waited {worst} ms: {summary}");
+    assert!(worst < 150.0, "a request waited {worst} ms: {summary}");
     cutovers.sort_by(f64::total_cmp);
     eprintln!(
         "200 migrations under back-to-back requests: {summary}; cut-over median {:.2} ms, max {:.2} ms",

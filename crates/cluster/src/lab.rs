@@ -395,15 +395,57 @@ pub struct LabStatus {
     pub state: LabState,
     pub processes_alive: Vec<bool>,
     pub namespaces_present: Vec<bool>,
+    /// Each node's connections and the flows the switch sends to it by name.
+    pub nodes: Vec<NodeStatus>,
+}
+
+/// What one node holds, as its node link and the switch say.
+#[derive(Debug, Serialize)]
+pub struct NodeStatus {
+    pub node: NodeId,
+    /// Connections its TCP server could move now (keep-alive connections between requests:
+    /// most of them); `None` if its link did not answer (then `link_error` says why).
+    pub connections: Option<Vec<splitos_migrate::Flow>>,
+    pub link_error: Option<String>,
+    /// Flows the switch sends to this node by a per-flow override (moved ones), whatever
+    /// their bucket says.
+    pub owned_flows: Vec<SocketAddr>,
 }
 
 pub fn status(prefix: &str) -> Result<LabStatus, LabError> {
     let state = load(prefix)?;
+    let nodes =
+        netns::run_in(&state.namespace_of("switch")?, || node_status(&state)).unwrap_or_default();
     Ok(LabStatus {
         processes_alive: state.processes.iter().map(|p| alive(p.pid)).collect(),
         namespaces_present: state.namespaces.iter().map(|n| netns::exists(n)).collect(),
+        nodes,
         state,
     })
+}
+
+/// Asks every node's link (from the switch's namespace, where the links are reached) and
+/// reads the switch's overrides.
+fn node_status(st: &LabState) -> Vec<NodeStatus> {
+    let owners = crate::switch::Switch::open(crate::switch::DEFAULT_TABLE)
+        .map(|sw| sw.state().owners.clone())
+        .unwrap_or_default();
+    (1..=st.nodes)
+        .map(|k| {
+            let listed = splitos_migrate::LinkClient::connect(node_link(k), Duration::from_secs(1))
+                .and_then(|mut c| c.list(splitos_migrate::wire::FLOWS_MAX));
+            NodeStatus {
+                node: k,
+                link_error: listed.as_ref().err().map(|e| e.to_string()),
+                connections: listed.ok(),
+                owned_flows: owners
+                    .iter()
+                    .filter(|(_, &n)| n == k)
+                    .map(|(f, _)| SocketAddr::V4(f.0))
+                    .collect(),
+            }
+        })
+        .collect()
 }
 
 /// The lab's addresses: the only ones it uses, and the only ones its node links accept.

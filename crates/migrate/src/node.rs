@@ -28,6 +28,10 @@ pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 pub(crate) const VERDICT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Record flag: the client had shut down its side (the TCP server's view).
 pub(crate) const FLAG_EOF: u32 = 1;
+/// Record flag: the socket had TCP_NODELAY on (a fresh socket has it off; left off, Nagle
+/// holds a small response back while restored bytes wait for their ACK, and the client's
+/// delayed ACK makes that up to 200 ms).
+pub(crate) const FLAG_NODELAY: u32 = 2;
 
 /// Where a node link listens and whom it talks to.
 #[derive(Clone, Debug)]

@@ -3,7 +3,7 @@
 //! the bytes the old server had queued for each, and hand each connection to its listener's
 //! owner here; on anything else drop them without a packet.
 
-use crate::node::{Ctx, FLAG_EOF};
+use crate::node::{Ctx, FLAG_EOF, FLAG_NODELAY};
 use crate::wire::{self, Flow, Frame, Message, WireError};
 use splitos_repair::{record, socket};
 use splitos_tcp_server::migration::{Imported, Queued, Reservation};
@@ -102,6 +102,9 @@ pub(crate) fn move_in(
         }
         match socket::restore(&repr, socket::RestoreOptions::default()) {
             Ok(restoring) => {
+                if repr.user_flags & FLAG_NODELAY != 0 {
+                    let _ = rustix::net::sockopt::set_tcp_nodelay(restoring.fd(), true);
+                }
                 batch_bytes += size;
                 let mut held = repr.app_unanswered.to_vec();
                 held.extend_from_slice(repr.server_held);

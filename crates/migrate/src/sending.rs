@@ -3,7 +3,7 @@
 //! copies without a packet and stream the bytes the server had queued for them; on anything
 //! else put them back into service here.
 
-use crate::node::{Ctx, CONNECT_TIMEOUT, EXPORT_TIMEOUT, FLAG_EOF, VERDICT_TIMEOUT};
+use crate::node::{Ctx, CONNECT_TIMEOUT, EXPORT_TIMEOUT, FLAG_EOF, FLAG_NODELAY, VERDICT_TIMEOUT};
 use crate::wire::{self, Flow, Message, WireError};
 use splitos_repair::{socket, RepairError};
 use splitos_tcp_server::migration::Exported;
@@ -30,9 +30,10 @@ fn save(e: &Exported) -> Result<Vec<u8>, RepairError> {
             source: std::io::Error::from_raw_os_error(rustix::io::Errno::BADF.raw_os_error()),
         });
     };
+    let nodelay = rustix::net::sockopt::tcp_nodelay(fd).unwrap_or(false);
     let saved = socket::pause(fd)?.save()?;
     let user = socket::UserState {
-        flags: if e.eof { FLAG_EOF } else { 0 },
+        flags: if e.eof { FLAG_EOF } else { 0 } | if nodelay { FLAG_NODELAY } else { 0 },
         server_unsent: &[],
         server_held: &e.held,
         app_unanswered: &[],

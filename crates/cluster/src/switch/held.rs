@@ -72,6 +72,49 @@ pub struct HeldPackets {
     fd: OwnedFd,
 }
 
+/// How long an attach waits for the device to carry packets.
+const RUNNING_WAIT: Duration = Duration::from_millis(200);
+
+/// Waits until `dev` is running. Attaching turns the carrier on, but the kernel starts the
+/// device's queue a moment later (its link watcher, on a work queue): packets routed to it
+/// before then are dropped (seen as the TX drops of the first migration after a quiet spell,
+/// and a 200 ms wait for the client whose request was among them).
+fn wait_running(dev: &str) -> std::io::Result<()> {
+    let sock = rustix::net::socket(
+        rustix::net::AddressFamily::INET,
+        rustix::net::SocketType::DGRAM,
+        None,
+    )?;
+    let until = Instant::now() + RUNNING_WAIT;
+    loop {
+        let mut ifr = [0u8; 40];
+        ifr[..dev.len()].copy_from_slice(dev.as_bytes());
+        // SAFETY: SIOCGIFFLAGS reads the name from and writes the flags (a short at offset
+        // 16) into a `struct ifreq` (40 bytes on Linux), which `ifr` is, for this call only.
+        let rc = unsafe {
+            libc::ioctl(
+                std::os::fd::AsRawFd::as_raw_fd(&sock),
+                libc::SIOCGIFFLAGS,
+                ifr.as_mut_ptr(),
+            )
+        };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let flags = i32::from(u16::from_ne_bytes([ifr[16], ifr[17]]));
+        if flags & libc::IFF_RUNNING != 0 {
+            return Ok(());
+        }
+        if Instant::now() >= until {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the hold device {dev} did not start within {RUNNING_WAIT:?}"),
+            ));
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
 /// `TUNSETIFF`: `_IOW('T', 202, int)`.
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 
@@ -102,6 +145,7 @@ impl HeldPackets {
         if rc < 0 {
             return Err(std::io::Error::last_os_error());
         }
+        wait_running(&dev)?;
         Ok(HeldPackets { fd })
     }
 

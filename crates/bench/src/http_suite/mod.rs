@@ -11,6 +11,7 @@
 //! `splitos` as a fraction of the best peer at each size and metric, and of the ceiling.
 
 mod ceiling;
+mod large;
 mod servers;
 
 pub use ceiling::main as ceiling_main;
@@ -157,6 +158,8 @@ fn measure(
         }
         summarize(r, size_name);
     }
+    let nginx = servers.iter().find(|s| s.name == "nginx");
+    large::measure(r, opts.quick, splitos, &root, nginx)?;
     r.note(format!(
         "wrk -t{threads} -c{} keep-alive; per size {rounds} alternating rounds of {secs} s per server \
          (p99: mean of rounds); {threads} worker(s) per server (nginx: sendfile, tcp_nopush, \

@@ -190,6 +190,16 @@ pub fn h2o(bin: &Path, root: &Path, tmp: &Path, workers: usize) -> Result<Server
 }
 
 pub fn splitos(bin: &Path, root: &Path, threads: usize) -> Result<Server, String> {
+    splitos_with(bin, root, threads, &[])
+}
+
+/// `splitos serve` with more arguments.
+pub fn splitos_with(
+    bin: &Path,
+    root: &Path,
+    threads: usize,
+    extra: &[&str],
+) -> Result<Server, String> {
     let mut child = Command::new(bin)
         .args([
             "serve",
@@ -198,6 +208,7 @@ pub fn splitos(bin: &Path, root: &Path, threads: usize) -> Result<Server, String
             "--threads",
             &threads.to_string(),
         ])
+        .args(extra)
         .arg(root)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

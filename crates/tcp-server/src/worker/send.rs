@@ -37,12 +37,15 @@ pub(super) const SEND_NOW_ROUNDS: usize = 16;
 /// socket whose reader keeps up, one call for a whole large range does not return until the
 /// range is sent (a 100 MB call took 57 ms here), holding the worker from every other
 /// connection and the socket's lock from the ACKs arriving meanwhile: 1 GiB went at 1.67 GB/s
-/// against nginx's 2.6 GB/s, which sends 2 MiB at a time (`sendfile_max_chunk`). Capped at
-/// 256 KiB: 2.35 GB/s, 0.91x nginx (512 KiB: 2.0, 2 MiB: 1.9, 8 MiB: 1.7 GB/s). Cached
+/// against nginx's 2.6 GB/s, which sends 2 MiB at a time (`sendfile_max_chunk`). Capped, in
+/// `splitos-bench http --quick`'s `large` (512 MiB, alternating with nginx, 2-5 runs each):
+/// 64 KiB 0.62-0.80x nginx, 128 KiB 0.97-1.25x, 256 KiB 0.91-1.09x, 512 KiB 0.71-0.89x,
+/// 1 MiB 0.79-0.93x, 2 MiB 0.74-0.80x: small enough that ACKs are taken between calls, large
+/// enough that the calls themselves do not dominate. Cached
 /// segments are not capped: for them (at most a chunk, 4 MiB) the cap cost 3x in requests per
 /// second with 50 connections fetching 1 MiB files (2.3k against 7.5k), where each call
 /// ends at a full socket buffer anyway.
-pub(super) const SENDFILE_PLAIN_MAX: usize = 256 << 10;
+pub(super) const SENDFILE_PLAIN_MAX: usize = 128 << 10;
 
 /// What [`Worker::send_now`] did.
 pub(super) enum SendNow {

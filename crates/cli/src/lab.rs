@@ -59,6 +59,15 @@ enum LabCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Take a node out of service without a reset: new connections go to the other nodes at
+    /// once, and its live connections move to them (`splitos drain` in the switch namespace).
+    Drain {
+        /// The node to drain: nodeK.
+        node: String,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Remove every namespace, process and file of the lab (also after a crash).
     Down,
 }
@@ -153,6 +162,10 @@ pub fn run(a: LabArgs) -> Result<(), String> {
             let r = lab::migrate(p, &from, &to, select.select())
                 .map_err(|e| format!("lab migrate: {e}"))?;
             crate::migrate::print(&r, json)?;
+        }
+        LabCommand::Drain { node, json } => {
+            let r = lab::drain(p, &node).map_err(|e| format!("lab drain: {e}"))?;
+            crate::migrate::print_drain(&r, json)?;
         }
         LabCommand::Down => {
             let r = lab::down(p).map_err(|e| format!("lab down: {e}"))?;

@@ -77,6 +77,10 @@ enum Command {
     /// them, then one switch transaction sends their packets to the destination. Clients
     /// notice nothing but a pause of a few milliseconds.
     Migrate(migrate::MigrateArgs),
+    /// Take a node out of service without a reset (run where the switch is): its buckets go
+    /// to the other nodes for new connections at once, its established connections keep
+    /// reaching it until they have moved to the `--to` nodes by migration.
+    Drain(migrate::DrainArgs),
 }
 
 #[derive(clap::Args)]
@@ -263,6 +267,7 @@ fn main() -> ExitCode {
         Command::Switch(a) => switch::run(a),
         Command::Lab(a) => lab::run(a),
         Command::Migrate(a) => migrate::run(a),
+        Command::Drain(a) => migrate::run_drain(a),
         Command::Status(a) => status::run(
             status::Target {
                 socket: a.socket,

@@ -61,6 +61,50 @@ pub fn run(a: MigrateArgs) -> Result<(), String> {
     print(&r, a.json)
 }
 
+#[derive(clap::Args)]
+pub struct DrainArgs {
+    /// The node to drain: its node link, IP[:PORT].
+    #[arg(long)]
+    from: String,
+    /// The nodes that take its connections (their node links, IP[:PORT]; repeatable).
+    #[arg(long = "to", required = true)]
+    to: Vec<String>,
+    /// The nft table of the switch (in this network namespace).
+    #[arg(long, default_value = DEFAULT_TABLE)]
+    table: String,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run_drain(a: DrainArgs) -> Result<(), String> {
+    let from = link_addr(&a.from)?;
+    let to =
+        a.to.iter()
+            .map(|t| link_addr(t))
+            .collect::<Result<Vec<_>, _>>()?;
+    let r = migrate::drain(&a.table, from, &to).map_err(|e| format!("drain: {e}"))?;
+    print_drain(&r, a.json)
+}
+
+pub fn print_drain(r: &migrate::DrainReport, json: bool) -> Result<(), String> {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(r).map_err(|e| e.to_string())?
+        );
+        return Ok(());
+    }
+    println!(
+        "drained node {}: {} buckets to the other nodes, {} connections moved in {} migrations, {:.1} ms",
+        r.node, r.buckets_moved, r.moved, r.migrations, r.total_ms
+    );
+    for (f, why) in &r.refused {
+        println!("  stayed: {f}: {why}");
+    }
+    Ok(())
+}
+
 pub fn print(r: &Report, json: bool) -> Result<(), String> {
     if json {
         println!(

@@ -303,3 +303,54 @@ fn a_busy_connection_moves_back_and_forth_a_hundred_times() {
         cutovers[100], cutovers[199]
     );
 }
+
+/// Issue 14 §5: `splitos lab drain node2` under wrk load: 0 failed requests, node2 keeps no
+/// bucket and no connection, and new connections go to node1.
+#[test]
+fn a_node_drains_under_load_without_a_failed_request() {
+    let _one = serial();
+    let lab = Lab::up("mvr", 2);
+    let wrk = Command::new(BIN)
+        .args(["lab", "--name", &lab.name, "exec", "client", "--"])
+        .args(["wrk", "-t2", "-c50", "-d5s", "http://198.19.0.1/index.html"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let out = ok(&["lab", "--name", &lab.name, "drain", "node2", "--json"]);
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(r["buckets_moved"].as_u64().unwrap() > 0, "{r}");
+    assert!(
+        r["moved"].as_u64().unwrap() > 0,
+        "wrk's connections on node2 moved: {r}"
+    );
+    let wrk = wrk.wait_with_output().unwrap();
+    let report = String::from_utf8_lossy(&wrk.stdout);
+    assert!(wrk.status.success(), "{report}");
+    assert!(report.contains("requests in"), "{report}");
+    assert!(!report.contains("Socket errors"), "{report}");
+    assert!(!report.contains("Non-2xx"), "{report}");
+    let st = lab.status();
+    let nodes = st["nodes"].as_array().unwrap();
+    assert_eq!(
+        nodes[1]["connections"],
+        serde_json::json!([]),
+        "{}",
+        st["nodes"]
+    );
+    let sw: serde_json::Value =
+        serde_json::from_str(&lab.exec("switch", &[BIN, "switch", "status", "--json"])).unwrap();
+    assert_eq!(sw["nodes"][1]["buckets"], 0, "{sw}");
+    assert_eq!(sw["draining"], 0, "{sw}");
+    eprintln!(
+        "drain under wrk: {} connections moved in {} migrations, {:.1} ms; {}",
+        r["moved"],
+        r["migrations"],
+        r["total_ms"].as_f64().unwrap(),
+        report
+            .lines()
+            .find(|l| l.contains("requests in"))
+            .unwrap_or("")
+    );
+}

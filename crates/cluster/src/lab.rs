@@ -483,6 +483,22 @@ pub fn migrate(
     Ok(r)
 }
 
+/// Drains node `member` (`nodeK`) of lab `prefix` into all its other nodes (see
+/// `migrate::drain`), from the switch namespace.
+pub fn drain(prefix: &str, member: &str) -> Result<crate::migrate::DrainReport, LabError> {
+    let st = load(prefix)?;
+    st.namespace_of(member)?;
+    let k: NodeId = member
+        .strip_prefix("node")
+        .and_then(|k| k.parse().ok())
+        .ok_or_else(|| LabError::NotANode(member.to_string(), st.nodes))?;
+    let peers: Vec<SocketAddr> = (1..=st.nodes).filter(|&n| n != k).map(node_link).collect();
+    let sw = st.namespace_of("switch")?;
+    let table = crate::switch::DEFAULT_TABLE;
+    let r = netns::run_in(&sw, || crate::migrate::drain(table, node_link(k), &peers))??;
+    Ok(r)
+}
+
 /// Replaces this process with `program args...` run inside lab `prefix`'s `member`
 /// namespace; returns only on failure.
 pub fn exec(prefix: &str, member: &str, program: &str, args: &[String]) -> LabError {

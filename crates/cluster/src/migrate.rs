@@ -208,3 +208,82 @@ pub fn migrate(
     report.total_ms = started.elapsed().as_secs_f64() * 1e3;
     Ok(report)
 }
+
+/// What a drain did.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct DrainReport {
+    pub node: NodeId,
+    /// Buckets given to the other nodes (new flows go there from the start).
+    pub buckets_moved: usize,
+    /// Connections moved to the other nodes, and in how many migrations.
+    pub moved: usize,
+    pub migrations: usize,
+    /// Connections refused by a migration at the end (they stayed; see `refused`).
+    pub refused: Vec<(Flow, String)>,
+    pub total_ms: f64,
+}
+
+/// How long a drain keeps moving connections before it gives up on the rest.
+const DRAIN_LIMIT: Duration = Duration::from_secs(10);
+
+/// Drains the node whose link is `from` into the nodes whose links are `to`: new flows stop
+/// going to it at once (its buckets go to the others, its established flows still reach it:
+/// `Switch::drain_begin`), then its connections move, spread over `to`, until it has none it
+/// can move (or `DRAIN_LIMIT`), then its draining entries go. The node stays in the switch (a
+/// `splitos switch remove-node` takes it out for good).
+pub fn drain(
+    table: &str,
+    from: SocketAddr,
+    to: &[SocketAddr],
+) -> Result<DrainReport, MigrateError> {
+    let started = Instant::now();
+    let mut sw = Switch::open(table)?;
+    let k = node_at(&sw, from.ip())?;
+    if to.is_empty() || to.iter().any(|t| t.ip() == from.ip()) {
+        return Err(MigrateError::SameNode);
+    }
+    for t in to {
+        node_at(&sw, t.ip())?;
+    }
+    let mut report = DrainReport {
+        node: k,
+        buckets_moved: sw.drain_begin(k)?.len(),
+        ..DrainReport::default()
+    };
+    let link = |addr| {
+        move |source| MigrateError::Link {
+            node: k,
+            addr,
+            source,
+        }
+    };
+    let until = Instant::now() + DRAIN_LIMIT;
+    let mut last_refused = Vec::new();
+    while Instant::now() < until {
+        let left = LinkClient::connect(from, CONNECT_TIMEOUT)
+            .and_then(|mut c| c.list(splitos_migrate::wire::FLOWS_MAX))
+            .map_err(link(from))?;
+        if left.is_empty() {
+            break;
+        }
+        let share = left.len().div_ceil(to.len());
+        let mut moved_now = 0;
+        last_refused.clear();
+        for &peer in to {
+            let r = migrate(table, from, peer, Select::Count(share))?;
+            report.migrations += 1;
+            moved_now += r.moved.len();
+            last_refused.extend(r.refused);
+        }
+        report.moved += moved_now;
+        if moved_now == 0 {
+            // Only refusals (a request in progress): try again shortly.
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    report.refused = last_refused;
+    let mut sw = Switch::open(table)?;
+    sw.drain_end(k)?;
+    report.total_ms = started.elapsed().as_secs_f64() * 1e3;
+    Ok(report)
+}

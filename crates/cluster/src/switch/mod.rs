@@ -17,6 +17,7 @@
 //! a test — can change a running switch.
 
 pub mod buckets;
+mod drain;
 pub mod held;
 mod nft;
 pub mod script;
@@ -163,6 +164,9 @@ pub struct State {
     pub hold: BTreeSet<Flow>,
     /// (fenced node, flow).
     pub fences: BTreeSet<(NodeId, Flow)>,
+    /// Buckets being drained (index → the node they left): established flows of theirs still
+    /// go there, new ones follow the bucket table (see `drain`).
+    pub draining: BTreeMap<usize, NodeId>,
     /// Packets dropped by the hold and by fences, since the table was made.
     pub held_packets: u64,
     pub fenced_packets: u64,
@@ -191,6 +195,7 @@ impl State {
             })).collect::<Vec<_>>(),
             "owners": self.owners.iter().map(|(f, n)| serde_json::json!({"flow": flows(f), "node": n})).collect::<Vec<_>>(),
             "hold": self.hold.iter().map(flows).collect::<Vec<_>>(),
+            "draining": self.draining.len(),
             "fences": self.fences.iter().map(|(n, f)| serde_json::json!({"flow": flows(f), "node": n})).collect::<Vec<_>>(),
             "held_packets": self.held_packets,
             "fenced_packets": self.fenced_packets,
@@ -344,6 +349,16 @@ fn parse_state(v: &Value) -> Result<State, SwitchError> {
                         .and_then(|n| NodeId::try_from(n).ok())
                         .ok_or_else(|| bad("bucket node"))?;
                     buckets.insert(b, n);
+                }
+                ("draining", [b], Some(n)) => {
+                    let b = num(b)
+                        .and_then(|b| u32::try_from(b).ok())
+                        .and_then(|b| b.checked_sub(script::BUCKET_MARK_BASE))
+                        .ok_or_else(|| bad("draining bucket"))?;
+                    let n = num(n)
+                        .and_then(|n| NodeId::try_from(n).ok())
+                        .ok_or_else(|| bad("draining node"))?;
+                    st.draining.insert(b as usize, n);
                 }
                 ("owners", [ip, port], Some(n)) => {
                     let f = flow_of(ip, port).ok_or_else(|| bad("owner flow"))?;

@@ -61,6 +61,7 @@ pub fn create(table: &str, cfg: &SwitchConfig, nodes: &[Node], buckets: &[NodeId
     );
     let _ = writeln!(s, "  set nodes {{ type mark . ipv4_addr . ifname; }}");
     let _ = writeln!(s, "  map buckets {{ type mark : mark; }}");
+    let _ = writeln!(s, "  map draining {{ type mark : mark; }}");
     let _ = writeln!(
         s,
         "  map owners {{ type ipv4_addr . inet_service : mark; }}"
@@ -86,6 +87,13 @@ pub fn create(table: &str, cfg: &SwitchConfig, nodes: &[Node], buckets: &[NodeId
         s,
         "    ip daddr {vip} tcp dport {ports} meta mark set jhash ip saddr . tcp sport mod {} seed {:#x} offset {:#x}",
         cfg.buckets, cfg.seed, BUCKET_MARK_BASE
+    );
+    // A draining bucket's established flows (anything but a first SYN) stay with the node
+    // it left; a miss leaves the bucket mark, and the bucket table decides. After a hit the
+    // mark is a node id, which the bucket table (keyed by bucket marks) does not know.
+    let _ = writeln!(
+        s,
+        "    ip daddr {vip} tcp dport {ports} tcp flags & (syn | ack) != syn meta mark set meta mark map @draining"
     );
     let _ = writeln!(
         s,

@@ -89,11 +89,7 @@ pub fn run_drain(a: DrainArgs) -> Result<(), String> {
 
 pub fn print_drain(r: &migrate::DrainReport, json: bool) -> Result<(), String> {
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(r).map_err(|e| e.to_string())?
-        );
-        return Ok(());
+        return print_json(r);
     }
     println!(
         "drained node {}: {} buckets to the other nodes, {} connections moved in {} migrations, {:.1} ms",
@@ -105,13 +101,17 @@ pub fn print_drain(r: &migrate::DrainReport, json: bool) -> Result<(), String> {
     Ok(())
 }
 
+fn print_json(r: &impl serde::Serialize) -> Result<(), String> {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(r).map_err(|e| e.to_string())?
+    );
+    Ok(())
+}
+
 pub fn print(r: &Report, json: bool) -> Result<(), String> {
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(r).map_err(|e| e.to_string())?
-        );
-        return Ok(());
+        return print_json(r);
     }
     println!(
         "moved {} connections from node {} to node {} ({} live there); cut-over {:.2} ms, all {:.2} ms",

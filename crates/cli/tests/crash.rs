@@ -14,6 +14,9 @@
 // Test code: helpers outside #[test] functions may unwrap too; a panic is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+use common::response;
+
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
@@ -524,33 +527,6 @@ fn kill_9_under_wrk() {
         assert!(!text.contains("Socket errors"), "{text}");
         assert!(!text.contains("Non-2xx"), "{text}");
     }
-}
-
-/// Reads one response (head and Content-Length body) from `c`.
-fn response(c: &mut BufReader<std::net::TcpStream>) -> Result<(String, Vec<u8>), String> {
-    let mut status = String::new();
-    let mut len = 0usize;
-    loop {
-        let mut l = String::new();
-        match c.read_line(&mut l) {
-            Ok(0) => return Err(format!("closed (after {status:?})")),
-            Ok(_) => {}
-            Err(e) => return Err(format!("{e} (after {status:?})")),
-        }
-        if status.is_empty() {
-            status = l.trim().to_string();
-            continue;
-        }
-        if l == "\r\n" {
-            break;
-        }
-        if let Some(v) = l.to_ascii_lowercase().strip_prefix("content-length: ") {
-            len = v.trim().parse().map_err(|e| format!("{e}"))?;
-        }
-    }
-    let mut body = vec![0u8; len];
-    std::io::Read::read_exact(c, &mut body).map_err(|e| e.to_string())?;
-    Ok((status, body))
 }
 
 /// Requests in progress when the application dies — a head half sent, a POST whose body is

@@ -16,35 +16,20 @@
 // Test code: helpers outside #[test] functions may unwrap too; a panic is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::fs::MetadataExt;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_splitos");
 const BIG: u64 = 4 << 30;
 const MEMORY_LIMIT: u64 = 256 << 20;
-
-/// A served directory and the server; both go when it drops (also when the test fails).
-struct Server {
-    child: Child,
-    port: u16,
-    site: std::path::PathBuf,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(pid) = rustix::process::Pid::from_raw(self.child.id() as i32) {
-            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-        }
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.site);
-    }
-}
+type Server = common::Served;
 
 /// A site holding `big.iso` (sparse, `BIG` bytes) served by `splitos serve` with `extra`.
 fn serve(tag: &str, extra: &[&str]) -> Server {
@@ -56,30 +41,7 @@ fn serve(tag: &str, extra: &[&str]) -> Server {
     let f = std::fs::File::create(site.join("big.iso")).unwrap();
     f.set_len(BIG).unwrap();
     drop(f);
-    // The guard exists before the server does, so a failed start still cleans up.
-    let mut server = Server {
-        child: Command::new(BIN)
-            .args(["serve", "--listen", "127.0.0.1:0"])
-            .args(extra)
-            .arg(&site)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-        port: 0,
-        site,
-    };
-    let mut line = String::new();
-    if let Some(out) = server.child.stdout.take() {
-        BufReader::new(out).read_line(&mut line).unwrap();
-    }
-    server.port = line
-        .trim()
-        .trim_start_matches("http://127.0.0.1:")
-        .trim_end_matches('/')
-        .parse()
-        .unwrap_or_else(|_| panic!("unexpected first line {line:?}"));
-    server
+    common::Served::start(site, extra, &[])
 }
 
 /// `pid` and all its descendants.

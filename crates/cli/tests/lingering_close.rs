@@ -9,12 +9,12 @@
 // Test code: helpers outside #[test] functions may unwrap too; a panic is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader, Read, Write};
+mod common;
+
+use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_splitos");
 /// A response larger than the client's initial receive buffer on loopback (128 KiB), so part
 /// of it is still in the server's send buffer when the server is done with it.
 const FILE_LEN: usize = 200_000;
@@ -22,23 +22,7 @@ const FILE_LEN: usize = 200_000;
 /// sends them in (10 ms apart).
 const EXTRA: usize = 256 << 10;
 const PIECE: usize = 8 << 10;
-
-struct Server {
-    child: Child,
-    port: u16,
-    site: std::path::PathBuf,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = rustix::process::kill_process(
-            rustix::process::Pid::from_raw(self.child.id() as i32).unwrap(),
-            rustix::process::Signal::TERM,
-        );
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.site);
-    }
-}
+type Server = common::Served;
 
 fn body() -> Vec<u8> {
     (0..FILE_LEN as u32)
@@ -51,24 +35,7 @@ fn serve(tag: &str) -> Server {
         std::env::temp_dir().join(format!("splitos-linger-test-{}-{tag}", std::process::id()));
     std::fs::create_dir_all(&site).unwrap();
     std::fs::write(site.join("big.bin"), body()).unwrap();
-    let mut child = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .arg(&site)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let port = line
-        .trim()
-        .trim_start_matches("http://127.0.0.1:")
-        .trim_end_matches('/')
-        .parse()
-        .unwrap_or_else(|_| panic!("unexpected first line {line:?}"));
-    Server { child, port, site }
+    common::Served::start(site, &[], &[])
 }
 
 /// One request with `Connection: close`, then `EXTRA` bytes the server never reads (written

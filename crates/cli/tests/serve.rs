@@ -5,29 +5,15 @@
 // Test code: helpers outside #[test] functions may unwrap too; a panic is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 const BIN: &str = env!("CARGO_BIN_EXE_splitos");
-
-struct Server {
-    child: Child,
-    port: u16,
-    site: std::path::PathBuf,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = rustix::process::kill_process(
-            rustix::process::Pid::from_raw(self.child.id() as i32).unwrap(),
-            rustix::process::Signal::TERM,
-        );
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.site);
-    }
-}
+type Server = common::Served;
 
 fn serve(tag: &str) -> Server {
     serve_with(tag, &[])
@@ -46,26 +32,7 @@ fn serve_env(tag: &str, extra: &[&str], env: &[(&str, &std::path::Path)]) -> Ser
     std::fs::write(site.join("docs/index.html"), b"<h1>docs</h1>").unwrap();
     let body: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
     std::fs::write(site.join("data.bin"), &body).unwrap();
-    let mut child = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .args(extra)
-        .arg(&site)
-        .envs(env.iter().copied())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let port = line
-        .trim()
-        .trim_start_matches("http://127.0.0.1:")
-        .trim_end_matches('/')
-        .parse()
-        .unwrap_or_else(|_| panic!("unexpected first line {line:?}"));
-    Server { child, port, site }
+    common::Served::start(site, extra, env)
 }
 
 /// Only the status code of a curl request.

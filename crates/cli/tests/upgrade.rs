@@ -7,6 +7,9 @@
 // Test code: helpers outside #[test] functions may unwrap too; a panic is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+use common::response;
+
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -147,33 +150,6 @@ impl Drop for Server {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-/// Reads one response (head and Content-Length body) from `c`.
-fn response(c: &mut BufReader<TcpStream>) -> Result<(String, Vec<u8>), String> {
-    let mut status = String::new();
-    let mut len = 0usize;
-    loop {
-        let mut l = String::new();
-        match c.read_line(&mut l) {
-            Ok(0) => return Err(format!("closed (after {status:?})")),
-            Ok(_) => {}
-            Err(e) => return Err(format!("{e} (after {status:?})")),
-        }
-        if status.is_empty() {
-            status = l.trim().to_string();
-            continue;
-        }
-        if l == "\r\n" {
-            break;
-        }
-        if let Some(v) = l.to_ascii_lowercase().strip_prefix("content-length: ") {
-            len = v.trim().parse().map_err(|e| format!("{e}"))?;
-        }
-    }
-    let mut body = vec![0u8; len];
-    std::io::Read::read_exact(c, &mut body).map_err(|e| e.to_string())?;
-    Ok((status, body))
 }
 
 /// Keep-alive connections, each answered once already.

@@ -161,13 +161,7 @@ pub fn migrate(
     };
     // The moved flows go to B, still held (B is in repair mode until the commit); the
     // refused ones go on where they were.
-    let others: Vec<NodeId> = sw
-        .state()
-        .nodes
-        .keys()
-        .copied()
-        .filter(|&n| n != b)
-        .collect();
+    let others = sw.others(b);
     let mut changes = Vec::new();
     for f in moved.iter().filter_map(switch_flow) {
         changes.push(Change::Owner(f, b));

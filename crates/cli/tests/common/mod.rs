@@ -1,5 +1,6 @@
-//! What the lab tests share: a lab that is taken down on drop (also when a test fails), and
-//! running `splitos` commands in it.
+//! What the `splitos` command's tests share: a lab that is taken down on drop (also when a
+//! test fails), running `splitos` commands, a served directory that goes with its server,
+//! and reading one HTTP response.
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
@@ -124,4 +125,84 @@ pub fn live(pid: i32) -> bool {
             !matches!(state, Some(Some('Z' | 'X')))
         })
         .unwrap_or(false)
+}
+
+/// `splitos serve` of a directory the test made, on a loopback port; on drop the server is
+/// stopped (TERM) and the directory removed, also when the test fails.
+pub struct Served {
+    pub child: std::process::Child,
+    pub port: u16,
+    pub site: PathBuf,
+}
+
+impl Served {
+    /// Starts `splitos serve --listen 127.0.0.1:0 EXTRA SITE` with `env` and reads the port
+    /// from its first line. The guard owns `site` before the server starts, so a failed start
+    /// cleans up too.
+    pub fn start(site: PathBuf, extra: &[&str], env: &[(&str, &std::path::Path)]) -> Served {
+        let mut s = Served {
+            child: Command::new(BIN)
+                .args(["serve", "--listen", "127.0.0.1:0"])
+                .args(extra)
+                .arg(&site)
+                .envs(env.iter().copied())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+            port: 0,
+            site,
+        };
+        let mut line = String::new();
+        if let Some(out) = s.child.stdout.take() {
+            std::io::BufRead::read_line(&mut std::io::BufReader::new(out), &mut line).unwrap();
+        }
+        s.port = line
+            .trim()
+            .trim_start_matches("http://127.0.0.1:")
+            .trim_end_matches('/')
+            .parse()
+            .unwrap_or_else(|_| panic!("unexpected first line {line:?}"));
+        s
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if let Some(pid) = rustix::process::Pid::from_raw(self.child.id() as i32) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.site);
+    }
+}
+
+/// Reads one response (head and Content-Length body) from `c`.
+pub fn response(
+    c: &mut std::io::BufReader<std::net::TcpStream>,
+) -> Result<(String, Vec<u8>), String> {
+    use std::io::BufRead;
+    let mut status = String::new();
+    let mut len = 0usize;
+    loop {
+        let mut l = String::new();
+        match c.read_line(&mut l) {
+            Ok(0) => return Err(format!("closed (after {status:?})")),
+            Ok(_) => {}
+            Err(e) => return Err(format!("{e} (after {status:?})")),
+        }
+        if status.is_empty() {
+            status = l.trim().to_string();
+            continue;
+        }
+        if l == "\r\n" {
+            break;
+        }
+        if let Some(v) = l.to_ascii_lowercase().strip_prefix("content-length: ") {
+            len = v.trim().parse().map_err(|e| format!("{e}"))?;
+        }
+    }
+    let mut body = vec![0u8; len];
+    std::io::Read::read_exact(c, &mut body).map_err(|e| e.to_string())?;
+    Ok((status, body))
 }

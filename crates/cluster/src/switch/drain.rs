@@ -17,13 +17,7 @@ impl Switch {
         if !self.state.nodes.contains_key(&id) {
             return Err(SwitchError::NoNode(id));
         }
-        let rest: Vec<NodeId> = self
-            .state
-            .nodes
-            .keys()
-            .copied()
-            .filter(|&k| k != id)
-            .collect();
+        let rest = self.others(id);
         if rest.is_empty() {
             return Err(SwitchError::BadConfig);
         }

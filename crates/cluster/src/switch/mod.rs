@@ -558,6 +558,16 @@ impl Switch {
         Ok(moved)
     }
 
+    /// Every node but `id`.
+    pub(crate) fn others(&self, id: NodeId) -> Vec<NodeId> {
+        self.state
+            .nodes
+            .keys()
+            .copied()
+            .filter(|&k| k != id)
+            .collect()
+    }
+
     /// Removes a node: one transaction that gives its buckets (and only those) to the others
     /// and forgets it, then its routing. Flows it owned by override, and fences against it,
     /// are dropped from the maps in the same transaction. Returns the buckets that moved.
@@ -568,13 +578,7 @@ impl Switch {
             .get(&id)
             .cloned()
             .ok_or(SwitchError::NoNode(id))?;
-        let rest: Vec<NodeId> = self
-            .state
-            .nodes
-            .keys()
-            .copied()
-            .filter(|&k| k != id)
-            .collect();
+        let rest = self.others(id);
         let new = buckets::without(&self.state.buckets, id, &rest);
         let mut s = script::rebucket(&self.table, &self.state.buckets, &new);
         let owned: Vec<Flow> = self

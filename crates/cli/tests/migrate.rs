@@ -354,3 +354,45 @@ fn a_node_drains_under_load_without_a_failed_request() {
             .unwrap_or("")
     );
 }
+
+const CHURN: &str = r#"
+import socket, time, sys
+end = time.monotonic() + float(sys.argv[1]); want = sys.argv[2].encode(); n = 0; bad = 0
+while time.monotonic() < end:
+    try:
+        s = socket.create_connection(('198.19.0.1', 80)); s.settimeout(3)
+        for i in range(3):
+            s.sendall(b'GET /index.html HTTP/1.1\r\nHost: lab\r\n\r\n'); b = b''
+            while not b.endswith(want):
+                d = s.recv(4096)
+                if not d: raise Exception('closed')
+                b += d
+            time.sleep(0.005)  # long enough to be listed, short enough to end mid-move
+        s.close(); n += 1
+    except Exception as e:
+        bad += 1; print('error', e, flush=True)
+print('connections', n, 'failed', bad, flush=True)
+"#;
+
+/// Connections that open, make three requests and close, while migrations run back to back:
+/// a connection that ends between the listing and the move is refused (it is gone), the
+/// migration reports it and ends cleanly, and no client sees an error.
+#[test]
+fn migrations_amid_short_connections_fail_nothing() {
+    let _one = serial();
+    let lab = Lab::up("mvc", 2);
+    let body = format!("<h1>lab {}</h1>\n", lab.name);
+    let mut client = Client::start(&lab, CHURN, &["4", &body]);
+    let started = Instant::now();
+    let mut moved_total = 0;
+    while started.elapsed() < Duration::from_millis(3500) {
+        for (from, to) in [("node1", "node2"), ("node2", "node1")] {
+            moved_total += moved(&migrate(&lab, from, to));
+        }
+    }
+    let summary = client.line();
+    let f: Vec<&str> = summary.split_whitespace().collect();
+    assert_eq!(f[0], "connections", "{summary}");
+    assert_eq!(f[3], "0", "failed connections: {summary}");
+    eprintln!("amid short connections: {summary}; {moved_total} moved");
+}

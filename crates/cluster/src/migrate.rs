@@ -159,6 +159,15 @@ pub fn migrate(
             });
         }
     };
+    if moved.is_empty() {
+        // Nothing waits for a verdict (the source has put everything back and ended the
+        // conversation): let the flows go on where they are.
+        release_all(&mut sw, waiting);
+        report.refused = refused;
+        report.cutover_ms = hold_at.elapsed().as_secs_f64() * 1e3;
+        report.total_ms = started.elapsed().as_secs_f64() * 1e3;
+        return Ok(report);
+    }
     // The moved flows go to B, still held (B is in repair mode until the commit); the
     // refused ones go on where they were.
     let others = sw.others(b);

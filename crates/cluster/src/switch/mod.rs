@@ -302,6 +302,8 @@ fn parse_state(v: &Value) -> Result<State, SwitchError> {
         let empty = Vec::new();
         let elems = set.get("elem").and_then(Value::as_array).unwrap_or(&empty);
         for e in elems {
+            // An element with a timeout is an object around its value.
+            let e = e.get("elem").and_then(|x| x.get("val")).unwrap_or(e);
             // Map elements are [key, value]; set elements are the key.
             let (key, val) = match e.as_array() {
                 Some(kv) if kv.len() == 2 => (&kv[0], Some(&kv[1])),
@@ -742,7 +744,9 @@ mod tests {
           {"set": {"name": "nodes", "elem": [{"concat": [1, "198.18.1.2", "n1"]}, {"concat": [2, "198.18.2.2", "n2"]}]}},
           {"map": {"name": "buckets", "elem": [[65536, 1], [65537, 2]]}},
           {"map": {"name": "owners", "elem": [[{"concat": ["198.18.0.2", 4000]}, 2]]}},
-          {"set": {"name": "hold", "elem": [{"concat": ["198.18.0.2", 4001]}]}},
+          {"set": {"name": "hold", "flags": ["timeout"], "elem": [{"concat": ["198.18.0.2", 4001]},
+            {"elem": {"val": {"concat": ["198.18.0.2", 4002]}, "timeout": 30, "expires": 29}}]}},
+          {"map": {"name": "draining", "elem": [[65537, 2]]}},
           {"set": {"name": "fences", "elem": [{"concat": ["n1", "198.18.0.2", 4000]}]}},
           {"counter": {"name": "fenced", "packets": 7, "bytes": 420}}]}"#;
         let st = parse_state(&serde_json::from_str(j).unwrap()).unwrap();
@@ -750,6 +754,8 @@ mod tests {
         assert_eq!(st.buckets, vec![1, 2]);
         assert_eq!(st.owners.get(&f(4000)), Some(&2));
         assert!(st.hold.contains(&f(4001)));
+        assert!(st.hold.contains(&f(4002)), "an element with a timeout");
+        assert_eq!(st.draining.get(&1), Some(&2));
         assert!(st.fences.contains(&(1, f(4000))));
         assert_eq!(st.fenced_packets, 7);
         assert_eq!(st.config.unwrap().ports, vec![80]);

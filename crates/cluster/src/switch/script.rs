@@ -66,7 +66,12 @@ pub fn create(table: &str, cfg: &SwitchConfig, nodes: &[Node], buckets: &[NodeId
         s,
         "  map owners {{ type ipv4_addr . inet_service : mark; }}"
     );
-    let _ = writeln!(s, "  set hold {{ type ipv4_addr . inet_service; }}");
+    // Held flows expire: an operator that dies in the middle of a migration must not leave
+    // a flow held for good (see `HOLD_TIMEOUT`).
+    let _ = writeln!(
+        s,
+        "  set hold {{ type ipv4_addr . inet_service; flags timeout; }}"
+    );
     let _ = writeln!(
         s,
         "  set fences {{ type ifname . ipv4_addr . inet_service; }}"
@@ -188,8 +193,17 @@ pub fn clear_owner(table: &str, f: &Flow) -> String {
     format!("delete element ip {table} owners {{ {} }}\n", flow_key(f))
 }
 
+/// How long a flow stays held if nobody releases it. Longer than any migration may take (the
+/// node link gives up on a verdict after 10 s, and undoes the move), so a release never finds
+/// its element gone; short enough that a crashed operator costs its clients a pause, not
+/// their connections.
+pub const HOLD_TIMEOUT_S: u32 = 30;
+
 pub fn hold(table: &str, f: &Flow) -> String {
-    format!("add element ip {table} hold {{ {} }}\n", flow_key(f))
+    format!(
+        "add element ip {table} hold {{ {} timeout {HOLD_TIMEOUT_S}s }}\n",
+        flow_key(f)
+    )
 }
 
 pub fn release(table: &str, f: &Flow) -> String {

@@ -68,6 +68,13 @@ enum LabCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Kill a node as a machine dies: SIGKILL to all its processes and its link to the switch
+    /// cut. (Its flows are not taken over by itself: `splitos switch remove-node K` in the
+    /// switch namespace sends its buckets to the others.)
+    Kill {
+        /// The node to kill: nodeK.
+        node: String,
+    },
     /// Remove every namespace, process and file of the lab (also after a crash).
     Down,
 }
@@ -166,6 +173,14 @@ pub fn run(a: LabArgs) -> Result<(), String> {
         LabCommand::Drain { node, json } => {
             let r = lab::drain(p, &node).map_err(|e| format!("lab drain: {e}"))?;
             crate::migrate::print_drain(&r, json)?;
+        }
+        LabCommand::Kill { node } => {
+            let r = lab::kill(p, &node).map_err(|e| format!("lab kill: {e}"))?;
+            println!(
+                "node{} is dead: {} processes killed, its link cut",
+                r.node,
+                r.killed.len()
+            );
         }
         LabCommand::Down => {
             let r = lab::down(p).map_err(|e| format!("lab down: {e}"))?;

@@ -132,3 +132,46 @@ fn lab_down_cleans_up_after_a_crash() {
     std::fs::remove_file(state_dir(&st).join("state.json")).unwrap();
     lab.down_and_check(&all_pids, &state_dir(&st));
 }
+
+/// `splitos lab kill node1`: every process of node1 dies and its link is cut; its buckets'
+/// new connections fail until the switch removes it (issue 14 builds the takeover on this),
+/// after which every connection is served by node2.
+#[test]
+fn a_killed_node_is_dead_until_the_switch_removes_it() {
+    let lab = Lab::up("k", 2);
+    let out = ok(&["lab", "--name", &lab.name, "kill", "node1"]);
+    assert!(out.contains("node1 is dead"), "{out}");
+    let st = lab.status();
+    assert_eq!(st["processes_alive"], serde_json::json!([false, true]));
+    let served = |n: usize| {
+        let mut args = vec![
+            "curl",
+            "-s",
+            "-m",
+            "0.5",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}\\n",
+            // A connection per request: each is steered on its own.
+            "-H",
+            "Connection: close",
+        ];
+        args.extend(std::iter::repeat_n("http://198.19.0.1/", n));
+        let o = splitos(
+            &[
+                &["lab", "--name", &lab.name, "exec", "client", "--"],
+                &args[..],
+            ]
+            .concat(),
+        );
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter(|l| *l == "200")
+            .count()
+    };
+    let before = served(20);
+    assert!(before < 20, "node1's buckets still answered: {before}/20");
+    lab.exec("switch", &[BIN, "switch", "remove-node", "1"]);
+    assert_eq!(served(20), 20, "after remove-node");
+}

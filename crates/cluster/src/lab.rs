@@ -499,6 +499,46 @@ pub fn drain(prefix: &str, member: &str) -> Result<crate::migrate::DrainReport, 
     Ok(r)
 }
 
+/// What `kill` did.
+#[derive(Debug, Serialize)]
+pub struct KillReport {
+    pub node: NodeId,
+    /// Processes of the node's namespace sent SIGKILL.
+    pub killed: Vec<i32>,
+}
+
+/// Kills node `member` (`nodeK`) of lab `prefix` the hard way, as a machine dies: SIGKILL to
+/// every process in its namespace, and its link to the switch cut (its interface down), so
+/// nothing it might still send reaches anyone. The namespace stays (`down` removes it).
+pub fn kill(prefix: &str, member: &str) -> Result<KillReport, LabError> {
+    use rustix::process::{kill_process, Pid, Signal};
+    let st = load(prefix)?;
+    let ns = st.namespace_of(member)?;
+    let node: NodeId = member
+        .strip_prefix("node")
+        .and_then(|k| k.parse().ok())
+        .ok_or_else(|| LabError::NotANode(member.to_string(), st.nodes))?;
+    // The link first: a process between two signals must not get a packet out.
+    netns::ip(&["-n", &ns, "link", "set", "sw", "down"])?;
+    let mut killed = Vec::new();
+    // Bounded: a process forked between the listing and the signal is caught next round.
+    for _ in 0..10 {
+        let pids = netns::pids(&ns);
+        if pids.is_empty() {
+            break;
+        }
+        for p in pids {
+            if let Some(pid) = Pid::from_raw(p) {
+                if kill_process(pid, Signal::KILL).is_ok() && !killed.contains(&p) {
+                    killed.push(p);
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(KillReport { node, killed })
+}
+
 /// Replaces this process with `program args...` run inside lab `prefix`'s `member`
 /// namespace; returns only on failure.
 pub fn exec(prefix: &str, member: &str, program: &str, args: &[String]) -> LabError {

@@ -109,16 +109,9 @@ fn reads(report: &mut Report, root: &Path, sock: &Path, dur: Duration) -> Result
 struct Proc(Child);
 impl Drop for Proc {
     fn drop(&mut self) {
+        // Its stdin closing is its signal to stop.
         drop(self.0.stdin.take());
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        crate::proc::reap_within(&mut self.0, Duration::from_secs(5));
     }
 }
 

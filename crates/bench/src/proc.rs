@@ -16,6 +16,20 @@ use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// Waits up to `grace` for a child that was asked to stop (a signal, its stdin closed), then
+/// kills it; either way it is reaped.
+pub fn reap_within(child: &mut std::process::Child, grace: Duration) {
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 /// Pins the calling thread to `cpu` if the machine has it (the kernel refuses a CPU that is not
 /// online). Returns whether it did. The mask is not checked against our current affinity on
 /// purpose: a peer inherits the parent's single-CPU mask and must still move to its own CPU.

@@ -2,6 +2,7 @@
 
 #![forbid(unsafe_code)]
 
+mod failover_args;
 mod lab;
 mod migrate;
 mod serve;

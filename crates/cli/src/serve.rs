@@ -78,6 +78,8 @@ pub struct ServeArgs {
     /// upgrade` when it starts the new binary; not meant to be typed).
     #[arg(long, hide = true, value_name = "SOCKET")]
     upgrade_from: Option<PathBuf>,
+    #[command(flatten)]
+    failover: crate::failover_args::FailoverArgs,
 }
 
 #[derive(clap::Args)]
@@ -213,7 +215,7 @@ pub fn run(
     supervisor::served_root(&a.dir).map_err(|e| e.to_string())?;
     let listen = parse_listen(&a.listen)?;
     let link = match &a.link {
-        None if !a.link_allow.is_empty() => {
+        None if !a.link_allow.is_empty() && a.failover.etcd.is_empty() => {
             return Err("--link-allow needs --link ADDR (where the node link listens)".into())
         }
         None => None,
@@ -239,6 +241,18 @@ pub fn run(
             Some(splitos_migrate::LinkConfig { listen, allow })
         }
     };
+    let allow = match &link {
+        Some(l) => l.allow.clone(),
+        None => a
+            .link_allow
+            .iter()
+            .map(|n| {
+                splitos_migrate::node::parse_network(n).map_err(|e| format!("--link-allow: {e}"))
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+    };
+    let agent =
+        crate::failover_args::agent_start(&a.failover, link.as_ref().map(|l| l.listen), &allow)?;
     let config = ServeConfig {
         dir: a.dir.clone(),
         listen,
@@ -255,6 +269,7 @@ pub fn run(
         control_socket: a.control_socket,
         app: app_command(),
         link,
+        agent,
         upgrade: upgrade_command(),
         upgrade_from: a.upgrade_from,
     };

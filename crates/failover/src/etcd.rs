@@ -165,7 +165,6 @@ pub struct Registry {
     endpoints: String,
 }
 
-#[allow(dead_code)]
 pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

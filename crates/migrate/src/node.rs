@@ -27,11 +27,11 @@ pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// node's) verdict before it undoes the move by itself.
 pub(crate) const VERDICT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Record flag: the client had shut down its side (the TCP server's view).
-pub(crate) const FLAG_EOF: u32 = 1;
+pub const FLAG_EOF: u32 = 1;
 /// Record flag: the socket had TCP_NODELAY on (a fresh socket has it off; left off, Nagle
 /// holds a small response back while restored bytes wait for their ACK, and the client's
 /// delayed ACK makes that up to 200 ms).
-pub(crate) const FLAG_NODELAY: u32 = 2;
+pub const FLAG_NODELAY: u32 = 2;
 
 /// Where a node link listens and whom it talks to.
 #[derive(Clone, Debug)]
@@ -74,7 +74,8 @@ pub fn parse_network(s: &str) -> Result<(IpAddr, u8), String> {
     Ok((ip, len))
 }
 
-fn allowed(allow: &[(IpAddr, u8)], ip: IpAddr) -> bool {
+/// Whether `ip` is in one of the networks of `allow`.
+pub fn allowed(allow: &[(IpAddr, u8)], ip: IpAddr) -> bool {
     let ip = match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
         v4 => v4,

@@ -35,3 +35,26 @@ mod sys;
 pub use record::{Record, RecordError, RecordRepr, TcpState};
 pub use socket::{RepairError, Restoring, Saved};
 pub use sys::{tcp_state, REPAIR_MARK};
+
+/// Flags of the segments [`send_segment_v4`] forges.
+pub mod flags {
+    pub const FIN: u8 = 0x01;
+    pub const RST: u8 = 0x04;
+    pub const ACK: u8 = 0x10;
+}
+
+/// Sends one forged IPv4 TCP segment without payload from `src` to `dst` through a raw socket
+/// (needs CAP_NET_RAW; it carries [`REPAIR_MARK`]). A takeover uses it to ask a client where
+/// its connection stands (an out-of-window ACK, which the client answers) and to reset a
+/// connection that cannot go on with the exact sequence number the client expects.
+pub fn send_segment_v4(
+    src: std::net::SocketAddrV4,
+    dst: std::net::SocketAddrV4,
+    seq: u32,
+    ack: u32,
+    flags: u8,
+    window: u16,
+) -> std::io::Result<()> {
+    let p = packet::segment_v4(src, dst, seq, ack, flags, window);
+    sys::inject_v4(&p, dst)
+}

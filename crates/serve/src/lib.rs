@@ -18,6 +18,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod agent;
 pub mod app;
 pub mod control;
 pub mod direct;

@@ -45,6 +45,9 @@ pub struct Status {
     pub files: FileCounters,
     pub app: AppCounters,
     pub updated_unix_ms: u64,
+    /// The failover agent's state (`splitos_failover::Agent::status`), on a node that runs one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failover: Option<serde_json::Value>,
 }
 
 /// The file server's counters: opens that reached it (a reader that finds a file in the

@@ -54,7 +54,7 @@ const QUICK_DEATH: Duration = Duration::from_secs(2);
 const MAX_QUICK_DEATHS: u32 = 5;
 
 /// What to serve, and how.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ServeConfig {
     /// The directory to serve.
     pub dir: PathBuf,
@@ -80,6 +80,8 @@ pub struct ServeConfig {
     pub app: AppCommand,
     /// The node link for live migration between nodes (`splitos_migrate`), if any.
     pub link: Option<splitos_migrate::LinkConfig>,
+    /// Started beside the TCP server (the failover agent), if any.
+    pub agent: Option<crate::agent::AgentStart>,
     /// How to start a new binary for an upgrade (`None`: upgrades are refused).
     pub upgrade: Option<UpgradeCommand>,
     /// Take over from the old process whose hand-over socket this is (see [`crate::upgrade`]).
@@ -136,6 +138,13 @@ pub enum ServeError {
     Upgrade(#[from] UpgradeError),
     #[error("this server was not given a way to start a new binary; it cannot upgrade")]
     CannotUpgrade,
+    #[error(
+        "a node with failover (--etcd) cannot be upgraded in place yet: drain it \
+         (`splitos drain`), restart it with the new binary, and let it rejoin"
+    )]
+    UpgradeWithFailover,
+    #[error("the failover agent: {0}")]
+    Agent(String),
     #[error(transparent)]
     Io(io::Error),
 }
@@ -207,6 +216,7 @@ struct Started {
     rundir: ServeDir,
     tcp: TcpServer,
     link: Option<splitos_migrate::NodeLink>,
+    agent: Option<Box<dyn crate::agent::NodeAgent>>,
     files: FileServer,
     base: AppConfig,
     app: Instance,
@@ -234,6 +244,10 @@ fn start(
     // listener like handed-off ones; the link stops before the TCP server does.
     let link = match config.link.clone() {
         Some(cfg) => Some(splitos_migrate::NodeLink::start(cfg, tcp.migration())?),
+        None => None,
+    };
+    let agent = match &config.agent {
+        Some(start) => Some(start(&tcp).map_err(ServeError::Agent)?),
         None => None,
     };
     let mut fcfg = FileServerConfig::new(root.clone(), private.join("files.sock"));
@@ -277,6 +291,7 @@ fn start(
         rundir,
         tcp,
         link,
+        agent,
         files,
         base,
         app,
@@ -325,6 +340,7 @@ pub fn run(
         rundir,
         tcp,
         link,
+        agent,
         files,
         base,
         mut app,
@@ -376,8 +392,13 @@ pub fn run(
     let mut generation = 1u64;
     let mut quick_deaths = 0u32;
     let mut upgraded = false;
+    let mut fatal = None;
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(20));
+        if let Some(why) = agent.as_ref().and_then(|a| a.fatal()) {
+            fatal = Some(why);
+            break;
+        }
         app.read_reports();
         if Instant::now() >= next_status {
             next_status = Instant::now() + STATUS_EVERY;
@@ -394,6 +415,7 @@ pub fn run(
             status.generation = generation;
             status.app_pid = app.child.id();
             status.updated_unix_ms = splitos_tcp_server::stats::unix_ms();
+            status.failover = agent.as_ref().map(|a| a.status());
             if let Err(e) = rundir.write_status(&status) {
                 if !std::mem::replace(&mut status_failed, true) {
                     tracing::warn!("cannot write the status file (splitos status will not find this server): {e}");
@@ -409,6 +431,9 @@ pub fn run(
         if ask == Some(Ask::Upgrade) {
             let outcome = match &config.upgrade {
                 None => Err(ServeError::CannotUpgrade),
+                // A new process would register the node again while this one still holds
+                // its lease, and its connections would be adopted meanwhile.
+                Some(_) if agent.is_some() => Err(ServeError::UpgradeWithFailover),
                 Some(command) => upgrade::hand_over(
                     upgrade::Outgoing {
                         command,
@@ -498,10 +523,14 @@ pub fn run(
         app.reap(Duration::from_secs(5));
     }
     drop(control);
+    drop(agent);
     drop(link);
     tcp.shutdown();
     files.shutdown();
-    Ok(())
+    match fatal {
+        Some(why) => Err(ServeError::Agent(why)),
+        None => Ok(()),
+    }
 }
 
 /// Starts a new instance and retires `old` in its favour. On failure the old one keeps
@@ -672,6 +701,7 @@ mod tests {
             control_socket: Some(dir.join("control.sock")),
             app: script("echo ready; echo 'listening 127.0.0.1:9'"),
             link: None,
+            agent: None,
             upgrade: None,
             upgrade_from: None,
         };

@@ -16,58 +16,8 @@
 
 mod common;
 use common::*;
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// A client process in the lab's client namespace, killed on drop.
-struct Client {
-    child: Child,
-    out: BufReader<std::process::ChildStdout>,
-}
-
-impl Client {
-    fn start(lab: &Lab, script: &str, args: &[&str]) -> Client {
-        let mut cmd = Command::new(BIN);
-        cmd.args(["lab", "--name", &lab.name, "exec", "client", "--"])
-            .args(["python3", "-u", "-c", script])
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        let mut child = cmd.spawn().unwrap();
-        let out = BufReader::new(child.stdout.take().unwrap());
-        Client { child, out }
-    }
-
-    /// The next line the client prints (it prints nothing it does not mean).
-    fn line(&mut self) -> String {
-        let mut l = String::new();
-        self.out.read_line(&mut l).unwrap();
-        assert!(!l.is_empty(), "the client ended without a word");
-        l.trim().to_string()
-    }
-
-    fn say(&mut self, s: &str) {
-        let stdin = self.child.stdin.as_mut().unwrap();
-        stdin.write_all(s.as_bytes()).unwrap();
-        stdin.flush().unwrap();
-    }
-}
-
-impl Drop for Client {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// Moves every movable connection of node `from` to node `to`; the report as JSON.
 fn migrate(lab: &Lab, from: &str, to: &str) -> serde_json::Value {

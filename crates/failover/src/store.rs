@@ -322,7 +322,7 @@ mod tests {
 
     #[test]
     fn the_budget_forgets_the_oldest_records() {
-        let mut s = Store::new(10 * (FLOW_OVERHEAD + 100));
+        let mut s = Store::new(20 * FLOW_OVERHEAD + 10 * 100);
         s.begin("n", 1);
         for p in 0..20 {
             s.apply(

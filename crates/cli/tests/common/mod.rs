@@ -4,8 +4,10 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Mutex;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_splitos");
 
@@ -50,6 +52,11 @@ pub struct Lab {
 
 impl Lab {
     pub fn up(tag: &str, nodes: u16) -> Lab {
+        Lab::up_with(tag, nodes, &[])
+    }
+
+    /// A lab with more arguments for `lab up` (e.g. `--failover`).
+    pub fn up_with(tag: &str, nodes: u16, extra: &[&str]) -> Lab {
         require();
         let name = format!("splt{tag}{}", std::process::id());
         let site = std::env::temp_dir().join(format!("{name}-site"));
@@ -65,7 +72,10 @@ impl Lab {
             lab.site.to_str().unwrap(),
             "--name",
             &lab.name,
-        ]);
+        ]
+        .into_iter()
+        .chain(extra.iter().copied())
+        .collect::<Vec<_>>());
         assert!(out.contains("198.19.0.1"), "{out}");
         assert!(out.contains(&format!("--name {}", lab.name)), "{out}");
         lab
@@ -205,4 +215,53 @@ pub fn response(
     let mut body = vec![0u8; len];
     std::io::Read::read_exact(c, &mut body).map_err(|e| e.to_string())?;
     Ok((status, body))
+}
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+/// Labs of one test binary one at a time: two at once share two cores and time out.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A Python client in the lab's client namespace, killed on drop.
+pub struct Client {
+    child: Child,
+    out: BufReader<std::process::ChildStdout>,
+}
+
+impl Client {
+    pub fn start(lab: &Lab, script: &str, args: &[&str]) -> Client {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["lab", "--name", &lab.name, "exec", "client", "--"])
+            .args(["python3", "-u", "-c", script])
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = cmd.spawn().unwrap();
+        let out = BufReader::new(child.stdout.take().unwrap());
+        Client { child, out }
+    }
+
+    /// The next line the client prints (it prints nothing it does not mean).
+    pub fn line(&mut self) -> String {
+        let mut l = String::new();
+        self.out.read_line(&mut l).unwrap();
+        assert!(!l.is_empty(), "the client ended without a word");
+        l.trim().to_string()
+    }
+
+    pub fn say(&mut self, s: &str) {
+        let stdin = self.child.stdin.as_mut().unwrap();
+        stdin.write_all(s.as_bytes()).unwrap();
+        stdin.flush().unwrap();
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -1,0 +1,158 @@
+//! The etcd side of failover against a real etcd member (started here, on loopback, with its
+//! data in a temporary directory that goes with it): registration under a lease, a name that
+//! is taken, the adoption's compare-and-swap, and the watch telling of a node's death.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use splitos_failover::etcd::{Adoption, Change, NodeInfo, Registry};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Etcd {
+    child: Child,
+    dir: std::path::PathBuf,
+    endpoint: String,
+}
+
+impl Etcd {
+    fn start(tag: &str) -> Etcd {
+        let free = |_| {
+            TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        };
+        let (client, peer) = (free(0), free(1));
+        let dir = std::env::temp_dir().join(format!("splitos-etcd-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let url = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let child = Command::new("etcd")
+            .args(["--name", "t", "--data-dir"])
+            .arg(&dir)
+            .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
+            .args(["--listen-peer-urls", &peer_url])
+            .args(["--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &format!("t={peer_url}")])
+            .args(["--heartbeat-interval", "10", "--election-timeout", "100"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("etcd (apt-get install etcd-server)");
+        let e = Etcd {
+            child,
+            dir,
+            endpoint: url,
+        };
+        let until = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", client)).is_err() {
+            assert!(Instant::now() < until, "etcd did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        e
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn info(name: &str, last: u8) -> NodeInfo {
+    NodeInfo {
+        name: name.into(),
+        addr: Ipv4Addr::new(198, 18, last, 2),
+        link: None,
+        checkpoints: SocketAddr::from(([198, 18, last, 2], 7412)),
+        pid: 1,
+    }
+}
+
+#[test]
+fn leases_names_adoptions_and_deaths() {
+    let etcd = Etcd::start("reg");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        // etcd may take a moment to elect itself.
+        let until = Instant::now() + Duration::from_secs(10);
+        let reg = loop {
+            match Registry::connect(&[etcd.endpoint.clone()], "t1").await {
+                Ok(r) if r.snapshot().await.is_ok() => break r,
+                _ if Instant::now() < until => tokio::time::sleep(Duration::from_millis(100)).await,
+                Err(e) => panic!("{e}"),
+                Ok(_) => panic!("etcd does not answer"),
+            }
+        };
+        let ttl = Duration::from_secs(1);
+        let n1 = reg.register(&info("node1", 1), ttl).await.unwrap();
+        let n2 = reg.register(&info("node2", 2), ttl).await.unwrap();
+        assert!(n2.incarnation > n1.incarnation);
+        let e = reg.register(&info("node1", 9), ttl).await.unwrap_err();
+        assert!(e.to_string().contains("registered already"), "{e}");
+
+        let snap = reg.snapshot().await.unwrap();
+        assert_eq!(snap.members.len(), 2);
+        let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+        let r2 = reg.clone();
+        let rev = snap.revision;
+        tokio::spawn(async move { r2.watch(rev, tx).await });
+
+        let adoption = Adoption {
+            dead: "node1".into(),
+            incarnation: n1.incarnation,
+            dead_addr: n1.info.addr,
+            adopter: "node2".into(),
+            adopter_addr: n2.info.addr,
+            restore: vec!["198.18.0.2:40000".parse().unwrap()],
+            reset: vec!["198.18.0.2:40001".parse().unwrap()],
+            at_ms: 0,
+        };
+        // Alive: nobody may adopt it.
+        assert_eq!(reg.adopt(&adoption).await.unwrap(), None);
+
+        // Kept alive, node2 outlives node1's lease, which nobody renews.
+        let keeper = reg.clone();
+        let lease2 = n2.lease;
+        tokio::spawn(async move { keeper.keep_alive(lease2, ttl).await });
+        let t = Instant::now();
+        let down = loop {
+            match tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
+                Ok(Some(Change::Down { name, incarnation, addr })) => break (name, incarnation, addr, t.elapsed()),
+                Ok(Some(_)) => {}
+                other => panic!("no Down within 5 s: {other:?}"),
+            }
+        };
+        assert_eq!(down.0, "node1");
+        assert_eq!(down.1, n1.incarnation);
+        assert_eq!(down.2, Some(n1.info.addr));
+        eprintln!("node1's 1 s lease ended after {:?}", down.3);
+
+        // Once, and only once.
+        assert!(reg.adopt(&adoption).await.unwrap().is_some());
+        assert_eq!(reg.adopt(&adoption).await.unwrap(), None);
+        // A new incarnation of node1 does not make the old one adoptable again.
+        let n1b = reg.register(&info("node1", 1), ttl).await.unwrap();
+        assert!(n1b.incarnation > n1.incarnation);
+        assert_eq!(reg.adopt(&adoption).await.unwrap(), None);
+        let snap = reg.snapshot().await.unwrap();
+        assert_eq!(snap.adoptions, vec![adoption.clone()]);
+        // node2 is still registered: its lease was kept alive all along.
+        assert!(snap.members.iter().any(|m| m.info.name == "node2"));
+        // Revoking a lease is a death too, at once.
+        reg.revoke(n1b.lease).await.unwrap();
+        let t = Instant::now();
+        loop {
+            match tokio::time::timeout(Duration::from_secs(2), rx.recv()).await {
+                Ok(Some(Change::Down { incarnation, .. })) if incarnation == n1b.incarnation => break,
+                Ok(Some(_)) => {}
+                other => panic!("no Down after a revoke: {other:?}"),
+            }
+        }
+        assert!(t.elapsed() < Duration::from_millis(500), "{:?}", t.elapsed());
+    });
+}

@@ -12,6 +12,7 @@
 
 mod access;
 mod budget;
+pub mod checkpoint;
 pub mod direct;
 pub mod migration;
 mod persist;
@@ -22,6 +23,9 @@ mod worker;
 
 pub use access::{AccessPolicy, Rule};
 pub use budget::{Budgets, Limit, LimitSetting, FDS_PER_SESSION, FD_RESERVE, LIMIT_NAMES};
+pub use checkpoint::{
+    CheckpointConfig, CheckpointError, CheckpointEvent, CheckpointStats, Checkpoints,
+};
 
 use rustix::fd::{AsFd, OwnedFd};
 use splitos_m2m::{Channel, Listener, ListenerConfig, WaitPolicy};
@@ -119,6 +123,8 @@ pub(crate) struct Shared {
     pub wakes: std::sync::OnceLock<Vec<Arc<OwnedFd>>>,
     /// Connections asked to leave, and questions about which could (see `migration`).
     pub migration: migration::Board,
+    /// The consumer of checkpoints of idle connections, if one is taking them (`checkpoint`).
+    pub checkpoints: checkpoint::Switch,
 }
 
 impl Shared {
@@ -131,6 +137,7 @@ impl Shared {
             stats,
             wakes: std::sync::OnceLock::new(),
             migration: migration::Board::default(),
+            checkpoints: checkpoint::Switch::default(),
         }
     }
 
@@ -356,6 +363,13 @@ impl TcpServer {
         migration::Migration {
             shared: self.shared.clone(),
         }
+    }
+
+    /// Starts checkpointing idle connections (see [`checkpoint`]) and returns the stream of
+    /// events. Only one consumer exists at a time: a second call while the first handle lives
+    /// fails with [`CheckpointError::InUse`]; dropping the handle turns checkpointing off.
+    pub fn checkpoints(&self, config: CheckpointConfig) -> Result<Checkpoints, CheckpointError> {
+        Checkpoints::start(&self.shared, config)
     }
 
     /// Persistent listeners currently parked (waiting for their application to come back).

@@ -28,6 +28,7 @@ impl Worker {
     /// the peer's EOF or a bound (`linger.rs`); the fd is closed once the kernel holds no
     /// operation on it.
     pub(super) fn begin_close(&mut self, slot: SlotIx, abort: bool) {
+        self.ckpt_stale(slot);
         let Some(sock) = self.sockets[slot].sock.as_mut() else {
             return;
         };
@@ -142,6 +143,7 @@ impl Worker {
         let Some(sock) = self.sockets[slot].sock.take() else {
             return;
         };
+        self.ckpt_closed(&sock);
         // A lingering connection's application was told `Closed` when lingering began, and
         // one that gave its connection budget to a new connection has none to give back.
         let (told, gave_slot) = match &sock.kind {

@@ -28,6 +28,7 @@
 //! | `linger.rs` | lingering close: shut down sending, discard until the peer's EOF or a bound |
 //! | `handoff.rs` | pause and hand-off to the next owner of a persistent listener |
 //! | `migrate.rs` | letting connections go to another node (`crate::migration`) |
+//! | `checkpoint.rs` | snapshots of connections at rest, for failover (`crate::checkpoint`) |
 //! | `direct.rs` | the glue of the direct path (the protocol side is `crate::direct`) |
 //! | `budget.rs` | charging sessions against their budgets (`crate::budget`) and giving back |
 //!
@@ -73,6 +74,7 @@
 //!    connections and events queued for slow applications.
 
 mod budget;
+mod checkpoint;
 mod close;
 mod completions;
 mod direct;
@@ -197,6 +199,12 @@ pub(crate) struct Worker {
     /// The migration board's version last seen, and the newest order answered.
     orders_version: u64,
     orders_seen: u64,
+    /// The checkpoint consumer fed, if checkpointing is on (`checkpoint.rs`), the switch's
+    /// generation last seen, and the connections being quiesced for a snapshot (slot and
+    /// generation).
+    ckpt: Option<Arc<crate::checkpoint::Hub>>,
+    ckpt_generation: u64,
+    ckpt_pending: Vec<(SlotIx, u32)>,
 }
 
 fn errno_of(e: &std::io::Error) -> i32 {
@@ -246,6 +254,9 @@ impl Worker {
             busy: Duration::ZERO,
             orders_version: 0,
             orders_seen: 0,
+            ckpt: None,
+            ckpt_generation: 0,
+            ckpt_pending: Vec::new(),
         })
     }
 
@@ -271,6 +282,9 @@ impl Worker {
             let mut work = self.take_new_sessions();
             work += self.take_opened_routes();
             work += self.take_orders();
+            if self.shared.checkpoints.generation() != self.ckpt_generation {
+                self.ckpt_refresh();
+            }
             if self.shared.registry.has_handed() {
                 work += self.adopt_handed();
             }
@@ -281,6 +295,9 @@ impl Worker {
             work += self.reap();
             // Direct-path responses produced while reaping receives.
             self.start_wanted_sends();
+            if !self.ckpt_pending.is_empty() {
+                self.ckpt_settle();
+            }
             self.refill_and_rearm();
             for si in self.session_ixs() {
                 self.flush_outbox(si);
@@ -366,6 +383,9 @@ impl Worker {
         }
         if !self.lingering.is_empty() {
             self.expire_lingering(now, false);
+        }
+        if self.ckpt.is_some() {
+            self.ckpt_sweep(now);
         }
         // Dead applications' closed connections get a bounded time to flush (and linger).
         let mut overdue = Vec::new();

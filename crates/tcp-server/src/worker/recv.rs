@@ -64,6 +64,8 @@ impl Worker {
     }
 
     pub(super) fn received(&mut self, slot: SlotIx, cqe: &Completion) {
+        // Before anything answers it: a standing checkpoint is stale from here on.
+        self.ckpt_input(slot, cqe.result);
         let Some(sock) = self.sockets[slot].sock.as_mut() else {
             return;
         };

@@ -153,6 +153,7 @@ impl Worker {
                         c.written = true;
                         c.linger = true;
                     }
+                    self.ckpt_stale(slot);
                     self.try_shutdown(slot);
                 }
                 None => self.bad_handle(si, handle),

@@ -442,6 +442,7 @@ impl Worker {
     /// Defers the send of a connection that got bytes to the end of the pass, so that a head
     /// and the body requested right after it leave in one gathered send.
     pub(super) fn want_send(&mut self, slot: SlotIx) {
+        self.ckpt_stale(slot);
         if let Some(c) = self.conn_mut(slot) {
             if !c.send_wanted {
                 c.send_wanted = true;
@@ -738,6 +739,9 @@ impl Worker {
                     _ => {}
                 }
             }
+        }
+        if c.sendq.is_empty() && self.ckpt.is_some() {
+            c.ckpt.last = Some(self.now); // the start of a rest, maybe
         }
         c.unsent = c.unsent.saturating_sub(credited);
         // Send credit goes back in quarter-window steps, not per send: the application needs

@@ -215,6 +215,7 @@ impl Worker {
                 peer,
             },
         );
+        self.ckpt_opened(slot);
         self.maybe_arm_recv(slot);
         Some(slot)
     }

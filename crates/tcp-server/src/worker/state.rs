@@ -268,6 +268,8 @@ pub(super) struct Conn {
     /// Closed gracefully and everything flushed, its sending side shut down: it reads and
     /// discards until the peer's EOF or a bound (see [`Lingering`], `worker/linger.rs`).
     pub(super) lingering: Option<Lingering>,
+    /// Checkpoints of it at rest, for failover (see `worker/checkpoint.rs`).
+    pub(super) ckpt: super::checkpoint::ConnCkpt,
 }
 
 /// Longest a lingering connection waits for the next bytes (nginx's `lingering_timeout`,
@@ -410,6 +412,11 @@ impl Recovery {
         !self.sent_since && !self.overflowed
     }
 
+    /// At a boundary with nothing delivered after it: the application owes nothing.
+    pub(super) fn answered_all(&self) -> bool {
+        self.at_boundary() && self.retained.is_empty()
+    }
+
     /// The bytes its successor must answer, if every response before them is complete.
     pub(super) fn unanswered(&mut self) -> Option<Vec<u8>> {
         (!self.sent_since && !self.overflowed).then(|| std::mem::take(&mut self.retained))
@@ -493,6 +500,7 @@ impl Conn {
             export: None,
             export_cancelled: false,
             lingering: None,
+            ckpt: Default::default(),
         }
     }
 
@@ -510,9 +518,10 @@ impl Conn {
 
     /// Whether a receive may be armed: none is, the stream goes on, the application has
     /// acknowledged enough of what it was given (the receive window), a paused connection
-    /// holds less than half of `recv::HELD_MAX`, and the direct path is not holding reads back
-    /// (a full send queue or buffer). (The socket must not be closing either;
-    /// that is the socket's state, checked by the caller.)
+    /// holds less than half of `recv::HELD_MAX`, the direct path is not holding reads back
+    /// (a full send queue or buffer), and no checkpoint is quiescing it (`checkpoint.rs`).
+    /// (The socket must not be closing either; that is the socket's state, checked by the
+    /// caller.)
     pub(super) fn may_receive(&self) -> bool {
         self.recv == Recv::Idle
             && !self.eof
@@ -520,6 +529,7 @@ impl Conn {
             && self.unacked < RECV_WINDOW as u64 / 2
             && (!self.paused || self.held.len() < super::recv::HELD_MAX / 2)
             && !self.direct.as_ref().is_some_and(|d| d.holds_back())
+            && !self.ckpt.quiescing
     }
 
     /// Untouched by its application: accepted on a persistent listener but never read from,

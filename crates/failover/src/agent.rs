@@ -110,7 +110,7 @@ struct Shared {
     fatal: Mutex<Option<String>>,
     stop: Arc<AtomicBool>,
     sender: Arc<SenderStats>,
-    checkpoints: splitos_tcp_server::checkpoint::Checkpoints,
+    checkpoints: Arc<splitos_tcp_server::checkpoint::Checkpoints>,
 }
 
 /// A running agent; stopping it (drop) says goodbye to the successor and gives up the lease.
@@ -150,6 +150,7 @@ impl Agent {
         let checkpoints = tcp
             .checkpoints(cfg.checkpoint.clone())
             .map_err(|e| AgentError::Checkpoints(e.to_string()))?;
+        let checkpoints = Arc::new(checkpoints);
         let stop = Arc::new(AtomicBool::new(false));
         let shared = Arc::new(Shared {
             me: me.clone(),
@@ -247,7 +248,12 @@ impl Agent {
                 "connects": get(&s.sender.connects),
                 "dropped": s.checkpoints.dropped(),
             },
-            "checkpoints_made": serde_json::to_value(cp).unwrap_or_default(),
+            "checkpoints_made": {
+                "idle_records": cp.idle_records,
+                "busy_events": cp.busy_events,
+                "record_ns": cp.record_ns,
+                "failures": cp.failures,
+            },
             "held": store.as_ref().map(|(st, _)| serde_json::to_value(st).unwrap_or_default()),
             "held_from": store.map(|(_, src)| src.into_iter().map(|(n, i, f, idle)| serde_json::json!({
                 "node": n, "incarnation": i, "flows": f, "idle": idle,

@@ -29,7 +29,7 @@ pub struct SenderStats {
 
 pub struct SenderCtx {
     pub hello: Hello,
-    pub checkpoints: Checkpoints,
+    pub checkpoints: Arc<Checkpoints>,
     /// The successor's checkpoint address, as the agent's view of etcd says now.
     pub successor: Arc<Mutex<Option<SocketAddr>>>,
     pub stats: Arc<SenderStats>,
@@ -74,6 +74,7 @@ pub fn run(ctx: SenderCtx) {
     let mut buf = Vec::with_capacity(64 << 10);
     let mut last_write = Instant::now();
     let mut retry_at = Instant::now();
+    let mut last_dropped = ctx.checkpoints.dropped();
     while !ctx.stop.load(Ordering::Acquire) {
         let want = ctx.successor.lock().ok().and_then(|s| *s);
         if conn.as_ref().map(|c| c.0) != want {
@@ -113,6 +114,12 @@ pub fn run(ctx: SenderCtx) {
             continue;
         };
         ctx.checkpoints.wait(stream::BEAT_EVERY / 2);
+        // A lost event (the queue overflowed) may be a BUSY: have everything told again.
+        let dropped = ctx.checkpoints.dropped();
+        if dropped > last_dropped {
+            last_dropped = dropped;
+            ctx.checkpoints.resync();
+        }
         events.clear();
         ctx.checkpoints.drain(&mut events, BATCH);
         buf.clear();

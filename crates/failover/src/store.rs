@@ -100,12 +100,13 @@ impl Store {
         };
         let before = src.bytes;
         match frame {
-            Frame::Opened(f) => {
-                if !src.flows.contains_key(&f) {
-                    src.flows.insert(f, Entry::Open);
-                    src.bytes += FLOW_OVERHEAD;
-                }
-            }
+            // A flow's first event, or a resync's restatement (its record, if it is at rest,
+            // follows): either way what was known of it is void.
+            Frame::Opened(f) => match src.flows.insert(f, Entry::Open) {
+                None => src.bytes += FLOW_OVERHEAD,
+                Some(Entry::Idle { record, .. }) => src.bytes -= record.len(),
+                Some(Entry::Open) => {}
+            },
             Frame::Idle {
                 flow,
                 epoch,

@@ -288,13 +288,21 @@ fn download_rest(s: &mut std::net::TcpStream, mut at: u64, body_start: u64) -> (
 /// Starts a download and reads its head and a little of its body.
 fn download_start(vip: SocketAddr) -> Result<(std::net::TcpStream, u64, u64), String> {
     use std::io::Write;
-    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
-        .map_err(|e| e.to_string())?;
+    let fd = rustix::net::socket(
+        rustix::net::AddressFamily::INET,
+        rustix::net::SocketType::STREAM,
+        None,
+    )
+    .map_err(|e| e.to_string())?;
     // A small receive buffer keeps the download in flight for the whole round.
-    let _ = sock.set_recv_buffer_size(64 << 10);
-    sock.connect_timeout(&vip.into(), REQUEST_TIMEOUT)
-        .map_err(|e| format!("connecting: {e}"))?;
-    let mut s: std::net::TcpStream = sock.into();
+    let _ = rustix::net::sockopt::set_socket_recv_buffer_size(&fd, 64 << 10);
+    let _ = rustix::net::sockopt::set_socket_timeout(
+        &fd,
+        rustix::net::sockopt::Timeout::Send,
+        Some(REQUEST_TIMEOUT),
+    );
+    rustix::net::connect(&fd, &vip).map_err(|e| format!("connecting: {e}"))?;
+    let mut s = std::net::TcpStream::from(fd);
     s.write_all(b"GET /big.bin HTTP/1.1\r\nHost: lab\r\n\r\n")
         .map_err(|e| e.to_string())?;
     s.set_read_timeout(Some(REQUEST_TIMEOUT)).map_err(|e| e.to_string())?;

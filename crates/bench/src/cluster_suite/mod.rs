@@ -15,6 +15,7 @@
 //! named `sbc<pid>` and is removed before the suite returns, also when it fails or panics.
 
 mod download;
+mod failover;
 
 use crate::report::Report;
 use splitos_cluster::lab::{self, LabConfig};
@@ -91,6 +92,12 @@ fn targets(opts: &Options, r: &mut Report) {
     r.bound("download", "moves", "==", 2.0);
     let b = batch_name(opts.quick);
     r.bound(b, "total_ms", "<", 1000.0);
+    r.bound("takeover", "worst_ms", "<", 3000.0);
+    r.bound("kills", "hung", "==", 0.0);
+    r.bound("kills", "wrong", "==", 0.0);
+    r.bound("kills", "adopted_twice", "==", 0.0);
+    r.bound("kills", "switch_disagrees", "==", 0.0);
+    r.target("req_per_s", "checkpoints_on", "checkpoints_off", 0.9, false);
     if let Some(n) = r
         .details
         .iter()
@@ -155,6 +162,7 @@ fn raise_nofile(need: u64) -> Result<(), String> {
 }
 
 fn measure(opts: &Options, r: &mut Report, splitos: PathBuf) -> Result<(), String> {
+    let splitos_exe = splitos.clone();
     let batch = if opts.quick { 200 } else { 1000 };
     // The client's sockets live in this process; the servers inherit the limit.
     raise_nofile(batch as u64 + 1024)?;
@@ -186,7 +194,9 @@ fn measure(opts: &Options, r: &mut Report, splitos: PathBuf) -> Result<(), Strin
         keep_logs(r, &st);
     }
     let down = guard.down();
-    result.and(down)
+    result.and(down)?;
+    // Failover: a lab of its own, with etcd and the switch's controller.
+    failover::failover(r, opts.quick, &splitos_exe, vip)
 }
 
 /// Copies the nodes' logs out of the lab (which `down` removes) and says where they are.

@@ -23,6 +23,10 @@ use std::time::{Duration, Instant};
 /// The prefix unless told otherwise.
 pub const DEFAULT_PREFIX: &str = "splitos-lab";
 
+/// What the switch controller (`splitos switch watch`) logs once it follows etcd; the lab
+/// waits for it in the controller's log.
+pub const CONTROLLER_READY: &str = "switch controller: following etcd for table";
+
 /// What went wrong in the lab.
 #[derive(Debug, thiserror::Error)]
 pub enum LabError {

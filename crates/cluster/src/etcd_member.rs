@@ -147,6 +147,10 @@ impl EtcdMember {
             // Short raft timers: one member elects itself at once, and leases of one second
             // expire within about that (the defaults, 100 and 1000 ms, add a second).
             .args(["--heartbeat-interval", "10", "--election-timeout", "100"])
+            // `Registry::connect` pings every second to notice a dead etcd soon; etcd's
+            // default (5 s) answers pings that frequent with GOAWAY, breaking every watch
+            // and lease keep-alive stream a few seconds after it starts.
+            .args(["--grpc-keepalive-min-time", "500ms"])
             .args(["--logger", "zap", "--log-outputs", "stderr"])
             .stdin(Stdio::null())
             .stdout(out)

@@ -29,6 +29,12 @@ enum LabCommand {
         /// The TCP port of the virtual IP.
         #[arg(long, default_value_t = 80)]
         port: u16,
+        /// Run the control plane a node failure needs: an etcd member in its own namespace
+        /// (PREFIX-etcd), the switch controller (`splitos switch watch`) in the switch's, and
+        /// the nodes registered in etcd with checkpoints to their successors. Needs a binary
+        /// built with `--features failover` and etcd (apt-get install -y etcd-server).
+        #[arg(long)]
+        failover: bool,
     },
     /// Run a command inside a member of the lab: client, switch or nodeK.
     Exec {
@@ -75,6 +81,24 @@ enum LabCommand {
         /// The node to kill: nodeK.
         node: String,
     },
+    /// Start a node again (after `lab kill`) with the arguments it was first started with;
+    /// waits until it serves.
+    Restart {
+        /// The node to start: nodeK.
+        node: String,
+    },
+    /// Cut a node off from the control plane (etcd and the other nodes' link and checkpoint
+    /// ports) while it keeps running and its data path to the clients stays up (labs made
+    /// with --failover).
+    Partition {
+        /// The node to cut off: nodeK.
+        node: String,
+    },
+    /// Undo `lab partition`.
+    Heal {
+        /// The node to reconnect: nodeK.
+        node: String,
+    },
     /// Remove every namespace, process and file of the lab (also after a crash).
     Down,
 }
@@ -90,7 +114,15 @@ fn name_flag(prefix: &str) -> String {
 pub fn run(a: LabArgs) -> Result<(), String> {
     let p = a.prefix.as_str();
     match a.command {
-        LabCommand::Up { nodes, site, port } => {
+        LabCommand::Up {
+            nodes,
+            site,
+            port,
+            failover,
+        } => {
+            if failover && !cfg!(feature = "failover") {
+                return Err(format!("lab up --failover: {}", crate::switch::NO_FAILOVER));
+            }
             let exe = std::env::current_exe()
                 .map_err(|e| format!("lab: cannot find the splitos binary itself: {e}"))?;
             let cfg = LabConfig {
@@ -100,8 +132,24 @@ pub fn run(a: LabArgs) -> Result<(), String> {
                 port,
                 exe,
             };
-            let st = lab::up(&cfg).map_err(|e| format!("lab up: {e}"))?;
+            let st = lab::up_with(&cfg, failover).map_err(|e| format!("lab up: {e}"))?;
             print_up(&st);
+        }
+        LabCommand::Restart { node } => {
+            let pr = lab::restart(p, &node).map_err(|e| format!("lab restart: {e}"))?;
+            println!("{node} is running again (pid {}), serving", pr.pid);
+        }
+        LabCommand::Partition { node } => {
+            lab::failover::partition(p, &node).map_err(|e| format!("lab partition: {e}"))?;
+            println!(
+                "{node} is cut off from etcd and its peers' link and checkpoint ports; its \
+                 clients still reach it (`splitos lab{} heal {node}` undoes it)",
+                name_flag(p)
+            );
+        }
+        LabCommand::Heal { node } => {
+            lab::failover::heal(p, &node).map_err(|e| format!("lab heal: {e}"))?;
+            println!("{node} reaches the control plane again");
         }
         LabCommand::Exec { member, command } => {
             let (program, args) = command
@@ -112,10 +160,23 @@ pub fn run(a: LabArgs) -> Result<(), String> {
         }
         LabCommand::Status { json } => {
             let s = lab::status(p).map_err(|e| format!("lab status: {e}"))?;
+            let etcd = s.state.failover.as_ref().map(cluster_status);
             if json {
+                let mut v = serde_json::to_value(&s).map_err(|e| e.to_string())?;
+                if let (Some(etcd), Some(o)) = (etcd, v.as_object_mut()) {
+                    match etcd {
+                        Ok(e) => {
+                            o.insert("leases".into(), e["leases"].clone());
+                            o.insert("adoptions".into(), e["adoptions"].clone());
+                        }
+                        Err(e) => {
+                            o.insert("etcd_error".into(), e.into());
+                        }
+                    }
+                }
                 println!(
                     "{}",
-                    serde_json::to_string_pretty(&s).map_err(|e| e.to_string())?
+                    serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?
                 );
             } else {
                 let st = &s.state;
@@ -157,6 +218,26 @@ pub fn run(a: LabArgs) -> Result<(), String> {
                             e.as_deref().unwrap_or("?")
                         ),
                     }
+                    println!(
+                        "         switch: {} buckets{}, {} packets forwarded to clients, {} \
+                         dropped as dead{}",
+                        n.buckets,
+                        if n.dead { ", FENCED AS DEAD" } else { "" },
+                        n.forwarded_packets,
+                        n.dead_dropped_packets,
+                        if n.partitioned { "; PARTITIONED" } else { "" }
+                    );
+                    if let Some(f) = &n.failover {
+                        println!("         failover: {f}");
+                    }
+                }
+                if let Some(h) = s.etcd_healthy {
+                    println!("  etcd: {}", if h { "healthy" } else { "NOT HEALTHY" });
+                }
+                match etcd {
+                    Some(Ok(e)) => print_etcd(&e),
+                    Some(Err(e)) => println!("  etcd: {e}"),
+                    None => {}
                 }
             }
         }
@@ -216,6 +297,24 @@ fn print_up(st: &LabState) {
         st.port
     );
     println!("  namespaces: {}", st.namespaces.join(", "));
+    if let Some(f) = &st.failover {
+        println!(
+            "  failover: etcd at {} (namespace {}), the switch controller in the switch \
+             namespace (log {}/controller.log), cluster {:?}",
+            f.etcd,
+            f.namespace,
+            st.dir.display(),
+            f.cluster
+        );
+        if !f.node_failover {
+            println!(
+                "  WARNING: this splitos serve has no --etcd: the nodes run without failover \
+                 (no leases, checkpoints or takeover); etcd and the controller run"
+            );
+        }
+        println!("  kill a node:     splitos lab{n} kill node1   (restart node1 brings it back)");
+        println!("  cut one off:     splitos lab{n} partition node1   (heal node1 undoes it)");
+    }
     println!("  reach it from the client namespace:");
     println!(
         "    splitos lab{n} exec client -- curl http://{}{port}/",
@@ -224,4 +323,65 @@ fn print_up(st: &LabState) {
     println!("  see the switch:  splitos lab{n} exec switch -- splitos switch status");
     println!("  see the lab:     splitos lab{n} status");
     println!("  remove it:       splitos lab{n} down");
+}
+
+/// Leases and adoptions from the lab's etcd (asked from inside its namespace), as JSON.
+#[cfg(feature = "failover")]
+fn cluster_status(f: &lab::failover::FailoverState) -> Result<serde_json::Value, String> {
+    let ask = || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        let st = rt
+            .block_on(splitos_failover::controller::status::cluster_status(
+                std::slice::from_ref(&f.etcd),
+                &f.cluster,
+            ))
+            .map_err(|e| e.to_string())?;
+        serde_json::to_value(st).map_err(|e| e.to_string())
+    };
+    splitos_cluster::netns::run_in(&f.namespace, ask).map_err(|e| e.to_string())?
+}
+
+#[cfg(not(feature = "failover"))]
+fn cluster_status(_f: &lab::failover::FailoverState) -> Result<serde_json::Value, String> {
+    Err(format!(
+        "leases and adoptions not shown: {}",
+        crate::switch::NO_FAILOVER
+    ))
+}
+
+fn print_etcd(e: &serde_json::Value) {
+    let none = Vec::new();
+    let leases = e["leases"].as_array().unwrap_or(&none);
+    println!("  leases: {}", leases.len());
+    for l in leases {
+        println!(
+            "    {} at {}: incarnation {}, lease {}, {} s left of {}",
+            l["name"].as_str().unwrap_or("?"),
+            l["addr"].as_str().unwrap_or("?"),
+            l["incarnation"],
+            l["lease"].as_str().unwrap_or("?"),
+            l["ttl_s"],
+            l["granted_ttl_s"]
+        );
+    }
+    let adoptions = e["adoptions"].as_array().unwrap_or(&none);
+    println!("  owners (adoptions): {}", adoptions.len());
+    for a in adoptions {
+        println!(
+            "    {} (incarnation {}) -> {}: {} restored, {} reset, applied: {}",
+            a["dead"].as_str().unwrap_or("?"),
+            a["incarnation"],
+            a["adopter"].as_str().unwrap_or("?"),
+            a["restored"],
+            a["reset"],
+            if a["applied"].as_bool() == Some(true) {
+                "yes"
+            } else {
+                "no"
+            }
+        );
+    }
 }

@@ -75,6 +75,26 @@ enum SwitchCommand {
     Forget { flow: SocketAddrV4 },
     /// Remove the switch: its nft table and its routing.
     Down,
+    /// Make the switch follow etcd (the switch controller): publish its ring, apply the
+    /// adoptions of dead nodes' flows, fence nodes whose lease is gone, take back nodes that
+    /// return. While it runs it is the only writer of the switch's table. Runs until
+    /// SIGINT/SIGTERM. Needs a binary built with `--features failover`.
+    Watch {
+        /// etcd's client URLs, comma-separated (http://HOST:PORT,...).
+        #[arg(long, value_delimiter = ',', required = true)]
+        etcd: Vec<String>,
+        /// The cluster's name: its keys live under /splitos/NAME/ in etcd.
+        #[arg(long)]
+        cluster: String,
+        /// How long a dead node's successor has to adopt its flows before the switch fences
+        /// the node and moves its buckets anyway (milliseconds).
+        #[arg(long, default_value_t = 3000)]
+        grace_ms: u64,
+        /// How long the buckets a returning node takes keep sending their established flows
+        /// to the node that held them (seconds, at most 120).
+        #[arg(long, default_value_t = 90)]
+        return_keep_s: u64,
+    },
 }
 
 fn err(e: impl std::fmt::Display) -> String {
@@ -145,8 +165,99 @@ pub fn run(a: SwitchArgs) -> Result<(), String> {
             open()?.destroy().map_err(err)?;
             println!("switch table {t} removed");
         }
+        SwitchCommand::Watch {
+            etcd,
+            cluster,
+            grace_ms,
+            return_keep_s,
+        } => watch(
+            t,
+            etcd,
+            &cluster,
+            std::time::Duration::from_millis(grace_ms),
+            std::time::Duration::from_secs(return_keep_s),
+        )?,
     }
     Ok(())
+}
+
+/// What a binary without the `failover` feature says when asked for it.
+pub(crate) const NO_FAILOVER: &str = "this splitos was built without failover support; build \
+     it with `cargo build --release -p splitos-cli --features failover` (which needs protoc: \
+     apt-get install -y protobuf-compiler on Debian)";
+
+#[cfg(not(feature = "failover"))]
+fn watch(
+    _table: &str,
+    _etcd: Vec<String>,
+    _cluster: &str,
+    _grace: std::time::Duration,
+    _keep: std::time::Duration,
+) -> Result<(), String> {
+    Err(format!("switch watch: {NO_FAILOVER}"))
+}
+
+/// Runs the switch controller until SIGINT/SIGTERM (or an error it cannot retry).
+#[cfg(feature = "failover")]
+fn watch(
+    table: &str,
+    etcd: Vec<String>,
+    cluster: &str,
+    grace: std::time::Duration,
+    keep: std::time::Duration,
+) -> Result<(), String> {
+    use splitos_failover::controller::{self, ControllerOptions};
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+    let stop = crate::stop_on_signals()?;
+    // Fails early, before etcd is reached, if the switch is missing or too old.
+    let sw = Switch::open(table).map_err(err)?;
+    if !sw.state().has_failover {
+        return Err(format!(
+            "switch watch: the switch table {table:?} has no dead-node fence (it was made by \
+             an older splitos): re-create it with `splitos switch down` and `splitos switch init`"
+        ));
+    }
+    let opts = ControllerOptions {
+        grace,
+        return_keep: keep,
+        ..ControllerOptions::default()
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("switch watch: cannot start the async runtime: {e}"))?;
+    rt.block_on(async {
+        let stopped = async {
+            while !stop.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        let work = async {
+            // etcd may come up after the switch: wait for it (with backoff) rather than fail.
+            let mut backoff = Duration::from_millis(100);
+            let registry = loop {
+                match splitos_failover::etcd::Registry::connect(&etcd, cluster).await {
+                    Ok(r) => break r,
+                    Err(e) => {
+                        eprintln!("splitos switch watch: {e}; trying again in {backoff:?}");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                }
+            };
+            controller::run(registry, table, opts)
+                .await
+                .map_err(|e| format!("switch watch: {e}"))
+        };
+        tokio::select! {
+            r = work => r,
+            () = stopped => {
+                eprintln!("splitos switch watch: stopping; the switch keeps its state");
+                Ok(())
+            }
+        }
+    })
 }
 
 fn print_status(sw: &Switch, json: bool) {

@@ -14,6 +14,8 @@ use crate::netns::{self, NetnsError};
 use crate::switch::NodeId;
 use crate::topology::{self, Topology};
 use serde::{Deserialize, Serialize};
+
+pub mod failover;
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -22,6 +24,10 @@ use std::time::{Duration, Instant};
 
 /// The prefix unless told otherwise.
 pub const DEFAULT_PREFIX: &str = "splitos-lab";
+
+/// What the switch controller (`splitos switch watch`) logs once it follows etcd; the lab
+/// waits for it in the controller's log.
+pub const CONTROLLER_READY: &str = "switch controller: following etcd for table";
 
 /// What went wrong in the lab.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +61,12 @@ pub enum LabError {
     NotANode(String, u16),
     #[error("{0}")]
     Migrate(#[from] crate::migrate::MigrateError),
+    #[error("{0}")]
+    Etcd(#[from] crate::etcd_member::EtcdMemberError),
+    #[error("{0}")]
+    Switch(#[from] crate::switch::SwitchError),
+    #[error("lab {0:?} runs without failover (make it with `splitos lab up --failover`)")]
+    NoFailover(String),
 }
 
 fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> LabError + 'a {
@@ -84,6 +96,10 @@ pub struct LabProcess {
     pub pid: i32,
     pub what: String,
     pub log: PathBuf,
+    /// Its arguments after the `splitos` binary, for `lab restart` (empty for processes not
+    /// restarted that way, and in state files of older labs).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
 }
 
 /// What a lab is made of; written to `state.json` as it is built.
@@ -97,6 +113,12 @@ pub struct LabState {
     pub dir: PathBuf,
     pub namespaces: Vec<String>,
     pub processes: Vec<LabProcess>,
+    /// The binary the lab runs (for `lab restart`).
+    #[serde(default)]
+    pub exe: Option<PathBuf>,
+    /// The control plane, when the lab runs with failover.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failover: Option<failover::FailoverState>,
 }
 
 impl LabState {
@@ -104,6 +126,7 @@ impl LabState {
     pub fn namespace_of(&self, member: &str) -> Result<String, LabError> {
         let ok = match member {
             "client" | "switch" => true,
+            "etcd" => self.failover.is_some(),
             m => m
                 .strip_prefix("node")
                 .and_then(|k| k.parse::<u16>().ok())
@@ -161,7 +184,7 @@ pub fn load(prefix: &str) -> Result<LabState, LabError> {
 }
 
 /// The namespaces that belong to lab `prefix` by name (exactly `PREFIX-client`,
-/// `PREFIX-switch` or `PREFIX-nodeN`).
+/// `PREFIX-switch`, `PREFIX-etcd` or `PREFIX-nodeN`).
 pub fn namespaces_named(prefix: &str) -> Vec<String> {
     let lead = format!("{prefix}-");
     netns::list_with_prefix(&lead)
@@ -170,6 +193,7 @@ pub fn namespaces_named(prefix: &str) -> Vec<String> {
             let rest = &n[lead.len()..];
             rest == "client"
                 || rest == "switch"
+                || rest == "etcd"
                 || rest
                     .strip_prefix("node")
                     .is_some_and(|k| !k.is_empty() && k.bytes().all(|b| b.is_ascii_digit()))
@@ -183,6 +207,12 @@ const DEMO_INDEX: &str = "<!doctype html>\n<title>Split-OS lab</title>\n<h1>Spli
 /// Builds lab `cfg.prefix` and returns its state. On failure everything made so far is
 /// removed again.
 pub fn up(cfg: &LabConfig) -> Result<LabState, LabError> {
+    up_with(cfg, false)
+}
+
+/// [`up`], and with `failover` the control plane a node failure needs: an etcd member, the
+/// switch controller, and the nodes registered in etcd (see [`failover`]).
+pub fn up_with(cfg: &LabConfig, failover: bool) -> Result<LabState, LabError> {
     netns::require_root()?;
     netns::require_tool("nft", "--version")?;
     let topo = Topology::new(&cfg.prefix, cfg.nodes)?;
@@ -215,7 +245,14 @@ pub fn up(cfg: &LabConfig) -> Result<LabState, LabError> {
         dir: dir.clone(),
         namespaces: topo.namespaces(),
         processes: Vec::new(),
+        exe: Some(cfg.exe.clone()),
+        failover: None,
     };
+    if failover {
+        let f = failover::FailoverState::new(&cfg.prefix);
+        st.namespaces.push(f.namespace.clone());
+        st.failover = Some(f);
+    }
     // Written down before anything is made, so that `down` finds it after a crash.
     save(&st)?;
     match build(cfg, &topo, &mut st) {
@@ -238,61 +275,146 @@ fn build(cfg: &LabConfig, topo: &Topology, st: &mut LabState) -> Result<(), LabE
             .arg(format!("{}={}@{}", n.id, n.via, n.dev));
     }
     netns::run(&mut init).map_err(|e| LabError::Step(format!("starting the switch: {e}")))?;
+    if let Some(f) = st.failover.clone() {
+        failover::start(cfg, &f, st)?;
+    }
     // The nodes: `splitos serve` of the site on the virtual IP.
     let listen = SocketAddr::new(topo.vip.into(), cfg.port);
     for k in 1..=topo.nodes {
-        let ns = topo.node(k);
-        let tmp = st.dir.join(format!("node{k}"));
-        std::fs::create_dir_all(&tmp).map_err(io("cannot create", &tmp))?;
-        // A runtime directory is private to its user.
-        std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o700))
-            .map_err(io("cannot protect", &tmp))?;
-        let log = st.dir.join(format!("node{k}.log"));
-        let out = std::fs::File::create(&log).map_err(io("cannot create", &log))?;
-        let err = out.try_clone().map_err(io("cannot open", &log))?;
-        let mut serve = netns::command_in(&ns, &cfg.exe);
-        serve
-            .arg("serve")
-            .arg(&st.site)
-            .args(["--listen", &listen.to_string()])
-            .arg("--control-socket")
-            .arg(tmp.join("control.sock"))
+        let mut args: Vec<String> = vec![
+            "serve".into(),
+            st.site.display().to_string(),
+            "--listen".into(),
+            listen.to_string(),
+            "--control-socket".into(),
+            node_dir(st, k).join("control.sock").display().to_string(),
             // The node link, on the node's own address, for the lab's private networks only.
-            .arg("--link")
-            .arg(node_link(k).to_string())
-            .args(["--link-allow", LAB_NETWORK])
-            // serve keeps its private sockets under its runtime (or, in older builds,
-            // temporary) directory: make both the lab's, so they go with it.
-            .env("XDG_RUNTIME_DIR", &tmp)
-            .env("TMPDIR", &tmp)
-            // The log is a file: no colour codes in it.
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .process_group(0);
-        let child = serve
-            .spawn()
-            .map_err(|e| LabError::Step(format!("cannot start splitos serve in {ns}: {e}")))?;
-        st.processes.push(LabProcess {
-            namespace: ns.clone(),
-            pid: child.id() as i32,
-            what: format!("splitos serve {} on {listen}", st.site.display()),
-            log: log.clone(),
-        });
+            "--link".into(),
+            node_link(k).to_string(),
+            "--link-allow".into(),
+            LAB_NETWORK.into(),
+        ];
+        if let Some(f) = &st.failover {
+            if f.node_failover {
+                args.extend(f.node_args(k));
+            }
+        }
+        let p = spawn_node(&cfg.exe, st, k, args)?;
+        st.processes.push(p);
         save(st)?;
-        // The child is not waited for: it outlives `up`, and `down` ends it.
-        drop(child);
     }
     for k in 1..=topo.nodes {
-        let ns = topo.node(k);
-        wait_serving(&ns, listen).map_err(|e| {
-            let log =
-                std::fs::read_to_string(st.dir.join(format!("node{k}.log"))).unwrap_or_default();
-            LabError::Step(format!("{e}; its log:\n{log}"))
-        })?;
+        wait_node(st, k)?;
     }
     Ok(())
+}
+
+/// Node `k`'s private directory (its runtime files).
+fn node_dir(st: &LabState, k: NodeId) -> PathBuf {
+    st.dir.join(format!("node{k}"))
+}
+
+/// Starts `splitos ARGS` as node `k`'s server, in its namespace, logged to `nodeK.log`.
+fn spawn_node(
+    exe: &Path,
+    st: &LabState,
+    k: NodeId,
+    args: Vec<String>,
+) -> Result<LabProcess, LabError> {
+    let ns = format!("{}-node{k}", st.prefix);
+    let tmp = node_dir(st, k);
+    std::fs::create_dir_all(&tmp).map_err(io("cannot create", &tmp))?;
+    // A runtime directory is private to its user.
+    std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .map_err(io("cannot protect", &tmp))?;
+    let log = st.dir.join(format!("node{k}.log"));
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .map_err(io("cannot create", &log))?;
+    let err = out.try_clone().map_err(io("cannot open", &log))?;
+    let mut serve = netns::command_in(&ns, exe);
+    serve
+        .args(&args)
+        // serve keeps its private sockets under its runtime (or, in older builds,
+        // temporary) directory: make both the lab's, so they go with it.
+        .env("XDG_RUNTIME_DIR", &tmp)
+        .env("TMPDIR", &tmp)
+        // The log is a file: no colour codes in it.
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .process_group(0);
+    let child = serve
+        .spawn()
+        .map_err(|e| LabError::Step(format!("cannot start splitos serve in {ns}: {e}")))?;
+    let listen = SocketAddr::new(st.vip.into(), st.port);
+    // The child is not waited for: it outlives `up`, and `down` ends it.
+    Ok(LabProcess {
+        namespace: ns,
+        pid: child.id() as i32,
+        what: format!("splitos serve {} on {listen}", st.site.display()),
+        log,
+        args,
+    })
+}
+
+/// Waits until node `k` serves the virtual IP; its log in the error if it does not.
+fn wait_node(st: &LabState, k: NodeId) -> Result<(), LabError> {
+    let ns = format!("{}-node{k}", st.prefix);
+    wait_serving(&ns, SocketAddr::new(st.vip.into(), st.port)).map_err(|e| {
+        let log = std::fs::read_to_string(st.dir.join(format!("node{k}.log"))).unwrap_or_default();
+        LabError::Step(format!("{e}; its log:\n{log}"))
+    })
+}
+
+/// Starts node `member` (`nodeK`) of lab `prefix` again, after `lab kill` (or a crash), with
+/// the arguments it was first started with: its link to the switch up again, then
+/// `splitos serve`; waits until it serves.
+pub fn restart(prefix: &str, member: &str) -> Result<LabProcess, LabError> {
+    let mut st = load(prefix)?;
+    let ns = st.namespace_of(member)?;
+    let k: NodeId = member
+        .strip_prefix("node")
+        .and_then(|k| k.parse().ok())
+        .ok_or_else(|| LabError::NotANode(member.to_string(), st.nodes))?;
+    let at = st
+        .processes
+        .iter()
+        .rposition(|p| p.namespace == ns && !p.args.is_empty())
+        .ok_or_else(|| {
+            LabError::Step(format!(
+                "the lab's state has no command line for {member} (a lab made by an older splitos)"
+            ))
+        })?;
+    if alive(st.processes[at].pid) || !netns::pids(&ns).is_empty() {
+        return Err(LabError::Step(format!(
+            "{member} is running (stop it first with `splitos lab kill {member}`)"
+        )));
+    }
+    // `lab kill` took its link down, and the routes through it went with it.
+    netns::ip(&["-n", &ns, "link", "set", "sw", "up"])?;
+    netns::ip(&[
+        "-n",
+        &ns,
+        "route",
+        "replace",
+        "default",
+        "via",
+        &format!("198.18.{k}.1"),
+    ])?;
+    let exe = st
+        .exe
+        .clone()
+        .or_else(|| std::env::current_exe().ok())
+        .ok_or_else(|| LabError::Step("cannot find the splitos binary".into()))?;
+    let p = spawn_node(&exe, &st, k, st.processes[at].args.clone())?;
+    st.processes[at] = p.clone();
+    save(&st)?;
+    wait_node(&st, k)?;
+    Ok(p)
 }
 
 /// Waits (at most 20 s) until something accepts connections on `addr` inside `ns`.
@@ -397,6 +519,9 @@ pub struct LabStatus {
     pub namespaces_present: Vec<bool>,
     /// Each node's connections and the flows the switch sends to it by name.
     pub nodes: Vec<NodeStatus>,
+    /// Whether the lab's etcd answers healthy (labs with failover).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub etcd_healthy: Option<bool>,
 }
 
 /// What one node holds, as its node link and the switch say.
@@ -410,13 +535,32 @@ pub struct NodeStatus {
     /// Flows the switch sends to this node by a per-flow override (moved ones), whatever
     /// their bucket says.
     pub owned_flows: Vec<SocketAddr>,
+    /// Fenced wholly by the switch as dead.
+    pub dead: bool,
+    /// Buckets of new flows the switch gives it.
+    pub buckets: usize,
+    /// Packets the switch forwarded from it to clients, and dropped as from a dead node.
+    pub forwarded_packets: u64,
+    pub dead_dropped_packets: u64,
+    /// Cut off from the control plane (`lab partition`).
+    pub partitioned: bool,
+    /// The `failover` part of the node's own status, if it has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failover: Option<serde_json::Value>,
 }
 
 pub fn status(prefix: &str) -> Result<LabStatus, LabError> {
     let state = load(prefix)?;
     let nodes =
         netns::run_in(&state.namespace_of("switch")?, || node_status(&state)).unwrap_or_default();
+    let etcd_healthy = state.failover.as_ref().map(|f| {
+        crate::etcd_member::healthy(
+            Some(&f.namespace),
+            SocketAddr::new(failover::ETCD_ADDR.into(), failover::ETCD_PORT),
+        )
+    });
     Ok(LabStatus {
+        etcd_healthy,
         processes_alive: state.processes.iter().map(|p| alive(p.pid)).collect(),
         namespaces_present: state.namespaces.iter().map(|n| netns::exists(n)).collect(),
         nodes,
@@ -427,9 +571,10 @@ pub fn status(prefix: &str) -> Result<LabStatus, LabError> {
 /// Asks every node's link (from the switch's namespace, where the links are reached) and
 /// reads the switch's overrides.
 fn node_status(st: &LabState) -> Vec<NodeStatus> {
-    let owners = crate::switch::Switch::open(crate::switch::DEFAULT_TABLE)
-        .map(|sw| sw.state().owners.clone())
+    let sw = crate::switch::Switch::open(crate::switch::DEFAULT_TABLE)
+        .map(|sw| sw.state().clone())
         .unwrap_or_default();
+    let owners = &sw.owners;
     (1..=st.nodes)
         .map(|k| {
             let listed = splitos_migrate::LinkClient::connect(node_link(k), Duration::from_secs(1))
@@ -443,6 +588,15 @@ fn node_status(st: &LabState) -> Vec<NodeStatus> {
                     .filter(|(_, &n)| n == k)
                     .map(|(f, _)| SocketAddr::V4(f.0))
                     .collect(),
+                dead: sw.dead.contains(&k),
+                buckets: sw.buckets.iter().filter(|&&b| b == k).count(),
+                forwarded_packets: sw.counters.get(&k).map_or(0, |c| c.forwarded),
+                dead_dropped_packets: sw.counters.get(&k).map_or(0, |c| c.dead_dropped),
+                partitioned: failover::partitioned(&format!("{}-node{k}", st.prefix)),
+                failover: st
+                    .failover
+                    .as_ref()
+                    .and_then(|_| failover::node_failover(st, k)),
             }
         })
         .collect()
@@ -569,6 +723,8 @@ mod tests {
             dir: "/d".into(),
             namespaces: vec![],
             processes: vec![],
+            exe: None,
+            failover: None,
         };
         assert_eq!(st.namespace_of("node2").unwrap(), "p-node2");
         assert_eq!(st.namespace_of("client").unwrap(), "p-client");

@@ -180,7 +180,10 @@ impl Registry {
         let opts = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(2))
             .with_timeout(Duration::from_secs(3))
-            .with_keep_alive(Duration::from_secs(1), Duration::from_secs(2));
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(3));
+        // HTTP/2 pings no more often than every 10 s: a stock etcd answers pings closer than
+        // its --grpc-keepalive-min-time (5 s by default) with GOAWAY, which ends watches and
+        // lease streams.
         let client = Client::connect(endpoints, Some(opts))
             .await
             .map_err(|source| EtcdError::Client {

@@ -8,8 +8,10 @@
 //! - [`takeover`], [`verify`]: adopting a dead node's connections, restoring the ones at rest,
 //!   and resetting on purpose the ones that cannot go on.
 //! - [`agent`]: all of it beside a node's TCP server.
+//! - [`controller`]: the switch's side: it follows etcd and is the only writer of the switch.
 
 pub mod agent;
+pub mod controller;
 pub mod etcd;
 pub mod receiver;
 pub mod sender;

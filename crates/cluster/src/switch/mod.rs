@@ -10,6 +10,8 @@
 //! - **Held flows** (being moved) have their client packets set aside ([`held`]): kept for the
 //!   new node while a migration runs, else dropped (the client retransmits).
 //! - **Fences** drop what a node that no longer owns a flow still sends for it.
+//! - **Dead nodes** ([`failover`]) are fenced wholly — nothing they send as the virtual IP
+//!   reaches a client — and out of the bucket table, until they come back.
 //!
 //! Every change is one `nft -f -` transaction ([`script`]), so the kernel applies all of it or
 //! none of it. The kernel is also the only store of the switch's state: [`Switch::open`] reads
@@ -18,11 +20,14 @@
 
 pub mod buckets;
 mod drain;
+mod failover;
 pub mod held;
 mod nft;
+mod parse;
 pub mod script;
 
 pub use buckets::NodeId;
+pub use failover::{Takeover, TakeoverReport};
 
 use crate::netns;
 use serde_json::Value;
@@ -170,6 +175,24 @@ pub struct State {
     /// Packets dropped by the hold and by fences, since the table was made.
     pub held_packets: u64,
     pub fenced_packets: u64,
+    /// Nodes fenced wholly (dead, or cut off and replaced): nothing they send as the virtual
+    /// IP is forwarded.
+    pub dead: BTreeSet<NodeId>,
+    /// Per node: what the switch forwarded from it to clients, and dropped as from a dead node.
+    pub counters: BTreeMap<NodeId, NodeCounters>,
+    /// Whether the table has the dead-node fence and the per-node counters (tables made by
+    /// older versions do not; the switch controller needs them).
+    pub has_failover: bool,
+}
+
+/// Packet counters of one node, read from the kernel.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct NodeCounters {
+    /// Packets from the node's interface with the virtual IP as source, forwarded to clients
+    /// (after every fence).
+    pub forwarded: u64,
+    /// Packets from the node dropped because it was fenced as dead.
+    pub dead_dropped: u64,
 }
 
 impl State {
@@ -189,13 +212,20 @@ impl State {
             "vip": self.config.as_ref().map(|c| c.vip.to_string()),
             "ports": self.config.as_ref().map(|c| c.ports.clone()),
             "buckets": self.buckets.len(),
-            "nodes": self.nodes.values().map(|n| serde_json::json!({
-                "id": n.id, "via": n.via.to_string(), "dev": n.dev,
-                "buckets": self.buckets.iter().filter(|&&b| b == n.id).count(),
-            })).collect::<Vec<_>>(),
+            "nodes": self.nodes.values().map(|n| {
+                let c = self.counters.get(&n.id).copied().unwrap_or_default();
+                serde_json::json!({
+                    "id": n.id, "via": n.via.to_string(), "dev": n.dev,
+                    "buckets": self.buckets.iter().filter(|&&b| b == n.id).count(),
+                    "dead": self.dead.contains(&n.id),
+                    "forwarded_packets": c.forwarded,
+                    "dead_dropped_packets": c.dead_dropped,
+                })
+            }).collect::<Vec<_>>(),
             "owners": self.owners.iter().map(|(f, n)| serde_json::json!({"flow": flows(f), "node": n})).collect::<Vec<_>>(),
             "hold": self.hold.iter().map(flows).collect::<Vec<_>>(),
             "draining": self.draining.len(),
+            "dead": self.dead.iter().collect::<Vec<_>>(),
             "fences": self.fences.iter().map(|(n, f)| serde_json::json!({"flow": flows(f), "node": n})).collect::<Vec<_>>(),
             "held_packets": self.held_packets,
             "fenced_packets": self.fenced_packets,
@@ -243,164 +273,6 @@ fn nft_list(table: &str) -> Result<Option<Value>, SwitchError> {
     serde_json::from_str(&text)
         .map(Some)
         .map_err(|e| SwitchError::BadState(e.to_string()))
-}
-
-/// A number in nft's JSON: a number, or a string in decimal or 0x-hex.
-fn num(v: &Value) -> Option<u64> {
-    match v {
-        Value::Number(n) => n.as_u64(),
-        Value::String(s) => s
-            .strip_prefix("0x")
-            .map_or_else(|| s.parse().ok(), |h| u64::from_str_radix(h, 16).ok()),
-        _ => None,
-    }
-}
-
-fn text(v: &Value) -> Option<&str> {
-    v.as_str()
-}
-
-/// The parts of a concatenated element (or a single value as one part).
-fn parts(v: &Value) -> Vec<&Value> {
-    let v = v.get("elem").and_then(|e| e.get("val")).unwrap_or(v);
-    match v.get("concat").and_then(Value::as_array) {
-        Some(a) => a.iter().collect(),
-        None => vec![v],
-    }
-}
-
-fn flow_of(ip: &Value, port: &Value) -> Option<Flow> {
-    let ip: Ipv4Addr = text(ip)?.parse().ok()?;
-    let port = u16::try_from(num(port)?).ok()?;
-    Some(Flow(SocketAddrV4::new(ip, port)))
-}
-
-/// Reads a switch's state out of `nft -j list table` output.
-fn parse_state(v: &Value) -> Result<State, SwitchError> {
-    let bad = |what: &str| SwitchError::BadState(what.to_string());
-    let items = v
-        .get("nftables")
-        .and_then(Value::as_array)
-        .ok_or_else(|| bad("no nftables array"))?;
-    let mut st = State::default();
-    let mut buckets: BTreeMap<u32, NodeId> = BTreeMap::new();
-    let mut fences_by_dev: Vec<(String, Flow)> = Vec::new();
-    for item in items {
-        if let Some(c) = item.get("counter") {
-            let packets = c.get("packets").and_then(num).unwrap_or(0);
-            match c.get("name").and_then(Value::as_str) {
-                Some("held") => st.held_packets = packets,
-                Some("fenced") => st.fenced_packets = packets,
-                _ => {}
-            }
-            continue;
-        }
-        let Some(set) = item.get("set").or_else(|| item.get("map")) else {
-            continue;
-        };
-        let name = set.get("name").and_then(Value::as_str).unwrap_or("");
-        let empty = Vec::new();
-        let elems = set.get("elem").and_then(Value::as_array).unwrap_or(&empty);
-        for e in elems {
-            // An element with a timeout is an object around its value.
-            let e = e.get("elem").and_then(|x| x.get("val")).unwrap_or(e);
-            // Map elements are [key, value]; set elements are the key.
-            let (key, val) = match e.as_array() {
-                Some(kv) if kv.len() == 2 => (&kv[0], Some(&kv[1])),
-                _ => (e, None),
-            };
-            let p = parts(key);
-            match (name, p.as_slice(), val) {
-                ("config", [ip, port, n, seed], None) => {
-                    let vip: Ipv4Addr = text(ip)
-                        .and_then(|s| s.parse().ok())
-                        .ok_or_else(|| bad("config vip"))?;
-                    let port = num(port)
-                        .and_then(|p| u16::try_from(p).ok())
-                        .ok_or_else(|| bad("config port"))?;
-                    let n = num(n)
-                        .and_then(|p| u16::try_from(p).ok())
-                        .ok_or_else(|| bad("config buckets"))?;
-                    let seed = num(seed)
-                        .and_then(|p| u32::try_from(p).ok())
-                        .ok_or_else(|| bad("config seed"))?;
-                    let c = st.config.get_or_insert(SwitchConfig {
-                        vip,
-                        ports: Vec::new(),
-                        buckets: n,
-                        seed,
-                    });
-                    c.ports.push(port);
-                    c.ports.sort_unstable();
-                }
-                ("nodes", [id, via, dev], None) => {
-                    let id = num(id)
-                        .and_then(|i| NodeId::try_from(i).ok())
-                        .ok_or_else(|| bad("node id"))?;
-                    let via: Ipv4Addr = text(via)
-                        .and_then(|s| s.parse().ok())
-                        .ok_or_else(|| bad("node address"))?;
-                    let dev = text(dev).ok_or_else(|| bad("node interface"))?;
-                    st.nodes.insert(id, Node::new(id, via, dev)?);
-                }
-                ("buckets", [b], Some(n)) => {
-                    let b = num(b)
-                        .and_then(|b| u32::try_from(b).ok())
-                        .ok_or_else(|| bad("bucket"))?;
-                    let n = num(n)
-                        .and_then(|n| NodeId::try_from(n).ok())
-                        .ok_or_else(|| bad("bucket node"))?;
-                    buckets.insert(b, n);
-                }
-                ("draining", [b], Some(n)) => {
-                    let b = num(b)
-                        .and_then(|b| u32::try_from(b).ok())
-                        .and_then(|b| b.checked_sub(script::BUCKET_MARK_BASE))
-                        .ok_or_else(|| bad("draining bucket"))?;
-                    let n = num(n)
-                        .and_then(|n| NodeId::try_from(n).ok())
-                        .ok_or_else(|| bad("draining node"))?;
-                    st.draining.insert(b as usize, n);
-                }
-                ("owners", [ip, port], Some(n)) => {
-                    let f = flow_of(ip, port).ok_or_else(|| bad("owner flow"))?;
-                    let n = num(n)
-                        .and_then(|n| NodeId::try_from(n).ok())
-                        .ok_or_else(|| bad("owner node"))?;
-                    st.owners.insert(f, n);
-                }
-                ("hold", [ip, port], None) => {
-                    st.hold
-                        .insert(flow_of(ip, port).ok_or_else(|| bad("held flow"))?);
-                }
-                ("fences", [dev, ip, port], None) => {
-                    let dev = text(dev).ok_or_else(|| bad("fence interface"))?;
-                    let f = flow_of(ip, port).ok_or_else(|| bad("fenced flow"))?;
-                    fences_by_dev.push((dev.to_string(), f));
-                }
-                _ => return Err(bad(&format!("unexpected element in {name}: {e}"))),
-            }
-        }
-    }
-    let cfg = st.config.as_ref().ok_or_else(|| bad("no config"))?;
-    st.buckets = (0..u32::from(cfg.buckets))
-        .map(|i| {
-            buckets
-                .get(&(script::BUCKET_MARK_BASE + i))
-                .copied()
-                .unwrap_or(0)
-        })
-        .collect();
-    for (dev, f) in fences_by_dev {
-        let id = st
-            .nodes
-            .values()
-            .find(|n| n.dev == dev)
-            .map(|n| n.id)
-            .ok_or_else(|| bad(&format!("fence on unknown interface {dev}")))?;
-        st.fences.insert((id, f));
-    }
-    Ok(st)
 }
 
 /// Routing for one node: `ip rule fwmark ID lookup 1000+ID` and, in that table, the virtual
@@ -500,6 +372,7 @@ impl Switch {
                 config: Some(cfg),
                 nodes: nodes.iter().map(|n| (n.id, n.clone())).collect(),
                 buckets: b,
+                has_failover: true,
                 ..State::default()
             },
         })
@@ -511,14 +384,14 @@ impl Switch {
         let v = nft_list(table)?.ok_or_else(|| SwitchError::NoTable(table.to_string()))?;
         Ok(Switch {
             table: table.to_string(),
-            state: parse_state(&v)?,
+            state: parse::parse_state(&v)?,
         })
     }
 
     /// Reads the state back from the kernel (counters included).
     pub fn refresh(&mut self) -> Result<&State, SwitchError> {
         let v = nft_list(&self.table)?.ok_or_else(|| SwitchError::NoTable(self.table.clone()))?;
-        self.state = parse_state(&v)?;
+        self.state = parse::parse_state(&v)?;
         Ok(&self.state)
     }
 
@@ -548,7 +421,7 @@ impl Switch {
         route_add(self.vip()?, &n)?;
         let ids: Vec<NodeId> = self.state.nodes.keys().copied().collect();
         let new = buckets::with(&self.state.buckets, n.id, &ids);
-        let mut s = script::add_node(&self.table, &n);
+        let mut s = script::add_node(&self.table, &n, self.state.has_failover);
         s.push_str(&script::rebucket(&self.table, &self.state.buckets, &new));
         if let Err(e) = nft_apply(&s) {
             route_del(&n);
@@ -603,12 +476,33 @@ impl Switch {
         for f in &fenced {
             s.push_str(&script::unfence(&self.table, &n.dev, f));
         }
-        s.push_str(&script::delete_node(&self.table, &n));
+        // Nothing may point at it any more: its whole-node fence and draining entries go too.
+        if self.state.dead.contains(&id) {
+            s.push_str(&script::delete_dead(&self.table, &n.dev));
+        }
+        let draining: Vec<usize> = self
+            .state
+            .draining
+            .iter()
+            .filter(|(_, &o)| o == id)
+            .map(|(&b, _)| b)
+            .collect();
+        s.push_str(&script::delete_draining(&self.table, &draining));
+        s.push_str(&script::delete_node(
+            &self.table,
+            &n,
+            self.state.has_failover,
+        ));
         nft_apply(&s)?;
         route_del(&n);
         let moved = buckets::moved(&self.state.buckets, &new);
         self.state.buckets = new;
         self.state.nodes.remove(&id);
+        self.state.dead.remove(&id);
+        self.state.counters.remove(&id);
+        for b in draining {
+            self.state.draining.remove(&b);
+        }
         for f in owned {
             self.state.owners.remove(&f);
         }
@@ -733,32 +627,6 @@ mod tests {
         ] {
             assert!(bad.parse::<Node>().is_err(), "{bad}");
         }
-    }
-
-    #[test]
-    fn state_from_nft_json() {
-        // As printed by nft 1.0.6 (`nft -j list table ip splitos`), trimmed.
-        let j = r#"{"nftables": [{"metainfo": {"version": "1.0.6"}},
-          {"table": {"family": "ip", "name": "splitos", "handle": 5}},
-          {"set": {"name": "config", "elem": [{"concat": ["198.19.0.1", 80, 2, 24301]}]}},
-          {"set": {"name": "nodes", "elem": [{"concat": [1, "198.18.1.2", "n1"]}, {"concat": [2, "198.18.2.2", "n2"]}]}},
-          {"map": {"name": "buckets", "elem": [[65536, 1], [65537, 2]]}},
-          {"map": {"name": "owners", "elem": [[{"concat": ["198.18.0.2", 4000]}, 2]]}},
-          {"set": {"name": "hold", "flags": ["timeout"], "elem": [{"concat": ["198.18.0.2", 4001]},
-            {"elem": {"val": {"concat": ["198.18.0.2", 4002]}, "timeout": 30, "expires": 29}}]}},
-          {"map": {"name": "draining", "elem": [[65537, 2]]}},
-          {"set": {"name": "fences", "elem": [{"concat": ["n1", "198.18.0.2", 4000]}]}},
-          {"counter": {"name": "fenced", "packets": 7, "bytes": 420}}]}"#;
-        let st = parse_state(&serde_json::from_str(j).unwrap()).unwrap();
-        let f = |p| Flow(SocketAddrV4::new("198.18.0.2".parse().unwrap(), p));
-        assert_eq!(st.buckets, vec![1, 2]);
-        assert_eq!(st.owners.get(&f(4000)), Some(&2));
-        assert!(st.hold.contains(&f(4001)));
-        assert!(st.hold.contains(&f(4002)), "an element with a timeout");
-        assert_eq!(st.draining.get(&1), Some(&2));
-        assert!(st.fences.contains(&(1, f(4000))));
-        assert_eq!(st.fenced_packets, 7);
-        assert_eq!(st.config.unwrap().ports, vec![80]);
     }
 
     #[test]

@@ -10,14 +10,22 @@
 //!   map owners   { type ipv4_addr . inet_service : mark }  # client . port -> node id (moved flows)
 //!   set hold     { type ipv4_addr . inet_service }         # flows being moved: dropped
 //!   set fences   { type ifname . ipv4_addr . inet_service }  # node interface . client . port
+//!   map draining { type mark : mark; timeout }  # bucket mark -> the node it left
+//!   set fresh    { type ipv4_addr . inet_service; dynamic, timeout 120s }  # new in a draining bucket
+//!   set dead     { type ifname }                # interfaces of dead nodes
+//!   map node_fwd, node_dead { type ifname : counter }  # "nK" -> counter fwd_K / dead_K
 //!   chain steer { prerouting, mangle:
 //!     VIP:ports from a held flow: drop
 //!     VIP:ports: mark = 0x10000 + jhash(client addr . client port) mod N
+//!     VIP:ports, a first SYN in a draining bucket: remember the flow in fresh
+//!     VIP:ports, not a first SYN, not fresh: mark = draining[mark]  (a miss leaves the bucket)
 //!     VIP:ports: mark = buckets[mark]
 //!     VIP:ports: mark = owners[client . port]   (a miss leaves the bucket's node)
 //!   }
 //!   chain fence { forward, filter:
-//!     from VIP:ports, arriving on a fenced node's interface for that client: drop }
+//!     from VIP, arriving on a dead node's interface: count (dead_K), drop
+//!     from VIP:ports, arriving on a fenced node's interface for that client: drop
+//!     from VIP:ports: count (fwd_K of the interface's node) }
 //! }
 //! ```
 //! The mark then picks the node's routing table (`ip rule fwmark ID lookup 1000+ID`), whose
@@ -31,6 +39,24 @@ use std::fmt::Write as _;
 
 /// Marks at and above this carry a bucket number between two rules of `steer`.
 pub const BUCKET_MARK_BASE: u32 = 0x1_0000;
+
+/// How long a connection begun in a draining bucket is known as new there, so that its
+/// packets after the SYN follow the bucket table and not the draining entry. Longer than any
+/// draining entry lives: a drain ends within seconds, and a returning node's draining entries
+/// expire after at most [`RETURN_DRAIN_MAX_S`].
+pub const FRESH_TIMEOUT_S: u32 = 150;
+/// The longest a draining entry made for a returning node may live.
+pub const RETURN_DRAIN_MAX_S: u32 = 120;
+/// Most connections remembered as new in draining buckets at once; beyond it a new
+/// connection in a draining bucket has its packets after the SYN sent to the bucket's old
+/// node (which resets it). At 2^20 that is about 7,000 new connections a second in draining
+/// buckets; elements are allocated as used.
+pub const FRESH_MAX: u32 = 1 << 20;
+
+/// The named counters of node `id`: (forwarded to clients, dropped as dead).
+pub fn counter_names(id: NodeId) -> (String, String) {
+    (format!("fwd_{id}"), format!("dead_{id}"))
+}
 
 fn ports(cfg: &SwitchConfig) -> String {
     let p: Vec<String> = cfg.ports.iter().map(u16::to_string).collect();
@@ -61,7 +87,7 @@ pub fn create(table: &str, cfg: &SwitchConfig, nodes: &[Node], buckets: &[NodeId
     );
     let _ = writeln!(s, "  set nodes {{ type mark . ipv4_addr . ifname; }}");
     let _ = writeln!(s, "  map buckets {{ type mark : mark; }}");
-    let _ = writeln!(s, "  map draining {{ type mark : mark; }}");
+    let _ = writeln!(s, "  map draining {{ type mark : mark; flags timeout; }}");
     let _ = writeln!(
         s,
         "  map owners {{ type ipv4_addr . inet_service : mark; }}"
@@ -76,6 +102,13 @@ pub fn create(table: &str, cfg: &SwitchConfig, nodes: &[Node], buckets: &[NodeId
         s,
         "  set fences {{ type ifname . ipv4_addr . inet_service; }}"
     );
+    let _ = writeln!(
+        s,
+        "  set fresh {{ type ipv4_addr . inet_service; flags dynamic, timeout; timeout {FRESH_TIMEOUT_S}s; size {FRESH_MAX}; }}"
+    );
+    let _ = writeln!(s, "  set dead {{ type ifname; }}");
+    let _ = writeln!(s, "  map node_fwd {{ type ifname : counter; }}");
+    let _ = writeln!(s, "  map node_dead {{ type ifname : counter; }}");
     let _ = writeln!(s, "  counter held {{}}");
     let _ = writeln!(s, "  counter fenced {{}}");
     let _ = writeln!(s, "  chain steer {{");
@@ -96,9 +129,16 @@ pub fn create(table: &str, cfg: &SwitchConfig, nodes: &[Node], buckets: &[NodeId
     // A draining bucket's established flows (anything but a first SYN) stay with the node
     // it left; a miss leaves the bucket mark, and the bucket table decides. After a hit the
     // mark is a node id, which the bucket table (keyed by bucket marks) does not know.
+    // A connection that began in the bucket after it started draining is not one of them:
+    // its first SYN puts it in `fresh`, and the rest of its packets follow the bucket table
+    // with it (without this, the handshake's ACK would go to the old node, which resets it).
     let _ = writeln!(
         s,
-        "    ip daddr {vip} tcp dport {ports} tcp flags & (syn | ack) != syn meta mark set meta mark map @draining"
+        "    ip daddr {vip} tcp dport {ports} tcp flags & (syn | ack) == syn meta mark @draining update @fresh {{ ip saddr . tcp sport }}"
+    );
+    let _ = writeln!(
+        s,
+        "    ip daddr {vip} tcp dport {ports} tcp flags & (syn | ack) != syn ip saddr . tcp sport != @fresh meta mark set meta mark map @draining"
     );
     let _ = writeln!(
         s,
@@ -114,9 +154,21 @@ pub fn create(table: &str, cfg: &SwitchConfig, nodes: &[Node], buckets: &[NodeId
         s,
         "    type filter hook forward priority filter; policy accept;"
     );
+    // A dead node: nothing it sends as the virtual IP (any port: every answer a client could
+    // take for the service's) goes on. Its other traffic does, so that it can reach the
+    // control plane (etcd) and come back as a new incarnation.
+    let _ = writeln!(
+        s,
+        "    ip saddr {vip} iifname @dead counter name iifname map @node_dead drop"
+    );
     let _ = writeln!(
         s,
         "    ip saddr {vip} tcp sport {ports} iifname . ip daddr . tcp dport @fences counter name \"fenced\" drop"
+    );
+    // What got through, per node (a miss — not a node's interface — counts nothing).
+    let _ = writeln!(
+        s,
+        "    ip saddr {vip} tcp sport {ports} counter name iifname map @node_fwd"
     );
     let _ = writeln!(s, "  }}");
     let _ = writeln!(s, "}}");
@@ -131,7 +183,7 @@ pub fn create(table: &str, cfg: &SwitchConfig, nodes: &[Node], buckets: &[NodeId
         cfg_elems.join(", ")
     );
     for n in nodes {
-        let _ = writeln!(s, "add element ip {table} nodes {{ {} }}", node_key(n));
+        s.push_str(&add_node(table, n, true));
     }
     s.push_str(&bucket_elements(table, "add", buckets, 0..buckets.len()));
     s
@@ -174,12 +226,82 @@ pub fn rebucket(table: &str, old: &[NodeId], new: &[NodeId]) -> String {
     s
 }
 
-pub fn add_node(table: &str, n: &Node) -> String {
-    format!("add element ip {table} nodes {{ {} }}\n", node_key(n))
+/// Names node `n`, with its two counters (`counters`: the table has them, see
+/// `State::has_failover`).
+pub fn add_node(table: &str, n: &Node, counters: bool) -> String {
+    if !counters {
+        return format!("add element ip {table} nodes {{ {} }}\n", node_key(n));
+    }
+    let (fwd, dead) = counter_names(n.id);
+    let dev = &n.dev;
+    format!(
+        "add element ip {table} nodes {{ {} }}\n\
+         add counter ip {table} {fwd}\n\
+         add counter ip {table} {dead}\n\
+         add element ip {table} node_fwd {{ \"{dev}\" : \"{fwd}\" }}\n\
+         add element ip {table} node_dead {{ \"{dev}\" : \"{dead}\" }}\n",
+        node_key(n)
+    )
 }
 
-pub fn delete_node(table: &str, n: &Node) -> String {
-    format!("delete element ip {table} nodes {{ {} }}\n", node_key(n))
+/// Forgets node `n` and its counters (their map elements first: a counter in use cannot go).
+pub fn delete_node(table: &str, n: &Node, counters: bool) -> String {
+    if !counters {
+        return format!("delete element ip {table} nodes {{ {} }}\n", node_key(n));
+    }
+    let (fwd, dead) = counter_names(n.id);
+    let dev = &n.dev;
+    format!(
+        "delete element ip {table} node_fwd {{ \"{dev}\" }}\n\
+         delete element ip {table} node_dead {{ \"{dev}\" }}\n\
+         delete counter ip {table} {fwd}\n\
+         delete counter ip {table} {dead}\n\
+         delete element ip {table} nodes {{ {} }}\n",
+        node_key(n)
+    )
+}
+
+/// Fences node `dev` wholly (see `create`).
+pub fn add_dead(table: &str, dev: &str) -> String {
+    format!("add element ip {table} dead {{ \"{dev}\" }}\n")
+}
+
+pub fn delete_dead(table: &str, dev: &str) -> String {
+    format!("delete element ip {table} dead {{ \"{dev}\" }}\n")
+}
+
+/// Draining entries: `(bucket, node it left)`, each expiring after `timeout_s` (0: never).
+pub fn add_draining(table: &str, entries: &[(usize, NodeId)], timeout_s: u32) -> String {
+    if entries.is_empty() {
+        return String::new();
+    }
+    let t = if timeout_s > 0 {
+        format!(" timeout {timeout_s}s")
+    } else {
+        String::new()
+    };
+    let elems: Vec<String> = entries
+        .iter()
+        .map(|&(b, n)| format!("{:#x}{t} : {n}", BUCKET_MARK_BASE + b as u32))
+        .collect();
+    format!(
+        "add element ip {table} draining {{ {} }}\n",
+        elems.join(", ")
+    )
+}
+
+pub fn delete_draining(table: &str, buckets: &[usize]) -> String {
+    if buckets.is_empty() {
+        return String::new();
+    }
+    let elems: Vec<String> = buckets
+        .iter()
+        .map(|&b| format!("{:#x}", BUCKET_MARK_BASE + b as u32))
+        .collect();
+    format!(
+        "delete element ip {table} draining {{ {} }}\n",
+        elems.join(", ")
+    )
 }
 
 pub fn set_owner(table: &str, f: &Flow, node: NodeId) -> String {

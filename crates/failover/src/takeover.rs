@@ -295,9 +295,50 @@ pub fn run(ctx: &Ctx<'_>, dead: &Dead, taken: Taken) -> Result<Report, TakeoverE
     Ok(report)
 }
 
-/// Reads clients' answers for [`VERIFY_WINDOW`]: restored connections whose client's numbers
-/// match stay; the others, and the connections to reset, are reset with the client's own
-/// next expected sequence number.
+/// Whether sequence number `a` comes after `b` (modulo 2^32).
+fn after(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) > 0
+}
+
+/// What a client's segment says about a restored connection.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    /// Its numbers are the checkpoint's.
+    Agrees,
+    /// It holds bytes the checkpoint never had: reset.
+    MovedOn,
+    /// It has sent bytes past the checkpoint and they are not acknowledged to it here: either
+    /// still in flight (its retransmission will start exactly at the checkpoint) or taken by
+    /// the dead node (no retransmission will come). Wait and see.
+    Unsure,
+    /// An old segment: says nothing.
+    Old,
+}
+
+fn judge(seg: &crate::verify::Seg, e: &Expect) -> Verdict {
+    if after(seg.ack, e.client_ack) {
+        return Verdict::MovedOn;
+    }
+    if seg.ack != e.client_ack {
+        return Verdict::Old;
+    }
+    if seg.seq == e.client_seq {
+        Verdict::Agrees
+    } else if after(seg.seq, e.client_seq) {
+        Verdict::Unsure
+    } else {
+        Verdict::Old
+    }
+}
+
+/// How long an unsure connection may take to show its retransmission (the client's timer
+/// backs off 0.2, 0.4, 0.8, 1.6 s): past it, the dead node must have taken its bytes.
+pub const UNSURE_WINDOW: Duration = Duration::from_millis(3500);
+
+/// Reads clients' answers: restored connections whose client's numbers agree stay; the ones
+/// whose client moved on, and the connections to reset, are reset with the client's own next
+/// expected sequence number. Clients that say nothing within [`VERIFY_WINDOW`] are left as
+/// they are; unsure ones are watched for [`UNSURE_WINDOW`].
 fn verify_clients(
     cap: &mut Capture,
     expect: &mut HashMap<Flow, Expect>,
@@ -310,11 +351,21 @@ fn verify_clients(
             verify::probe_client(l, c);
         }
     }
-    let until = Instant::now() + VERIFY_WINDOW;
-    while !(expect.is_empty() && to_reset.is_empty()) {
+    let start = Instant::now();
+    let mut unsure: HashMap<Flow, SocketAddrV4> = HashMap::new();
+    loop {
+        // Restored connections not heard from yet (agreed and reset ones are gone from
+        // `expect`).
+        let silent = expect.len() - unsure.len();
+        let first = Instant::now() < start + VERIFY_WINDOW && (silent > 0 || !to_reset.is_empty());
+        if !first && unsure.is_empty() {
+            break;
+        }
+        let until = start + if first { VERIFY_WINDOW } else { UNSURE_WINDOW };
         let seg = match cap.next(until) {
             Ok(Some(s)) => s,
-            Ok(None) => break,
+            Ok(None) if Instant::now() >= start + UNSURE_WINDOW => break,
+            Ok(None) => continue,
             Err(e) => {
                 report.errors.push(format!("reading clients' answers: {e}"));
                 break;
@@ -328,20 +379,74 @@ fn verify_clients(
             peer: SocketAddr::V4(seg.src),
         };
         if let Some(e) = expect.get(&flow) {
-            if seg.seq == e.client_seq && seg.ack == e.client_ack {
-                report.verified += 1;
-            } else {
-                tracing::info!(%flow, seq = seg.seq, ack = seg.ack, want_seq = e.client_seq, want_ack = e.client_ack, "the client moved on past its checkpoint: reset");
-                verify::reset_client(seg.dst, seg.src, seg.ack);
-                // Our own socket, too: a reset at exactly its next expected number.
-                verify::reset_client(seg.src, seg.dst, e.client_seq);
-                report.stale += 1;
-                report.resets_sent += 1;
+            match judge(&seg, e) {
+                Verdict::Agrees => {
+                    report.verified += 1;
+                    expect.remove(&flow);
+                    unsure.remove(&flow);
+                }
+                Verdict::MovedOn => {
+                    tracing::info!(%flow, seq = seg.seq, ack = seg.ack, want_seq = e.client_seq, want_ack = e.client_ack, "the client moved on past its checkpoint: reset");
+                    verify::reset_client(seg.dst, seg.src, seg.ack);
+                    // Our own socket, too: a reset at exactly its next expected number.
+                    verify::reset_client(seg.src, seg.dst, e.client_seq);
+                    report.stale += 1;
+                    report.resets_sent += 1;
+                    expect.remove(&flow);
+                    unsure.remove(&flow);
+                }
+                Verdict::Unsure => {
+                    unsure.insert(flow, seg.src);
+                }
+                Verdict::Old => {}
             }
-            expect.remove(&flow);
         } else if to_reset.remove(&flow) {
             verify::reset_client(seg.dst, seg.src, seg.ack);
             report.resets_sent += 1;
         }
+    }
+    // Still unsure: their bytes went to the dead node, which never answered them.
+    for (flow, client) in unsure {
+        if let (Some(e), SocketAddr::V4(local)) = (expect.get(&flow), flow.local) {
+            tracing::info!(%flow, "no retransmission from the client: the dead node took its bytes; reset");
+            // The client's next expected number is the checkpoint's own (it acknowledged
+            // nothing more), so the reset needs no answer from it.
+            verify::reset_client(local, client, e.client_ack);
+            verify::reset_client(client, local, e.client_seq);
+            report.stale += 1;
+            report.resets_sent += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::verify::Seg;
+
+    fn seg(seq: u32, ack: u32) -> Seg {
+        Seg {
+            src: "198.18.0.2:40000".parse().unwrap(),
+            dst: "198.19.0.1:80".parse().unwrap(),
+            seq,
+            ack,
+            flags: 0x10,
+            payload: 0,
+        }
+    }
+
+    #[test]
+    fn verdicts() {
+        let e = Expect {
+            client_seq: 1000,
+            client_ack: u32::MAX - 5,
+        };
+        assert_eq!(judge(&seg(1000, u32::MAX - 5), &e), Verdict::Agrees);
+        // The dead node answered something after the checkpoint (wrapping past 0).
+        assert_eq!(judge(&seg(1000, 10), &e), Verdict::MovedOn);
+        // A request sent after the checkpoint, acknowledged or not.
+        assert_eq!(judge(&seg(1039, u32::MAX - 5), &e), Verdict::Unsure);
+        assert_eq!(judge(&seg(900, u32::MAX - 5), &e), Verdict::Old);
+        assert_eq!(judge(&seg(1000, u32::MAX - 10), &e), Verdict::Old);
     }
 }

@@ -136,12 +136,16 @@ fn now_ms() -> u64 {
 #[derive(Debug)]
 pub struct Paused<'fd> {
     fd: BorrowedFd<'fd>,
+    /// SO_REUSEADDR before the pause: leaving repair mode clears it, and [`Paused::resume`]
+    /// sets it again.
+    reuse: bool,
 }
 
 /// Switches `fd` into repair mode. The flow must already be silenced.
 pub fn pause(fd: BorrowedFd<'_>) -> Result<Paused<'_>, RepairError> {
+    let reuse = rustix::net::sockopt::socket_reuseaddr(fd).unwrap_or(false);
     sys::repair_on(fd).map_err(sys_err("TCP_REPAIR on"))?;
-    Ok(Paused { fd })
+    Ok(Paused { fd, reuse })
 }
 
 impl Paused<'_> {
@@ -199,7 +203,16 @@ impl Paused<'_> {
 
     /// Switches repair mode off again (with a window probe) and lets the socket go on.
     pub fn resume(self) -> Result<(), RepairError> {
-        sys::repair_off(self.fd, true).map_err(sys_err("TCP_REPAIR off"))
+        sys::repair_off(self.fd, true).map_err(sys_err("TCP_REPAIR off"))?;
+        // The kernel made the address exclusive on the way out of repair mode: a connection
+        // that was checkpointed would otherwise keep its service's listener from being bound
+        // again once its process is gone (measured: a restarted node could not listen while
+        // such a connection's FIN was still pending).
+        if self.reuse {
+            rustix::net::sockopt::set_socket_reuseaddr(self.fd, true)
+                .map_err(|e| sys_err("SO_REUSEADDR")(e.into()))?;
+        }
+        Ok(())
     }
 }
 
@@ -505,6 +518,13 @@ impl Restoring {
         use rustix::event::{PollFd, PollFlags, Timespec};
         let s = self.fd.as_fd();
         sys::repair_off(s, true).map_err(sys_err("TCP_REPAIR off"))?;
+        // Leaving repair mode makes the socket's address exclusive (the kernel resets its
+        // reuse flag); an accepted socket inherits SO_REUSEADDR from its listener instead.
+        // Without it, this connection — still bound after its process dies, while its FIN
+        // waits — keeps a new listener from binding the service's address, and a restarted
+        // node cannot serve.
+        rustix::net::sockopt::set_socket_reuseaddr(s, true)
+            .map_err(|e| sys_err("SO_REUSEADDR")(e.into()))?;
         if let Some(p) = self.probe {
             inject(p.from, p.to, p.seq, p.ack, packet::ACK, p.window)?;
         }

@@ -266,6 +266,10 @@ pub fn node_failover(st: &LabState, k: u16) -> Option<serde_json::Value> {
         .output()
         .ok()?;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-    let find = |v: &serde_json::Value| v.get("failover").cloned();
+    let find = |v: &serde_json::Value| {
+        v.get("failover")
+            .or_else(|| v.get("serve")?.get("failover"))
+            .cloned()
+    };
     find(&v).or_else(|| v.as_array()?.iter().find_map(find))
 }

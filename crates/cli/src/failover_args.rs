@@ -40,6 +40,11 @@ pub struct FailoverArgs {
     /// Most bytes of checkpoints kept for the nodes this one succeeds.
     #[arg(long, value_name = "BYTES", default_value = "64M", value_parser = crate::parse_bytes)]
     pub checkpoint_budget: u64,
+    /// Take part in failover (lease, fencing, adopting for others) without checkpointing this
+    /// node's own connections: when it dies they are reset, not resumed. For measuring what
+    /// checkpoints cost.
+    #[arg(long)]
+    pub no_checkpoints: bool,
 }
 
 /// The agent's starter, or `None` without --etcd.
@@ -94,6 +99,7 @@ fn build(
     cfg.suspect_after = Duration::from_millis(a.suspect_after_ms.max(20));
     cfg.store_budget = usize::try_from(a.checkpoint_budget).unwrap_or(usize::MAX);
     cfg.checkpoint.idle_after = Duration::from_millis(a.checkpoint_idle_ms);
+    cfg.checkpoints = !a.no_checkpoints;
     struct Running(Agent);
     impl splitos_serve::agent::NodeAgent for Running {
         fn status(&self) -> serde_json::Value {

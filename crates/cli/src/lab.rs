@@ -35,6 +35,10 @@ enum LabCommand {
         /// built with `--features failover` and etcd (apt-get install -y etcd-server).
         #[arg(long)]
         failover: bool,
+        /// One more argument for every node's `splitos serve` (repeat for several; e.g.
+        /// `--node-arg=--no-checkpoints`).
+        #[arg(long = "node-arg", value_name = "ARG", allow_hyphen_values = true)]
+        node_args: Vec<String>,
     },
     /// Run a command inside a member of the lab: client, switch or nodeK.
     Exec {
@@ -119,6 +123,7 @@ pub fn run(a: LabArgs) -> Result<(), String> {
             site,
             port,
             failover,
+            node_args,
         } => {
             if failover && !cfg!(feature = "failover") {
                 return Err(format!("lab up --failover: {}", crate::switch::NO_FAILOVER));
@@ -131,6 +136,7 @@ pub fn run(a: LabArgs) -> Result<(), String> {
                 site,
                 port,
                 exe,
+                node_args,
             };
             let st = lab::up_with(&cfg, failover).map_err(|e| format!("lab up: {e}"))?;
             print_up(&st);

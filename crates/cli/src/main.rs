@@ -47,7 +47,7 @@ enum Command {
     /// SIGHUP or `splitos reload` replaces the application without dropping a connection;
     /// SIGUSR2 or `splitos upgrade` replaces the whole process with a new binary, also without
     /// dropping one.
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Replace the HTTP application of a running `splitos serve` with a new instance (a new
     /// binary, if it was rebuilt); the TCP server keeps every connection and hands each one to
     /// the new instance between requests. Prints the outcome.
@@ -257,7 +257,7 @@ fn main() -> ExitCode {
         Command::Serve(a) => stop_on_signals().and_then(|stop| {
             let reload = flag_on(signal_hook::consts::SIGHUP)?;
             let upgrade = flag_on(signal_hook::consts::SIGUSR2)?;
-            serve::run(a, &stop, &reload, &upgrade)
+            serve::run(*a, &stop, &reload, &upgrade)
         }),
         Command::Reload(a) => serve::reload(a),
         Command::Upgrade(a) => serve::upgrade(a),

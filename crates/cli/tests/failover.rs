@@ -93,7 +93,10 @@ fn takeover_report(lab: &Lab, k: usize) -> serde_json::Value {
         if let Some(r) = f["takeovers"].as_array().and_then(|t| t.last()) {
             return r.clone();
         }
-        assert!(Instant::now() < until, "no takeover reported by node{k}: {f}");
+        assert!(
+            Instant::now() < until,
+            "no takeover reported by node{k}: {f}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -189,7 +192,11 @@ fn a_transfer_in_flight_is_reset_and_an_idle_neighbour_carries_on() {
     client.say("go\n");
     let after = client.line();
     let parts: Vec<&str> = after.split_whitespace().collect();
-    assert_eq!(parts[..2], ["after", "True"], "the idle one failed: {after}");
+    assert_eq!(
+        parts[..2],
+        ["after", "True"],
+        "the idle one failed: {after}"
+    );
     assert_eq!(parts[3], "reset", "the download was not reset: {after}");
     let report = takeover_report(&lab, 2);
     assert_eq!(report["restored"], 1, "{report}");
@@ -208,25 +215,35 @@ fn a_node_cut_off_but_alive_reaches_no_client_once_fenced() {
     assert_eq!(client.line(), "ready True");
     gather_on(&lab, "node1", "node2");
     wait_for_checkpoints(&lab, 2, 1);
+    // Cut off from etcd and node2 while its clients still reach it: node2 hears nothing,
+    // has etcd end node1's lease, adopts, and the switch fences node1.
     ok(&["lab", "--name", &lab.name, "partition", "node1"]);
+    let report = takeover_report(&lab, 2);
+    assert_eq!(report["adopted"], true, "{report}");
+    assert_eq!(report["switch_followed"], true, "{report}");
+    // From the fence on, node1's packets stop at the switch, though it still sends (the
+    // stalled download's window probes).
+    let counters = |lab: &Lab| {
+        let n1 = lab.status()["nodes"][0].clone();
+        (
+            n1["forwarded_packets"].as_u64().unwrap(),
+            n1["dead_dropped_packets"].as_u64().unwrap(),
+        )
+    };
+    let (fwd0, dropped0) = counters(&lab);
+    std::thread::sleep(Duration::from_millis(1500));
+    let (fwd1, dropped1) = counters(&lab);
+    assert_eq!(fwd0, fwd1, "node1 still reached clients after its fence");
+    assert!(dropped1 > dropped0, "node1 sent nothing the fence stopped");
     client.say("go\n");
     let after = client.line();
     let parts: Vec<&str> = after.split_whitespace().collect();
-    assert_eq!(parts[..2], ["after", "True"], "the idle one failed: {after}");
+    assert_eq!(
+        parts[..2],
+        ["after", "True"],
+        "the idle one failed: {after}"
+    );
     assert_eq!(parts[3], "reset", "the download was not reset: {after}");
-    // From the fence on, node1's packets stop at the switch.
-    let counters = |lab: &Lab| {
-        let st = lab.status();
-        let n1 = st["switch"]["counters"]["node1"].clone();
-        (
-            n1["forwarded"].as_u64().unwrap_or(0),
-            n1["fenced"].as_u64().unwrap_or(0),
-        )
-    };
-    let (fwd0, _) = counters(&lab);
-    std::thread::sleep(Duration::from_millis(1000));
-    let (fwd1, fenced1) = counters(&lab);
-    assert_eq!(fwd0, fwd1, "node1 still reached clients after its fence");
-    assert!(fenced1 > 0, "node1 sent nothing the fence stopped");
+    let fenced1 = dropped1 - dropped0;
     eprintln!("partitioned node1: {after}; fenced packets {fenced1}");
 }

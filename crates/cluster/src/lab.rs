@@ -87,6 +87,8 @@ pub struct LabConfig {
     pub port: u16,
     /// The `splitos` binary the lab runs in the namespaces.
     pub exe: PathBuf,
+    /// More arguments for every node's `splitos serve` (after the lab's own).
+    pub node_args: Vec<String>,
 }
 
 /// A process the lab started.
@@ -299,6 +301,7 @@ fn build(cfg: &LabConfig, topo: &Topology, st: &mut LabState) -> Result<(), LabE
                 args.extend(f.node_args(k));
             }
         }
+        args.extend(cfg.node_args.iter().cloned());
         let p = spawn_node(&cfg.exe, st, k, args)?;
         st.processes.push(p);
         save(st)?;

@@ -48,6 +48,8 @@ pub struct AgentConfig {
     /// Bytes of checkpoints kept for the nodes this one succeeds.
     pub store_budget: usize,
     pub checkpoint: CheckpointConfig,
+    /// Checkpoint this node's own connections (off: they are reset when it dies).
+    pub checkpoints: bool,
 }
 
 impl AgentConfig {
@@ -64,6 +66,7 @@ impl AgentConfig {
             suspect_after: Duration::from_millis(300),
             store_budget: 64 << 20,
             checkpoint: CheckpointConfig::default(),
+            checkpoints: true,
         }
     }
 }
@@ -110,7 +113,7 @@ struct Shared {
     fatal: Mutex<Option<String>>,
     stop: Arc<AtomicBool>,
     sender: Arc<SenderStats>,
-    checkpoints: Arc<splitos_tcp_server::checkpoint::Checkpoints>,
+    checkpoints: Option<Arc<splitos_tcp_server::checkpoint::Checkpoints>>,
 }
 
 /// A running agent; stopping it (drop) says goodbye to the successor and gives up the lease.
@@ -147,10 +150,14 @@ impl Agent {
         };
         let me = runtime.block_on(register_patiently(&registry, &info, cfg.lease_ttl))?;
         tracing::info!(node = %cfg.name, incarnation = me.incarnation, lease = me.lease, "registered in etcd");
-        let checkpoints = tcp
-            .checkpoints(cfg.checkpoint.clone())
-            .map_err(|e| AgentError::Checkpoints(e.to_string()))?;
-        let checkpoints = Arc::new(checkpoints);
+        let checkpoints = if cfg.checkpoints {
+            let c = tcp
+                .checkpoints(cfg.checkpoint.clone())
+                .map_err(|e| AgentError::Checkpoints(e.to_string()))?;
+            Some(Arc::new(c))
+        } else {
+            None
+        };
         let stop = Arc::new(AtomicBool::new(false));
         let shared = Arc::new(Shared {
             me: me.clone(),
@@ -233,7 +240,7 @@ impl Agent {
         let store = s.store.lock().map(|st| (st.stats(), st.sources())).ok();
         let successor = s.successor.lock().ok().and_then(|x| *x);
         let reports = s.reports.lock().map(|r| r.clone()).unwrap_or_default();
-        let cp = s.checkpoints.stats();
+        let cp = s.checkpoints.as_ref().map(|c| (c.stats(), c.dropped()));
         let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
         serde_json::json!({
             "node": s.me.info.name,
@@ -246,14 +253,14 @@ impl Agent {
                 "bytes": get(&s.sender.bytes),
                 "writes": get(&s.sender.writes),
                 "connects": get(&s.sender.connects),
-                "dropped": s.checkpoints.dropped(),
+                "dropped": cp.map(|c| c.1),
             },
-            "checkpoints_made": {
-                "idle_records": cp.idle_records,
-                "busy_events": cp.busy_events,
-                "record_ns": cp.record_ns,
-                "failures": cp.failures,
-            },
+            "checkpoints_made": cp.map(|(c, _)| serde_json::json!({
+                "idle_records": c.idle_records,
+                "busy_events": c.busy_events,
+                "record_ns": c.record_ns,
+                "failures": c.failures,
+            })),
             "held": store.as_ref().map(|(st, _)| serde_json::to_value(st).unwrap_or_default()),
             "held_from": store.map(|(_, src)| src.into_iter().map(|(n, i, f, idle)| serde_json::json!({
                 "node": n, "incarnation": i, "flows": f, "idle": idle,
@@ -323,9 +330,8 @@ async fn follow(s: Arc<Shared>) {
         while let Some(change) = rx.recv().await {
             apply(&s, change);
         }
-        match watch.await {
-            Ok(Err(e)) => tracing::warn!("the etcd watch ended: {e}"),
-            Ok(Ok(())) | Err(_) => {}
+        if let Ok(Err(e)) = watch.await {
+            tracing::warn!("the etcd watch ended: {e}");
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

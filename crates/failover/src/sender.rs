@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Events moved per pass: bounds one write.
-const BATCH: usize = 1024;
+const BATCH: usize = 4096;
+/// How often the sender looks for events.
+const POLL_EVERY: Duration = Duration::from_millis(5);
 
 /// What the sender shows in the node's status.
 #[derive(Default)]
@@ -29,7 +31,8 @@ pub struct SenderStats {
 
 pub struct SenderCtx {
     pub hello: Hello,
-    pub checkpoints: Arc<Checkpoints>,
+    /// `None`: this node's connections are not checkpointed; the stream only says it lives.
+    pub checkpoints: Option<Arc<Checkpoints>>,
     /// The successor's checkpoint address, as the agent's view of etcd says now.
     pub successor: Arc<Mutex<Option<SocketAddr>>>,
     pub stats: Arc<SenderStats>,
@@ -74,7 +77,7 @@ pub fn run(ctx: SenderCtx) {
     let mut buf = Vec::with_capacity(64 << 10);
     let mut last_write = Instant::now();
     let mut retry_at = Instant::now();
-    let mut last_dropped = ctx.checkpoints.dropped();
+    let mut last_dropped = ctx.checkpoints.as_ref().map_or(0, |c| c.dropped());
     while !ctx.stop.load(Ordering::Acquire) {
         let want = ctx.successor.lock().ok().and_then(|s| *s);
         if conn.as_ref().map(|c| c.0) != want {
@@ -91,10 +94,12 @@ pub fn run(ctx: SenderCtx) {
                         ctx.stats.connects.fetch_add(1, Ordering::Relaxed);
                         ctx.stats.connected.store(true, Ordering::Relaxed);
                         // Events queued for the old stream are now stale: start afresh.
-                        events.clear();
-                        ctx.checkpoints.drain(&mut events, usize::MAX);
-                        events.clear();
-                        ctx.checkpoints.resync();
+                        if let Some(c) = &ctx.checkpoints {
+                            events.clear();
+                            c.drain(&mut events, usize::MAX);
+                            events.clear();
+                            c.resync();
+                        }
                         conn = Some((to, s));
                     }
                     Err(e) => {
@@ -107,21 +112,34 @@ pub fn run(ctx: SenderCtx) {
         }
         let Some((to, s)) = conn.as_mut() else {
             // Nobody to send to: the events are of no use.
-            events.clear();
-            ctx.checkpoints.drain(&mut events, usize::MAX);
-            events.clear();
+            if let Some(c) = &ctx.checkpoints {
+                events.clear();
+                c.drain(&mut events, usize::MAX);
+                events.clear();
+            }
             std::thread::sleep(stream::BEAT_EVERY);
             continue;
         };
-        ctx.checkpoints.wait(stream::BEAT_EVERY / 2);
-        // A lost event (the queue overflowed) may be a BUSY: have everything told again.
-        let dropped = ctx.checkpoints.dropped();
-        if dropped > last_dropped {
-            last_dropped = dropped;
-            ctx.checkpoints.resync();
-        }
         events.clear();
-        ctx.checkpoints.drain(&mut events, BATCH);
+        match &ctx.checkpoints {
+            Some(c) => {
+                // Polled, not woken per event: a wake-up costs ~28 µs of kernel time here, and
+                // a connection per request makes two events (measured: 0.78x the requests per
+                // second of a node without checkpoints when each event woke this thread).
+                // An event waits at most POLL_EVERY; a BUSY that arrives late is caught by the
+                // takeover's check with the client.
+                std::thread::sleep(POLL_EVERY);
+                // A lost event (the queue overflowed) may be a BUSY: have everything told
+                // again.
+                let dropped = c.dropped();
+                if dropped > last_dropped {
+                    last_dropped = dropped;
+                    c.resync();
+                }
+                c.drain(&mut events, BATCH);
+            }
+            None => std::thread::sleep(POLL_EVERY),
+        }
         buf.clear();
         for e in events.drain(..) {
             frame_of(e).encode(&mut buf);

@@ -4,63 +4,21 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use splitos_cluster::etcd_member::EtcdMember;
 use splitos_failover::etcd::{Adoption, Change, NodeInfo, Registry};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-struct Etcd {
-    child: Child,
-    dir: std::path::PathBuf,
-    endpoint: String,
-}
-
-impl Etcd {
-    fn start(tag: &str) -> Etcd {
-        let free = |_| {
-            TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port()
-        };
-        let (client, peer) = (free(0), free(1));
-        let dir = std::env::temp_dir().join(format!("splitos-etcd-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let url = format!("http://127.0.0.1:{client}");
-        let peer_url = format!("http://127.0.0.1:{peer}");
-        let child = Command::new("etcd")
-            .args(["--name", "t", "--data-dir"])
-            .arg(&dir)
-            .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
-            .args(["--listen-peer-urls", &peer_url])
-            .args(["--initial-advertise-peer-urls", &peer_url])
-            .args(["--initial-cluster", &format!("t={peer_url}")])
-            .args(["--heartbeat-interval", "10", "--election-timeout", "100"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("etcd (apt-get install etcd-server)");
-        let e = Etcd {
-            child,
-            dir,
-            endpoint: url,
-        };
-        let until = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", client)).is_err() {
-            assert!(Instant::now() < until, "etcd did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        e
-    }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+/// A real etcd on a free loopback port, its data in a temporary directory; gone on drop.
+fn etcd(tag: &str) -> EtcdMember {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = std::env::temp_dir().join(format!("splitos-etcd-{tag}-{}", std::process::id()));
+    EtcdMember::start(None, SocketAddr::from(([127, 0, 0, 1], port)), &dir)
+        .expect("etcd (apt-get install etcd-server)")
 }
 
 fn info(name: &str, last: u8) -> NodeInfo {
@@ -75,13 +33,13 @@ fn info(name: &str, last: u8) -> NodeInfo {
 
 #[test]
 fn leases_names_adoptions_and_deaths() {
-    let etcd = Etcd::start("reg");
+    let etcd = etcd("reg");
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         // etcd may take a moment to elect itself.
         let until = Instant::now() + Duration::from_secs(10);
         let reg = loop {
-            match Registry::connect(&[etcd.endpoint.clone()], "t1").await {
+            match Registry::connect(&[etcd.endpoint().to_string()], "t1").await {
                 Ok(r) if r.snapshot().await.is_ok() => break r,
                 _ if Instant::now() < until => tokio::time::sleep(Duration::from_millis(100)).await,
                 Err(e) => panic!("{e}"),
@@ -122,7 +80,11 @@ fn leases_names_adoptions_and_deaths() {
         let t = Instant::now();
         let down = loop {
             match tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
-                Ok(Some(Change::Down { name, incarnation, addr })) => break (name, incarnation, addr, t.elapsed()),
+                Ok(Some(Change::Down {
+                    name,
+                    incarnation,
+                    addr,
+                })) => break (name, incarnation, addr, t.elapsed()),
                 Ok(Some(_)) => {}
                 other => panic!("no Down within 5 s: {other:?}"),
             }
@@ -148,11 +110,17 @@ fn leases_names_adoptions_and_deaths() {
         let t = Instant::now();
         loop {
             match tokio::time::timeout(Duration::from_secs(2), rx.recv()).await {
-                Ok(Some(Change::Down { incarnation, .. })) if incarnation == n1b.incarnation => break,
+                Ok(Some(Change::Down { incarnation, .. })) if incarnation == n1b.incarnation => {
+                    break
+                }
                 Ok(Some(_)) => {}
                 other => panic!("no Down after a revoke: {other:?}"),
             }
         }
-        assert!(t.elapsed() < Duration::from_millis(500), "{:?}", t.elapsed());
+        assert!(
+            t.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            t.elapsed()
+        );
     });
 }

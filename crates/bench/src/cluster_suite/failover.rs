@@ -34,7 +34,7 @@ struct CliLab {
 }
 
 impl CliLab {
-    fn up(splitos: &Path, name: &str, failover: bool) -> Result<CliLab, String> {
+    fn up(splitos: &Path, name: &str, extra: &[&str]) -> Result<CliLab, String> {
         let site = std::env::temp_dir().join(format!("{name}-site"));
         std::fs::create_dir_all(&site).map_err(|e| format!("{}: {e}", site.display()))?;
         std::fs::write(site.join("index.html"), index(name))
@@ -47,9 +47,7 @@ impl CliLab {
         };
         let site = lab.site.display().to_string();
         let mut args = vec!["lab", "up", "--nodes", "2", "--name", name, "--site", &site];
-        if failover {
-            args.push("--failover");
-        }
+        args.extend_from_slice(extra);
         lab.run(&args)?;
         Ok(lab)
     }
@@ -155,7 +153,11 @@ pub(super) fn failover(
     splitos: &Path,
     vip: SocketAddr,
 ) -> Result<(), String> {
-    let lab = CliLab::up(splitos, &format!("sbf{}", std::process::id()), true)?;
+    let lab = CliLab::up(
+        splitos,
+        &format!("sbf{}", std::process::id()),
+        &["--failover"],
+    )?;
     let result = takeover(r, &lab, vip, if quick { 50 } else { 100 })
         .and_then(|()| kills(r, &lab, vip, if quick { 4 } else { 100 }))
         .and_then(|()| cost(r, splitos, &lab, vip, if quick { 3 } else { 5 }));
@@ -205,7 +207,9 @@ fn takeover(r: &mut Report, lab: &CliLab, vip: SocketAddr, n: usize) -> Result<(
     r.detail("takeover", "count", n as f64);
     r.detail("takeover", "ok_after", ok as f64);
     r.detail("takeover", "kill_ms", kill_ms);
-    for m in ["restored", "verified", "stale", "reset", "live_ms", "adopt_ms"] {
+    for m in [
+        "restored", "verified", "stale", "reset", "live_ms", "adopt_ms",
+    ] {
         if let Some(v) = report[m].as_f64() {
             r.detail("takeover", m, v);
         }
@@ -222,7 +226,9 @@ fn takeover(r: &mut Report, lab: &CliLab, vip: SocketAddr, n: usize) -> Result<(
     lab.lab(&["restart", "node1"])?;
     wait_both_registered(lab)?;
     if ok != n {
-        return Err(format!("takeover: only {ok} of {n} answered after the kill"));
+        return Err(format!(
+            "takeover: only {ok} of {n} answered after the kill"
+        ));
     }
     Ok(())
 }
@@ -239,10 +245,15 @@ enum End {
 /// An idle connection's next request after the kill.
 fn idle_next(c: &mut Conn) -> (End, f64) {
     let t = Instant::now();
-    let end = match c.send().and_then(|()| c.receive(Instant::now() + Duration::from_millis(HANG_MS as u64))) {
+    let end = match c
+        .send()
+        .and_then(|()| c.receive(Instant::now() + Duration::from_millis(HANG_MS as u64)))
+    {
         Ok(()) => End::Answered,
         Err(e) if e.contains("no answer") => End::Hung,
-        Err(e) if e.contains("reset") || e.contains("closed") || e.contains("Broken pipe") => End::Reset,
+        Err(e) if e.contains("reset") || e.contains("closed") || e.contains("Broken pipe") => {
+            End::Reset
+        }
         Err(e) if e.contains("answered") => End::Wrong(e),
         Err(_) => End::Reset,
     };
@@ -258,7 +269,11 @@ fn download_rest(s: &mut std::net::TcpStream, mut at: u64, body_start: u64) -> (
     loop {
         match s.read(&mut buf) {
             Ok(0) => {
-                let end = if at - body_start == BIG { End::Answered } else { End::Reset };
+                let end = if at - body_start == BIG {
+                    End::Answered
+                } else {
+                    End::Reset
+                };
                 return (end, t.elapsed().as_secs_f64() * 1e3);
             }
             Ok(n) => {
@@ -276,7 +291,12 @@ fn download_rest(s: &mut std::net::TcpStream, mut at: u64, body_start: u64) -> (
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
                 return (End::Reset, t.elapsed().as_secs_f64() * 1e3)
             }
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
                 return (End::Hung, t.elapsed().as_secs_f64() * 1e3)
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
@@ -305,11 +325,14 @@ fn download_start(vip: SocketAddr) -> Result<(std::net::TcpStream, u64, u64), St
     let mut s = std::net::TcpStream::from(fd);
     s.write_all(b"GET /big.bin HTTP/1.1\r\nHost: lab\r\n\r\n")
         .map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(REQUEST_TIMEOUT)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(REQUEST_TIMEOUT))
+        .map_err(|e| e.to_string())?;
     let mut got = Vec::new();
     let mut buf = [0u8; 8192];
     while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = s.read(&mut buf).map_err(|e| format!("download head: {e}"))?;
+        let n = s
+            .read(&mut buf)
+            .map_err(|e| format!("download head: {e}"))?;
         if n == 0 {
             return Err("the download closed before its head".into());
         }
@@ -349,7 +372,11 @@ fn kills(r: &mut Report, lab: &CliLab, vip: SocketAddr, rounds: usize) -> Result
     let mut adoptions_seen = 0usize;
     let started = Instant::now();
     for round in 0..rounds {
-        let victim = if rng.next() % 2 == 0 { "node1" } else { "node2" };
+        let victim = if rng.next() % 2 == 0 {
+            "node1"
+        } else {
+            "node2"
+        };
         let (mut idle, mut downloads) = netns::run_in(&client, || -> Result<_, String> {
             let idle: Vec<Conn> = (0..10)
                 .map(|_| {
@@ -358,7 +385,9 @@ fn kills(r: &mut Report, lab: &CliLab, vip: SocketAddr, rounds: usize) -> Result
                     Ok(c)
                 })
                 .collect::<Result<_, String>>()?;
-            let downloads: Vec<_> = (0..2).map(|_| download_start(vip)).collect::<Result<_, _>>()?;
+            let downloads: Vec<_> = (0..2)
+                .map(|_| download_start(vip))
+                .collect::<Result<_, _>>()?;
             Ok((idle, downloads))
         })
         .map_err(|e| e.to_string())?
@@ -401,18 +430,20 @@ fn kills(r: &mut Report, lab: &CliLab, vip: SocketAddr, rounds: usize) -> Result
         let st = lab.status()?;
         let adoptions = st["adoptions"].as_array().cloned().unwrap_or_default();
         adoptions_seen = adoptions.len();
-        let mut seen = std::collections::HashMap::<(String, String), String>::new();
+        let mut seen = std::collections::HashSet::<(String, String)>::new();
         for a in &adoptions {
-            let adopter = a["adopter"].as_str().unwrap_or("").to_string();
             let inc = a["incarnation"].to_string();
-            for f in a["restore"].as_array().into_iter().flatten().chain(a["reset"].as_array().into_iter().flatten()) {
-                let key = (f.to_string(), inc.clone());
-                if seen.insert(key, adopter.clone()).is_some() {
+            for f in a["flows"].as_array().into_iter().flatten() {
+                if !seen.insert((f.to_string(), inc.clone())) {
                     twice += 1;
                 }
             }
         }
-        if let Some(last) = adoptions.last() {
+        // The newest adoption's flows are owned, at the switch, by their adopter.
+        if let Some(last) = adoptions
+            .iter()
+            .max_by_key(|a| a["at_ms"].as_u64().unwrap_or(0))
+        {
             let adopter = last["adopter"].as_str().unwrap_or("");
             let k: usize = adopter.trim_start_matches("node").parse().unwrap_or(0);
             if k >= 1 {
@@ -422,7 +453,7 @@ fn kills(r: &mut Report, lab: &CliLab, vip: SocketAddr, rounds: usize) -> Result
                     .flatten()
                     .map(|v| v.as_str().unwrap_or("").to_string())
                     .collect();
-                for f in last["restore"].as_array().into_iter().flatten() {
+                for f in last["flows"].as_array().into_iter().flatten() {
                     if !owned.contains(f.as_str().unwrap_or("")) {
                         disagree += 1;
                     }
@@ -453,10 +484,15 @@ fn kills(r: &mut Report, lab: &CliLab, vip: SocketAddr, rounds: usize) -> Result
     Ok(())
 }
 
-/// wrk's requests per second against the lab `lab`, for `secs` seconds.
-fn wrk(lab: &CliLab, vip: SocketAddr, secs: u64) -> Result<f64, String> {
-    let out = netns::command_in(&lab.ns("client"), "wrk")
-        .args(["-t1", "-c50", &format!("-d{secs}s")])
+/// wrk's requests per second against the lab `lab`, for `secs` seconds; `close`: a new
+/// connection per request.
+fn wrk(lab: &CliLab, vip: SocketAddr, secs: u64, close: bool) -> Result<f64, String> {
+    let mut cmd = netns::command_in(&lab.ns("client"), "wrk");
+    cmd.args(["-t1", "-c50", &format!("-d{secs}s")]);
+    if close {
+        cmd.args(["-H", "Connection: close"]);
+    }
+    let out = cmd
         .arg(format!("http://{vip}/index.html"))
         .output()
         .map_err(|e| format!("wrk: {e} (apt-get install wrk)"))?;
@@ -467,6 +503,10 @@ fn wrk(lab: &CliLab, vip: SocketAddr, secs: u64) -> Result<f64, String> {
         .ok_or_else(|| format!("wrk printed no rate: {text}"))
 }
 
+/// What checkpoints cost: two failover labs alike but for `--no-checkpoints` on the nodes of
+/// one, measured in alternating rounds, with keep-alive connections (a connection rests only
+/// between wrk's requests, so it is seldom checkpointed) and with a connection per request
+/// (each one opened and closed: two events on the stream).
 fn cost(
     r: &mut Report,
     splitos: &Path,
@@ -474,22 +514,32 @@ fn cost(
     vip: SocketAddr,
     rounds: usize,
 ) -> Result<(), String> {
-    let without = CliLab::up(splitos, &format!("sbn{}", std::process::id()), false)?;
-    let (mut on, mut off) = (Vec::new(), Vec::new());
-    for _ in 0..rounds {
-        on.push(wrk(with, vip, 2)?);
-        off.push(wrk(&without, vip, 2)?);
-    }
+    let without = CliLab::up(
+        splitos,
+        &format!("sbn{}", std::process::id()),
+        &["--failover", "--node-arg=--no-checkpoints"],
+    )?;
     let med = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    r.add("checkpoints_on", "req_per_s", med(on));
-    r.add("checkpoints_off", "req_per_s", med(off));
-    r.ratio("req_per_s", "checkpoints_on", "checkpoints_off");
+    for (close, on_name, off_name) in [
+        (false, "checkpoints_on", "checkpoints_off"),
+        (true, "checkpoints_on_close", "checkpoints_off_close"),
+    ] {
+        let (mut on, mut off) = (Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            on.push(wrk(with, vip, 2, close)?);
+            off.push(wrk(&without, vip, 2, close)?);
+        }
+        r.add(on_name, "req_per_s", med(on));
+        r.add(off_name, "req_per_s", med(off));
+        r.ratio("req_per_s", on_name, off_name);
+    }
     r.note(format!(
-        "cost: wrk -t1 -c50 for 2 s on a failover lab (etcd, checkpoint streams) and on a lab \
-         without, {rounds} alternating rounds, medians"
+        "cost: wrk -t1 -c50 for 2 s (keep-alive; and `Connection: close`, *_close) on two \
+         failover labs alike but for --no-checkpoints on one's nodes, {rounds} alternating \
+         rounds, medians"
     ));
     Ok(())
 }

@@ -98,6 +98,13 @@ fn targets(opts: &Options, r: &mut Report) {
     r.bound("kills", "adopted_twice", "==", 0.0);
     r.bound("kills", "switch_disagrees", "==", 0.0);
     r.target("req_per_s", "checkpoints_on", "checkpoints_off", 0.9, false);
+    r.target(
+        "req_per_s",
+        "checkpoints_on_close",
+        "checkpoints_off_close",
+        0.9,
+        false,
+    );
     if let Some(n) = r
         .details
         .iter()
@@ -173,6 +180,7 @@ fn measure(opts: &Options, r: &mut Report, splitos: PathBuf) -> Result<(), Strin
         site: None,
         port: 80,
         exe: splitos,
+        node_args: Vec::new(),
     };
     let t = Instant::now();
     eprintln!(

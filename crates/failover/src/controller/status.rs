@@ -29,6 +29,9 @@ pub struct AdoptionStatus {
     pub adopter: String,
     pub restored: usize,
     pub reset: usize,
+    /// The clients of the flows it names (restored, then reset): what `splitos-bench
+    /// cluster` checks against the switch's owners.
+    pub flows: Vec<std::net::SocketAddrV4>,
     /// Whether the switch controller has applied it.
     pub applied: bool,
     pub at_ms: u64,
@@ -85,6 +88,7 @@ pub async fn cluster_status(
             adopter: a.adopter.clone(),
             restored: a.restore.len(),
             reset: a.reset.len(),
+            flows: a.restore.iter().chain(&a.reset).copied().collect(),
             applied: snap
                 .applied
                 .iter()

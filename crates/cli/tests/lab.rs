@@ -295,6 +295,27 @@ fn lab_with_failover_runs_etcd_and_the_switch_controller() {
     assert!(node_failover || forwarded > 0, "{st}");
 
     if node_failover {
+        // Cut off for longer than its successor's patience, node1 was declared dead: its
+        // lease ended (node2 asked etcd), node2 adopted it, and node1 stopped by itself. Only
+        // one of the two is gone (the other could not accuse it back).
+        let t = std::time::Instant::now();
+        loop {
+            let st = lab.status();
+            let alive = st["processes_alive"].as_array().unwrap().clone();
+            let adopted = st["adoptions"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|a| a["dead"] == "node1"));
+            if adopted && alive[2] == false {
+                assert_eq!(alive[3], true, "node2 died too: {st}");
+                break;
+            }
+            assert!(
+                t.elapsed().as_secs() < 15,
+                "node1 was not declared dead: {st}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        ok(&["lab", "--name", &lab.name, "restart", "node1"]);
         node_dies_and_returns(&lab);
     } else {
         eprintln!(

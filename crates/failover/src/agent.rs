@@ -443,14 +443,14 @@ fn watchdog(s: &Arc<Shared>) {
             })
             .unwrap_or_default();
         for key in quiet {
-            let lease = s.view.lock().ok().and_then(|v| {
+            let accused = s.view.lock().ok().and_then(|v| {
                 v.snap
                     .members
                     .iter()
                     .find(|m| m.info.name == key.0 && m.incarnation == key.1)
-                    .map(|m| m.lease)
+                    .cloned()
             });
-            let Some(lease) = lease else {
+            let Some(accused) = accused else {
                 // Not registered (any more): its Down takes it from here.
                 if let Ok(mut h) = s.heard.lock() {
                     h.remove(&key);
@@ -473,10 +473,14 @@ fn watchdog(s: &Arc<Shared>) {
             }
             tracing::warn!(node = %key.0, incarnation = key.1, "no word from a node this one succeeds for {:?}: asking etcd to end its lease", s.cfg.suspect_after);
             let r = s.rt.block_on(async {
-                tokio::time::timeout(Duration::from_secs(2), s.registry.revoke(lease)).await
+                tokio::time::timeout(Duration::from_secs(2), s.registry.accuse(&s.me, &accused))
+                    .await
             });
             match r {
-                Ok(Ok(())) => {}
+                Ok(Ok(true)) => {}
+                Ok(Ok(false)) => {
+                    tracing::warn!(node = %key.0, "etcd refused: this node was accused itself, or is no longer registered")
+                }
                 Ok(Err(e)) => tracing::warn!(node = %key.0, "cannot end its lease: {e}"),
                 Err(_) => tracing::warn!(node = %key.0, "etcd did not answer within 2 s"),
             }

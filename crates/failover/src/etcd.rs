@@ -274,6 +274,45 @@ impl Registry {
         }
     }
 
+    /// Ends the lease of `accused`, which `me` suspects is dead — if etcd agrees that `me`
+    /// may: its own incarnation is still registered and nobody has accused it. The accusation
+    /// is a key bound to `me`'s lease, written in the same transaction as those checks, so of
+    /// two nodes that suspect each other (a partition between them, both still reaching etcd)
+    /// only the first to reach etcd ends the other's lease, never both. `Ok(false)`: etcd
+    /// did not agree (this node was accused or is gone itself).
+    pub async fn accuse(&self, me: &Member, accused: &Member) -> Result<bool, EtcdError> {
+        let mine = self.key(&format!("nodes/{}", me.info.name));
+        let against_me = self.key(&format!("suspect/{}/{}", me.info.name, me.incarnation));
+        let key = self.key(&format!(
+            "suspect/{}/{}",
+            accused.info.name, accused.incarnation
+        ));
+        let txn = Txn::new()
+            .when([
+                Compare::create_revision(mine.as_str(), CompareOp::Equal, me.incarnation),
+                Compare::version(against_me.as_str(), CompareOp::Equal, 0),
+            ])
+            .and_then([TxnOp::put(
+                key.as_str(),
+                me.info.name.as_bytes(),
+                Some(PutOptions::new().with_lease(me.lease)),
+            )]);
+        let mut c = self.client.clone();
+        let r = c.txn(txn).await.map_err(self.err())?;
+        if !r.succeeded() {
+            return Ok(false);
+        }
+        let revoked = c.lease_revoke(accused.lease).await;
+        // The accusation has served its purpose once the lease is gone (or was gone already).
+        let _ = c.delete(key, None).await;
+        match revoked {
+            Ok(_) => Ok(true),
+            // etcd's words when the lease expired meanwhile.
+            Err(e) if e.to_string().contains("lease not found") => Ok(true),
+            Err(e) => Err(self.err()(e)),
+        }
+    }
+
     /// Gives up `lease` (a clean shutdown): the node's key goes at once.
     pub async fn revoke(&self, lease: i64) -> Result<(), EtcdError> {
         let mut c = self.client.clone();

@@ -124,3 +124,43 @@ fn leases_names_adoptions_and_deaths() {
         );
     });
 }
+
+#[test]
+fn of_two_nodes_that_accuse_each_other_at_once_one_survives() {
+    let etcd = etcd("acc");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let until = Instant::now() + Duration::from_secs(10);
+        let reg = loop {
+            match Registry::connect(&[etcd.endpoint().to_string()], "t2").await {
+                Ok(r) if r.snapshot().await.is_ok() => break r,
+                _ if Instant::now() < until => tokio::time::sleep(Duration::from_millis(100)).await,
+                Err(e) => panic!("{e}"),
+                Ok(_) => panic!("etcd does not answer"),
+            }
+        };
+        let ttl = Duration::from_secs(5);
+        for round in 0..10 {
+            let a = reg
+                .register(&info(&format!("a{round}"), 1), ttl)
+                .await
+                .unwrap();
+            let b = reg
+                .register(&info(&format!("b{round}"), 2), ttl)
+                .await
+                .unwrap();
+            let (ra, rb) = tokio::join!(reg.accuse(&a, &b), reg.accuse(&b, &a));
+            let (ra, rb) = (ra.unwrap(), rb.unwrap());
+            assert!(ra ^ rb, "round {round}: a accused b {ra}, b accused a {rb}");
+            let snap = reg.snapshot().await.unwrap();
+            let alive: Vec<&str> = snap.members.iter().map(|m| m.info.name.as_str()).collect();
+            let survivor = if ra { &a } else { &b };
+            let loser = if ra { &b } else { &a };
+            assert!(alive.contains(&survivor.info.name.as_str()), "{alive:?}");
+            assert!(!alive.contains(&loser.info.name.as_str()), "{alive:?}");
+            // The loser, gone, can accuse nobody any more.
+            assert!(!reg.accuse(loser, survivor).await.unwrap());
+            reg.revoke(survivor.lease).await.unwrap();
+        }
+    });
+}

@@ -83,6 +83,22 @@ impl CliLab {
     }
 }
 
+impl CliLab {
+    /// Copies the lab's logs out of its state directory (which `down` removes).
+    fn keep_logs(&self) -> Option<PathBuf> {
+        let from = PathBuf::from("/run/splitos-lab").join(&self.name);
+        let to = std::env::temp_dir().join(format!("splitos-bench-{}", self.name));
+        std::fs::create_dir_all(&to).ok()?;
+        for e in std::fs::read_dir(&from).ok()?.flatten() {
+            let p = e.path();
+            if p.extension().is_some_and(|x| x == "log") {
+                let _ = std::fs::copy(&p, to.join(e.file_name()));
+            }
+        }
+        Some(to)
+    }
+}
+
 impl Drop for CliLab {
     fn drop(&mut self) {
         let _ = Command::new(&self.splitos)
@@ -161,6 +177,11 @@ pub(super) fn failover(
     let result = takeover(r, &lab, vip, if quick { 50 } else { 100 })
         .and_then(|()| kills(r, &lab, vip, if quick { 4 } else { 100 }))
         .and_then(|()| cost(r, splitos, &lab, vip, if quick { 3 } else { 5 }));
+    if result.is_err() {
+        if let Some(d) = lab.keep_logs() {
+            r.note(format!("failover: the lab's logs are kept in {}", d.display()));
+        }
+    }
     drop(lab);
     result
 }
@@ -370,6 +391,7 @@ fn kills(r: &mut Report, lab: &CliLab, vip: SocketAddr, rounds: usize) -> Result
     let mut twice = 0usize;
     let mut disagree = 0usize;
     let mut adoptions_seen = 0usize;
+    let mut open_failed = 0usize;
     let started = Instant::now();
     for round in 0..rounds {
         let victim = if rng.next() % 2 == 0 {
@@ -377,21 +399,27 @@ fn kills(r: &mut Report, lab: &CliLab, vip: SocketAddr, rounds: usize) -> Result
         } else {
             "node2"
         };
-        let (mut idle, mut downloads) = netns::run_in(&client, || -> Result<_, String> {
+        // A connection that cannot be opened (or answered) now is a failure of the cluster
+        // between rounds: counted, and the round goes on with the others.
+        let (mut idle, mut downloads, failed) = netns::run_in(&client, || {
+            let mut failed = Vec::new();
             let idle: Vec<Conn> = (0..10)
-                .map(|_| {
-                    let mut c = Conn::open(vip)?;
-                    c.get()?;
-                    Ok(c)
+                .filter_map(|_| {
+                    let mut c = Conn::open(vip).map_err(|e| failed.push(e)).ok()?;
+                    c.get().map_err(|e| failed.push(e)).ok()?;
+                    Some(c)
                 })
-                .collect::<Result<_, String>>()?;
+                .collect();
             let downloads: Vec<_> = (0..2)
-                .map(|_| download_start(vip))
-                .collect::<Result<_, _>>()?;
-            Ok((idle, downloads))
+                .filter_map(|_| download_start(vip).map_err(|e| failed.push(e)).ok())
+                .collect();
+            (idle, downloads, failed)
         })
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("round {round}: {e}"))?;
+        .map_err(|e| e.to_string())?;
+        for e in &failed {
+            r.note(format!("kills: round {round}: opening a connection: {e}"));
+        }
+        open_failed += failed.len();
         // Sometimes at once (before any checkpoint), mostly once they rested.
         let pause = Duration::from_millis(rng.next() % 400);
         std::thread::sleep(pause);
@@ -469,6 +497,7 @@ fn kills(r: &mut Report, lab: &CliLab, vip: SocketAddr, rounds: usize) -> Result
     r.add("kills", "wrong", wrong as f64);
     r.add("kills", "adopted_twice", twice as f64);
     r.add("kills", "switch_disagrees", disagree as f64);
+    r.add("kills", "open_failed", open_failed as f64);
     r.detail("kills", "rounds", rounds as f64);
     r.detail("kills", "answered", answered as f64);
     r.detail("kills", "reset", reset as f64);

@@ -97,6 +97,7 @@ fn targets(opts: &Options, r: &mut Report) {
     r.bound("kills", "wrong", "==", 0.0);
     r.bound("kills", "adopted_twice", "==", 0.0);
     r.bound("kills", "switch_disagrees", "==", 0.0);
+    r.bound("kills", "open_failed", "==", 0.0);
     r.target("req_per_s", "checkpoints_on", "checkpoints_off", 0.9, false);
     r.target(
         "req_per_s",

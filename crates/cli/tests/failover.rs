@@ -19,11 +19,9 @@ mod common;
 use common::*;
 use std::time::{Duration, Instant};
 
-const CLIENT: &str = r#"
-import socket, sys, time, resource
-resource.setrlimit(resource.RLIMIT_NOFILE, (4096, 4096))
-n = int(sys.argv[1]); want = sys.argv[2].encode()
-REQ = b'GET /index.html HTTP/1.1\r\nHost: lab\r\n\r\n'
+/// Reads one response on `s` and tells whether it is a 200 with the body `want` (the
+/// scripts below define `want`).
+const ANSWER: &str = r#"
 def answer(s):
     buf = b''
     while b'\r\n\r\n' not in buf:
@@ -37,6 +35,18 @@ def answer(s):
         if not d: raise Exception('closed')
         body += d
     return head.startswith(b'HTTP/1.1 200') and body == want
+"#;
+
+/// A client script with [`ANSWER`] (a definition: `want` is looked up when it runs).
+fn script(body: &str) -> String {
+    format!("{ANSWER}{body}")
+}
+
+const CLIENT: &str = r#"
+import socket, sys, time, resource
+resource.setrlimit(resource.RLIMIT_NOFILE, (4096, 4096))
+n = int(sys.argv[1]); want = sys.argv[2].encode()
+REQ = b'GET /index.html HTTP/1.1\r\nHost: lab\r\n\r\n'
 conns = []
 for i in range(n):
     s = socket.create_connection(('198.19.0.1', 80)); s.settimeout(10); conns.append(s)
@@ -106,7 +116,7 @@ fn idle_connections_resume_on_the_successor_when_their_node_is_killed() {
     let _one = serial();
     let lab = Lab::up_with("foi", 2, &["--failover"]);
     let body = format!("<h1>lab {}</h1>\n", lab.name);
-    let mut client = Client::start(&lab, CLIENT, &["100", &body]);
+    let mut client = Client::start(&lab, &script(CLIENT), &["100", &body]);
     assert_eq!(client.line(), "ready 100");
     gather_on(&lab, "node1", "node2");
     wait_for_checkpoints(&lab, 2, 100);
@@ -133,19 +143,6 @@ const TRANSFER: &str = r#"
 import socket, sys, time
 want = sys.argv[1].encode()
 REQ = b'GET /index.html HTTP/1.1\r\nHost: lab\r\n\r\n'
-def answer(s):
-    buf = b''
-    while b'\r\n\r\n' not in buf:
-        d = s.recv(4096)
-        if not d: raise Exception('closed')
-        buf += d
-    head, body = buf.split(b'\r\n\r\n', 1)
-    k = int([l for l in head.split(b'\r\n') if l.lower().startswith(b'content-length')][0].split(b':')[1])
-    while len(body) < k:
-        d = s.recv(4096)
-        if not d: raise Exception('closed')
-        body += d
-    return head.startswith(b'HTTP/1.1 200') and body == want
 a = socket.create_connection(('198.19.0.1', 80)); a.settimeout(10)
 a.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
 a.sendall(b'GET /big.bin HTTP/1.1\r\nHost: lab\r\n\r\n')
@@ -178,7 +175,7 @@ fn a_transfer_in_flight_is_reset_and_an_idle_neighbour_carries_on() {
     let big = std::fs::File::create(lab.site.join("big.bin")).unwrap();
     big.set_len(256 << 20).unwrap();
     let body = format!("<h1>lab {}</h1>\n", lab.name);
-    let mut client = Client::start(&lab, TRANSFER, &[&body]);
+    let mut client = Client::start(&lab, &script(TRANSFER), &[&body]);
     assert_eq!(client.line(), "ready True");
     gather_on(&lab, "node1", "node2");
     // Both known to node2: the idle one with its record, the download as open.
@@ -211,7 +208,7 @@ fn a_node_cut_off_but_alive_reaches_no_client_once_fenced() {
     let big = std::fs::File::create(lab.site.join("big.bin")).unwrap();
     big.set_len(256 << 20).unwrap();
     let body = format!("<h1>lab {}</h1>\n", lab.name);
-    let mut client = Client::start(&lab, TRANSFER, &[&body]);
+    let mut client = Client::start(&lab, &script(TRANSFER), &[&body]);
     assert_eq!(client.line(), "ready True");
     gather_on(&lab, "node1", "node2");
     wait_for_checkpoints(&lab, 2, 1);

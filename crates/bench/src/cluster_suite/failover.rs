@@ -179,7 +179,10 @@ pub(super) fn failover(
         .and_then(|()| cost(r, splitos, &lab, vip, if quick { 3 } else { 5 }));
     if result.is_err() {
         if let Some(d) = lab.keep_logs() {
-            r.note(format!("failover: the lab's logs are kept in {}", d.display()));
+            r.note(format!(
+                "failover: the lab's logs are kept in {}",
+                d.display()
+            ));
         }
     }
     drop(lab);
@@ -424,22 +427,17 @@ fn kills(r: &mut Report, lab: &CliLab, vip: SocketAddr, rounds: usize) -> Result
         let pause = Duration::from_millis(rng.next() % 400);
         std::thread::sleep(pause);
         lab.lab(&["kill", victim])?;
-        for c in idle.iter_mut() {
-            match idle_next(c) {
-                (End::Answered, _) => answered += 1,
-                (End::Reset, ms) => {
-                    reset += 1;
-                    reset_ms.push(ms);
-                }
-                (End::Hung, _) => hung += 1,
-                (End::Wrong(e), _) => {
-                    wrong += 1;
-                    r.note(format!("kills: round {round}: {e}"));
-                }
-            }
-        }
-        for (s, at, body) in downloads.iter_mut() {
-            match download_rest(s, *at, *body) {
+        let ends = idle
+            .iter_mut()
+            .map(idle_next)
+            .chain(
+                downloads
+                    .iter_mut()
+                    .map(|(s, at, body)| download_rest(s, *at, *body)),
+            )
+            .collect::<Vec<_>>();
+        for end in ends {
+            match end {
                 (End::Answered, _) => answered += 1,
                 (End::Reset, ms) => {
                     reset += 1;

@@ -71,12 +71,7 @@ impl Switch {
         if st.dead.insert(id) {
             s.push_str(&script::add_dead(t, &n.dev));
         }
-        let live: Vec<NodeId> = st
-            .nodes
-            .keys()
-            .copied()
-            .filter(|k| *k != id && !st.dead.contains(k))
-            .collect();
+        let live = others_alive(st, id);
         // With no live node left the buckets stay: there is nowhere to send them, and the
         // fence already keeps the dead node from answering.
         let mut moved = Vec::new();
@@ -194,12 +189,7 @@ impl Switch {
         if st.dead.remove(&id) {
             s.push_str(&script::delete_dead(t, &n.dev));
         }
-        let live: Vec<NodeId> = st
-            .nodes
-            .keys()
-            .copied()
-            .filter(|k| *k != id && !st.dead.contains(k))
-            .collect();
+        let live = others_alive(&st, id);
         let new = buckets::with(&st.buckets, id, &live);
         let moved = buckets::moved(&st.buckets, &new);
         // A bucket already draining keeps its entry: the flows it keeps are older still.
@@ -217,4 +207,13 @@ impl Switch {
         self.commit(&s, st)?;
         Ok(moved)
     }
+}
+
+/// The nodes of `st` other than `id` that are not dead.
+fn others_alive(st: &State, id: NodeId) -> Vec<NodeId> {
+    st.nodes
+        .keys()
+        .copied()
+        .filter(|k| *k != id && !st.dead.contains(k))
+        .collect()
 }

@@ -115,4 +115,24 @@ fn a_dead_node_reaches_no_client_and_comes_back_without_a_reset() {
     for (s, n) in fresh.iter_mut() {
         assert!(echoes(s, b"new one"), "a new connection to node{n} broke");
     }
+
+    // Now the adopter dies too: the adopted flow's owner override goes, and its fences with
+    // it — a new connection from that client port follows the bucket table, and must not find
+    // node 1 fenced (found by the kill rounds of `splitos-bench cluster`: connects timed out).
+    c.switch(|sw| sw.fence_dead(2).unwrap());
+    let st = c.switch(|sw| sw.refresh().unwrap().clone());
+    assert_eq!(st.owners.get(&adopted), None);
+    assert!(
+        !st.fences.iter().any(|(_, f)| *f == adopted),
+        "{:?}",
+        st.fences
+    );
+    // Node 2 back: the flow is over, so nothing is fenced from it for that port.
+    c.switch(|sw| sw.revive(2, &[adopted], 60).unwrap());
+    let st = c.switch(|sw| sw.refresh().unwrap().clone());
+    assert!(
+        !st.fences.iter().any(|(_, f)| *f == adopted),
+        "{:?}",
+        st.fences
+    );
 }

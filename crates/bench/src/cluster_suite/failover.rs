@@ -175,9 +175,15 @@ pub(super) fn failover(
         &["--failover"],
     )?;
     let result = takeover(r, &lab, vip, if quick { 50 } else { 100 })
-        .and_then(|()| kills(r, &lab, vip, if quick { 4 } else { 100 }))
+        .and_then(|()| {
+            let rounds = std::env::var("SPLITOS_BENCH_KILLS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(if quick { 4 } else { 100 });
+            kills(r, &lab, vip, rounds)
+        })
         .and_then(|()| cost(r, splitos, &lab, vip, if quick { 3 } else { 5 }));
-    if result.is_err() {
+    if result.is_err() || r.get("kills", "open_failed").is_some_and(|n| n > 0.0) {
         if let Some(d) = lab.keep_logs() {
             r.note(format!(
                 "failover: the lab's logs are kept in {}",

@@ -91,6 +91,18 @@ impl Switch {
         for f in owned {
             s.push_str(&script::clear_owner(t, &f));
             st.owners.remove(&f);
+            // Its fences go with it: the flow is adopted (the adopter's transaction sets what
+            // it needs) or over, and a new connection from the same client port must not find
+            // its node fenced (measured: connects timed out once a node that had been fenced
+            // from a port came back and the port's owner had died).
+            let fenced: Vec<(NodeId, Flow)> =
+                st.fences.iter().filter(|(_, g)| *g == f).copied().collect();
+            for (node, g) in fenced {
+                if let Some(n) = st.nodes.get(&node) {
+                    s.push_str(&script::unfence(t, &n.dev, &g));
+                }
+                st.fences.remove(&(node, g));
+            }
         }
         let draining: Vec<usize> = st
             .draining
@@ -180,7 +192,9 @@ impl Switch {
         self.need_failover()?;
         let changes: Vec<Change> = stale
             .iter()
-            .filter(|f| self.state.owners.get(f) != Some(&id))
+            // Only flows still owned elsewhere: a flow whose owner override is gone is over,
+            // and its port may carry a new connection that the bucket table sends here.
+            .filter(|f| matches!(self.state.owners.get(f), Some(o) if *o != id))
             .map(|&f| Change::Fence(f, id))
             .collect();
         let (mut s, mut st) = self.plan(&changes)?;

@@ -82,6 +82,9 @@ fn has_token(value: &[u8], token: &str) -> bool {
         .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
 }
 
+/// Header slots kept on the stack while parsing (the default limit).
+const STACK_HEADERS: usize = 64;
+
 /// Parses a request head from the start of `buf`.
 pub fn parse(buf: &[u8], limits: &Limits) -> Result<Parsed, HttpError> {
     let line_end = buf.iter().position(|b| *b == b'\n');
@@ -92,9 +95,21 @@ pub fn parse(buf: &[u8], limits: &Limits) -> Result<Parsed, HttpError> {
         }
         _ => {}
     }
-    let mut storage = vec![httparse::EMPTY_HEADER; limits.max_headers];
-    let mut req = httparse::Request::new(&mut storage);
-    let status = match req.parse(buf) {
+    // Uninitialised slots on the stack for the usual limit: a heap array of 64 headers
+    // (2 KiB) per request made the allocator consolidate its free lists on every request
+    // (1.4% of a 1 KiB response's CPU in the profile), and initialising it costs as much.
+    let mut on_stack =
+        [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; STACK_HEADERS];
+    let mut on_heap = Vec::new();
+    let storage: &mut [std::mem::MaybeUninit<httparse::Header<'_>>] =
+        if limits.max_headers <= STACK_HEADERS {
+            &mut on_stack[..limits.max_headers]
+        } else {
+            on_heap.resize_with(limits.max_headers, std::mem::MaybeUninit::uninit);
+            &mut on_heap
+        };
+    let mut req = httparse::Request::new(&mut []);
+    let status = match req.parse_with_uninit_headers(buf, storage) {
         Ok(s) => s,
         Err(httparse::Error::TooManyHeaders) => {
             return Err(HttpError::new(431, "Request Header Fields Too Large"))

@@ -24,6 +24,12 @@ pub trait StaticFile: Clone {
     /// A strong entity tag, with its quotes.
     fn etag(&self) -> String;
     fn modified(&self) -> SystemTime;
+    /// A key that alone determines `etag()` and `modified()` (e.g. size and modification
+    /// time), if the file has one: the responder then renders its validators once per key
+    /// instead of once per response.
+    fn version_key(&self) -> Option<(u64, i128)> {
+        None
+    }
     fn content_type(&self) -> &'static str;
 }
 
@@ -98,6 +104,50 @@ pub enum Answer<F> {
     },
     /// The source could not answer (see [`Lookup::Unavailable`]).
     Defer,
+}
+
+/// A file version's validators as the response heads carry them.
+struct Rendered {
+    etag: String,
+    /// `ETag`, `Last-Modified`, `Accept-Ranges` and `Vary` lines.
+    block: String,
+}
+
+fn render(etag: String, modified: SystemTime) -> Rendered {
+    let block = format!(
+        "ETag: {etag}\r\nLast-Modified: {}\r\nAccept-Ranges: bytes\r\nVary: Accept-Encoding\r\n",
+        conditional::http_date(modified)
+    );
+    Rendered { etag, block }
+}
+
+/// Slots of the per-thread cache of rendered validators (direct-mapped by version key).
+const RENDERED_SLOTS: usize = 64;
+
+/// `file`'s rendered validators: from a small per-thread cache when the file has a version
+/// key. Formatting the ETag (a 128-bit hex number) and the Last-Modified date per response
+/// was ~1.5% of a 1 KiB response's CPU in the profile.
+fn rendered<F: StaticFile>(file: &F) -> std::rc::Rc<Rendered> {
+    type Slot = Option<((u64, i128), std::rc::Rc<Rendered>)>;
+    thread_local! {
+        static CACHE: std::cell::RefCell<[Slot; RENDERED_SLOTS]> =
+            const { std::cell::RefCell::new([const { None }; RENDERED_SLOTS]) };
+    }
+    let Some(key) = file.version_key() else {
+        return std::rc::Rc::new(render(file.etag(), file.modified()));
+    };
+    let slot = (key.0 ^ (key.1 as u64) ^ ((key.1 >> 64) as u64)) as usize % RENDERED_SLOTS;
+    CACHE.with(|c| {
+        let mut c = c.borrow_mut();
+        if let Some((k, r)) = &c[slot] {
+            if *k == key {
+                return r.clone();
+            }
+        }
+        let r = std::rc::Rc::new(render(file.etag(), file.modified()));
+        c[slot] = Some((key, r.clone()));
+        r
+    })
 }
 
 /// The first lines of every response head: status, `Server`, `Date`.
@@ -256,19 +306,15 @@ pub fn respond_with<S: FileSource>(
         Ok(None) => (file, None),
         Err(()) => return Answer::Defer,
     };
-    let etag = file.etag();
+    let shown = rendered(&file);
     let last_modified = file.modified();
     let validators = Validators {
-        etag: &etag,
+        etag: &shown.etag,
         last_modified,
     };
     let common = |status: u16, reason: &str| {
         let mut h = head_common(status, reason);
-        let _ = write!(
-            h,
-            "ETag: {etag}\r\nLast-Modified: {}\r\nAccept-Ranges: bytes\r\nVary: Accept-Encoding\r\n",
-            conditional::http_date(last_modified)
-        );
+        h.push_str(&shown.block);
         if let Some(enc) = encoding {
             let _ = write!(h, "Content-Encoding: {enc}\r\n");
         }

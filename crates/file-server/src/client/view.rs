@@ -269,6 +269,10 @@ impl splitos_http::respond::StaticFile for FileView {
     fn modified(&self) -> std::time::SystemTime {
         splitos_http::respond::time_of_ns(self.inner.version.mtime_ns)
     }
+    fn version_key(&self) -> Option<(u64, i128)> {
+        // The ETag is size and mtime; Last-Modified is the mtime.
+        Some((self.inner.version.size, self.inner.version.mtime_ns))
+    }
     fn content_type(&self) -> &'static str {
         self.inner.content_type
     }

@@ -166,10 +166,10 @@ ta = time.monotonic() - t0
 print('after', okb, round(tb * 1000), outcome, round(ta * 1000), got, flush=True)
 "#;
 
-#[test]
-fn a_transfer_in_flight_is_reset_and_an_idle_neighbour_carries_on() {
-    let _one = serial();
-    let lab = Lab::up_with("fot", 2, &["--failover"]);
+/// A failover lab whose client (TRANSFER) has a download stalled in flight and an idle
+/// connection, both on node1, the idle one checkpointed at node2.
+fn transfer_on_node1(tag: &str) -> (Lab, Client) {
+    let lab = Lab::up_with(tag, 2, &["--failover"]);
     // Far more than fits in the client's and the server's buffers: the download is in
     // flight, not finished, when the node dies.
     let big = std::fs::File::create(lab.site.join("big.bin")).unwrap();
@@ -178,8 +178,15 @@ fn a_transfer_in_flight_is_reset_and_an_idle_neighbour_carries_on() {
     let mut client = Client::start(&lab, &script(TRANSFER), &[&body]);
     assert_eq!(client.line(), "ready True");
     gather_on(&lab, "node1", "node2");
-    // Both known to node2: the idle one with its record, the download as open.
     wait_for_checkpoints(&lab, 2, 1);
+    (lab, client)
+}
+
+#[test]
+fn a_transfer_in_flight_is_reset_and_an_idle_neighbour_carries_on() {
+    let _one = serial();
+    let (lab, mut client) = transfer_on_node1("fot");
+    // Both known to node2: the idle one with its record, the download as open.
     let until = Instant::now() + Duration::from_secs(10);
     while failover(&lab, 2)["held"]["flows"].as_u64().unwrap_or(0) < 2 {
         assert!(Instant::now() < until, "{}", failover(&lab, 2));
@@ -204,14 +211,7 @@ fn a_transfer_in_flight_is_reset_and_an_idle_neighbour_carries_on() {
 #[test]
 fn a_node_cut_off_but_alive_reaches_no_client_once_fenced() {
     let _one = serial();
-    let lab = Lab::up_with("fop", 2, &["--failover"]);
-    let big = std::fs::File::create(lab.site.join("big.bin")).unwrap();
-    big.set_len(256 << 20).unwrap();
-    let body = format!("<h1>lab {}</h1>\n", lab.name);
-    let mut client = Client::start(&lab, &script(TRANSFER), &[&body]);
-    assert_eq!(client.line(), "ready True");
-    gather_on(&lab, "node1", "node2");
-    wait_for_checkpoints(&lab, 2, 1);
+    let (lab, mut client) = transfer_on_node1("fop");
     // Cut off from etcd and node2 while its clients still reach it: node2 hears nothing,
     // has etcd end node1's lease, adopts, and the switch fences node1.
     ok(&["lab", "--name", &lab.name, "partition", "node1"]);

@@ -182,6 +182,21 @@ fn transfer_on_node1(tag: &str) -> (Lab, Client) {
     (lab, client)
 }
 
+/// Lets TRANSFER's client go on; asserts that its idle connection was answered and its
+/// download reset, and returns the client's report.
+fn idle_answered_download_reset(client: &mut Client) -> String {
+    client.say("go\n");
+    let after = client.line();
+    let parts: Vec<&str> = after.split_whitespace().collect();
+    assert_eq!(
+        parts[..2],
+        ["after", "True"],
+        "the idle one failed: {after}"
+    );
+    assert_eq!(parts[3], "reset", "the download was not reset: {after}");
+    after
+}
+
 #[test]
 fn a_transfer_in_flight_is_reset_and_an_idle_neighbour_carries_on() {
     let _one = serial();
@@ -193,15 +208,7 @@ fn a_transfer_in_flight_is_reset_and_an_idle_neighbour_carries_on() {
         std::thread::sleep(Duration::from_millis(100));
     }
     ok(&["lab", "--name", &lab.name, "kill", "node1"]);
-    client.say("go\n");
-    let after = client.line();
-    let parts: Vec<&str> = after.split_whitespace().collect();
-    assert_eq!(
-        parts[..2],
-        ["after", "True"],
-        "the idle one failed: {after}"
-    );
-    assert_eq!(parts[3], "reset", "the download was not reset: {after}");
+    let after = idle_answered_download_reset(&mut client);
     let report = takeover_report(&lab, 2);
     assert_eq!(report["restored"], 1, "{report}");
     assert_eq!(report["reset"], 1, "{report}");
@@ -232,15 +239,7 @@ fn a_node_cut_off_but_alive_reaches_no_client_once_fenced() {
     let (fwd1, dropped1) = counters(&lab);
     assert_eq!(fwd0, fwd1, "node1 still reached clients after its fence");
     assert!(dropped1 > dropped0, "node1 sent nothing the fence stopped");
-    client.say("go\n");
-    let after = client.line();
-    let parts: Vec<&str> = after.split_whitespace().collect();
-    assert_eq!(
-        parts[..2],
-        ["after", "True"],
-        "the idle one failed: {after}"
-    );
-    assert_eq!(parts[3], "reset", "the download was not reset: {after}");
+    let after = idle_answered_download_reset(&mut client);
     let fenced1 = dropped1 - dropped0;
     eprintln!("partitioned node1: {after}; fenced packets {fenced1}");
 }

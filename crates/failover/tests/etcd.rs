@@ -21,6 +21,19 @@ fn etcd(tag: &str) -> EtcdMember {
         .expect("etcd (apt-get install etcd-server)")
 }
 
+/// A registry for cluster `cluster` once etcd answers (it may take a moment to elect itself).
+async fn registry(etcd: &EtcdMember, cluster: &str) -> Registry {
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        match Registry::connect(&[etcd.endpoint().to_string()], cluster).await {
+            Ok(r) if r.snapshot().await.is_ok() => return r,
+            _ if Instant::now() < until => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("etcd does not answer"),
+        }
+    }
+}
+
 fn info(name: &str, last: u8) -> NodeInfo {
     NodeInfo {
         name: name.into(),
@@ -36,16 +49,7 @@ fn leases_names_adoptions_and_deaths() {
     let etcd = etcd("reg");
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        // etcd may take a moment to elect itself.
-        let until = Instant::now() + Duration::from_secs(10);
-        let reg = loop {
-            match Registry::connect(&[etcd.endpoint().to_string()], "t1").await {
-                Ok(r) if r.snapshot().await.is_ok() => break r,
-                _ if Instant::now() < until => tokio::time::sleep(Duration::from_millis(100)).await,
-                Err(e) => panic!("{e}"),
-                Ok(_) => panic!("etcd does not answer"),
-            }
-        };
+        let reg = registry(&etcd, "t1").await;
         let ttl = Duration::from_secs(1);
         let n1 = reg.register(&info("node1", 1), ttl).await.unwrap();
         let n2 = reg.register(&info("node2", 2), ttl).await.unwrap();
@@ -130,15 +134,7 @@ fn of_two_nodes_that_accuse_each_other_at_once_one_survives() {
     let etcd = etcd("acc");
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let until = Instant::now() + Duration::from_secs(10);
-        let reg = loop {
-            match Registry::connect(&[etcd.endpoint().to_string()], "t2").await {
-                Ok(r) if r.snapshot().await.is_ok() => break r,
-                _ if Instant::now() < until => tokio::time::sleep(Duration::from_millis(100)).await,
-                Err(e) => panic!("{e}"),
-                Ok(_) => panic!("etcd does not answer"),
-            }
-        };
+        let reg = registry(&etcd, "t2").await;
         let ttl = Duration::from_secs(5);
         for round in 0..10 {
             let a = reg
